@@ -1,0 +1,35 @@
+//! Makes the binary find libtorch and the CUDA wheels' libraries without LD_LIBRARY_PATH.
+
+use std::env;
+use std::path::PathBuf;
+
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    let Ok(lib) = env::var("DEP_TCH_LIBTORCH_LIB") else {
+        println!("cargo:warning=torch-sys did not report its libtorch directory: the binary will need LD_LIBRARY_PATH");
+        return;
+    };
+    let lib = PathBuf::from(lib);
+    let mut dirs = vec![lib.clone()];
+    // PyPI wheels keep NVRTC and NCCL beside torch: site-packages/nvidia/{cu13,nccl}/lib.
+    if let Some(site_packages) = lib.parent().and_then(|torch| torch.parent()) {
+        for sub in ["nvidia/cu13/lib", "nvidia/nccl/lib"] {
+            let dir = site_packages.join(sub);
+            if dir.is_dir() {
+                dirs.push(dir);
+            }
+        }
+    }
+    for dir in &dirs {
+        println!("cargo:rustc-link-arg=-Wl,-rpath,{}", dir.display());
+    }
+    // RPATH, not RUNPATH: RUNPATH is not searched for the dependencies of libraries we
+    // load (libnvrtc must find libnvrtc-builtins next to it).
+    println!("cargo:rustc-link-arg=-Wl,--disable-new-dtags");
+    if lib.join("libtorch_cuda.so").exists() {
+        // rustc links --as-needed, which drops libtorch_cuda (nothing references it by
+        // symbol) and then libtorch never registers its CUDA backend.
+        println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
+        println!("cargo:rustc-env=ALGPT2_LIBTORCH_CUDA=1");
+    }
+}

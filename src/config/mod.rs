@@ -1,0 +1,16 @@
+//! Run configuration: schema with defaults, strict YAML loading, `--set` overrides.
+
+mod lines;
+mod load;
+mod schema;
+mod validate;
+
+pub use load::{load, ConfigError};
+pub use schema::*;
+
+impl Config {
+    /// The resolved config as YAML, as printed at start and saved in the run directory.
+    pub fn to_yaml(&self) -> String {
+        serde_yaml_ng::to_string(self).expect("the config serializes")
+    }
+}

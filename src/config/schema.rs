@@ -1,0 +1,335 @@
+//! The configuration schema: every knob, its documented default, and nothing else.
+//!
+//! Defaults are the ALGPT2 WikiText-103 study (sharing + E=128, 12 layers, H=768); a config
+//! file holds only what differs. The README's key table mirrors the doc comments here.
+
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// The whole run configuration. Unknown keys anywhere are an error.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Name of the run directory under `out_dir`; null means the config file's stem.
+    pub run_name: Option<String>,
+    /// Parent directory of run directories.
+    pub out_dir: PathBuf,
+    /// Where tensors live: `auto` (CUDA when available, else CPU), `cpu` or `cuda`
+    /// (each rank binds to GPU `local_rank`).
+    pub device: DeviceKind,
+    pub model: ModelConfig,
+    pub data: DataConfig,
+    pub tokenizer: TokenizerConfig,
+    pub train: TrainConfig,
+    pub optim: OptimConfig,
+    pub checkpoint: CheckpointConfig,
+    pub wandb: WandbConfig,
+    pub dist: DistConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            run_name: None,
+            out_dir: PathBuf::from("runs"),
+            device: DeviceKind::Auto,
+            model: ModelConfig::default(),
+            data: DataConfig::default(),
+            tokenizer: TokenizerConfig::default(),
+            train: TrainConfig::default(),
+            optim: OptimConfig::default(),
+            checkpoint: CheckpointConfig::default(),
+            wandb: WandbConfig::default(),
+            dist: DistConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+/// The model: GPT-2, sharing-only or ALGPT2, chosen by `share_layers` and `embedding_size`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Rows of the token embedding table (V).
+    pub vocab_size: usize,
+    /// Rows of the position embedding table (P): the longest sequence the model accepts.
+    pub n_positions: usize,
+    /// Hidden width of the transformer block (H).
+    pub n_embd: usize,
+    /// Width E of the factorized token and position tables; null or equal to `n_embd`
+    /// means no factorization (plain GPT-2 embeddings).
+    pub embedding_size: Option<usize>,
+    /// Number of block applications.
+    pub n_layer: usize,
+    /// Attention heads; must divide `n_embd`.
+    pub n_head: usize,
+    /// One block applied `n_layer` times (ALBERT's cross-layer sharing) instead of
+    /// `n_layer` blocks.
+    pub share_layers: bool,
+    /// Dropout probability on embeddings, attention and residual outputs.
+    pub dropout: f64,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            vocab_size: 50257,
+            n_positions: 1024,
+            n_embd: 768,
+            embedding_size: Some(128),
+            n_layer: 12,
+            n_head: 12,
+            share_layers: true,
+            dropout: 0.1,
+        }
+    }
+}
+
+impl ModelConfig {
+    /// The embedding width E actually used: `n_embd` when not factorized.
+    pub fn embedding_width(&self) -> usize {
+        self.embedding_size.unwrap_or(self.n_embd)
+    }
+
+    /// True when the E↔H projections exist.
+    pub fn is_factorized(&self) -> bool {
+        self.embedding_width() != self.n_embd
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataFormat {
+    /// Decide from the file names of `data.train`.
+    Auto,
+    /// WikiText `wiki.{train,valid,test}.tokens` or `.raw` files.
+    Wikitext,
+    /// HF parquet shards with a `text` column.
+    Parquet,
+    /// Plain text files.
+    Text,
+    /// JSON lines with a `text` field.
+    Jsonl,
+    /// The embedded generated corpus (no files needed).
+    Synthetic,
+}
+
+/// Where the text comes from and where its token cache goes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataConfig {
+    /// Layout of the source files.
+    pub format: DataFormat,
+    /// Training split: a path or glob (unused for `synthetic`).
+    pub train: Option<String>,
+    /// Validation split: a path or glob.
+    pub valid: Option<String>,
+    /// Test split: a path or glob.
+    pub test: Option<String>,
+    /// Directory of the binary token caches.
+    pub cache_dir: PathBuf,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            format: DataFormat::Synthetic,
+            train: None,
+            valid: None,
+            test: None,
+            cache_dir: PathBuf::from("data_cache"),
+        }
+    }
+}
+
+/// Byte-level BPE: trained on the train split, or loaded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TokenizerConfig {
+    /// Vocabulary size to train to; at most `model.vocab_size`.
+    pub vocab_size: usize,
+    /// An existing `tokenizer.json` (or GPT-2 `vocab.json` beside `merges.txt`) to load
+    /// instead of training one.
+    pub path: Option<PathBuf>,
+}
+
+impl Default for TokenizerConfig {
+    fn default() -> Self {
+        TokenizerConfig { vocab_size: 50257, path: None }
+    }
+}
+
+/// Batch geometry, run length and cadence of logging, evaluation and saving.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Tokens per training window; at most `model.n_positions`.
+    pub seq_len: usize,
+    /// Windows per forward pass on each rank.
+    pub micro_batch_size: usize,
+    /// Micro-batches summed before each optimizer step. Global batch =
+    /// micro_batch_size × grad_accum_steps × world size.
+    pub grad_accum_steps: usize,
+    /// Optimizer steps in the whole run.
+    pub max_steps: u64,
+    /// Evaluate every this many steps (0: only at the end).
+    pub eval_interval: u64,
+    /// Validation batches per evaluation (0: the whole split).
+    pub eval_steps: u64,
+    /// Log training metrics every this many steps.
+    pub log_interval: u64,
+    /// Save a checkpoint every this many steps (0: only at the end).
+    pub save_interval: u64,
+    /// Seed of initialization, dropout and data order.
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            seq_len: 256,
+            micro_batch_size: 30,
+            grad_accum_steps: 1,
+            max_steps: 90_000,
+            eval_interval: 1000,
+            eval_steps: 100,
+            log_interval: 10,
+            save_interval: 1000,
+            seed: 1337,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    /// Linear warmup, then half a cosine from `lr` down to `min_lr`.
+    Cosine,
+    /// Linear warmup, then a straight line from `lr` down to `min_lr`.
+    Linear,
+    /// Linear warmup, then `lr` throughout.
+    Constant,
+}
+
+/// AdamW and the learning-rate schedule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OptimConfig {
+    /// Peak learning rate, reached at the end of warmup.
+    pub lr: f64,
+    /// Learning rate at `train.max_steps`.
+    pub min_lr: f64,
+    /// Steps of linear warmup from 0 to `lr`.
+    pub warmup_steps: u64,
+    /// Decay after warmup: `cosine`, `linear` or `constant`.
+    pub schedule: Schedule,
+    /// Decoupled weight decay on matrices and embeddings (never biases or LayerNorms).
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Clip the global gradient norm to this (0: no clipping).
+    pub grad_clip: f64,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        OptimConfig {
+            lr: 6e-4,
+            min_lr: 0.0,
+            warmup_steps: 1000,
+            schedule: Schedule::Linear,
+            weight_decay: 0.01,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            grad_clip: 1.0,
+        }
+    }
+}
+
+/// Retention and resume.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Newest checkpoints kept (the best by validation loss is kept as well).
+    pub keep_last: usize,
+    /// `auto`: continue from the run's newest valid checkpoint, if any; `none`: start
+    /// fresh; anything else: the path of a checkpoint directory to resume from.
+    pub resume: String,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig { keep_last: 3, resume: "auto".to_string() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WandbMode {
+    /// Report live when credentials are found; otherwise metrics stay local.
+    Online,
+    /// Write the run to the run directory for a later `wandb-sync`.
+    Offline,
+    /// No W&B at all.
+    Disabled,
+}
+
+/// Weights & Biases reporting (rank 0 only). `WANDB_*` environment variables win.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WandbConfig {
+    pub mode: WandbMode,
+    pub project: String,
+    /// User or team; null means the API key's default entity.
+    pub entity: Option<String>,
+    /// Display name; null means `run_name`.
+    pub name: Option<String>,
+    pub group: Option<String>,
+    pub tags: Vec<String>,
+}
+
+impl Default for WandbConfig {
+    fn default() -> Self {
+        WandbConfig {
+            mode: WandbMode::Online,
+            project: "algpt2-ddp".to_string(),
+            entity: None,
+            name: None,
+            group: None,
+            tags: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DistBackend {
+    /// NCCL on CUDA, MPI on CPU.
+    Auto,
+    Nccl,
+    Mpi,
+    /// No gradient exchange: only valid for a world of one.
+    None,
+}
+
+/// How gradients are exchanged between ranks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DistConfig {
+    pub backend: DistBackend,
+}
+
+impl Default for DistConfig {
+    fn default() -> Self {
+        DistConfig { backend: DistBackend::Auto }
+    }
+}

@@ -1,0 +1,147 @@
+//! Range and cross-key rules that types alone cannot express.
+
+use super::schema::{Config, DistBackend};
+
+/// One broken rule: the key it is reported against and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Violation {
+    pub path: &'static str,
+    pub message: String,
+}
+
+/// Every rule the config breaks, in schema order (empty when valid).
+pub fn violations(cfg: &Config) -> Vec<Violation> {
+    let mut out = Vec::new();
+    let mut check = |ok: bool, path: &'static str, message: String| {
+        if !ok {
+            out.push(Violation { path, message });
+        }
+    };
+    let m = &cfg.model;
+    let t = &cfg.train;
+    let o = &cfg.optim;
+
+    if let Some(name) = &cfg.run_name {
+        let clean = !name.is_empty() && !name.contains('/') && name != "." && name != "..";
+        check(clean, "run_name", format!("{name:?} must be a non-empty directory name without '/'"));
+    }
+
+    check(m.vocab_size >= 1, "model.vocab_size", "must be at least 1".into());
+    check(m.n_positions >= 1, "model.n_positions", "must be at least 1".into());
+    check(m.n_layer >= 1, "model.n_layer", "must be at least 1".into());
+    check(m.n_head >= 1, "model.n_head", "must be at least 1".into());
+    check(m.n_embd >= 1, "model.n_embd", "must be at least 1".into());
+    check(
+        m.n_head == 0 || m.n_embd % m.n_head == 0,
+        "model.n_head",
+        format!("{} does not divide model.n_embd = {}", m.n_head, m.n_embd),
+    );
+    check(m.embedding_size != Some(0), "model.embedding_size", "must be at least 1 (or null)".into());
+    check(
+        (0.0..1.0).contains(&m.dropout),
+        "model.dropout",
+        format!("{} is out of range [0, 1)", m.dropout),
+    );
+
+    check(
+        cfg.tokenizer.vocab_size >= 257,
+        "tokenizer.vocab_size",
+        format!("{} is below 257 (256 byte tokens plus <|endoftext|>)", cfg.tokenizer.vocab_size),
+    );
+    check(
+        cfg.tokenizer.vocab_size <= m.vocab_size,
+        "tokenizer.vocab_size",
+        format!("{} exceeds model.vocab_size = {}", cfg.tokenizer.vocab_size, m.vocab_size),
+    );
+
+    check(t.seq_len >= 1, "train.seq_len", "must be at least 1".into());
+    check(
+        t.seq_len <= m.n_positions,
+        "train.seq_len",
+        format!("{} exceeds model.n_positions = {}", t.seq_len, m.n_positions),
+    );
+    check(t.micro_batch_size >= 1, "train.micro_batch_size", "must be at least 1".into());
+    check(t.grad_accum_steps >= 1, "train.grad_accum_steps", "must be at least 1".into());
+    check(t.max_steps >= 1, "train.max_steps", "must be at least 1".into());
+    check(t.log_interval >= 1, "train.log_interval", "must be at least 1".into());
+
+    let lr_ok = o.lr > 0.0 && o.lr.is_finite();
+    check(lr_ok, "optim.lr", format!("{} must be positive", o.lr));
+    check(
+        // a bad lr is reported once, not again through min_lr
+        !lr_ok || (o.min_lr >= 0.0 && o.min_lr <= o.lr),
+        "optim.min_lr",
+        format!("{} is out of range [0, optim.lr = {}]", o.min_lr, o.lr),
+    );
+    check(
+        o.warmup_steps <= t.max_steps,
+        "optim.warmup_steps",
+        format!("{} exceeds train.max_steps = {}", o.warmup_steps, t.max_steps),
+    );
+    check(
+        o.weight_decay >= 0.0 && o.weight_decay.is_finite(),
+        "optim.weight_decay",
+        format!("{} must be non-negative", o.weight_decay),
+    );
+    check((0.0..1.0).contains(&o.beta1), "optim.beta1", format!("{} is out of range [0, 1)", o.beta1));
+    check((0.0..1.0).contains(&o.beta2), "optim.beta2", format!("{} is out of range [0, 1)", o.beta2));
+    check(o.eps > 0.0 && o.eps.is_finite(), "optim.eps", format!("{} must be positive", o.eps));
+    check(
+        o.grad_clip >= 0.0 && o.grad_clip.is_finite(),
+        "optim.grad_clip",
+        format!("{} must be non-negative (0 turns clipping off)", o.grad_clip),
+    );
+
+    check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be at least 1".into());
+    check(!cfg.checkpoint.resume.is_empty(), "checkpoint.resume", "must be auto, none or a path".into());
+    check(!cfg.wandb.project.is_empty(), "wandb.project", "must not be empty".into());
+
+    if cfg.dist.backend == DistBackend::Nccl {
+        check(
+            cfg.device != super::schema::DeviceKind::Cpu,
+            "dist.backend",
+            "nccl needs device cuda (or auto); use mpi on CPU".into(),
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        assert_eq!(violations(&Config::default()), vec![]);
+    }
+
+    #[test]
+    fn reports_each_broken_rule_against_its_key() {
+        let mut cfg = Config::default();
+        cfg.model.n_head = 5;
+        cfg.model.dropout = 1.0;
+        cfg.train.seq_len = 4096;
+        cfg.optim.min_lr = 1.0;
+        let paths: Vec<_> = violations(&cfg).into_iter().map(|v| v.path).collect();
+        assert_eq!(paths, vec!["model.n_head", "model.dropout", "train.seq_len", "optim.min_lr"]);
+    }
+
+    #[test]
+    fn tokenizer_vocab_must_fit_the_model() {
+        let mut cfg = Config::default();
+        cfg.model.vocab_size = 1000;
+        cfg.tokenizer.vocab_size = 2000;
+        let v = violations(&cfg);
+        assert_eq!(v.len(), 1);
+        assert_eq!(v[0].path, "tokenizer.vocab_size");
+        assert!(v[0].message.contains("exceeds model.vocab_size = 1000"), "{}", v[0].message);
+    }
+
+    #[test]
+    fn nccl_on_cpu_is_refused() {
+        let mut cfg = Config::default();
+        cfg.device = super::super::schema::DeviceKind::Cpu;
+        cfg.dist.backend = DistBackend::Nccl;
+        assert_eq!(violations(&cfg)[0].path, "dist.backend");
+    }
+}

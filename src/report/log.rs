@@ -1,0 +1,33 @@
+//! Log lines to stderr on every rank, and on rank 0 also to `train.log` in the run dir.
+
+use std::fs::OpenOptions;
+use std::io::IsTerminal;
+use std::path::Path;
+use std::sync::Mutex;
+use tracing_subscriber::{fmt, layer::SubscriberExt, util::SubscriberInitExt, EnvFilter, Layer};
+
+/// Installs the global logger. `RUST_LOG` overrides the default `info` level; other ranks
+/// log warnings only, so that rank 0's lines are not repeated world-size times.
+pub fn init(rank: usize, log_file: Option<&Path>) -> anyhow::Result<()> {
+    let level = if rank == 0 { "info" } else { "warn" };
+    let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let stderr = fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
+        .without_time()
+        .with_filter(filter());
+    let file = match log_file {
+        Some(path) => {
+            let f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| anyhow::anyhow!("cannot open log file {}: {e}", path.display()))?;
+            Some(fmt::layer().with_writer(Mutex::new(f)).with_ansi(false).with_target(false).with_filter(filter()))
+        }
+        None => None,
+    };
+    tracing_subscriber::registry().with(stderr).with(file).try_init()?;
+    Ok(())
+}

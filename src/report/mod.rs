@@ -1,0 +1,3 @@
+//! What a run tells people: log lines now; metrics, progress and W&B join later.
+
+pub mod log;

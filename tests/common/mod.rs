@@ -1,0 +1,49 @@
+//! Shared by the integration tests: run the real binary, find the repo's files.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_algpt2-ddp")
+}
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Runs `algpt2-ddp args...` in `dir` and returns its output.
+pub fn run_in(dir: &Path, args: &[&str]) -> Output {
+    Command::new(bin()).args(args).current_dir(dir).output().expect("the binary starts")
+}
+
+pub fn run(args: &[&str]) -> Output {
+    run_in(&repo(), args)
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `mpirun` with the switches this machine needs (root, more ranks than cores).
+pub fn mpirun(n: usize) -> Command {
+    let mut cmd = Command::new("mpirun");
+    cmd.arg("--oversubscribe");
+    let uid = Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    if uid.map_or(false, |u| u == "0") {
+        cmd.arg("--allow-run-as-root");
+    }
+    cmd.args(["-n", &n.to_string()]);
+    cmd
+}
+
+/// Writes `text` as a config file in `dir` and returns its path as a string.
+pub fn write_config(dir: &Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write config");
+    path.to_string_lossy().into_owned()
+}

@@ -1,0 +1,159 @@
+//! The config contract as a user meets it: errors with key path and line (exit 2),
+//! `--set` overrides, `info`, and the run directory a `train` start-up writes.
+
+mod common;
+use common::*;
+use serde_json::Value;
+
+#[test]
+fn info_json_gives_the_published_parameter_counts() {
+    for (config, expected) in [
+        ("configs/wikitext103.yaml", 13_850_880u64),
+        ("configs/wikitext103-gpt2.yaml", 124_439_808),
+        ("configs/wikitext103-shared.yaml", 46_473_216),
+    ] {
+        let out = run(&["info", "--config", config, "--json"]);
+        assert!(out.status.success(), "{config}: {}", stderr(&out));
+        let v: Value = serde_json::from_str(&stdout(&out)).expect("one JSON object");
+        assert_eq!(v["parameters"].as_u64(), Some(expected), "{config}");
+    }
+}
+
+#[test]
+fn info_text_and_set_override() {
+    let out = run(&["info", "--config", "configs/wikitext103.yaml", "--set", "model.embedding_size=null"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("parameters: 46,473,216"), "{text}");
+    assert!(text.contains("sharing-only"), "{text}");
+}
+
+#[test]
+fn every_shipped_config_is_valid() {
+    for entry in std::fs::read_dir(repo().join("configs")).unwrap() {
+        let path = entry.unwrap().path();
+        let out = run(&["info", "--config", path.to_str().unwrap(), "--json"]);
+        assert!(out.status.success(), "{}: {}", path.display(), stderr(&out));
+    }
+}
+
+#[test]
+fn unknown_key_exits_2_naming_path_line_and_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "bad.yaml", "model:\n  n_layer: 2\n  n_hed: 4\n");
+    let out = run(&["info", "--config", &cfg]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(err.contains("bad.yaml, line 3: model.n_hed: unknown key, did you mean model.n_head?"), "{err}");
+}
+
+#[test]
+fn wrong_type_and_out_of_range_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "t.yaml", "train:\n  seq_len: lots\n");
+    let out = run(&["info", "--config", &cfg]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("t.yaml, line 2: train.seq_len: invalid type"), "{}", stderr(&out));
+
+    let cfg = write_config(dir.path(), "r.yaml", "optim:\n  lr: 1.0e-3\n  beta2: 1.5\n");
+    let out = run(&["info", "--config", &cfg]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("r.yaml, line 3: optim.beta2: 1.5 is out of range [0, 1)"), "{}", stderr(&out));
+}
+
+#[test]
+fn bad_set_exits_2_naming_the_argument() {
+    let out = run(&["info", "--config", "configs/quickstart.yaml", "--set", "train.seq_len=4096"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("--set train.seq_len=4096: train.seq_len: 4096 exceeds model.n_positions = 128"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn missing_config_file_exits_2_naming_it() {
+    let out = run(&["info", "--config", "configs/nope.yaml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("configs/nope.yaml: cannot read"), "{}", stderr(&out));
+}
+
+#[test]
+fn config_is_required_and_help_explains_commands() {
+    let out = run(&[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("--config"), "{}", stderr(&out));
+    let out = run(&["--help"]);
+    assert!(out.status.success());
+    for cmd in ["train", "info"] {
+        assert!(stdout(&out).contains(cmd), "{}", stdout(&out));
+    }
+}
+
+#[test]
+fn bad_config_starts_no_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("runs");
+    let cfg = write_config(
+        dir.path(),
+        "bad.yaml",
+        &format!("out_dir: {}\nmodel:\n  dropout: 2.0\n", out_dir.display()),
+    );
+    let out = run(&["--config", &cfg]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(!out_dir.exists(), "a refused config must not create the run directory");
+}
+
+#[test]
+fn train_writes_the_resolved_config_into_the_run_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("runs");
+    let out = run(&[
+        "train",
+        "--config",
+        "configs/quickstart.yaml",
+        "--set",
+        &format!("out_dir={}", out_dir.display()),
+        "--set",
+        "run_name=startup",
+        "--set",
+        "model.n_layer=3",
+        "--set",
+        "device=cpu",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let run_dir = out_dir.join("startup");
+    assert!(run_dir.join("checkpoints").is_dir());
+    let saved = std::fs::read_to_string(run_dir.join("config.yaml")).unwrap();
+    assert!(saved.contains("n_layer: 3"), "{saved}");
+    // The saved config is complete: loading it alone gives the same run.
+    let again = run(&["info", "--config", run_dir.join("config.yaml").to_str().unwrap(), "--json"]);
+    assert!(again.status.success(), "{}", stderr(&again));
+    let v: Value = serde_json::from_str(&stdout(&again)).unwrap();
+    assert_eq!(v["model"]["n_layer"].as_u64(), Some(3));
+    let log = std::fs::read_to_string(run_dir.join("train.log")).unwrap();
+    assert!(log.contains("resolved config"), "{log}");
+    assert!(log.contains("global batch: 16 windows"), "{log}");
+}
+
+#[test]
+fn mpirun_two_ranks_start_together_and_only_rank_0_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("runs");
+    let out = mpirun(2)
+        .arg(bin())
+        .args(["--config", "configs/quickstart.yaml", "--set", "device=cpu"])
+        .arg("--set")
+        .arg(format!("out_dir={}", out_dir.display()))
+        .current_dir(repo())
+        .output()
+        .expect("mpirun is installed by launch/setup.sh");
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("world: 2 rank(s), 2 on this node"), "{err}");
+    // Rank 1 logs warnings only; the info lines appear once.
+    assert_eq!(err.matches("resolved config").count(), 1, "{err}");
+    let log = std::fs::read_to_string(out_dir.join("quickstart/train.log")).unwrap();
+    assert_eq!(log.matches("world: 2 rank(s)").count(), 1, "{log}");
+}
