@@ -42,6 +42,46 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Perplexity of a checkpoint: exp(mean token cross-entropy) over every
+    /// non-overlapping window of a split, printed and written as JSON beside the run
+    /// (`eval-<split>-step_<N>.json`). Runs under mpirun too (windows split across ranks).
+    Eval {
+        #[command(flatten)]
+        args: ConfigArgs,
+        /// Checkpoint directory, e.g. runs/quickstart/checkpoints/step_00000300.
+        #[arg(long, value_name = "DIR")]
+        checkpoint: std::path::PathBuf,
+        /// Which split: valid or test.
+        #[arg(long, default_value = "valid", value_parser = ["valid", "test"])]
+        split: String,
+    },
+    /// Build the token cache of a config: train the tokenizer on the train split (or load
+    /// `tokenizer.path`) and encode every split into a memory-mappable token file. `train`
+    /// does this by itself when the cache is missing; a complete cache is reused.
+    Prepare {
+        #[command(flatten)]
+        args: ConfigArgs,
+        /// Rebuild even when a complete cache exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Fetch WikiText-103 (needs internet): streaming, resumable, retried and checksum
+    /// verified, then unpacked to DEST/wikitext-103 (tokens) or DEST/wikitext-103-raw (raw).
+    Download {
+        /// Which variant: `tokens` (wiki.*.tokens, as the configs expect) or `raw`.
+        #[arg(long, default_value = "tokens")]
+        variant: String,
+        /// Directory the dataset directory is created in.
+        #[arg(long, value_name = "DIR", default_value = "data")]
+        dest: std::path::PathBuf,
+        /// Where the zips are served from (a mirror, or a local server); also read from
+        /// ALGPT2_DOWNLOAD_URL.
+        #[arg(long, value_name = "URL", env = "ALGPT2_DOWNLOAD_URL")]
+        base_url: Option<String>,
+        /// Retries per file after the first attempt (with exponential backoff).
+        #[arg(long, default_value_t = 5)]
+        retries: u32,
+    },
 }
 
 impl ConfigArgs {

@@ -26,6 +26,7 @@ pub fn run(cfg: &Config, as_json: bool) {
             "training_flops_per_token": flops,
             "seq_len": cfg.train.seq_len,
             "model": m,
+            "config": cfg,
         });
         println!("{out}");
         return;

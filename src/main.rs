@@ -1,18 +1,9 @@
 //! `algpt2-ddp`: parse the command line, dispatch, map errors to exit codes
 //! (2: bad configuration or usage, 1: anything else).
 
-mod cli;
-mod config;
-mod device;
-mod dist;
-mod info;
-mod model;
-mod report;
-mod run_dir;
-mod train;
-
+use algpt2_ddp::cli::{Cli, Command};
+use algpt2_ddp::{config, data, eval, info, report, train};
 use clap::Parser;
-use cli::{Cli, Command};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
@@ -21,7 +12,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => match e.downcast_ref::<config::ConfigError>() {
             Some(config_error) => {
-                eprintln!("error: {config_error}");
+                // Every rank reads the same config and fails the same way: one copy is enough.
+                if launcher_rank().unwrap_or(0) == 0 {
+                    eprintln!("error: {config_error}");
+                }
                 ExitCode::from(2)
             }
             None => {
@@ -32,12 +26,40 @@ fn main() -> ExitCode {
     }
 }
 
+/// This process's rank as the launcher (Open MPI, MPICH/PMI, Slurm) announced it, known
+/// before MPI starts.
+fn launcher_rank() -> Option<u32> {
+    ["OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"].iter().find_map(|v| std::env::var(v).ok()?.parse().ok())
+}
+
 fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         None => train::run(cli.run.load()?),
         Some(Command::Train(args)) => train::run(args.load()?),
         Some(Command::Info { args, json }) => {
             info::run(&args.load()?, json);
+            Ok(())
+        }
+        Some(Command::Eval { args, checkpoint, split }) => eval::run(args.load()?, &checkpoint, &split),
+        Some(Command::Prepare { args, force }) => {
+            let cfg = args.load()?;
+            report::log::init(0, None)?;
+            let prepared = data::prepare::prepare(&cfg, force)?;
+            data::summary::print(&cfg, &prepared, 1);
+            Ok(())
+        }
+        Some(Command::Download { variant, dest, base_url, retries }) => {
+            report::log::init(0, None)?;
+            let variant = variant.parse()?;
+            let opts = data::download::DownloadOptions {
+                base_url: base_url.unwrap_or_else(|| data::download::DEFAULT_BASE_URL.to_string()),
+                dest_dir: dest,
+                retries,
+                timeout: std::time::Duration::from_secs(60),
+                progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            };
+            let dir = data::download::download_wikitext103(variant, &opts)?;
+            println!("{}", dir.display());
             Ok(())
         }
     }

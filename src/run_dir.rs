@@ -24,6 +24,9 @@ impl RunDir {
     pub fn log(&self) -> PathBuf {
         self.root.join("train.log")
     }
+    pub fn tokenizer(&self) -> PathBuf {
+        self.root.join("tokenizer.json")
+    }
     pub fn checkpoints(&self) -> PathBuf {
         self.root.join("checkpoints")
     }

@@ -1,12 +1,25 @@
-//! `algpt2-ddp train`: start-up of every rank, then the training loop.
+//! `algpt2-ddp train`: start-up of every rank, then the loop, one stage per comment:
+//! lr → step (micro-steps → sync → clip → update) → log → evaluate → save.
 
+use crate::checkpoint::{self, Found};
 use crate::config::Config;
+use crate::data::prepare::{self, Prepared};
+use crate::data::source::Split;
+use crate::data::summary;
 use crate::device;
 use crate::dist::World;
+use crate::eval::evaluate;
 use crate::info::{group, variant};
-use crate::model::size::param_count;
+use crate::model::size::{param_count, training_flops_per_token};
+use crate::optim::learning_rate;
 use crate::report::log;
+use crate::report::metrics::MetricsLog;
+use crate::report::progress::Progress;
 use crate::run_dir::RunDir;
+use crate::trainer::Trainer;
+use anyhow::bail;
+use serde_json::{json, Map, Value};
+use std::time::Instant;
 use tracing::{error, info};
 
 pub fn run(cfg: Config) -> anyhow::Result<()> {
@@ -31,20 +44,171 @@ fn run_in_world(cfg: &Config, world: &World) -> anyhow::Result<()> {
     log::init(world.rank(), world.is_main().then(|| run.log()).as_deref())?;
     share_cpu_threads(world);
     let device = device::resolve(cfg.device, world.local_rank())?;
+    announce(cfg, world, device, &run);
 
+    // Rank 0 builds a missing token cache while the others wait, then all open it. If
+    // rank 0 fails, it aborts the job and the waiting ranks end with it.
+    let data = if world.is_main() {
+        let data = prepare::prepare(cfg, false)?;
+        world.barrier();
+        data
+    } else {
+        world.barrier();
+        prepare::open(cfg)?
+    };
+    summary::print(cfg, &data, world.size());
+    if world.is_main() {
+        // The run keeps its own tokenizer, for generation and export after the cache is gone.
+        data.tokenizer.save(&run.tokenizer())?;
+    }
+    let train = data.split(Split::Train).expect("the train split always exists");
+    let seq_len = cfg.train.seq_len;
+    let mut trainer = Trainer::new(cfg, device, train.windows(seq_len));
+    let metrics = MetricsLog::new(&run.metrics());
+    if let Some(found) = resume_point(cfg, &run)? {
+        trainer.load(&found, &data.tokenizer.hash_hex(), world)?;
+        info!("resumed from {} at step {}", found.dir.display(), trainer.step);
+        if world.is_main() {
+            metrics.truncate_after(trainer.step)?;
+        }
+    }
+    trainer.broadcast_weights(world);
+    world.barrier();
+    train_loop(cfg, world, &run, &data, &mut trainer, &metrics)
+}
+
+fn train_loop(
+    cfg: &Config,
+    world: &World,
+    run: &RunDir,
+    data: &Prepared,
+    trainer: &mut Trainer,
+    metrics: &MetricsLog,
+) -> anyhow::Result<()> {
+    let t = &cfg.train;
+    let train = data.split(Split::Train).expect("the train split always exists");
+    let valid = data.split(Split::Valid);
+    let flops_per_token = training_flops_per_token(&cfg.model, t.seq_len) as f64;
+    let peak_flops = t.peak_tflops.map(|p| p * 1e12 * world.size() as f64);
+    let mut progress = Progress::new(world.is_main(), trainer.step, t.max_steps);
+    if trainer.step >= t.max_steps {
+        info!("the run is already complete at step {} (train.max_steps = {})", trainer.step, t.max_steps);
+        return Ok(());
+    }
+    // Throughput counts training time only, not evaluation or saving.
+    let (mut train_seconds, mut tokens_since_log, mut logged_at) = (0f64, 0u64, trainer.step);
+    while trainer.step < t.max_steps {
+        // 1. Learning rate of this step.
+        let lr = learning_rate(&cfg.optim, trainer.step, t.max_steps);
+
+        // 2. One optimizer step: micro-steps, gradient averaging, clipping, update.
+        let started = Instant::now();
+        let report = trainer.train_step(train, world, lr)?;
+        crate::faults::maybe_kill_at(trainer.step);
+        train_seconds += started.elapsed().as_secs_f64();
+        tokens_since_log += (trainer.global_batch(world) * t.seq_len) as u64;
+        let step = trainer.step;
+        let last = step == t.max_steps;
+        trainer.val_loss_now = None;
+        progress.step(step, report.loss);
+        let mut row = Map::new();
+
+        // 3. Training metrics.
+        if step % t.log_interval == 0 || last {
+            let tokens_per_sec = tokens_since_log as f64 / train_seconds.max(1e-9);
+            row.insert("train/loss".into(), json!(report.loss));
+            row.insert("train/lr".into(), json!(lr));
+            row.insert("train/grad_norm".into(), json!(report.grad_norm));
+            row.insert("train/tokens".into(), json!(trainer.tokens_seen));
+            row.insert("train/epoch".into(), json!(trainer.epoch()));
+            row.insert("train/tokens_per_sec".into(), json!(tokens_per_sec));
+            row.insert("train/step_ms".into(), json!(1000.0 * train_seconds / (step - logged_at) as f64));
+            if let Some(peak) = peak_flops {
+                row.insert("train/mfu".into(), json!(flops_per_token * tokens_per_sec / peak));
+            }
+            if report.skipped {
+                row.insert("train/skipped".into(), json!(true));
+            }
+            (train_seconds, tokens_since_log, logged_at) = (0.0, 0, step);
+        }
+
+        // 4. Evaluation on the valid split (all ranks take part).
+        if let Some(valid) = valid {
+            if (t.eval_interval > 0 && step % t.eval_interval == 0) || last {
+                let limit = (t.eval_steps > 0).then(|| t.eval_steps * (t.micro_batch_size * world.size()) as u64);
+                let e = evaluate(&trainer.model, valid, t.seq_len, t.micro_batch_size, limit, world, trainer.device());
+                trainer.record_val_loss(e.loss);
+                row.insert("val/loss".into(), json!(e.loss));
+                row.insert("val/ppl".into(), json!(e.ppl));
+                if let Some(best) = valid.best_loss() {
+                    row.insert("val/best_achievable_ppl".into(), json!(best.exp()));
+                }
+            }
+        }
+        if world.is_main() && !row.is_empty() {
+            row.insert("step".into(), json!(step));
+            progress.line(&format_row(&row));
+            metrics.append(&row)?;
+        }
+
+        // 5. Checkpoint (rank 0 writes; every rank reads on resume).
+        if (t.save_interval > 0 && step % t.save_interval == 0) || last {
+            if world.is_main() {
+                let dir = trainer.save(&run.checkpoints(), world, &data.tokenizer.hash_hex())?;
+                progress.line(&format!("saved {}", dir.display()));
+            }
+            world.barrier();
+        }
+    }
+    progress.finish();
+    Ok(())
+}
+
+/// Where a run starts: `checkpoint.resume` is `auto` (the run's newest valid
+/// checkpoint, if any), `none`, or a checkpoint directory.
+fn resume_point(cfg: &Config, run: &RunDir) -> anyhow::Result<Option<Found>> {
+    match cfg.checkpoint.resume.as_str() {
+        "auto" => Ok(checkpoint::list_valid(&run.checkpoints()).pop()),
+        "none" => {
+            if let Some(found) = checkpoint::list_valid(&run.checkpoints()).pop() {
+                bail!(
+                    "checkpoint.resume is none but {} already holds checkpoints (newest {}): choose another run_name, resume: auto, or delete them",
+                    run.checkpoints().display(),
+                    found.dir.display()
+                );
+            }
+            Ok(None)
+        }
+        path => {
+            let dir = std::path::PathBuf::from(path);
+            let state = checkpoint::verify(&dir).map_err(|e| anyhow::anyhow!("checkpoint.resume: {e:#}"))?;
+            Ok(Some(Found { dir, state }))
+        }
+    }
+}
+
+/// `step 100 | train/loss 2.3456 | val/ppl 12.34` for log lines.
+fn format_row(row: &Map<String, Value>) -> String {
+    let mut parts = vec![format!("step {}", row["step"])];
+    for (k, v) in row {
+        if k == "step" {
+            continue;
+        }
+        match v.as_f64() {
+            Some(x) if k.ends_with("tokens") => parts.push(format!("{k} {}", group(x as u64))),
+            Some(x) if x != 0.0 && (x.abs() < 1e-3 || x.abs() >= 1e5) => parts.push(format!("{k} {x:.3e}")),
+            Some(x) => parts.push(format!("{k} {x:.4}")),
+            None => parts.push(format!("{k} {v}")),
+        }
+    }
+    parts.join(" | ")
+}
+
+fn announce(cfg: &Config, world: &World, device: tch::Device, run: &RunDir) {
     let global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world.size();
     info!("resolved config:\n{}", cfg.to_yaml().trim_end());
-    info!(
-        "world: {} rank(s), {} on this node; device {}",
-        world.size(),
-        world.local_size(),
-        device::describe(device)
-    );
-    info!(
-        "model: {} with {} parameters",
-        variant(&cfg.model),
-        group(param_count(&cfg.model).total)
-    );
+    info!("world: {} rank(s), {} on this node; device {}", world.size(), world.local_size(), device::describe(device));
+    info!("model: {} with {} parameters", variant(&cfg.model), group(param_count(&cfg.model).total));
     info!(
         "global batch: {} windows = micro_batch_size {} x grad_accum_steps {} x world {} ({} tokens/step)",
         global_batch,
@@ -54,9 +218,6 @@ fn run_in_world(cfg: &Config, world: &World) -> anyhow::Result<()> {
         group((global_batch * cfg.train.seq_len) as u64)
     );
     info!("run directory: {}", run.root.display());
-    world.barrier();
-    info!("the training loop is not part of this build yet: start-up checks passed, nothing trained");
-    Ok(())
 }
 
 /// Ranks on one node split its cores, so that two ranks do not fight over every core.

@@ -106,7 +106,7 @@ fn bad_config_starts_no_work() {
 }
 
 #[test]
-fn train_writes_the_resolved_config_into_the_run_dir() {
+fn train_writes_the_resolved_config_and_tokenizer_into_the_run_dir() {
     let dir = tempfile::tempdir().unwrap();
     let out_dir = dir.path().join("runs");
     let out = run(&[
@@ -121,6 +121,14 @@ fn train_writes_the_resolved_config_into_the_run_dir() {
         "model.n_layer=3",
         "--set",
         "device=cpu",
+        "--set",
+        &format!("data.cache_dir={}", dir.path().join("cache").display()),
+        "--set",
+        "train.max_steps=2",
+        "--set",
+        "optim.warmup_steps=1",
+        "--set",
+        "wandb.mode=disabled",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let run_dir = out_dir.join("startup");
@@ -135,6 +143,7 @@ fn train_writes_the_resolved_config_into_the_run_dir() {
     let log = std::fs::read_to_string(run_dir.join("train.log")).unwrap();
     assert!(log.contains("resolved config"), "{log}");
     assert!(log.contains("global batch: 16 windows"), "{log}");
+    assert!(run_dir.join("tokenizer.json").is_file());
 }
 
 #[test]
@@ -143,9 +152,12 @@ fn mpirun_two_ranks_start_together_and_only_rank_0_writes() {
     let out_dir = dir.path().join("runs");
     let out = mpirun(2)
         .arg(bin())
-        .args(["--config", "configs/quickstart.yaml", "--set", "device=cpu"])
+        .args(["--config", "configs/quickstart.yaml", "--set", "device=cpu", "--set", "train.max_steps=3"])
+        .args(["--set", "optim.warmup_steps=1", "--set", "wandb.mode=disabled"])
         .arg("--set")
         .arg(format!("out_dir={}", out_dir.display()))
+        .arg("--set")
+        .arg(format!("data.cache_dir={}", dir.path().join("cache").display()))
         .current_dir(repo())
         .output()
         .expect("mpirun is installed by launch/setup.sh");
@@ -156,4 +168,8 @@ fn mpirun_two_ranks_start_together_and_only_rank_0_writes() {
     assert_eq!(err.matches("resolved config").count(), 1, "{err}");
     let log = std::fs::read_to_string(out_dir.join("quickstart/train.log")).unwrap();
     assert_eq!(log.matches("world: 2 rank(s)").count(), 1, "{log}");
+    // Rank 0 built the cache while rank 1 waited; both trained; only rank 0 saved.
+    assert!(log.contains("building token cache"), "{log}");
+    assert!(out_dir.join("quickstart/checkpoints/step_00000003").is_dir());
+    assert_eq!(std::fs::read_to_string(out_dir.join("quickstart/metrics.jsonl")).unwrap().lines().count(), 1);
 }

@@ -189,6 +189,19 @@ pub struct TrainConfig {
     pub save_interval: u64,
     /// Seed of initialization, dropout and data order.
     pub seed: u64,
+    /// What a NaN or infinite loss or gradient does: `stop` (exit naming the step; the
+    /// last checkpoint stays as it was) or `skip` (drop that update and go on).
+    pub nonfinite: NonFinite,
+    /// Peak dense TFLOP/s of one device, for model FLOPs utilisation; null means known
+    /// GPUs only (no MFU is reported on CPU).
+    pub peak_tflops: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NonFinite {
+    Stop,
+    Skip,
 }
 
 impl Default for TrainConfig {
@@ -203,6 +216,8 @@ impl Default for TrainConfig {
             log_interval: 10,
             save_interval: 1000,
             seed: 1337,
+            nonfinite: NonFinite::Stop,
+            peak_tflops: None,
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Who this process is among the ranks: MPI's world, or a world of one without mpirun.
 
 use mpi::topology::{Communicator, SimpleCommunicator};
-use mpi::collective::CommunicatorCollectives;
+use mpi::collective::{CommunicatorCollectives, Root, SystemOperation};
 use mpi::environment::Universe;
 
 /// The process world. Holding it keeps MPI initialized; dropping it finalizes MPI.
@@ -53,6 +53,38 @@ impl World {
     pub fn barrier(&self) {
         self.comm.barrier();
     }
+    /// Averages a CPU float tensor across ranks, in place (a no-op for a world of one).
+    pub fn all_reduce_mean(&self, t: &mut tch::Tensor) {
+        if self.size == 1 {
+            return;
+        }
+        let send = Vec::<f32>::try_from(&*t).expect("a contiguous f32 CPU tensor");
+        let mut recv = vec![0f32; send.len()];
+        self.comm.all_reduce_into(&send[..], &mut recv[..], SystemOperation::sum());
+        let summed = tch::Tensor::from_slice(&recv).view(t.size().as_slice());
+        tch::no_grad(|| t.copy_(&(summed / self.size as f64)));
+    }
+
+    /// Sums a few numbers across ranks (loss and token totals of evaluation).
+    pub fn all_reduce_sum(&self, values: &mut [f64]) {
+        if self.size == 1 {
+            return;
+        }
+        let send = values.to_vec();
+        self.comm.all_reduce_into(&send[..], values, SystemOperation::sum());
+    }
+
+    /// Rank 0's values of a CPU float tensor on every rank.
+    pub fn broadcast_from_main(&self, t: &mut tch::Tensor) {
+        if self.size == 1 {
+            return;
+        }
+        let mut data = Vec::<f32>::try_from(&*t).expect("a contiguous f32 CPU tensor");
+        self.comm.process_at_rank(0).broadcast_into(&mut data[..]);
+        let received = tch::Tensor::from_slice(&data).view(t.size().as_slice());
+        tch::no_grad(|| t.copy_(&received));
+    }
+
     /// Ends every rank of the job: a rank that cannot go on must not leave the others
     /// waiting in a collective.
     pub fn abort(&self, code: i32) -> ! {

@@ -1,3 +1,8 @@
 //! The ALGPT2 model family: GPT-2, sharing-only and sharing + factorized embeddings.
 
 pub mod size;
+
+pub mod gpt;
+
+pub use gpt::Algpt2;
+pub mod flat;

@@ -1,0 +1,242 @@
+//! Checkpoints: `checkpoints/step_00001000/` holding the model (`model.safetensors`,
+//! named tensors), the optimizer (`optimizer.safetensors`, flat moments) and the trainer
+//! state (`trainer.json`: step, sampler position, hashes, metrics so far, and the
+//! checksum of every file beside it).
+//!
+//! A checkpoint is written under a temporary name, every file fsynced, then renamed into
+//! place and the directory fsynced: a crash or kill at any moment leaves either the old
+//! set of checkpoints or the new one, never a half-written directory that looks valid.
+//! Resume only trusts a directory whose files match the checksums in its trainer.json.
+
+use crate::data::batches::SamplerState;
+use anyhow::{anyhow, bail, Context};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use tch::Tensor;
+
+pub const TRAINER_FILE: &str = "trainer.json";
+pub const MODEL_FILE: &str = "model.safetensors";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+const FORMAT_VERSION: u32 = 1;
+
+/// Everything besides tensors that a resumed run needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    pub format_version: u32,
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// Where the sampler stands after `step` steps (global, not per rank).
+    pub sampler: SamplerState,
+    /// Windows per optimizer step when saved (micro × accum × world).
+    pub global_batch: usize,
+    pub world_size: usize,
+    /// Seed of the run: dropout is reseeded from (seed, step, micro-step, rank), so no
+    /// generator state needs saving.
+    pub seed: u64,
+    /// The model section of the config that made the weights; resume refuses another.
+    pub model_config: serde_json::Value,
+    /// sha256 of the resolved config and of the tokenizer.
+    pub config_hash: String,
+    pub tokenizer_hash: String,
+    /// W&B run id, so a resumed run continues the same W&B run.
+    pub wandb_run_id: Option<String>,
+    /// Validation loss at this checkpoint, when evaluated at its step.
+    pub val_loss: Option<f64>,
+    /// Best validation loss seen up to this step.
+    pub best_val_loss: Option<f64>,
+    /// Tokens trained on so far (all ranks).
+    pub tokens_seen: u64,
+    /// sha256 of each tensor file in the directory.
+    pub checksums: BTreeMap<String, String>,
+}
+
+/// A checkpoint directory found on disk, with its trainer state.
+#[derive(Debug, Clone)]
+pub struct Found {
+    pub dir: PathBuf,
+    pub state: TrainerState,
+}
+
+fn step_dir_name(step: u64) -> String {
+    format!("step_{step:08}")
+}
+
+fn sha256_file(path: &Path) -> anyhow::Result<String> {
+    let mut f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut f, &mut hasher).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(hex::encode(hasher.finalize()))
+}
+
+fn fsync_path(path: &Path) -> anyhow::Result<()> {
+    File::open(path).and_then(|f| f.sync_all()).with_context(|| format!("cannot sync {}", path.display()))
+}
+
+/// Writes a checkpoint for `state.step` into `root` and returns its directory.
+pub fn save(
+    root: &Path,
+    model: &[(String, Tensor)],
+    optimizer: &[(String, Tensor)],
+    mut state: TrainerState,
+) -> anyhow::Result<PathBuf> {
+    let final_dir = root.join(step_dir_name(state.step));
+    let tmp_dir = root.join(format!(".tmp-{}", step_dir_name(state.step)));
+    if tmp_dir.exists() {
+        std::fs::remove_dir_all(&tmp_dir).with_context(|| format!("cannot clear {}", tmp_dir.display()))?;
+    }
+    std::fs::create_dir_all(&tmp_dir).with_context(|| format!("cannot create {}", tmp_dir.display()))?;
+    for (file, tensors) in [(MODEL_FILE, model), (OPTIMIZER_FILE, optimizer)] {
+        let path = tmp_dir.join(file);
+        Tensor::write_safetensors(tensors, &path).map_err(|e| anyhow!("cannot write {}: {e}", path.display()))?;
+        fsync_path(&path)?;
+        state.checksums.insert(file.to_string(), sha256_file(&path)?);
+    }
+    state.format_version = FORMAT_VERSION;
+    crate::run_dir::write_atomic(&tmp_dir.join(TRAINER_FILE), serde_json::to_string_pretty(&state)?.as_bytes())?;
+    fsync_path(&tmp_dir)?;
+    if final_dir.exists() {
+        // The same step saved again (e.g. the final save right after a periodic one).
+        std::fs::remove_dir_all(&final_dir).with_context(|| format!("cannot replace {}", final_dir.display()))?;
+    }
+    std::fs::rename(&tmp_dir, &final_dir)
+        .with_context(|| format!("cannot rename {} to {}", tmp_dir.display(), final_dir.display()))?;
+    fsync_path(root)?;
+    Ok(final_dir)
+}
+
+/// Reads and verifies a checkpoint directory: trainer.json parses and every file matches
+/// its checksum.
+pub fn verify(dir: &Path) -> anyhow::Result<TrainerState> {
+    let path = dir.join(TRAINER_FILE);
+    let text = std::fs::read_to_string(&path).with_context(|| format!("{} is not a checkpoint: cannot read {TRAINER_FILE}", dir.display()))?;
+    let state: TrainerState = serde_json::from_str(&text).with_context(|| format!("{} is damaged", path.display()))?;
+    if state.format_version != FORMAT_VERSION {
+        bail!("{}: checkpoint format {} (this build reads {FORMAT_VERSION})", dir.display(), state.format_version);
+    }
+    for file in [MODEL_FILE, OPTIMIZER_FILE] {
+        let expected = state.checksums.get(file).ok_or_else(|| anyhow!("{}: no checksum for {file}", dir.display()))?;
+        let actual = sha256_file(&dir.join(file))?;
+        if &actual != expected {
+            bail!("{}: {file} does not match its checksum (damaged or partly written)", dir.display());
+        }
+    }
+    Ok(state)
+}
+
+/// Every complete, verified checkpoint under `root`, oldest first. Damaged ones are
+/// skipped with a warning (they are never deleted: a person may want to look at them).
+pub fn list_valid(root: &Path) -> Vec<Found> {
+    let Ok(entries) = std::fs::read_dir(root) else { return Vec::new() };
+    let mut found: Vec<Found> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step_")))
+        .filter_map(|dir| match verify(&dir) {
+            Ok(state) => Some(Found { dir, state }),
+            Err(e) => {
+                tracing::warn!("skipping checkpoint: {e:#}");
+                None
+            }
+        })
+        .collect();
+    found.sort_by_key(|f| f.state.step);
+    found
+}
+
+/// Deletes checkpoints beyond the `keep_last` newest, sparing the best by val loss.
+pub fn retain(root: &Path, keep_last: usize) -> anyhow::Result<()> {
+    let all = list_valid(root);
+    let best = all
+        .iter()
+        .filter_map(|f| f.state.val_loss.map(|l| (l, f.state.step)))
+        .min_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, step)| step);
+    let newest_kept = all.len().saturating_sub(keep_last);
+    for (i, f) in all.iter().enumerate() {
+        if i < newest_kept && Some(f.state.step) != best {
+            std::fs::remove_dir_all(&f.dir).with_context(|| format!("cannot delete old checkpoint {}", f.dir.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Loads the tensors of a verified checkpoint file.
+pub fn load_tensors(dir: &Path, file: &str) -> anyhow::Result<BTreeMap<String, Tensor>> {
+    let path = dir.join(file);
+    let tensors = Tensor::read_safetensors(&path).map_err(|e| anyhow!("cannot read {}: {e}", path.display()))?;
+    Ok(tensors.into_iter().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(step: u64, val_loss: Option<f64>) -> TrainerState {
+        TrainerState {
+            format_version: 0,
+            step,
+            sampler: SamplerState { epoch: 0, offset: step * 4 },
+            global_batch: 4,
+            world_size: 1,
+            seed: 1,
+            model_config: serde_json::json!({"n_layer": 1}),
+            config_hash: "c".into(),
+            tokenizer_hash: "t".into(),
+            wandb_run_id: None,
+            val_loss,
+            best_val_loss: val_loss,
+            tokens_seen: step * 100,
+            checksums: BTreeMap::new(),
+        }
+    }
+
+    fn tensors(v: f32) -> Vec<(String, Tensor)> {
+        vec![("w".to_string(), Tensor::from_slice(&[v, v + 1.0]))]
+    }
+
+    #[test]
+    fn save_verify_and_load_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = save(dir.path(), &tensors(1.0), &tensors(2.0), state(10, Some(3.0))).unwrap();
+        assert!(path.ends_with("step_00000010"));
+        let s = verify(&path).unwrap();
+        assert_eq!(s.step, 10);
+        assert_eq!(s.checksums.len(), 2);
+        let w = &load_tensors(&path, MODEL_FILE).unwrap()["w"];
+        assert_eq!(Vec::<f32>::try_from(w).unwrap(), vec![1.0, 2.0]);
+        assert!(!dir.path().join(".tmp-step_00000010").exists());
+    }
+
+    #[test]
+    fn damaged_or_unfinished_checkpoints_are_not_trusted() {
+        let dir = tempfile::tempdir().unwrap();
+        save(dir.path(), &tensors(1.0), &tensors(2.0), state(1, None)).unwrap();
+        let second = save(dir.path(), &tensors(3.0), &tensors(4.0), state(2, None)).unwrap();
+        // A crash mid-save leaves only a .tmp- directory, which is never listed.
+        std::fs::create_dir_all(dir.path().join(".tmp-step_00000003")).unwrap();
+        // Flip one byte of the newest model file.
+        let model = second.join(MODEL_FILE);
+        let mut bytes = std::fs::read(&model).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&model, bytes).unwrap();
+        let err = verify(&second).unwrap_err().to_string();
+        assert!(err.contains("does not match its checksum"), "{err}");
+        let valid: Vec<u64> = list_valid(dir.path()).iter().map(|f| f.state.step).collect();
+        assert_eq!(valid, vec![1]);
+    }
+
+    #[test]
+    fn retention_keeps_the_newest_and_the_best() {
+        let dir = tempfile::tempdir().unwrap();
+        for (step, loss) in [(1, 5.0), (2, 1.0), (3, 4.0), (4, 3.0), (5, 2.0)] {
+            save(dir.path(), &tensors(0.0), &tensors(0.0), state(step, Some(loss))).unwrap();
+            retain(dir.path(), 2).unwrap();
+        }
+        let kept: Vec<u64> = list_valid(dir.path()).iter().map(|f| f.state.step).collect();
+        assert_eq!(kept, vec![2, 4, 5]);
+    }
+}

@@ -1,0 +1,13 @@
+//! From text files to packed, sharded, resumable batches: sources and their layouts,
+//! the tokenizer, the token cache, windows and the sampler, and the dataset download.
+
+pub mod batches;
+pub mod download;
+pub mod parquet;
+pub mod prepare;
+pub mod source;
+pub mod summary;
+pub mod synthetic;
+mod synthetic_source;
+pub mod token_file;
+pub mod tokenizer;

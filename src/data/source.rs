@@ -1,0 +1,384 @@
+//! From configured paths to a stream of text: which files make each split, in which
+//! layout, and how they divide into documents.
+
+use crate::config::{DataConfig, DataFormat};
+use anyhow::{anyhow, bail, Context};
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Split {
+    Train,
+    Valid,
+    Test,
+}
+
+impl Split {
+    pub const ALL: [Split; 3] = [Split::Train, Split::Valid, Split::Test];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Split::Train => "train",
+            Split::Valid => "valid",
+            Split::Test => "test",
+        }
+    }
+}
+
+/// A run of text; a new document starts with it when `starts_document` is set (the
+/// token stream puts `<|endoftext|>` there). Long documents arrive in several pieces so
+/// that memory stays bounded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Piece {
+    pub text: String,
+    pub starts_document: bool,
+}
+
+/// The files of one split and the layout they are read in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SplitFiles {
+    pub split: Split,
+    pub format: DataFormat,
+    pub files: Vec<PathBuf>,
+}
+
+/// Plain-text documents are cut into pieces of about this many bytes, at line ends.
+const TEXT_PIECE_BYTES: usize = 1 << 20;
+
+/// The files of `split`, or None when the config names none (valid and test may be
+/// absent; train may not, except for the synthetic corpus, which has no files).
+pub fn split_files(cfg: &DataConfig, split: Split) -> anyhow::Result<Option<SplitFiles>> {
+    if cfg.format == DataFormat::Synthetic {
+        return Ok(Some(SplitFiles { split, format: DataFormat::Synthetic, files: Vec::new() }));
+    }
+    let pattern = match split {
+        Split::Train => cfg.train.as_ref(),
+        Split::Valid => cfg.valid.as_ref(),
+        Split::Test => cfg.test.as_ref(),
+    };
+    let key = format!("data.{}", split.name());
+    let Some(pattern) = pattern else {
+        if split == Split::Train {
+            bail!("{key} is not set: name the training files (a path or glob), or use data.format: synthetic");
+        }
+        return Ok(None);
+    };
+    let files = expand(pattern).with_context(|| format!("{key}: {pattern}"))?;
+    let format = match cfg.format {
+        DataFormat::Auto => detect_format(&files[0]).with_context(|| format!("{key}: {pattern}"))?,
+        f => f,
+    };
+    Ok(Some(SplitFiles { split, format, files }))
+}
+
+/// A path, or a glob matching at least one file, sorted so that shard order is stable.
+fn expand(pattern: &str) -> anyhow::Result<Vec<PathBuf>> {
+    let is_glob = pattern.contains(['*', '?', '[']);
+    if !is_glob {
+        let path = PathBuf::from(pattern);
+        if !path.is_file() {
+            bail!("file not found (run `algpt2-ddp download`, or fix the path)");
+        }
+        return Ok(vec![path]);
+    }
+    let mut files: Vec<PathBuf> = glob::glob(pattern)
+        .map_err(|e| anyhow!("bad glob pattern: {e}"))?
+        .filter_map(Result::ok)
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        bail!("the glob matches no files");
+    }
+    Ok(files)
+}
+
+fn detect_format(path: &Path) -> anyhow::Result<DataFormat> {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let ext = path.extension().map(|e| e.to_string_lossy().to_lowercase()).unwrap_or_default();
+    Ok(match ext.as_str() {
+        "tokens" | "raw" => DataFormat::Wikitext,
+        "parquet" => DataFormat::Parquet,
+        "jsonl" => DataFormat::Jsonl,
+        "txt" | "text" => DataFormat::Text,
+        _ => bail!("cannot tell the layout of {name} from its extension: set data.format (wikitext, parquet, text or jsonl)"),
+    })
+}
+
+/// Size and modification time of each file: a changed file invalidates its token cache.
+pub fn fingerprint(files: &SplitFiles) -> anyhow::Result<Vec<(String, u64, u128)>> {
+    files
+        .files
+        .iter()
+        .map(|f| {
+            let meta = std::fs::metadata(f).with_context(|| format!("cannot stat {}", f.display()))?;
+            let modified = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+            Ok((f.display().to_string(), meta.len(), modified.map_or(0, |d| d.as_nanos())))
+        })
+        .collect()
+}
+
+/// The split's text, piece by piece, in file order.
+pub fn pieces(files: &SplitFiles) -> Box<dyn Iterator<Item = anyhow::Result<Piece>> + Send> {
+    let format = files.format;
+    if format == DataFormat::Synthetic {
+        return Box::new(super::synthetic_source::pieces(files.split).map(Ok));
+    }
+    let paths = files.files.clone();
+    Box::new(paths.into_iter().flat_map(move |path| -> Box<dyn Iterator<Item = anyhow::Result<Piece>> + Send> {
+        match format {
+            DataFormat::Wikitext => Box::new(wikitext_articles(lines(&path))),
+            DataFormat::Text => Box::new(text_pieces(lines(&path))),
+            DataFormat::Jsonl => Box::new(jsonl_documents(path.clone(), lines(&path))),
+            DataFormat::Parquet => parquet_pieces(&path),
+            DataFormat::Auto | DataFormat::Synthetic => unreachable!("resolved in split_files"),
+        }
+    }))
+}
+
+/// Rows of a parquet shard's `text` column. HF's WikiText shards hold one line per row
+/// (recognised by `wikitext` in the path), grouped into articles like the text files;
+/// any other shard holds one document per row.
+fn parquet_pieces(path: &Path) -> Box<dyn Iterator<Item = anyhow::Result<Piece>> + Send> {
+    let rows = match super::parquet::open_text_column(path) {
+        Ok(rows) => rows,
+        Err(e) => return Box::new(std::iter::once(Err(e))),
+    };
+    if path.to_string_lossy().to_lowercase().contains("wikitext") {
+        Box::new(wikitext_articles(rows.enumerate().map(|(i, row)| row.map(|text| (i + 1, text)))))
+    } else {
+        Box::new(rows.map(|row| row.map(|text| Piece { text, starts_document: true })))
+    }
+}
+
+/// A file's lines with their line ends, numbered from 1; invalid UTF-8 is an error naming
+/// the file, line and byte offset, never replaced silently.
+fn lines(path: &Path) -> Box<dyn Iterator<Item = anyhow::Result<(usize, String)>> + Send> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) => {
+            let err = anyhow!("cannot open {}: {e}", path.display());
+            return Box::new(std::iter::once(Err(err)));
+        }
+    };
+    let path = path.to_path_buf();
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let mut number = 0usize;
+    let mut offset = 0u64;
+    let mut failed = false;
+    Box::new(std::iter::from_fn(move || {
+        if failed {
+            return None;
+        }
+        let mut bytes = Vec::new();
+        match reader.read_until(b'\n', &mut bytes) {
+            Ok(0) => None,
+            Ok(n) => {
+                number += 1;
+                let start = offset;
+                offset += n as u64;
+                match String::from_utf8(bytes) {
+                    Ok(line) => Some(Ok((number, line))),
+                    Err(e) => {
+                        failed = true;
+                        let at = start + e.utf8_error().valid_up_to() as u64;
+                        Some(Err(anyhow!(
+                            "{}, line {number}: not valid UTF-8 (byte offset {at}); convert the file to UTF-8 first (e.g. iconv -f latin1 -t utf-8)",
+                            path.display()
+                        )))
+                    }
+                }
+            }
+            Err(e) => {
+                failed = true;
+                Some(Err(anyhow!("cannot read {}: {e}", path.display())))
+            }
+        }
+    }))
+}
+
+/// WikiText marks each article with a top-level heading line ` = Title = `
+/// (sections are ` = = Section = = `); an article runs until the next such heading.
+pub fn is_article_heading(line: &str) -> bool {
+    let t = line.trim_end();
+    t.starts_with(" = ") && !t.starts_with(" = = ") && t.ends_with(" =") && t.len() > 4
+}
+
+/// Groups WikiText lines into articles, one document each.
+pub fn wikitext_articles<I>(lines: I) -> impl Iterator<Item = anyhow::Result<Piece>> + Send
+where
+    I: Iterator<Item = anyhow::Result<(usize, String)>> + Send,
+{
+    let mut lines = lines.peekable();
+    std::iter::from_fn(move || {
+        let mut article = String::new();
+        loop {
+            match lines.peek() {
+                None => break,
+                Some(Ok((_, line))) if is_article_heading(line) && !article.trim().is_empty() => break,
+                _ => {}
+            }
+            match lines.next()? {
+                Ok((_, line)) => article.push_str(&line),
+                Err(e) => return Some(Err(e)),
+            }
+        }
+        // Blank lines before the first heading are not an article.
+        if article.trim().is_empty() {
+            return None;
+        }
+        Some(Ok(Piece { text: article, starts_document: true }))
+    })
+}
+
+/// A plain-text file is one document, handed on in pieces that end at line ends.
+fn text_pieces<I>(lines: I) -> impl Iterator<Item = anyhow::Result<Piece>> + Send
+where
+    I: Iterator<Item = anyhow::Result<(usize, String)>> + Send,
+{
+    let mut lines = lines;
+    let mut first = true;
+    std::iter::from_fn(move || {
+        let mut text = String::new();
+        while text.len() < TEXT_PIECE_BYTES {
+            match lines.next() {
+                None => break,
+                Some(Ok((_, line))) => text.push_str(&line),
+                Some(Err(e)) => return Some(Err(e)),
+            }
+        }
+        if text.is_empty() {
+            return None;
+        }
+        let starts_document = std::mem::replace(&mut first, false);
+        Some(Ok(Piece { text, starts_document }))
+    })
+}
+
+/// JSON lines: each non-blank line an object whose `text` string is one document.
+fn jsonl_documents<I>(path: PathBuf, lines: I) -> impl Iterator<Item = anyhow::Result<Piece>> + Send
+where
+    I: Iterator<Item = anyhow::Result<(usize, String)>> + Send,
+{
+    lines.filter_map(move |line| {
+        let (number, line) = match line {
+            Ok(l) => l,
+            Err(e) => return Some(Err(e)),
+        };
+        if line.trim().is_empty() {
+            return None;
+        }
+        let where_ = || format!("{}, line {number}", path.display());
+        let value: serde_json::Value = match serde_json::from_str(&line) {
+            Ok(v) => v,
+            Err(e) => return Some(Err(anyhow!("{}: not a JSON object: {e}", where_()))),
+        };
+        match value.get("text").and_then(|t| t.as_str()) {
+            Some(text) => Some(Ok(Piece { text: text.to_string(), starts_document: true })),
+            None => Some(Err(anyhow!("{}: no string field \"text\" (each line must be {{\"text\": \"...\"}})", where_()))),
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn numbered(text: &str) -> Vec<anyhow::Result<(usize, String)>> {
+        text.split_inclusive('\n').enumerate().map(|(i, l)| Ok((i + 1, l.to_string()))).collect()
+    }
+
+    #[test]
+    fn wikitext_splits_at_top_level_headings_only() {
+        let text = " \n = Alpha = \n \n Alpha text . \n = = Section = = \n more . \n = Beta = \n Beta text . \n";
+        let docs: Vec<String> = wikitext_articles(numbered(text).into_iter()).map(|p| p.unwrap().text).collect();
+        assert_eq!(docs.len(), 2);
+        assert!(docs[0].starts_with(" \n = Alpha = \n"), "{:?}", docs[0]);
+        assert!(docs[0].contains(" = = Section = = \n more . \n"));
+        assert_eq!(docs[1], " = Beta = \n Beta text . \n");
+        // Nothing is lost: the articles concatenate back to the file.
+        assert_eq!(docs.concat(), text);
+    }
+
+    #[test]
+    fn headings_are_recognised() {
+        assert!(is_article_heading(" = Valkyria Chronicles III = \n"));
+        assert!(!is_article_heading(" = = Gameplay = = \n"));
+        assert!(!is_article_heading(" The = sign = \n"));
+        assert!(!is_article_heading(" \n"));
+    }
+
+    #[test]
+    fn non_utf8_is_an_error_naming_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.txt");
+        std::fs::write(&path, b"good line\nbad \xff byte\n").unwrap();
+        let err = lines(&path).collect::<anyhow::Result<Vec<_>>>().unwrap_err().to_string();
+        assert!(err.contains("bad.txt, line 2: not valid UTF-8 (byte offset 14)"), "{err}");
+    }
+
+    #[test]
+    fn jsonl_takes_the_text_field_and_names_bad_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.jsonl");
+        std::fs::write(&path, "{\"text\": \"one\"}\n\n{\"text\": \"two\\nlines\", \"id\": 3}\n").unwrap();
+        let docs: Vec<_> = jsonl_documents(path.clone(), lines(&path)).map(|p| p.unwrap().text).collect();
+        assert_eq!(docs, vec!["one", "two\nlines"]);
+        std::fs::write(&path, "{\"text\": \"one\"}\n{\"body\": 1}\n").unwrap();
+        let err = jsonl_documents(path.clone(), lines(&path)).collect::<anyhow::Result<Vec<_>>>().unwrap_err();
+        assert!(err.to_string().contains("d.jsonl, line 2: no string field \"text\""), "{err}");
+    }
+
+    #[test]
+    fn text_file_is_one_document_in_bounded_pieces() {
+        let line = "x".repeat(1000) + "\n";
+        let text = line.repeat(3000); // ~3 MB
+        let pieces: Vec<Piece> = text_pieces(numbered(&text).into_iter()).map(|p| p.unwrap()).collect();
+        assert!(pieces.len() >= 3, "{}", pieces.len());
+        assert!(pieces[0].starts_document && pieces[1..].iter().all(|p| !p.starts_document));
+        assert!(pieces.iter().all(|p| p.text.len() <= TEXT_PIECE_BYTES + line.len()));
+        assert_eq!(pieces.iter().map(|p| p.text.as_str()).collect::<String>(), text);
+    }
+
+    #[test]
+    fn split_files_resolves_globs_formats_and_missing_files() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["b.jsonl", "a.jsonl"] {
+            std::fs::write(dir.path().join(name), "{\"text\":\"x\"}\n").unwrap();
+        }
+        let cfg = DataConfig {
+            format: DataFormat::Auto,
+            train: Some(format!("{}/*.jsonl", dir.path().display())),
+            valid: Some(format!("{}/missing.tokens", dir.path().display())),
+            ..DataConfig::default()
+        };
+        let train = split_files(&cfg, Split::Train).unwrap().unwrap();
+        assert_eq!(train.format, DataFormat::Jsonl);
+        assert!(train.files[0].ends_with("a.jsonl") && train.files[1].ends_with("b.jsonl"));
+        let err = format!("{:#}", split_files(&cfg, Split::Valid).unwrap_err());
+        assert!(err.contains("data.valid") && err.contains("missing.tokens") && err.contains("file not found"), "{err}");
+        assert_eq!(split_files(&cfg, Split::Test).unwrap(), None);
+        let no_train = DataConfig { format: DataFormat::Text, ..DataConfig::default() };
+        assert!(split_files(&no_train, Split::Train).unwrap_err().to_string().contains("data.train is not set"));
+    }
+}
+
+#[cfg(test)]
+mod real_data_tests {
+    use super::*;
+
+    /// WikiText-2 valid from ../shared: 60 top-level headings, so 60 articles, and the
+    /// articles put back together are the file.
+    #[test]
+    fn wikitext2_valid_has_its_60_articles() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/wikitext-2/wiki.valid.tokens");
+        let files = SplitFiles { split: Split::Train, format: DataFormat::Wikitext, files: vec![path.clone()] };
+        let docs: Vec<Piece> = pieces(&files).map(|p| p.unwrap()).collect();
+        assert_eq!(docs.len(), 60);
+        assert!(docs.iter().all(|d| d.starts_document));
+        assert!(docs[1].text.starts_with(" = "), "{:?}", &docs[1].text[..40]);
+        let joined: String = docs.iter().map(|d| d.text.as_str()).collect();
+        assert_eq!(joined, std::fs::read_to_string(&path).unwrap());
+    }
+}

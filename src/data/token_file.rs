@@ -1,0 +1,186 @@
+//! The binary token file: a 64-byte header, then little-endian token ids (u16 when the
+//! vocabulary fits, else u32). Written to a temporary name and renamed when complete;
+//! read through a memory map.
+//!
+//! Header: magic `ALGPT2TK` · version u32 · bytes per token u32 · token count u64 ·
+//! sha256 of the tokenizer (32 bytes) · 8 reserved zero bytes.
+
+use anyhow::{bail, Context};
+use memmap2::Mmap;
+use std::fs::File;
+use std::io::{BufWriter, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+const MAGIC: &[u8; 8] = b"ALGPT2TK";
+const VERSION: u32 = 1;
+const HEADER_BYTES: usize = 64;
+
+/// Bytes per stored token id for a vocabulary of `vocab_size` ids.
+pub fn token_width(vocab_size: usize) -> u32 {
+    if vocab_size <= 1 << 16 {
+        2
+    } else {
+        4
+    }
+}
+
+/// A token file opened for reading.
+pub struct TokenFile {
+    map: Mmap,
+    width: u32,
+    len: u64,
+    pub tokenizer_hash: [u8; 32],
+    pub path: PathBuf,
+}
+
+impl TokenFile {
+    pub fn open(path: &Path) -> anyhow::Result<TokenFile> {
+        let file = File::open(path).with_context(|| format!("cannot open token file {}", path.display()))?;
+        // SAFETY: token files are written once under a temporary name and renamed into
+        // place; nothing writes to a file after it has its final name.
+        let map = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
+        let bad = |why: &str| anyhow::anyhow!("{} is not a valid token file: {why}", path.display());
+        if map.len() < HEADER_BYTES || &map[..8] != MAGIC {
+            return Err(bad("wrong magic (not written by algpt2-ddp prepare)"));
+        }
+        let version = u32::from_le_bytes(map[8..12].try_into().unwrap());
+        if version != VERSION {
+            return Err(bad(&format!("version {version}, this build reads version {VERSION}")));
+        }
+        let width = u32::from_le_bytes(map[12..16].try_into().unwrap());
+        if width != 2 && width != 4 {
+            return Err(bad(&format!("{width} bytes per token")));
+        }
+        let len = u64::from_le_bytes(map[16..24].try_into().unwrap());
+        let tokenizer_hash: [u8; 32] = map[24..56].try_into().unwrap();
+        if (map.len() - HEADER_BYTES) as u64 != len * width as u64 {
+            return Err(bad(&format!("header says {len} tokens but the file holds {} bytes of them", map.len() - HEADER_BYTES)));
+        }
+        Ok(TokenFile { map, width, len, tokenizer_hash, path: path.to_path_buf() })
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn get(&self, index: u64) -> u32 {
+        let at = HEADER_BYTES + (index * self.width as u64) as usize;
+        match self.width {
+            2 => u16::from_le_bytes([self.map[at], self.map[at + 1]]) as u32,
+            _ => u32::from_le_bytes(self.map[at..at + 4].try_into().unwrap()),
+        }
+    }
+
+    /// Appends tokens `start..start + count` to `out`.
+    pub fn extend_range(&self, start: u64, count: usize, out: &mut Vec<i64>) {
+        out.extend((start..start + count as u64).map(|i| self.get(i) as i64));
+    }
+}
+
+/// Streams token ids into a new token file.
+pub struct TokenWriter {
+    out: BufWriter<File>,
+    tmp: PathBuf,
+    dest: PathBuf,
+    width: u32,
+    len: u64,
+    max_id: u32,
+}
+
+impl TokenWriter {
+    pub fn create(dest: &Path, width: u32, tokenizer_hash: &[u8; 32]) -> anyhow::Result<TokenWriter> {
+        let tmp = dest.with_extension("bin.tmp");
+        let file = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        let mut out = BufWriter::with_capacity(1 << 20, file);
+        let mut header = [0u8; HEADER_BYTES];
+        header[..8].copy_from_slice(MAGIC);
+        header[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        header[12..16].copy_from_slice(&width.to_le_bytes());
+        header[24..56].copy_from_slice(tokenizer_hash);
+        out.write_all(&header)?;
+        Ok(TokenWriter { out, tmp, dest: dest.to_path_buf(), width, len: 0, max_id: (1u64 << (8 * width)).saturating_sub(1) as u32 })
+    }
+
+    pub fn push(&mut self, ids: &[u32]) -> anyhow::Result<()> {
+        for &id in ids {
+            if id > self.max_id {
+                bail!("token id {id} does not fit in {} bytes", self.width);
+            }
+            match self.width {
+                2 => self.out.write_all(&(id as u16).to_le_bytes())?,
+                _ => self.out.write_all(&id.to_le_bytes())?,
+            }
+        }
+        self.len += ids.len() as u64;
+        Ok(())
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Writes the count into the header, syncs, and renames the file into place.
+    pub fn finish(self) -> anyhow::Result<u64> {
+        let TokenWriter { out, tmp, dest, len, .. } = self;
+        let mut file = out.into_inner().map_err(|e| anyhow::anyhow!("cannot write {}: {}", tmp.display(), e.error()))?;
+        file.seek(SeekFrom::Start(16))?;
+        file.write_all(&len.to_le_bytes())?;
+        file.sync_all().with_context(|| format!("cannot sync {}", tmp.display()))?;
+        std::fs::rename(&tmp, &dest).with_context(|| format!("cannot rename {} into place", tmp.display()))?;
+        Ok(len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_both_widths() {
+        let dir = tempfile::tempdir().unwrap();
+        for (width, ids) in [(2u32, vec![0u32, 1, 65535, 7]), (4, vec![0, 70000, 4_000_000_000, 3])] {
+            let path = dir.path().join(format!("t{width}.bin"));
+            let mut w = TokenWriter::create(&path, width, &[7; 32]).unwrap();
+            w.push(&ids[..2]).unwrap();
+            w.push(&ids[2..]).unwrap();
+            assert_eq!(w.finish().unwrap(), 4);
+            assert!(!path.with_extension("bin.tmp").exists());
+            let f = TokenFile::open(&path).unwrap();
+            assert_eq!(f.len(), 4);
+            assert_eq!(f.tokenizer_hash, [7; 32]);
+            assert_eq!((0..4).map(|i| f.get(i)).collect::<Vec<_>>(), ids);
+            let mut out = vec![];
+            f.extend_range(1, 2, &mut out);
+            assert_eq!(out, vec![ids[1] as i64, ids[2] as i64]);
+        }
+    }
+
+    #[test]
+    fn width_follows_vocab_size() {
+        assert_eq!(token_width(50257), 2);
+        assert_eq!(token_width(65536), 2);
+        assert_eq!(token_width(65537), 4);
+    }
+
+    #[test]
+    fn id_too_large_for_width_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = TokenWriter::create(&dir.path().join("t.bin"), 2, &[0; 32]).unwrap();
+        assert!(w.push(&[70000]).is_err());
+    }
+
+    #[test]
+    fn truncated_or_foreign_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.bin");
+        let mut w = TokenWriter::create(&path, 2, &[0; 32]).unwrap();
+        w.push(&[1, 2, 3]).unwrap();
+        w.finish().unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 1]).unwrap();
+        let err = TokenFile::open(&path).err().unwrap().to_string();
+        assert!(err.contains("header says 3 tokens"), "{err}");
+        std::fs::write(&path, b"hello").unwrap();
+        assert!(TokenFile::open(&path).err().unwrap().to_string().contains("wrong magic"));
+    }
+}

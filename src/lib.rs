@@ -1,0 +1,18 @@
+//! algpt2-ddp as a library: everything the binary does, reachable from the tests.
+
+pub mod cli;
+pub mod config;
+pub mod data;
+pub mod device;
+pub mod dist;
+pub mod info;
+pub mod model;
+pub mod report;
+pub mod rng;
+pub mod run_dir;
+pub mod train;
+pub mod optim;
+pub mod checkpoint;
+pub mod eval;
+pub mod faults;
+pub mod trainer;

@@ -1,0 +1,293 @@
+//! `algpt2-ddp prepare` as a user runs it: each source layout, the train-only tokenizer,
+//! packing, cache reuse and invalidation, and every bad input with its message.
+
+mod common;
+use common::*;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+/// A config for `prepare` over the given splits, caching under `dir/cache`.
+fn config(dir: &Path, format: &str, train: &str, valid: Option<&str>, vocab: usize, extra: &str) -> String {
+    let valid = valid.map(|v| format!("  valid: {v}\n")).unwrap_or_default();
+    write_config(
+        dir,
+        "data.yaml",
+        &format!(
+            "data:\n  format: {format}\n  train: {train}\n{valid}  cache_dir: {}\ntokenizer:\n  vocab_size: {vocab}\nmodel:\n  vocab_size: {vocab}\ntrain:\n  seq_len: 16\n{extra}",
+            dir.join("cache").display()
+        ),
+    )
+}
+
+fn prepare(cfg: &str) -> std::process::Output {
+    run(&["prepare", "--config", cfg])
+}
+
+/// The one cache directory under `dir/cache` and its manifest.
+fn cache(dir: &Path) -> (PathBuf, Value) {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(dir.join("cache")).unwrap().map(|e| e.unwrap().path()).collect();
+    dirs.sort_by_key(|d| std::fs::metadata(d).unwrap().modified().unwrap());
+    let newest = dirs.pop().expect("a cache directory");
+    let manifest = serde_json::from_str(&std::fs::read_to_string(newest.join("manifest.json")).unwrap()).unwrap();
+    (newest, manifest)
+}
+
+/// Token ids of a token file (64-byte header, u16 ids at these vocab sizes).
+fn tokens(path: &Path) -> Vec<u32> {
+    let bytes = std::fs::read(path).unwrap();
+    assert_eq!(&bytes[..8], b"ALGPT2TK");
+    bytes[64..].chunks(2).map(|c| u16::from_le_bytes([c[0], c[1]]) as u32).collect()
+}
+
+fn shared(file: &str) -> String {
+    repo().join("../shared/data/wikitext-2").join(file).display().to_string()
+}
+
+#[test]
+fn wikitext_layout_from_shared_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "auto", &shared("wiki.valid.tokens"), Some(&shared("wiki.test.tokens")), 2048, "");
+    let out = prepare(&cfg);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (cache_dir, manifest) = cache(dir.path());
+    assert_eq!(manifest["splits"]["train"]["documents"], 60);
+    assert!(manifest["splits"]["valid"]["tokens"].as_u64().unwrap() > 100_000);
+    assert!(cache_dir.join("tokenizer.json").is_file());
+    // A second prepare reuses the complete cache.
+    let again = prepare(&cfg);
+    assert!(stderr(&again).contains("is complete"), "{}", stderr(&again));
+}
+
+#[test]
+fn text_and_jsonl_layouts_pack_documents_between_separators() {
+    let dir = tempfile::tempdir().unwrap();
+    let docs = ["first document text.", "second one,\nwith two lines.", "third: ünïcode ✓"];
+    let jsonl: String = docs.iter().map(|d| serde_json::json!({ "text": d }).to_string() + "\n").collect();
+    std::fs::write(dir.path().join("train.jsonl"), jsonl.repeat(20)).unwrap();
+    let cfg = config(dir.path(), "auto", &dir.path().join("train.jsonl").display().to_string(), None, 300, "");
+    let out = prepare(&cfg);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (cache_dir, manifest) = cache(dir.path());
+    assert_eq!(manifest["splits"]["train"]["documents"], 60);
+    let ids = tokens(&cache_dir.join("train.bin"));
+    let tokenizer: Value = serde_json::from_str(&std::fs::read_to_string(cache_dir.join("tokenizer.json")).unwrap()).unwrap();
+    let eot = tokenizer["added_tokens"][0]["id"].as_u64().unwrap() as u32;
+    assert_eq!(tokenizer["added_tokens"][0]["content"], "<|endoftext|>");
+    // Separator first and last, one between documents, and nothing else added: the
+    // stream is exactly separator + document tokens, repeated.
+    assert_eq!(ids[0], eot);
+    assert_eq!(*ids.last().unwrap(), eot);
+    assert_eq!(ids.iter().filter(|&&t| t == eot).count(), 61);
+    let per_cycle: Vec<&[u32]> = ids[1..].split(|&t| t == eot).filter(|s| !s.is_empty()).collect();
+    assert_eq!(per_cycle.len(), 60);
+    assert_eq!(per_cycle[0], per_cycle[3], "the same document encodes the same way");
+
+    // Plain text: one document per file.
+    std::fs::write(dir.path().join("a.txt"), "alpha beta gamma\n".repeat(50)).unwrap();
+    std::fs::write(dir.path().join("b.txt"), "delta epsilon\n".repeat(50)).unwrap();
+    let cfg = config(dir.path(), "text", &format!("{}/*.txt", dir.path().display()), None, 280, "");
+    let out = prepare(&cfg);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (_, manifest) = cache(dir.path());
+    assert_eq!(manifest["splits"]["train"]["documents"], 2);
+}
+
+#[test]
+fn tokenizer_is_trained_on_the_train_split_only() {
+    let dir = tempfile::tempdir().unwrap();
+    // A word that fills valid but never appears in train: trained on valid, BPE would
+    // make it one token.
+    std::fs::write(dir.path().join("train.txt"), "the cat sat on the mat. ".repeat(400)).unwrap();
+    std::fs::write(dir.path().join("valid.txt"), "zqxjvwkyzqxjvwky ".repeat(2000)).unwrap();
+    let cfg = config(
+        dir.path(),
+        "text",
+        &dir.path().join("train.txt").display().to_string(),
+        Some(&dir.path().join("valid.txt").display().to_string()),
+        400,
+        "",
+    );
+    let out = prepare(&cfg);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (cache_dir, manifest) = cache(dir.path());
+    let vocab = std::fs::read_to_string(cache_dir.join("tokenizer.json")).unwrap();
+    assert!(vocab.contains("mat"), "train words are merged");
+    assert!(!vocab.contains("zqx"), "no merge comes from the valid split");
+    // Every valid character is then its own byte token: 17 bytes per repetition.
+    let valid_tokens = manifest["splits"]["valid"]["tokens"].as_u64().unwrap();
+    assert!(valid_tokens > 2000 * 16, "{valid_tokens}");
+}
+
+#[test]
+fn changed_data_or_tokenizer_builds_a_new_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = dir.path().join("train.txt");
+    std::fs::write(&train, "one two three four five six seven.\n".repeat(100)).unwrap();
+    let cfg = config(dir.path(), "text", &train.display().to_string(), None, 300, "");
+    assert!(prepare(&cfg).status.success());
+    let (first, first_manifest) = cache(dir.path());
+
+    // Same path, new content: a different cache, never the stale one.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    std::fs::write(&train, "eight nine ten.\n".repeat(100)).unwrap();
+    let out = prepare(&cfg);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("building token cache"), "{}", stderr(&out));
+    let (second, second_manifest) = cache(dir.path());
+    assert_ne!(first, second);
+    assert_ne!(first_manifest["splits"]["train"]["tokens"], second_manifest["splits"]["train"]["tokens"]);
+
+    // Another tokenizer setting: another cache.
+    let cfg2 = config(dir.path(), "text", &train.display().to_string(), None, 290, "");
+    assert!(stderr(&prepare(&cfg2)).contains("building token cache"));
+
+    // A token file damaged in place is detected and rebuilt.
+    let cfg = config(dir.path(), "text", &train.display().to_string(), None, 300, "");
+    let bin = second.join("train.bin");
+    let mut bytes = std::fs::read(&bin).unwrap();
+    bytes[30] ^= 0xff; // inside the tokenizer hash
+    std::fs::write(&bin, bytes).unwrap();
+    let out = prepare(&cfg);
+    assert!(stderr(&out).contains("building token cache"), "{}", stderr(&out));
+    assert!(tokens(&bin).len() > 10);
+}
+
+#[test]
+fn loaded_tokenizer_json_is_used_and_hashed_into_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = dir.path().join("train.txt");
+    std::fs::write(&train, "red green blue yellow.\n".repeat(200)).unwrap();
+    let cfg = config(dir.path(), "text", &train.display().to_string(), None, 300, "");
+    assert!(prepare(&cfg).status.success());
+    let (first, _) = cache(dir.path());
+    let saved = dir.path().join("tok.json");
+    std::fs::copy(first.join("tokenizer.json"), &saved).unwrap();
+    let cfg = config(dir.path(), "text", &train.display().to_string(), None, 300, "");
+    let with_path = std::fs::read_to_string(&cfg).unwrap().replace("tokenizer:\n", &format!("tokenizer:\n  path: {}\n", saved.display()));
+    std::fs::write(&cfg, with_path).unwrap();
+    let out = prepare(&cfg);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (second, manifest) = cache(dir.path());
+    assert_ne!(first, second);
+    let first_manifest: Value = serde_json::from_str(&std::fs::read_to_string(first.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["tokenizer_hash"], first_manifest["tokenizer_hash"]);
+    assert_eq!(tokens(&first.join("train.bin")), tokens(&second.join("train.bin")));
+}
+
+/// Runs prepare and returns its stderr, asserting it failed.
+fn refused(cfg: &str) -> String {
+    let out = prepare(cfg);
+    assert!(!out.status.success(), "prepare should fail");
+    stderr(&out)
+}
+
+#[test]
+fn bad_inputs_get_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name).display().to_string();
+
+    // Missing file.
+    let err = refused(&config(dir.path(), "auto", &p("nope.tokens"), None, 300, ""));
+    assert!(err.contains("data.train") && err.contains("nope.tokens") && err.contains("file not found"), "{err}");
+
+    // Empty split.
+    std::fs::write(p("empty.txt"), "").unwrap();
+    let err = refused(&config(dir.path(), "text", &p("empty.txt"), None, 300, ""));
+    assert!(err.contains("data.train is empty") && err.contains("empty.txt"), "{err}");
+
+    // Non-UTF-8 bytes.
+    std::fs::write(p("latin1.txt"), b"caf\xe9 au lait\n").unwrap();
+    let err = refused(&config(dir.path(), "text", &p("latin1.txt"), None, 300, ""));
+    assert!(err.contains("latin1.txt, line 1: not valid UTF-8"), "{err}");
+
+    // A split smaller than one window.
+    std::fs::write(p("big.txt"), "plenty of words in this training file.\n".repeat(100)).unwrap();
+    std::fs::write(p("tiny.txt"), "hi\n").unwrap();
+    let err = refused(&config(dir.path(), "text", &p("big.txt"), Some(&p("tiny.txt")), 300, ""));
+    assert!(err.contains("data.valid") && err.contains("tiny.txt") && err.contains("no window of train.seq_len + 1 = 17"), "{err}");
+
+    // A tokenizer larger than the model's vocabulary.
+    let cfg = config(dir.path(), "text", &p("big.txt"), None, 300, "");
+    assert!(prepare(&cfg).status.success());
+    let (cache_dir, _) = cache(dir.path());
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("tokenizer:\n  vocab_size: 300", &format!("tokenizer:\n  vocab_size: 257\n  path: {}", cache_dir.join("tokenizer.json").display()))
+        .replace("model:\n  vocab_size: 300", "model:\n  vocab_size: 260");
+    std::fs::write(&cfg, text).unwrap();
+    let err = refused(&cfg);
+    // (BPE on so little variety stops short of 300 tokens, but far above 260.)
+    assert!(err.contains("tokens but model.vocab_size is 260: set model.vocab_size to at least") && err.contains("tokenizer.json"), "{err}");
+
+    // Unknown layout.
+    std::fs::write(p("data.csv"), "a,b\n").unwrap();
+    let err = refused(&config(dir.path(), "auto", &p("data.csv"), None, 300, ""));
+    assert!(err.contains("data.csv") && err.contains("set data.format"), "{err}");
+}
+
+/// Writes `rows` as a snappy parquet shard with one string column `text`.
+fn write_parquet(path: &Path, rows: &[String]) {
+    use parquet::data_type::{ByteArray, ByteArrayType};
+    use parquet::file::properties::WriterProperties;
+    use parquet::file::writer::SerializedFileWriter;
+    use parquet::schema::parser::parse_message_type;
+    use std::sync::Arc;
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let schema = Arc::new(parse_message_type("message schema { optional binary text (STRING); }").unwrap());
+    let props = Arc::new(WriterProperties::builder().set_compression(parquet::basic::Compression::SNAPPY).build());
+    let mut writer = SerializedFileWriter::new(std::fs::File::create(path).unwrap(), schema, props).unwrap();
+    for chunk in rows.chunks(500) {
+        let values: Vec<ByteArray> = chunk.iter().map(|r| ByteArray::from(r.as_str())).collect();
+        let mut group = writer.next_row_group().unwrap();
+        let mut column = group.next_column().unwrap().unwrap();
+        column.typed::<ByteArrayType>().write_batch(&values, Some(&vec![1; values.len()]), None).unwrap();
+        column.close().unwrap();
+        group.close().unwrap();
+    }
+    writer.close().unwrap();
+}
+
+#[test]
+fn parquet_layout_wikitext_shards_and_plain_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    // HF's WikiText shards hold the lines of the text files, one per row.
+    let text = std::fs::read_to_string(shared("wiki.valid.tokens")).unwrap();
+    let lines: Vec<String> = text.split_inclusive('\n').map(String::from).collect();
+    let shard = dir.path().join("wikitext-2-raw-v1/train-00000-of-00001.parquet");
+    write_parquet(&shard, &lines);
+    let out = prepare(&config(dir.path(), "auto", &shard.display().to_string(), None, 600, ""));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (_, manifest) = cache(dir.path());
+    assert_eq!(manifest["splits"]["train"]["documents"], 60, "articles, as from the text file");
+    assert_eq!(manifest["splits"]["train"]["bytes"].as_u64().unwrap(), text.len() as u64);
+
+    // Any other shard: one document per row.
+    let docs: Vec<String> = (0..40).map(|i| format!("document number {i} says hello.")).collect();
+    let shard = dir.path().join("corpus/part-0.parquet");
+    write_parquet(&shard, &docs);
+    let out = prepare(&config(dir.path(), "parquet", &shard.display().to_string(), None, 300, ""));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (_, manifest) = cache(dir.path());
+    assert_eq!(manifest["splits"]["train"]["documents"], 40);
+
+    // A missing shard is named (column and type errors are unit-tested in data::parquet).
+    let err = refused(&config(dir.path(), "parquet", &dir.path().join("wiki.parquet").display().to_string(), None, 300, ""));
+    assert!(err.contains("wiki.parquet") && err.contains("file not found"), "{err}");
+}
+
+#[test]
+fn concurrent_prepares_of_one_cache_both_succeed_with_one_build() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = dir.path().join("train.txt");
+    std::fs::write(&train, "alpha beta gamma delta, epsilon zeta eta theta.\n".repeat(3000)).unwrap();
+    let cfg = config(dir.path(), "text", &train.display().to_string(), None, 300, "");
+    let racers: Vec<_> = (0..3).map(|_| std::process::Command::new(bin()).args(["prepare", "--config", &cfg]).spawn().unwrap()).collect();
+    for mut r in racers {
+        assert!(r.wait().unwrap().success());
+    }
+    let entries: Vec<String> =
+        std::fs::read_dir(dir.path().join("cache")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+    assert_eq!(entries.len(), 1, "one cache, no leftovers: {entries:?}");
+    let (cache_dir, manifest) = cache(dir.path());
+    assert_eq!(tokens(&cache_dir.join("train.bin")).len() as u64, manifest["splits"]["train"]["tokens"].as_u64().unwrap());
+}

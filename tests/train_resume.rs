@@ -1,0 +1,164 @@
+//! Training end to end on CPU: exact resume after a real SIGKILL (byte-identical
+//! weights, identical metrics rows), the non-finite policies, and resume refusals.
+
+mod common;
+use common::*;
+use serde_json::Value;
+use std::path::Path;
+use std::process::{Command, Output};
+
+/// A small run on the synthetic corpus, with dropout and gradient accumulation on.
+fn args(out_dir: &Path, cache: &Path, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "--config", "configs/quickstart.yaml",
+        "--set", "device=cpu",
+        "--set", "model.n_embd=32", "--set", "model.n_head=2", "--set", "model.n_layer=2",
+        "--set", "model.embedding_size=16", "--set", "model.n_positions=32", "--set", "model.dropout=0.1",
+        "--set", "train.seq_len=32", "--set", "train.micro_batch_size=4", "--set", "train.grad_accum_steps=2",
+        "--set", "train.max_steps=8", "--set", "train.log_interval=1", "--set", "train.eval_interval=4",
+        "--set", "train.eval_steps=2", "--set", "train.save_interval=4", "--set", "optim.warmup_steps=2",
+        "--set", "checkpoint.keep_last=5", "--set", "wandb.mode=disabled",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.push("--set".into());
+    a.push(format!("out_dir={}", out_dir.display()));
+    a.push("--set".into());
+    a.push(format!("data.cache_dir={}", cache.display()));
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+fn train(args: &[String], fault: Option<&str>) -> Output {
+    let mut cmd = Command::new(bin());
+    cmd.args(args).current_dir(repo());
+    if let Some(f) = fault {
+        cmd.env("ALGPT2_FAULT", f);
+    }
+    cmd.output().expect("the binary starts")
+}
+
+/// metrics.jsonl rows without the wall-clock fields (the only ones allowed to differ).
+fn rows(run_dir: &Path) -> Vec<Value> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: Value = serde_json::from_str(l).unwrap();
+            for k in ["train/tokens_per_sec", "train/step_ms", "train/mfu"] {
+                v.as_object_mut().unwrap().remove(k);
+            }
+            v
+        })
+        .collect()
+}
+
+#[test]
+fn killed_and_resumed_run_matches_an_uninterrupted_one_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let whole = train(&args(&dir.path().join("a"), &cache, &[]), None);
+    assert!(whole.status.success(), "{}", stderr(&whole));
+
+    // Killed by SIGKILL right after step 6's update: the checkpoint of step 4 is the last
+    // good one, and row 5 was already logged past it.
+    let b_args = args(&dir.path().join("b"), &cache, &[]);
+    let killed = train(&b_args, Some("kill@6"));
+    assert!(!killed.status.success(), "the fault must kill the run");
+    let b = dir.path().join("b/quickstart");
+    assert!(b.join("checkpoints/step_00000004").is_dir());
+    assert!(!b.join("checkpoints/step_00000008").exists());
+    assert_eq!(rows(&b).last().unwrap()["step"], 5);
+    let resumed = train(&b_args, None);
+    assert!(resumed.status.success(), "{}", stderr(&resumed));
+    assert!(stderr(&resumed).contains("resumed from"), "{}", stderr(&resumed));
+
+    let a = dir.path().join("a/quickstart");
+    for file in ["model.safetensors", "optimizer.safetensors"] {
+        let x = std::fs::read(a.join("checkpoints/step_00000008").join(file)).unwrap();
+        let y = std::fs::read(b.join("checkpoints/step_00000008").join(file)).unwrap();
+        assert!(x == y, "{file} differs after resume");
+    }
+    let (ra, rb) = (rows(&a), rows(&b));
+    assert_eq!(ra.len(), 8);
+    assert_eq!(ra, rb);
+    // Dropout was really on: training and evaluation losses differ.
+    assert!(ra[3]["val/loss"].as_f64().is_some());
+}
+
+#[test]
+fn loss_falls_and_a_finished_run_resumes_as_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = args(&dir.path().join("runs"), &dir.path().join("cache"), &["--set", "train.max_steps=30", "--set", "optim.lr=1e-2"]);
+    let out = train(&a, None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let r = rows(&dir.path().join("runs/quickstart"));
+    let first = r[0]["train/loss"].as_f64().unwrap();
+    let last = r.last().unwrap()["train/loss"].as_f64().unwrap();
+    assert!(last < first - 0.5, "loss {first} -> {last}");
+    let again = train(&a, None);
+    assert!(again.status.success());
+    assert!(stderr(&again).contains("already complete at step 30"), "{}", stderr(&again));
+}
+
+#[test]
+fn nonfinite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = args(&dir.path().join("runs"), &dir.path().join("cache"), &[]);
+    let out = train(&a, Some("nan_loss@6"));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("non-finite loss (NaN) at step 6"), "{}", stderr(&out));
+    let ckpts = dir.path().join("runs/quickstart/checkpoints");
+    let names: Vec<String> = std::fs::read_dir(&ckpts).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+    assert_eq!(names, vec!["step_00000004"]);
+
+    // With skip, the run goes on past the bad step and finishes.
+    let dir = tempfile::tempdir().unwrap();
+    let a = args(&dir.path().join("runs"), &dir.path().join("cache"), &["--set", "train.nonfinite=skip"]);
+    let out = train(&a, Some("nan_loss@6"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("update skipped"), "{}", stderr(&out));
+    let r = rows(&dir.path().join("runs/quickstart"));
+    assert_eq!(r[5]["train/skipped"], true);
+    assert_eq!(r.len(), 8);
+}
+
+#[test]
+fn resume_refuses_another_model_and_none_refuses_to_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = args(&dir.path().join("runs"), &dir.path().join("cache"), &["--set", "train.max_steps=4"]);
+    assert!(train(&a, None).status.success());
+    let mut other = a.clone();
+    other.extend(["--set".to_string(), "model.n_layer=3".to_string(), "--set".to_string(), "train.max_steps=8".to_string()]);
+    let out = train(&other, None);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("was made by another model config"), "{}", stderr(&out));
+    let mut fresh = a.clone();
+    fresh.extend(["--set".to_string(), "checkpoint.resume=none".to_string()]);
+    let out = train(&fresh, None);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("already holds checkpoints"), "{}", stderr(&out));
+}
+
+#[test]
+fn eval_command_reproduces_the_logged_validation_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let (runs, cache) = (dir.path().join("runs"), dir.path().join("cache"));
+    // eval_steps 0: the last evaluation covers the whole valid split, as `eval` does.
+    let a = args(&runs, &cache, &["--set", "train.eval_steps=0", "--set", "train.max_steps=4"]);
+    assert!(train(&a, None).status.success());
+    let logged = rows(&runs.join("quickstart")).last().unwrap()["val/loss"].as_f64().unwrap();
+    let ckpt = runs.join("quickstart/checkpoints/step_00000004");
+    let mut e: Vec<String> = vec!["eval".into()];
+    e.extend(a.iter().cloned());
+    e.extend(["--checkpoint".into(), ckpt.display().to_string()]);
+    let out = Command::new(bin()).args(&e).current_dir(repo()).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    let loss = report["loss"].as_f64().unwrap();
+    assert!((loss - logged).abs() < 1e-9, "eval {loss} vs logged {logged}");
+    assert!((report["ppl"].as_f64().unwrap() - loss.exp()).abs() < 1e-9);
+    assert!(report["best_achievable_ppl"].as_f64().unwrap() < report["ppl"].as_f64().unwrap());
+    assert!(runs.join("quickstart/eval-valid-step_00000004.json").is_file());
+}
