@@ -5,6 +5,25 @@ use std::path::PathBuf;
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    build_mpi_shim();
+    link_libtorch();
+}
+
+/// The one value rsmpi does not give us: MPI_IN_PLACE, from the mpi.h found by mpicc.
+fn build_mpi_shim() {
+    println!("cargo:rerun-if-changed=src/dist/mpi_in_place.c");
+    let mpi = build_probe_mpi::probe().unwrap_or_else(|errors| {
+        panic!("MPI not found (install libopenmpi-dev openmpi-bin, or run launch/setup.sh): {errors:?}")
+    });
+    let mut build = cc::Build::new();
+    build.file("src/dist/mpi_in_place.c");
+    for dir in &mpi.include_paths {
+        build.include(dir);
+    }
+    build.compile("algpt2_mpi_shim");
+}
+
+fn link_libtorch() {
     let Ok(lib) = env::var("DEP_TCH_LIBTORCH_LIB") else {
         println!("cargo:warning=torch-sys did not report its libtorch directory: the binary will need LD_LIBRARY_PATH");
         return;

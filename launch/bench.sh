@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Training throughput, ours beside PyTorch eager, in one run: the same config, the same
 # token file, the same micro-batch, accumulation and thread count, one process each.
-#   launch/bench.sh [CONFIG] [STEPS]     (defaults: configs/quickstart.yaml, 30 steps)
+#   launch/bench.sh [CONFIG] [STEPS] [--set key=value ...]
+#   (defaults: configs/quickstart.yaml, 30 steps; the overrides apply to both trainers)
 # Ours: tokens/s from metrics.jsonl (training time only, first 3 steps left out).
 # PyTorch: reference/algpt2.py bench (torch.optim.AdamW, clip_grad_norm_, same shapes).
 set -euo pipefail
@@ -10,13 +11,14 @@ bash "$ROOT/launch/setup.sh" --release
 cd "$ROOT"
 config="${1:-configs/quickstart.yaml}"
 steps="${2:-30}"
+shift $(( $# < 2 ? $# : 2 ))
 threads=$(nproc)
 work="$ROOT/target/bench-train"
 rm -rf "$work/runs"
 mkdir -p "$work"
 sets=(--set device=cpu --set "out_dir=$work/runs" --set run_name=bench --set wandb.mode=disabled
       --set "train.max_steps=$((steps + 3))" --set train.log_interval=1 --set train.eval_interval=0
-      --set train.save_interval=0 --set optim.warmup_steps=0 --set data.valid=null --set data.test=null)
+      --set train.save_interval=0 --set optim.warmup_steps=0 --set data.valid=null --set data.test=null "$@")
 "$BIN_RELEASE" prepare --config "$config" "${sets[@]}" >/dev/null 2>&1
 "$BIN_RELEASE" --config "$config" "${sets[@]}" > "$work/ours.log" 2>&1
 ours=$(python - "$work/runs/bench/metrics.jsonl" <<'PY'
@@ -40,7 +42,7 @@ json.dump(spec, open(sys.argv[4], "w"))
 ' "$steps" "$threads" "$cache/train.bin" "$work/spec.json"
 theirs_json=$(python "$ROOT/reference/algpt2.py" bench "$work/spec.json")
 theirs=$(python -c "import json,sys; print(round(json.loads(sys.argv[1])['tokens_per_sec']))" "$theirs_json")
-printf '\nconfig %s, %s steps, %s threads, 1 process each\n\n' "$config" "$steps" "$threads"
+printf '\nconfig %s %s, %s steps, %s threads, 1 process each\n\n' "$config" "$*" "$steps" "$threads"
 printf '| trainer | tokens/s |\n|---|---|\n| algpt2-ddp (Rust, tch) | %s |\n| PyTorch %s eager | %s |\n' \
   "$ours" "$(python -c 'import torch; print(torch.__version__)')" "$theirs"
 printf '\nratio (ours / PyTorch): %s\n' "$(python -c "print(round($ours / $theirs, 2))")"

@@ -33,12 +33,15 @@ YAML
 ours=$( { /usr/bin/time -f 'peak_rss_kb=%M' "$BIN_RELEASE" prepare --config "$work/encode-only.yaml" --force; } 2>&1 )
 ours_mbs=$(grep -oE 'train: .* \(([0-9.]+) MB/s\)' <<<"$ours" | grep -oE '[0-9.]+ MB/s' | cut -d' ' -f1)
 ours_rss=$(( $(grep -oE 'peak_rss_kb=[0-9]+' <<<"$ours" | cut -d= -f2) / 1024 ))
+# What the process holds before any work: libtorch and the CUDA libraries, mapped at load.
+base_rss=$(( $( { /usr/bin/time -f 'peak_rss_kb=%M' "$BIN_RELEASE" info --config configs/quickstart.yaml >/dev/null; } 2>&1 | grep -oE '[0-9]+$') / 1024 ))
+py_base=$(python -c "import resource, numpy, tokenizers; print(round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))")
 py=$(python "$ROOT/reference/bench_prepare.py" "$work/tokenizer.json" "$corpus" "$work/python.bin")
 py_mbs=$(python -c "import json,sys; print(round(json.loads(sys.argv[1])['mb_per_s'], 1))" "$py")
 py_rss=$(python -c "import json,sys; print(round(json.loads(sys.argv[1])['peak_rss_mb']))" "$py")
 ours_bin=$(ls "$work"/cache-encode/*/train.bin)
 if cmp -s <(tail -c +65 "$ours_bin" | head -c -2) "$work/python.bin"; then same=identical; else same=DIFFERENT; fi
-printf '\n| encoder | MB/s | peak memory (MB) |\n|---|---|---|\n'
-printf '| algpt2-ddp prepare | %s | %s |\n' "$ours_mbs" "$ours_rss"
-printf '| Python tokenizers %s | %s | %s |\n' "$(python -c 'import tokenizers; print(tokenizers.__version__)')" "$py_mbs" "$py_rss"
+printf '\n| encoder | MB/s | peak RSS (MB) | RSS at start (MB) | peak above start (MB) |\n|---|---|---|---|---|\n'
+printf '| algpt2-ddp prepare | %s | %s | %s | %s |\n' "$ours_mbs" "$ours_rss" "$base_rss" "$((ours_rss - base_rss))"
+printf '| Python tokenizers %s | %s | %s | %s | %s |\n' "$(python -c 'import tokenizers; print(tokenizers.__version__)')" "$py_mbs" "$py_rss" "$py_base" "$((py_rss - py_base))"
 printf '\nratio (ours / Python): %s; token streams: %s\n' "$(python -c "print(round($ours_mbs / $py_mbs, 2))")" "$same"

@@ -48,6 +48,13 @@ else
   echo "$want" > "$stamp"
 fi
 
+# cudarc loads NCCL as libnccl.so; the wheel ships only libnccl.so.2 (the binary's RPATH
+# covers this directory).
+nccl_dir=$("$VENV/bin/python" -c 'import sys, os; print(os.path.join(sys.prefix, "lib", f"python{sys.version_info.major}.{sys.version_info.minor}", "site-packages", "nvidia", "nccl", "lib"))')
+if [ -e "$nccl_dir/libnccl.so.2" ] && [ ! -e "$nccl_dir/libnccl.so" ]; then
+  ln -s libnccl.so.2 "$nccl_dir/libnccl.so"
+fi
+
 # --- 3. Build ----------------------------------------------------------------------------
 if [ "$build_release" = 1 ]; then
   say "building target/release/algpt2-ddp (a clean build takes ~8 minutes on 2 cores)"

@@ -42,11 +42,13 @@ pub fn evaluate(
             let (inputs, targets) = batch_tensors(&split.tokens, chunk, seq_len, device);
             let logits = model.forward(&inputs, false);
             let v = logits.size()[2];
-            let loss_sum = logits
+            // Per-token losses summed in f64: the total then hardly depends on how the
+            // windows were batched, i.e. on the world size.
+            let per_token = logits
                 .view([-1, v])
                 .to_kind(Kind::Float)
-                .cross_entropy_loss::<tch::Tensor>(&targets.reshape([-1]), None, Reduction::Sum, -100, 0.0);
-            totals[0] += loss_sum.double_value(&[]);
+                .cross_entropy_loss::<tch::Tensor>(&targets.reshape([-1]), None, Reduction::None, -100, 0.0);
+            totals[0] += per_token.to_kind(Kind::Double).sum(Kind::Double).double_value(&[]);
             totals[1] += targets.numel() as f64;
             totals[2] += chunk.len() as f64;
         }

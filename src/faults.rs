@@ -1,28 +1,47 @@
 //! Fault injection for the test suite, off unless `ALGPT2_FAULT` is set. Each fault
 //! makes a real failure happen at a chosen point, so tests exercise the real recovery
-//! code rather than a mock of it.
+//! code rather than a mock of it. Faults combine with commas; `:R` limits one to rank R.
 //!
-//! `ALGPT2_FAULT=nan_loss@N`: the loss of optimizer step N (1-based) becomes NaN.
-//! `ALGPT2_FAULT=kill@N`: the process kills itself with SIGKILL right after step N's
-//! update, before anything else of that step is logged or saved (as a preemption or
-//! the OOM killer would). Faults combine with commas.
+//! - `nan_loss@N`: the loss (and gradients) of optimizer step N (1-based) become NaN.
+//! - `kill@N`: the process kills itself with SIGKILL right after step N's update, before
+//!   anything else of that step is logged or saved (as a preemption or the OOM killer).
+//! - `hang@N`: the process stops making progress (sleeps) after step N's update, alive
+//!   but silent, as a wedged device or a stuck peer would.
+//! - `diverge@N`: step N's update is followed by a change to this rank's weights.
 
-fn fault_step(name: &str) -> Option<u64> {
+fn fault_step(name: &str, rank: usize) -> Option<u64> {
     let spec = std::env::var("ALGPT2_FAULT").ok()?;
-    spec.split(',').find_map(|f| f.strip_prefix(name)?.strip_prefix('@')?.parse().ok())
+    spec.split(',').find_map(|f| {
+        let at = f.strip_prefix(name)?.strip_prefix('@')?;
+        let (step, only_rank) = match at.split_once(':') {
+            Some((s, r)) => (s, Some(r.parse::<usize>().ok()?)),
+            None => (at, None),
+        };
+        (only_rank.is_none() || only_rank == Some(rank)).then(|| step.parse().ok())?
+    })
 }
 
-/// True when step `step` (1-based) should see a NaN loss.
-pub fn nan_loss_at(step: u64) -> bool {
-    fault_step("nan_loss") == Some(step)
+/// True when step `step` (1-based) of rank `rank` should see a NaN loss.
+pub fn nan_loss_at(step: u64, rank: usize) -> bool {
+    fault_step("nan_loss", rank) == Some(step)
 }
 
-/// Dies at once with SIGKILL when step `step` is the chosen one.
-pub fn maybe_kill_at(step: u64) {
-    if fault_step("kill") == Some(step) {
+/// True when rank `rank`'s weights should be changed after step `step`.
+pub fn diverge_at(step: u64, rank: usize) -> bool {
+    fault_step("diverge", rank) == Some(step)
+}
+
+/// Dies with SIGKILL, or hangs, when step `step` is the chosen one for this rank.
+pub fn kill_or_hang_at(step: u64, rank: usize) {
+    if fault_step("kill", rank) == Some(step) {
         // SAFETY: kill(2) on our own pid has no memory-safety preconditions.
         unsafe {
             libc::kill(libc::getpid(), libc::SIGKILL);
+        }
+    }
+    if fault_step("hang", rank) == Some(step) {
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
         }
     }
 }

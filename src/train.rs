@@ -1,5 +1,5 @@
 //! `algpt2-ddp train`: start-up of every rank, then the loop, one stage per comment:
-//! lr → step (micro-steps → sync → clip → update) → log → evaluate → save.
+//! lr → step (micro-steps → sync → clip → update) → log → evaluate → agree → save.
 
 use crate::checkpoint::{self, Found};
 use crate::config::Config;
@@ -7,7 +7,9 @@ use crate::data::prepare::{self, Prepared};
 use crate::data::source::Split;
 use crate::data::summary;
 use crate::device;
-use crate::dist::World;
+use crate::dist::signals::StopRequest;
+use crate::dist::watchdog::Watchdog;
+use crate::dist::{GradientExchange, World};
 use crate::eval::evaluate;
 use crate::info::{group, variant};
 use crate::model::size::{param_count, training_flops_per_token};
@@ -19,7 +21,7 @@ use crate::run_dir::RunDir;
 use crate::trainer::Trainer;
 use anyhow::bail;
 use serde_json::{json, Map, Value};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tracing::{error, info};
 
 pub fn run(cfg: Config) -> anyhow::Result<()> {
@@ -72,19 +74,31 @@ fn run_in_world(cfg: &Config, world: &World) -> anyhow::Result<()> {
             metrics.truncate_after(trainer.step)?;
         }
     }
-    trainer.broadcast_weights(world);
+    let exchange = GradientExchange::new(&cfg.dist, world, device)?;
+    info!("gradient exchange: {}", exchange.name());
+    trainer.broadcast_weights(world, &exchange)?;
     world.barrier();
-    train_loop(cfg, world, &run, &data, &mut trainer, &metrics)
+    let stop = StopRequest::install()?;
+    // Start-up (data preparation) is not timed; from here on every step must finish.
+    let watchdog = Watchdog::start(world.rank(), Duration::from_secs(cfg.dist.timeout_s));
+    let ctx = LoopContext { cfg, world, run: &run, data: &data, metrics: &metrics, exchange: &exchange, stop: &stop, watchdog: &watchdog };
+    train_loop(&ctx, &mut trainer)
 }
 
-fn train_loop(
-    cfg: &Config,
-    world: &World,
-    run: &RunDir,
-    data: &Prepared,
-    trainer: &mut Trainer,
-    metrics: &MetricsLog,
-) -> anyhow::Result<()> {
+/// What the loop reads but never changes.
+struct LoopContext<'a> {
+    cfg: &'a Config,
+    world: &'a World,
+    run: &'a RunDir,
+    data: &'a Prepared,
+    metrics: &'a MetricsLog,
+    exchange: &'a GradientExchange,
+    stop: &'a StopRequest,
+    watchdog: &'a Watchdog,
+}
+
+fn train_loop(ctx: &LoopContext, trainer: &mut Trainer) -> anyhow::Result<()> {
+    let LoopContext { cfg, world, run, data, metrics, exchange, stop, watchdog } = *ctx;
     let t = &cfg.train;
     let train = data.split(Split::Train).expect("the train split always exists");
     let valid = data.split(Split::Valid);
@@ -103,8 +117,9 @@ fn train_loop(
 
         // 2. One optimizer step: micro-steps, gradient averaging, clipping, update.
         let started = Instant::now();
-        let report = trainer.train_step(train, world, lr)?;
-        crate::faults::maybe_kill_at(trainer.step);
+        let report = trainer.train_step(train, world, exchange, lr)?;
+        crate::faults::kill_or_hang_at(trainer.step, world.rank());
+        watchdog.beat();
         train_seconds += started.elapsed().as_secs_f64();
         tokens_since_log += (trainer.global_batch(world) * t.seq_len) as u64;
         let step = trainer.step;
@@ -138,6 +153,7 @@ fn train_loop(
                 let limit = (t.eval_steps > 0).then(|| t.eval_steps * (t.micro_batch_size * world.size()) as u64);
                 let e = evaluate(&trainer.model, valid, t.seq_len, t.micro_batch_size, limit, world, trainer.device());
                 trainer.record_val_loss(e.loss);
+                watchdog.beat();
                 row.insert("val/loss".into(), json!(e.loss));
                 row.insert("val/ppl".into(), json!(e.ppl));
                 if let Some(best) = valid.best_loss() {
@@ -151,13 +167,27 @@ fn train_loop(
             metrics.append(&row)?;
         }
 
-        // 5. Checkpoint (rank 0 writes; every rank reads on resume).
-        if (t.save_interval > 0 && step % t.save_interval == 0) || last {
+        // 5. Ranks must hold identical weights; a stop signal on any rank stops all.
+        if cfg.dist.check_interval > 0 && step % cfg.dist.check_interval == 0 {
+            trainer.check_ranks_agree(world)?;
+        }
+        let mut stopping = [stop.requested() as u8 as f64];
+        world.all_reduce_max(&mut stopping);
+        let stopping = stopping[0] > 0.0;
+
+        // 6. Checkpoint (rank 0 writes; every rank reads on resume).
+        if (t.save_interval > 0 && step % t.save_interval == 0) || last || stopping {
             if world.is_main() {
                 let dir = trainer.save(&run.checkpoints(), world, &data.tokenizer.hash_hex())?;
                 progress.line(&format!("saved {}", dir.display()));
             }
             world.barrier();
+            watchdog.beat();
+        }
+        if stopping {
+            progress.finish();
+            info!("stopped by signal after step {step}; the checkpoint is saved: run the same command to resume");
+            return Ok(());
         }
     }
     progress.finish();

@@ -5,7 +5,7 @@ use crate::checkpoint::{self, Found, TrainerState, MODEL_FILE, OPTIMIZER_FILE};
 use crate::config::{Config, NonFinite};
 use crate::data::batches::{batch_tensors, rank_slice, Sampler};
 use crate::data::prepare::SplitData;
-use crate::dist::World;
+use crate::dist::{GradientExchange, World};
 use crate::model::flat::FlatParams;
 use crate::model::Algpt2;
 use crate::optim::adamw::{clip_grad_norm, grads_are_finite};
@@ -92,13 +92,37 @@ impl Trainer {
     }
 
     /// Makes every rank hold rank 0's weights.
-    pub fn broadcast_weights(&mut self, world: &World) {
-        world.broadcast_from_main(&mut self.params.values);
+    pub fn broadcast_weights(&mut self, world: &World, exchange: &GradientExchange) -> anyhow::Result<()> {
+        exchange.broadcast(world, &mut self.params.values)
+    }
+
+    /// Stops the run when the ranks' parameters are no longer identical (they must be:
+    /// same start, same averaged gradients, same update), naming the ranks that differ.
+    pub fn check_ranks_agree(&self, world: &World) -> anyhow::Result<()> {
+        let v = self.params.values.to_kind(tch::Kind::Double);
+        let local = [v.sum(tch::Kind::Double).double_value(&[]), (&v * &v).sum(tch::Kind::Double).double_value(&[])];
+        let all = world.all_gather(&local);
+        let differing: Vec<usize> = (1..world.size()).filter(|&r| all[2 * r..2 * r + 2] != all[..2]).collect();
+        if !differing.is_empty() {
+            bail!(
+                "parameters diverged at step {}: rank(s) {differing:?} differ from rank 0 (checksums {:?} vs {:?}); stopping",
+                self.step,
+                &all[2 * differing[0]..2 * differing[0] + 2],
+                &all[..2]
+            );
+        }
+        Ok(())
     }
 
     /// One optimizer step at learning rate `lr`: micro-steps, gradient averaging across
     /// ranks, the non-finite check, clipping, the update.
-    pub fn train_step(&mut self, train: &SplitData, world: &World, lr: f64) -> anyhow::Result<StepReport> {
+    pub fn train_step(
+        &mut self,
+        train: &SplitData,
+        world: &World,
+        exchange: &GradientExchange,
+        lr: f64,
+    ) -> anyhow::Result<StepReport> {
         let t = &self.cfg.train;
         let batch = self.sampler.next_batch(self.global_batch(world));
         self.params.zero_grads();
@@ -111,13 +135,13 @@ impl Trainer {
             (&loss / t.grad_accum_steps as f64).backward();
             loss_sum += loss.double_value(&[]);
         }
-        world.all_reduce_mean(&mut self.params.grads);
+        exchange.average(world, &mut self.params.grads)?;
         let mut loss = [loss_sum / t.grad_accum_steps as f64];
         world.all_reduce_sum(&mut loss);
         let mut loss = loss[0] / world.size() as f64;
         self.step += 1;
         self.tokens_seen += (batch.len() * t.seq_len) as u64;
-        if crate::faults::nan_loss_at(self.step) {
+        if crate::faults::nan_loss_at(self.step, world.rank()) {
             loss = f64::NAN;
             let _ = self.params.grads.fill_(f64::NAN);
         }
@@ -137,6 +161,9 @@ impl Trainer {
         }
         let grad_norm = clip_grad_norm(&mut self.params, self.cfg.optim.grad_clip);
         self.opt.step(&mut self.params, lr);
+        if crate::faults::diverge_at(self.step, world.rank()) {
+            let _ = self.params.values.narrow(0, 0, 1).g_add_scalar_(1e-3);
+        }
         Ok(StepReport { loss, grad_norm, skipped: false })
     }
 

@@ -56,6 +56,17 @@ fn wikitext_layout_from_shared_data() {
     // A second prepare reuses the complete cache.
     let again = prepare(&cfg);
     assert!(stderr(&again).contains("is complete"), "{}", stderr(&again));
+
+    // The raw layout (wikitext-103-raw/wiki.*.raw) reads the same way.
+    let raw_dir = dir.path().join("wikitext-2-raw");
+    std::fs::create_dir_all(&raw_dir).unwrap();
+    std::fs::copy(shared("wiki.valid.tokens"), raw_dir.join("wiki.train.raw")).unwrap();
+    let cfg = config(dir.path(), "auto", &raw_dir.join("wiki.train.raw").display().to_string(), None, 1024, "");
+    let out = prepare(&cfg);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (cache_dir, manifest) = cache(dir.path());
+    assert!(cache_dir.file_name().unwrap().to_string_lossy().starts_with("wikitext-2-raw-"));
+    assert_eq!(manifest["splits"]["train"]["documents"], 60);
 }
 
 #[test]

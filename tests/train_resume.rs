@@ -90,9 +90,18 @@ fn killed_and_resumed_run_matches_an_uninterrupted_one_exactly() {
 #[test]
 fn loss_falls_and_a_finished_run_resumes_as_complete() {
     let dir = tempfile::tempdir().unwrap();
-    let a = args(&dir.path().join("runs"), &dir.path().join("cache"), &["--set", "train.max_steps=30", "--set", "optim.lr=1e-2"]);
+    let a = args(
+        &dir.path().join("runs"),
+        &dir.path().join("cache"),
+        &["--set", "train.max_steps=30", "--set", "optim.lr=1e-2", "--set", "train.peak_tflops=0.05"],
+    );
     let out = train(&a, None);
     assert!(out.status.success(), "{}", stderr(&out));
+    // MFU is reported once a peak is known: a fraction, from the FLOPs per token and tokens/s.
+    let text = std::fs::read_to_string(dir.path().join("runs/quickstart/metrics.jsonl")).unwrap();
+    let first: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    let mfu = first["train/mfu"].as_f64().expect("train/mfu logged");
+    assert!(mfu > 0.0 && mfu < 1.0, "{mfu}");
     let r = rows(&dir.path().join("runs/quickstart"));
     let first = r[0]["train/loss"].as_f64().unwrap();
     let last = r.last().unwrap()["train/loss"].as_f64().unwrap();
@@ -161,4 +170,40 @@ fn eval_command_reproduces_the_logged_validation_loss() {
     assert!((report["ppl"].as_f64().unwrap() - loss.exp()).abs() < 1e-9);
     assert!(report["best_achievable_ppl"].as_f64().unwrap() < report["ppl"].as_f64().unwrap());
     assert!(runs.join("quickstart/eval-valid-step_00000004.json").is_file());
+}
+
+/// GPT-2, sharing-only and ALGPT2 (small widths) on WikiText-2 from ../shared: valid as
+/// the training set, test as the held-out set; validation perplexity falls for each.
+#[test]
+fn three_variants_train_on_wikitext2_with_falling_val_ppl() {
+    let dir = tempfile::tempdir().unwrap();
+    let shared = repo().join("../shared/data/wikitext-2");
+    for (name, share, e) in [("gpt2", "false", "null"), ("shared", "true", "null"), ("algpt2", "true", "32")] {
+        let a: Vec<String> = [
+            "--config", "configs/wikitext103.yaml", "--set", "device=cpu", "--set", "wandb.mode=disabled",
+            "--set", "data.format=wikitext", "--set", "data.test=null",
+            "--set", "tokenizer.vocab_size=1024", "--set", "model.vocab_size=1024", "--set", "model.n_positions=64",
+            "--set", "model.n_embd=64", "--set", "model.n_head=4", "--set", "model.n_layer=2", "--set", "model.dropout=0.0",
+            "--set", &format!("model.share_layers={share}"), "--set", &format!("model.embedding_size={e}"),
+            "--set", "train.seq_len=64", "--set", "train.micro_batch_size=8", "--set", "train.max_steps=60",
+            "--set", "train.log_interval=10", "--set", "train.eval_interval=20", "--set", "train.eval_steps=4",
+            "--set", "train.save_interval=0", "--set", "optim.lr=3e-3", "--set", "optim.warmup_steps=10",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([
+            format!("--set=data.train={}", shared.join("wiki.valid.tokens").display()),
+            format!("--set=data.valid={}", shared.join("wiki.test.tokens").display()),
+            format!("--set=data.cache_dir={}", dir.path().join("cache").display()),
+            format!("--set=out_dir={}", dir.path().join("runs").display()),
+            format!("--set=run_name={name}"),
+        ])
+        .collect();
+        let out = train(&a, None);
+        assert!(out.status.success(), "{name}: {}", stderr(&out));
+        let ppl: Vec<f64> = rows(&dir.path().join("runs").join(name)).iter().filter_map(|r| r["val/ppl"].as_f64()).collect();
+        assert_eq!(ppl.len(), 3, "{name}: {ppl:?}");
+        assert!(ppl[2] < ppl[1] && ppl[1] < ppl[0], "{name}: val ppl must fall: {ppl:?}");
+        assert!(ppl[0] < 1024.0, "{name}: {ppl:?}");
+    }
 }

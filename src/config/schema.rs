@@ -341,10 +341,18 @@ pub enum DistBackend {
 #[serde(default, deny_unknown_fields)]
 pub struct DistConfig {
     pub backend: DistBackend,
+    /// Largest single all-reduce, in MB of fp32 gradients.
+    pub bucket_mb: usize,
+    /// A rank with no finished step for this many seconds ends the job (a peer died or
+    /// hangs). Start-up (data preparation) is not timed.
+    pub timeout_s: u64,
+    /// Compare a checksum of the parameters across ranks every this many steps (0: never);
+    /// a difference stops the run naming the ranks.
+    pub check_interval: u64,
 }
 
 impl Default for DistConfig {
     fn default() -> Self {
-        DistConfig { backend: DistBackend::Auto }
+        DistConfig { backend: DistBackend::Auto, bucket_mb: 25, timeout_s: 600, check_interval: 100 }
     }
 }

@@ -99,6 +99,8 @@ pub fn violations(cfg: &Config) -> Vec<Violation> {
     check(!cfg.checkpoint.resume.is_empty(), "checkpoint.resume", "must be auto, none or a path".into());
     check(!cfg.wandb.project.is_empty(), "wandb.project", "must not be empty".into());
 
+    check(cfg.dist.bucket_mb >= 1, "dist.bucket_mb", "must be at least 1".into());
+    check(cfg.dist.timeout_s >= 1, "dist.timeout_s", "must be at least 1".into());
     if cfg.dist.backend == DistBackend::Nccl {
         check(
             cfg.device != super::schema::DeviceKind::Cpu,

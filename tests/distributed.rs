@@ -1,0 +1,215 @@
+//! Data-parallel training under a real `mpirun -n 2`: gradient-averaging semantics,
+//! distributed evaluation, resume at another world size, a killed rank, a hung rank, a
+//! stop signal, and divergence detection.
+
+mod common;
+use common::*;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// A tiny model on the synthetic corpus; dropout off so that runs at different world
+/// sizes compute the same function.
+fn args(dir: &Path, run: &str, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "--config", "configs/quickstart.yaml", "--set", "device=cpu", "--set", "wandb.mode=disabled",
+        "--set", "model.n_embd=32", "--set", "model.n_head=2", "--set", "model.n_layer=2",
+        "--set", "model.embedding_size=16", "--set", "model.n_positions=32", "--set", "model.dropout=0.0",
+        "--set", "train.seq_len=32", "--set", "train.max_steps=8", "--set", "train.log_interval=1",
+        "--set", "train.eval_interval=4", "--set", "train.eval_steps=0", "--set", "train.save_interval=4",
+        "--set", "optim.warmup_steps=2", "--set", "checkpoint.keep_last=5", "--set", "dist.check_interval=1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.push(format!("--set=out_dir={}", dir.join("runs").display()));
+    a.push(format!("--set=data.cache_dir={}", dir.join("cache").display()));
+    a.push(format!("--set=run_name={run}"));
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+fn one_rank(a: &[String]) -> Output {
+    Command::new(bin()).args(a).current_dir(repo()).output().unwrap()
+}
+
+fn two_ranks(a: &[String], fault: Option<&str>) -> Output {
+    let mut cmd = mpirun(2);
+    if let Some(f) = fault {
+        cmd.args(["-x", &format!("ALGPT2_FAULT={f}")]);
+    }
+    cmd.arg(bin()).args(a).current_dir(repo()).output().unwrap()
+}
+
+fn rows(dir: &Path, run: &str) -> Vec<Value> {
+    let path = dir.join("runs").join(run).join("metrics.jsonl");
+    std::fs::read_to_string(&path).unwrap_or_default().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+fn series(rows: &[Value], key: &str) -> Vec<f64> {
+    rows.iter().filter_map(|r| r[key].as_f64()).collect()
+}
+
+fn assert_close(a: &[f64], b: &[f64], rel: f64, what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: {a:?} vs {b:?}");
+    for (x, y) in a.iter().zip(b) {
+        assert!((x - y).abs() <= rel * y.abs().max(1e-12), "{what}: {a:?} vs {b:?}");
+    }
+}
+
+fn checkpoint(dir: &Path, run: &str, step: u64) -> PathBuf {
+    dir.join("runs").join(run).join(format!("checkpoints/step_{step:08}"))
+}
+
+/// Largest relative difference between two checkpoints' model tensors.
+fn weight_difference(a: &Path, b: &Path) -> f64 {
+    let load = |p: &Path| -> std::collections::BTreeMap<String, tch::Tensor> {
+        tch::Tensor::read_safetensors(p.join("model.safetensors")).unwrap().into_iter().collect()
+    };
+    let (x, y) = (load(a), load(b));
+    assert_eq!(x.len(), y.len());
+    x.iter()
+        .map(|(name, t)| {
+            let u = &y[name];
+            (t - u).abs().max().double_value(&[]) / u.abs().max().double_value(&[]).max(1e-12)
+        })
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn two_ranks_of_b_follow_one_rank_of_2b() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let two = two_ranks(&args(d, "two", &["--set", "train.micro_batch_size=4"]), None);
+    assert!(two.status.success(), "{}", stderr(&two));
+    assert!(stderr(&two).contains("gradient exchange: mpi"), "{}", stderr(&two));
+    let one = one_rank(&args(d, "one", &["--set", "train.micro_batch_size=8"]));
+    assert!(one.status.success(), "{}", stderr(&one));
+    let (r2, r1) = (rows(d, "two"), rows(d, "one"));
+    assert_close(&series(&r2, "train/loss"), &series(&r1, "train/loss"), 1e-5, "train/loss");
+    assert_close(&series(&r2, "val/loss"), &series(&r1, "val/loss"), 1e-5, "val/loss");
+    // Adam is blind to the gradients' scale, so the norm is what shows that the ranks
+    // average (summing would double it).
+    assert_close(&series(&r2, "train/grad_norm"), &series(&r1, "train/grad_norm"), 1e-4, "train/grad_norm");
+    // Adam also magnifies fp32 rounding in near-zero gradient entries into whole-lr steps,
+    // so the weights agree to ~1e-4 of their largest magnitude, not to rounding.
+    let diff = weight_difference(&checkpoint(d, "two", 8), &checkpoint(d, "one", 8));
+    assert!(diff < 1e-3, "final weights differ by {diff}");
+    // Gradient accumulation is the same computation again: 1 rank, 2 micro-steps of 4.
+    let accum = one_rank(&args(d, "accum", &["--set", "train.micro_batch_size=4", "--set", "train.grad_accum_steps=2"]));
+    assert!(accum.status.success(), "{}", stderr(&accum));
+    assert_close(&series(&rows(d, "accum"), "train/loss"), &series(&r1, "train/loss"), 1e-5, "accumulated train/loss");
+}
+
+#[test]
+fn distributed_eval_equals_single_rank_eval() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let a = args(d, "e", &["--set", "train.micro_batch_size=4", "--set", "train.max_steps=4"]);
+    assert!(one_rank(&a).status.success());
+    let mut eval: Vec<String> = vec!["eval".into()];
+    eval.extend(a.iter().cloned());
+    eval.extend(["--checkpoint".into(), checkpoint(d, "e", 4).display().to_string()]);
+    let single = one_rank(&eval);
+    assert!(single.status.success(), "{}", stderr(&single));
+    let double = two_ranks(&eval, None);
+    assert!(double.status.success(), "{}", stderr(&double));
+    let parse = |o: &Output| -> Value { serde_json::from_str(stdout(o).trim()).unwrap() };
+    let (s, m) = (parse(&single), parse(&double));
+    assert_eq!(s["windows"], m["windows"]);
+    assert_eq!(s["tokens"], m["tokens"]);
+    // The same windows and per-token losses; only fp32 kernel rounding for another batch
+    // shape may differ.
+    assert_close(&[m["loss"].as_f64().unwrap()], &[s["loss"].as_f64().unwrap()], 1e-6, "eval loss");
+}
+
+#[test]
+fn resume_from_two_ranks_on_one_rank_with_the_same_global_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let whole = two_ranks(&args(d, "whole", &["--set", "train.micro_batch_size=4"]), None);
+    assert!(whole.status.success(), "{}", stderr(&whole));
+    // The same 8-step run on 2 ranks, killed after step 5 (its last checkpoint: step 4).
+    let first = two_ranks(&args(d, "moved", &["--set", "train.micro_batch_size=4"]), Some("kill@5"));
+    assert!(!first.status.success());
+    assert!(checkpoint(d, "moved", 4).is_dir());
+    // Global batch 8 = 4 x 2 ranks before, 4 x 2 micro-steps x 1 rank after.
+    let a = args(d, "moved", &["--set", "train.micro_batch_size=4", "--set", "train.grad_accum_steps=2"]);
+    let rest = one_rank(&a);
+    assert!(rest.status.success(), "{}", stderr(&rest));
+    assert!(stderr(&rest).contains("resumed from"), "{}", stderr(&rest));
+    assert_close(&series(&rows(d, "moved"), "train/loss"), &series(&rows(d, "whole"), "train/loss"), 1e-5, "train/loss");
+    let diff = weight_difference(&checkpoint(d, "moved", 8), &checkpoint(d, "whole", 8));
+    assert!(diff < 1e-3, "final weights differ by {diff}");
+}
+
+#[test]
+fn a_killed_rank_ends_the_job_quickly() {
+    let dir = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let out = two_ranks(&args(dir.path(), "k", &["--set", "train.micro_batch_size=4", "--set", "train.max_steps=200"]), Some("kill@3:1"));
+    assert!(!out.status.success());
+    assert!(started.elapsed() < Duration::from_secs(60), "took {:?}", started.elapsed());
+    // Rank 0 never finished the run.
+    assert!(!checkpoint(dir.path(), "k", 200).exists());
+}
+
+#[test]
+fn a_hung_rank_is_detected_by_the_watchdog() {
+    let dir = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let a = args(dir.path(), "h", &["--set", "train.micro_batch_size=4", "--set", "train.max_steps=200", "--set", "dist.timeout_s=4"]);
+    let out = two_ranks(&a, Some("hang@3:1"));
+    assert!(!out.status.success());
+    assert!(started.elapsed() < Duration::from_secs(60), "took {:?}", started.elapsed());
+    assert!(stderr(&out).contains("no training progress for"), "{}", stderr(&out));
+}
+
+#[test]
+fn diverged_ranks_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = two_ranks(&args(dir.path(), "dv", &["--set", "train.micro_batch_size=4"]), Some("diverge@2:1"));
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("parameters diverged at step 2: rank(s) [1] differ from rank 0"), "{}", stderr(&out));
+}
+
+#[test]
+fn sigterm_saves_a_checkpoint_and_all_ranks_exit_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let a = args(d, "s", &["--set", "train.micro_batch_size=4", "--set", "train.max_steps=100000", "--set", "train.save_interval=0"]);
+    let mut child = mpirun(2).arg(bin()).args(&a).current_dir(repo()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let metrics = d.join("runs/s/metrics.jsonl");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) < 3 {
+        assert!(Instant::now() < deadline, "the run did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // As Slurm does: SIGTERM to every rank process (mpirun's children).
+    let ranks = Command::new("pgrep").args(["-P", &child.id().to_string()]).output().unwrap();
+    let pids: Vec<String> = stdout(&ranks).split_whitespace().map(String::from).collect();
+    assert_eq!(pids.len(), 2, "{pids:?}");
+    Command::new("kill").arg("-TERM").args(&pids).status().unwrap();
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(status.success(), "{err}");
+    assert!(err.contains("stopped by signal after step"), "{err}");
+    let saved: Vec<PathBuf> = std::fs::read_dir(d.join("runs/s/checkpoints")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(saved.len(), 1, "{saved:?}");
+    let last_row = rows(d, "s").last().unwrap()["step"].as_u64().unwrap();
+    assert!(saved[0].ends_with(format!("step_{last_row:08}")), "{saved:?} vs last row {last_row}");
+}
+
+#[test]
+fn nccl_without_a_gpu_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = one_rank(&args(dir.path(), "n", &["--set", "dist.backend=nccl", "--set", "device=auto"]));
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("dist.backend: nccl needs CUDA tensors") && err.contains("use dist.backend: mpi"), "{err}");
+    // device: cpu with nccl is refused by the config check itself (exit 2).
+    let out = one_rank(&args(dir.path(), "n", &["--set", "dist.backend=nccl", "--set", "device=cpu"]));
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+}
