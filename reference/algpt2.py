@@ -161,12 +161,21 @@ def read_tokens(path):
 
 
 def bench(spec_path):
+    """Under torchrun (WORLD_SIZE > 1) this is PyTorch DDP over gloo, the CPU baseline."""
+    import os
     import time
     import numpy as np
+    import torch.distributed as dist
     spec = json.load(open(spec_path))
     torch.set_num_threads(spec["threads"])
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
     model = ALGPT2(spec["model"])
     model.train()
+    ddp = model
+    if world > 1:
+        dist.init_process_group("gloo")
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": spec["weight_decay"]},
@@ -174,24 +183,30 @@ def bench(spec_path):
     tokens = read_tokens(spec["tokens"])
     t, b = spec["seq_len"], spec["micro_batch_size"]
     windows = (len(tokens) - 1) // t
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(rank)
     warmup, steps = 3, spec["steps"]
     timed_tokens, timed_seconds = 0, 0.0
     for step in range(warmup + steps):
         started = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        for _ in range(spec["grad_accum_steps"]):
+        for micro in range(spec["grad_accum_steps"]):
             w = rng.integers(0, windows, size=b)
             batch = torch.from_numpy(np.stack([tokens[i * t:i * t + t + 1].astype(np.int64) for i in w]))
-            _, loss = model(batch[:, :-1], batch[:, 1:])
-            (loss / spec["grad_accum_steps"]).backward()
+            last = micro == spec["grad_accum_steps"] - 1
+            # DDP all-reduces on the last micro-step only, as ours does.
+            with (ddp.no_sync() if world > 1 and not last else torch.enable_grad()):
+                _, loss = ddp(batch[:, :-1], batch[:, 1:])
+                (loss / spec["grad_accum_steps"]).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), spec["grad_clip"])
         opt.step()
         if step >= warmup:
             timed_seconds += time.perf_counter() - started
-            timed_tokens += b * t * spec["grad_accum_steps"]
-    print(json.dumps({"tokens_per_sec": timed_tokens / timed_seconds, "steps": steps, "loss": loss.item(),
-                      "torch": torch.__version__, "threads": torch.get_num_threads()}))
+            timed_tokens += b * t * spec["grad_accum_steps"] * world
+    if rank == 0:
+        print(json.dumps({"tokens_per_sec": timed_tokens / timed_seconds, "steps": steps, "loss": loss.item(),
+                          "torch": torch.__version__, "threads": torch.get_num_threads(), "world": world}))
+    if world > 1:
+        dist.destroy_process_group()
     return True
 
 

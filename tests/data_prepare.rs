@@ -236,28 +236,6 @@ fn bad_inputs_get_clear_errors() {
     assert!(err.contains("data.csv") && err.contains("set data.format"), "{err}");
 }
 
-/// Writes `rows` as a snappy parquet shard with one string column `text`.
-fn write_parquet(path: &Path, rows: &[String]) {
-    use parquet::data_type::{ByteArray, ByteArrayType};
-    use parquet::file::properties::WriterProperties;
-    use parquet::file::writer::SerializedFileWriter;
-    use parquet::schema::parser::parse_message_type;
-    use std::sync::Arc;
-    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    let schema = Arc::new(parse_message_type("message schema { optional binary text (STRING); }").unwrap());
-    let props = Arc::new(WriterProperties::builder().set_compression(parquet::basic::Compression::SNAPPY).build());
-    let mut writer = SerializedFileWriter::new(std::fs::File::create(path).unwrap(), schema, props).unwrap();
-    for chunk in rows.chunks(500) {
-        let values: Vec<ByteArray> = chunk.iter().map(|r| ByteArray::from(r.as_str())).collect();
-        let mut group = writer.next_row_group().unwrap();
-        let mut column = group.next_column().unwrap().unwrap();
-        column.typed::<ByteArrayType>().write_batch(&values, Some(&vec![1; values.len()]), None).unwrap();
-        column.close().unwrap();
-        group.close().unwrap();
-    }
-    writer.close().unwrap();
-}
-
 #[test]
 fn parquet_layout_wikitext_shards_and_plain_shards() {
     let dir = tempfile::tempdir().unwrap();
@@ -265,7 +243,7 @@ fn parquet_layout_wikitext_shards_and_plain_shards() {
     let text = std::fs::read_to_string(shared("wiki.valid.tokens")).unwrap();
     let lines: Vec<String> = text.split_inclusive('\n').map(String::from).collect();
     let shard = dir.path().join("wikitext-2-raw-v1/train-00000-of-00001.parquet");
-    write_parquet(&shard, &lines);
+    write_parquet(&shard, &lines, 500);
     let out = prepare(&config(dir.path(), "auto", &shard.display().to_string(), None, 600, ""));
     assert!(out.status.success(), "{}", stderr(&out));
     let (_, manifest) = cache(dir.path());
@@ -275,7 +253,7 @@ fn parquet_layout_wikitext_shards_and_plain_shards() {
     // Any other shard: one document per row.
     let docs: Vec<String> = (0..40).map(|i| format!("document number {i} says hello.")).collect();
     let shard = dir.path().join("corpus/part-0.parquet");
-    write_parquet(&shard, &docs);
+    write_parquet(&shard, &docs, 500);
     let out = prepare(&config(dir.path(), "parquet", &shard.display().to_string(), None, 300, ""));
     assert!(out.status.success(), "{}", stderr(&out));
     let (_, manifest) = cache(dir.path());

@@ -1,15 +1,10 @@
 //! Measures the heap the reader holds while streaming a 50 MB-of-text file: a counting
 //! allocator tracks this thread's live bytes (per thread, so other tests do not disturb
 //! it), and the peak during the read must stay far below the text's size.
-use ::parquet::basic::Compression;
-use ::parquet::data_type::{ByteArray, ByteArrayType};
-use ::parquet::file::properties::WriterProperties;
-use ::parquet::file::writer::SerializedFileWriter;
-use ::parquet::schema::parser::parse_message_type;
+mod common;
+use common::write_parquet;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
-use std::fs::File;
-use std::sync::Arc;
 
 struct Counting;
 
@@ -63,20 +58,10 @@ fn peak_heap_while_streaming_is_small() {
     let path = dir.path().join("large.parquet");
     let n = 200_000;
     let group_rows: usize = std::env::var("GROUP_ROWS").map_or(50_000, |v| v.parse().unwrap());
-    let schema = Arc::new(parse_message_type("message schema { optional binary text (STRING); }").unwrap());
-    let props = Arc::new(WriterProperties::builder().set_compression(Compression::SNAPPY).build());
-    let mut writer = SerializedFileWriter::new(File::create(&path).unwrap(), schema, props).unwrap();
-    let mut text_bytes = 0usize;
-    for g in 0..n / group_rows {
-        let values: Vec<ByteArray> = (g * group_rows..(g + 1) * group_rows).map(|i| ByteArray::from(line(i).as_str())).collect();
-        text_bytes += values.iter().map(|v| v.len()).sum::<usize>();
-        let mut group = writer.next_row_group().unwrap();
-        let mut column = group.next_column().unwrap().unwrap();
-        column.typed::<ByteArrayType>().write_batch(&values, Some(&vec![1; values.len()]), None).unwrap();
-        column.close().unwrap();
-        group.close().unwrap();
-    }
-    writer.close().unwrap();
+    let rows: Vec<String> = (0..n).map(line).collect();
+    let text_bytes: usize = rows.iter().map(String::len).sum();
+    write_parquet(&path, &rows, group_rows);
+    drop(rows);
     let file_bytes = std::fs::metadata(&path).unwrap().len();
 
     let base = LIVE.with(Cell::get);

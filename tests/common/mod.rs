@@ -47,3 +47,26 @@ pub fn write_config(dir: &Path, name: &str, text: &str) -> String {
     std::fs::write(&path, text).expect("write config");
     path.to_string_lossy().into_owned()
 }
+
+/// Writes `rows` as a snappy parquet shard with one string column `text`, in row groups
+/// of `group_rows`.
+pub fn write_parquet(path: &Path, rows: &[String], group_rows: usize) {
+    use parquet::data_type::{ByteArray, ByteArrayType};
+    use parquet::file::properties::WriterProperties;
+    use parquet::file::writer::SerializedFileWriter;
+    use parquet::schema::parser::parse_message_type;
+    use std::sync::Arc;
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let schema = Arc::new(parse_message_type("message schema { optional binary text (STRING); }").unwrap());
+    let props = Arc::new(WriterProperties::builder().set_compression(parquet::basic::Compression::SNAPPY).build());
+    let mut writer = SerializedFileWriter::new(std::fs::File::create(path).unwrap(), schema, props).unwrap();
+    for chunk in rows.chunks(group_rows) {
+        let values: Vec<ByteArray> = chunk.iter().map(|r| ByteArray::from(r.as_str())).collect();
+        let mut group = writer.next_row_group().unwrap();
+        let mut column = group.next_column().unwrap().unwrap();
+        column.typed::<ByteArrayType>().write_batch(&values, Some(&vec![1; values.len()]), None).unwrap();
+        column.close().unwrap();
+        group.close().unwrap();
+    }
+    writer.close().unwrap();
+}
