@@ -7,6 +7,22 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     build_mpi_shim();
     link_libtorch();
+    record_git_revision();
+}
+
+/// The commit the binary was built from, for run configs (W&B) and `--version` readers.
+fn record_git_revision() {
+    let rev = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".to_string());
+    println!("cargo:rustc-env=ALGPT2_GIT_REVISION={rev}");
+    // HEAD moves on checkout; logs/HEAD on every commit.
+    println!("cargo:rerun-if-changed=.git/HEAD");
+    println!("cargo:rerun-if-changed=.git/logs/HEAD");
 }
 
 /// The one value rsmpi does not give us: MPI_IN_PLACE, from the mpi.h found by mpicc.

@@ -65,6 +65,14 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Upload a run's W&B data that never reached the server: an offline run
+    /// (`wandb.mode: offline`), a run without credentials, or one cut off by a crash or
+    /// an outage; finishes the run when its training ended. Credentials and server as for
+    /// training (WANDB_API_KEY or ~/.netrc, WANDB_BASE_URL).
+    WandbSync {
+        /// The run directory, e.g. runs/quickstart.
+        run_dir: std::path::PathBuf,
+    },
     /// Fetch WikiText-103 (needs internet): streaming, resumable, retried and checksum
     /// verified, then unpacked to DEST/wikitext-103 (tokens) or DEST/wikitext-103-raw (raw).
     Download {

@@ -48,6 +48,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             data::summary::print(&cfg, &prepared, 1);
             Ok(())
         }
+        Some(Command::WandbSync { run_dir }) => {
+            report::log::init(0, None)?;
+            let env = |key: &str| std::env::var(key).ok();
+            let home = std::env::var_os("HOME").map(std::path::PathBuf::from);
+            report::wandb::sync(&run_dir, &env, home.as_deref())
+        }
         Some(Command::Download { variant, dest, base_url, retries }) => {
             report::log::init(0, None)?;
             let variant = variant.parse()?;

@@ -17,6 +17,7 @@ use crate::optim::learning_rate;
 use crate::report::log;
 use crate::report::metrics::MetricsLog;
 use crate::report::progress::Progress;
+use crate::report::wandb_run::WandbRun;
 use crate::run_dir::RunDir;
 use crate::trainer::Trainer;
 use anyhow::bail;
@@ -79,10 +80,29 @@ fn run_in_world(cfg: &Config, world: &World) -> anyhow::Result<()> {
     trainer.broadcast_weights(world, &exchange)?;
     world.barrier();
     let stop = StopRequest::install()?;
+    let resume = trainer.wandb_run_id.clone().map(|id| (id, trainer.step));
+    let mut extra = Map::new();
+    extra.insert("parameters".into(), json!(param_count(&cfg.model).total));
+    extra.insert("world_size".into(), json!(world.size()));
+    extra.insert("device".into(), json!(device::describe(device)));
+    let wandb = WandbRun::start(cfg, &run.root, world.is_main(), extra, resume)?;
+    trainer.wandb_run_id = wandb.run_id().or(trainer.wandb_run_id.take());
     // Start-up (data preparation) is not timed; from here on every step must finish.
     let watchdog = Watchdog::start(world.rank(), Duration::from_secs(cfg.dist.timeout_s));
-    let ctx = LoopContext { cfg, world, run: &run, data: &data, metrics: &metrics, exchange: &exchange, stop: &stop, watchdog: &watchdog };
-    train_loop(&ctx, &mut trainer)
+    let ctx = LoopContext {
+        cfg,
+        world,
+        run: &run,
+        data: &data,
+        metrics: &metrics,
+        exchange: &exchange,
+        stop: &stop,
+        watchdog: &watchdog,
+        wandb: &wandb,
+    };
+    let result = train_loop(&ctx, &mut trainer);
+    wandb.finish(if result.is_ok() { 0 } else { 1 });
+    result
 }
 
 /// What the loop reads but never changes.
@@ -95,10 +115,11 @@ struct LoopContext<'a> {
     exchange: &'a GradientExchange,
     stop: &'a StopRequest,
     watchdog: &'a Watchdog,
+    wandb: &'a WandbRun,
 }
 
 fn train_loop(ctx: &LoopContext, trainer: &mut Trainer) -> anyhow::Result<()> {
-    let LoopContext { cfg, world, run, data, metrics, exchange, stop, watchdog } = *ctx;
+    let LoopContext { cfg, world, run, data, metrics, exchange, stop, watchdog, wandb } = *ctx;
     let t = &cfg.train;
     let train = data.split(Split::Train).expect("the train split always exists");
     let valid = data.split(Split::Valid);
@@ -154,6 +175,10 @@ fn train_loop(ctx: &LoopContext, trainer: &mut Trainer) -> anyhow::Result<()> {
                 let e = evaluate(&trainer.model, valid, t.seq_len, t.micro_batch_size, limit, world, trainer.device());
                 trainer.record_val_loss(e.loss);
                 watchdog.beat();
+                wandb.set_summary("val/ppl", json!(e.ppl));
+                if let Some(best) = trainer.best_val_loss {
+                    wandb.set_summary("val/best_ppl", json!(best.exp()));
+                }
                 row.insert("val/loss".into(), json!(e.loss));
                 row.insert("val/ppl".into(), json!(e.ppl));
                 if let Some(best) = valid.best_loss() {
@@ -163,8 +188,10 @@ fn train_loop(ctx: &LoopContext, trainer: &mut Trainer) -> anyhow::Result<()> {
         }
         if world.is_main() && !row.is_empty() {
             row.insert("step".into(), json!(step));
+            row.insert("train/rss_mb".into(), json!(crate::report::log::rss_mb()));
             progress.line(&format_row(&row));
             metrics.append(&row)?;
+            wandb.log(step, &row);
         }
 
         // 5. Ranks must hold identical weights; a stop signal on any rank stops all.

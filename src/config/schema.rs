@@ -310,6 +310,9 @@ pub struct WandbConfig {
     pub name: Option<String>,
     pub group: Option<String>,
     pub tags: Vec<String>,
+    /// At exit, wait at most this long for unsent rows before marking the run finished
+    /// (what is left stays in the run directory for `wandb-sync`).
+    pub flush_timeout_s: f64,
 }
 
 impl Default for WandbConfig {
@@ -321,6 +324,7 @@ impl Default for WandbConfig {
             name: None,
             group: None,
             tags: Vec::new(),
+            flush_timeout_s: 30.0,
         }
     }
 }

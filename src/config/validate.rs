@@ -98,6 +98,11 @@ pub fn violations(cfg: &Config) -> Vec<Violation> {
     check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be at least 1".into());
     check(!cfg.checkpoint.resume.is_empty(), "checkpoint.resume", "must be auto, none or a path".into());
     check(!cfg.wandb.project.is_empty(), "wandb.project", "must not be empty".into());
+    check(
+        cfg.wandb.flush_timeout_s >= 0.0 && cfg.wandb.flush_timeout_s.is_finite(),
+        "wandb.flush_timeout_s",
+        format!("{} must be a non-negative number of seconds", cfg.wandb.flush_timeout_s),
+    );
 
     check(cfg.dist.bucket_mb >= 1, "dist.bucket_mb", "must be at least 1".into());
     check(cfg.dist.timeout_s >= 1, "dist.timeout_s", "must be at least 1".into());

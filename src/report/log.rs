@@ -31,3 +31,12 @@ pub fn init(rank: usize, log_file: Option<&Path>) -> anyhow::Result<()> {
     tracing_subscriber::registry().with(stderr).with(file).try_init()?;
     Ok(())
 }
+
+/// This process's resident memory in MB (Linux /proc), 0 where unknown.
+pub fn rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches("kB").trim().to_string())))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}

@@ -7,9 +7,9 @@ use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-/// Metric names whose values depend on wall-clock time, not on the computation; they
-/// are the only ones that differ between a run and its exact resume.
-pub const TIMING_METRICS: [&str; 3] = ["train/tokens_per_sec", "train/step_ms", "train/mfu"];
+/// Metric names whose values depend on wall-clock time or the process, not on the
+/// computation; they are the only ones that differ between a run and its exact resume.
+pub const MACHINE_METRICS: [&str; 4] = ["train/tokens_per_sec", "train/step_ms", "train/mfu", "train/rss_mb"];
 
 pub struct MetricsLog {
     path: PathBuf,

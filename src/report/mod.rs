@@ -1,5 +1,7 @@
-//! What a run tells people: log lines now; metrics, progress and W&B join later.
+//! What a run tells people: log lines, metrics.jsonl, progress, Weights & Biases.
 
 pub mod log;
 pub mod metrics;
 pub mod progress;
+pub mod wandb;
+pub mod wandb_run;

@@ -1,0 +1,444 @@
+//! A loopback fake W&B server for tests: HTTP/1.1 on 127.0.0.1, a thread per
+//! connection, keep-alive. It records every request, emulates the run protocol (runs,
+//! history offsets, summary, completion) and checks it: an offset past the end, or a
+//! line rewritten with different content, is recorded in `errors`. Faults can be queued
+//! for the next matching requests or set for all of them. It stops when dropped, after
+//! `MAX_REQUESTS`, or after `LIFETIME`.
+
+use serde_json::{json, Value};
+use std::collections::{HashMap, VecDeque};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+const MAX_REQUESTS: usize = 20_000;
+const LIFETIME: Duration = Duration::from_secs(120);
+pub const DEFAULT_ENTITY: &str = "fake-entity";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    Graphql,
+    FileStream,
+    Any,
+}
+
+#[derive(Clone, Debug)]
+pub enum Fault {
+    /// Answer with this status (and `Retry-After`), changing nothing.
+    Status(u16, Option<&'static str>),
+    /// Apply the request, answer only after this long (the client may have given up).
+    SlowReply(Duration),
+    /// Wait this long, then close without applying or answering.
+    Hang(Duration),
+    /// Close the connection at once, without applying.
+    DropBefore,
+    /// Apply, then close without answering.
+    DropAfter,
+}
+
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub at: Instant,
+    pub method: String,
+    pub path: String,
+    /// Names lower-cased.
+    pub headers: Vec<(String, String)>,
+    pub body: Value,
+    /// GraphQL `operationName`, `file_stream`, or the path.
+    pub op: String,
+    pub fault: Option<String>,
+}
+
+impl Request {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct FakeRun {
+    pub storage_id: String,
+    pub entity: String,
+    pub project: String,
+    pub name: String,
+    pub display_name: Option<String>,
+    pub group: Option<String>,
+    pub tags: Vec<String>,
+    pub config: String,
+    pub history: Vec<String>,
+    pub summary: Option<String>,
+    pub complete: bool,
+    pub exit_code: Option<i64>,
+    pub upserts: usize,
+}
+
+#[derive(Default)]
+pub struct State {
+    pub requests: Vec<Request>,
+    faults: VecDeque<(Target, Fault)>,
+    always: Option<(Target, Fault)>,
+    good_key: Option<String>,
+    pub runs: HashMap<String, FakeRun>,
+    pub errors: Vec<String>,
+    next_id: u64,
+}
+
+pub struct FakeServer {
+    pub url: String,
+    state: Arc<Mutex<State>>,
+    stop: Arc<AtomicBool>,
+    accept: Option<JoinHandle<()>>,
+}
+
+impl FakeServer {
+    pub fn start() -> FakeServer {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        listener.set_nonblocking(true).unwrap();
+        let state = Arc::new(Mutex::new(State::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let accept = {
+            let (state, stop) = (state.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let born = Instant::now();
+                while !stop.load(Ordering::Relaxed) && born.elapsed() < LIFETIME {
+                    match listener.accept() {
+                        Ok((stream, _)) => {
+                            let (state, stop) = (state.clone(), stop.clone());
+                            std::thread::spawn(move || serve(stream, state, stop));
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                    }
+                }
+            })
+        };
+        FakeServer { url, state, stop, accept: Some(accept) }
+    }
+
+    pub fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The next request matching `target` gets `fault` (queued in order).
+    pub fn fail_next(&self, target: Target, fault: Fault) {
+        self.state().faults.push_back((target, fault));
+    }
+
+    /// Every request matching `target` gets `fault` (after queued ones), until cleared.
+    pub fn set_always(&self, fault: Option<(Target, Fault)>) {
+        self.state().always = fault;
+    }
+
+    /// Requests without this key get 401.
+    pub fn require_key(&self, key: &str) {
+        self.state().good_key = Some(key.to_string());
+    }
+
+    pub fn requests(&self) -> Vec<Request> {
+        self.state().requests.clone()
+    }
+
+    pub fn ops(&self, op: &str) -> Vec<Request> {
+        self.requests().into_iter().filter(|r| r.op == op).collect()
+    }
+
+    pub fn run(&self, name: &str) -> Option<FakeRun> {
+        self.state().runs.get(name).cloned()
+    }
+
+    pub fn steps(&self, name: &str) -> Vec<u64> {
+        self.run(name)
+            .map(|r| {
+                r.history.iter().map(|l| serde_json::from_str::<Value>(l).unwrap()["_step"].as_u64().unwrap()).collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub fn errors(&self) -> Vec<String> {
+        self.state().errors.clone()
+    }
+}
+
+impl Drop for FakeServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(a) = self.accept.take() {
+            let _ = a.join();
+        }
+    }
+}
+
+struct Raw {
+    method: String,
+    path: String,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+fn read_request(reader: &mut BufReader<TcpStream>) -> Option<Raw> {
+    let mut line = String::new();
+    if reader.read_line(&mut line).ok()? == 0 {
+        return None;
+    }
+    let mut parts = line.split_whitespace();
+    let (method, path) = (parts.next()?.to_string(), parts.next()?.to_string());
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h).ok()? == 0 {
+            return None;
+        }
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        let (name, value) = h.split_once(':')?;
+        headers.push((name.trim().to_ascii_lowercase(), value.trim().to_string()));
+    }
+    assert!(!headers.iter().any(|(n, _)| n == "transfer-encoding"), "the fake server reads Content-Length bodies only");
+    let len: usize = headers.iter().find(|(n, _)| n == "content-length").map_or(0, |(_, v)| v.parse().unwrap_or(0));
+    let mut body = vec![0u8; len];
+    reader.read_exact(&mut body).ok()?;
+    Some(Raw { method, path, headers, body })
+}
+
+fn respond(stream: &mut TcpStream, status: u16, body: &Value, retry_after: Option<&str>) {
+    let text = body.to_string();
+    let extra = retry_after.map_or(String::new(), |r| format!("Retry-After: {r}\r\n"));
+    let head = format!(
+        "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}\r\n",
+        text.len()
+    );
+    let _ = stream.write_all(head.as_bytes());
+    let _ = stream.write_all(text.as_bytes());
+    let _ = stream.flush();
+}
+
+fn serve(stream: TcpStream, state: Arc<Mutex<State>>, stop: Arc<AtomicBool>) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut writer = match stream.try_clone() {
+        Ok(w) => w,
+        Err(_) => return,
+    };
+    let mut reader = BufReader::new(stream);
+    while let Some(raw) = read_request(&mut reader) {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let body: Value = serde_json::from_slice(&raw.body).unwrap_or(Value::Null);
+        let kind = if raw.path == "/graphql" {
+            Target::Graphql
+        } else if raw.path.ends_with("/file_stream") {
+            Target::FileStream
+        } else {
+            Target::Any
+        };
+        let op = match kind {
+            Target::Graphql => body["operationName"].as_str().unwrap_or("?").to_string(),
+            Target::FileStream => "file_stream".to_string(),
+            Target::Any => raw.path.clone(),
+        };
+        let fault = {
+            let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+            if s.requests.len() >= MAX_REQUESTS {
+                return;
+            }
+            let matches = |t: Target| t == Target::Any || t == kind;
+            let fault = match s.faults.iter().position(|(t, _)| matches(*t)) {
+                Some(i) => s.faults.remove(i).map(|(_, f)| f),
+                None => s.always.clone().filter(|(t, _)| matches(*t)).map(|(_, f)| f),
+            };
+            s.requests.push(Request {
+                at: Instant::now(),
+                method: raw.method.clone(),
+                path: raw.path.clone(),
+                headers: raw.headers.clone(),
+                body: body.clone(),
+                op,
+                fault: fault.as_ref().map(|f| format!("{f:?}")),
+            });
+            fault
+        };
+        let apply = || {
+            let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+            s.handle(&raw, &body)
+        };
+        match fault {
+            Some(Fault::Status(code, retry_after)) => {
+                respond(&mut writer, code, &json!({"error": "injected"}), retry_after)
+            }
+            Some(Fault::Hang(d)) => {
+                std::thread::sleep(d);
+                return;
+            }
+            Some(Fault::DropBefore) => return,
+            Some(Fault::DropAfter) => {
+                apply();
+                return;
+            }
+            Some(Fault::SlowReply(d)) => {
+                let (status, reply) = apply();
+                std::thread::sleep(d);
+                respond(&mut writer, status, &reply, None);
+            }
+            None => {
+                let (status, reply) = apply();
+                respond(&mut writer, status, &reply, None);
+            }
+        }
+    }
+}
+
+impl State {
+    fn handle(&mut self, raw: &Raw, body: &Value) -> (u16, Value) {
+        if let Some(key) = &self.good_key {
+            let expected = format!("Basic {}", base64(format!("api:{key}").as_bytes()));
+            let given = raw.headers.iter().find(|(n, _)| n == "authorization").map(|(_, v)| v.as_str());
+            if given != Some(expected.as_str()) {
+                return (401, json!({"error": "unauthorized"}));
+            }
+        }
+        if raw.method != "POST" {
+            return (405, json!({}));
+        }
+        if raw.path == "/graphql" {
+            return self.graphql(body);
+        }
+        let parts: Vec<&str> = raw.path.trim_start_matches('/').split('/').collect();
+        if let ["files", _entity, _project, run, "file_stream"] = parts.as_slice() {
+            return self.file_stream(run, body);
+        }
+        (404, json!({"error": "no such endpoint"}))
+    }
+
+    fn graphql(&mut self, body: &Value) -> (u16, Value) {
+        let vars = &body["variables"];
+        let text = |k: &str| vars[k].as_str().map(str::to_string);
+        match body["operationName"].as_str() {
+            Some("UpsertBucket") => {
+                let name = text("name").expect("the client always names its run");
+                let project = text("project").unwrap_or_else(|| "uncategorized".into());
+                let entity = text("entity").unwrap_or_else(|| DEFAULT_ENTITY.into());
+                self.next_id += 1;
+                let fresh_id = format!("UnVuOnYx{}", self.next_id);
+                let inserted = !self.runs.contains_key(&name);
+                let mut errors = Vec::new();
+                let run = self.runs.entry(name.clone()).or_insert_with(|| FakeRun {
+                    storage_id: fresh_id,
+                    entity: entity.clone(),
+                    project: project.clone(),
+                    name: name.clone(),
+                    ..FakeRun::default()
+                });
+                if let Some(id) = text("id") {
+                    if id != run.storage_id {
+                        errors.push(format!("UpsertBucket id {id} is not {}", run.storage_id));
+                    }
+                }
+                if let Some(v) = text("displayName") {
+                    run.display_name = Some(v);
+                }
+                if let Some(v) = text("groupName") {
+                    run.group = Some(v);
+                }
+                if let Some(tags) = vars["tags"].as_array() {
+                    run.tags = tags.iter().filter_map(|t| t.as_str().map(str::to_string)).collect();
+                }
+                if let Some(c) = text("config") {
+                    run.config = c;
+                }
+                run.upserts += 1;
+                let reply = json!({"data": {"upsertBucket": {"bucket": {
+                    "id": run.storage_id, "name": run.name, "displayName": run.display_name, "description": null,
+                    "config": run.config, "sweepName": null,
+                    "project": {"id": "UHJvamVjdDox", "name": run.project, "entity": {"id": "RW50aXR5OjE=", "name": run.entity}},
+                    "historyLineCount": run.history.len(),
+                }, "inserted": inserted}}});
+                self.errors.extend(errors);
+                (200, reply)
+            }
+            Some("RunResumeStatus") => {
+                let name = text("name").unwrap_or_default();
+                let project = text("project").unwrap_or_else(|| "uncategorized".into());
+                let entity = text("entity").unwrap_or_else(|| DEFAULT_ENTITY.into());
+                let bucket = self.runs.get(&name).filter(|r| r.project == project).map(|r| {
+                    let tail: Vec<&String> = r.history.iter().rev().take(10).rev().collect();
+                    let config: Value = serde_json::from_str(&r.config).unwrap_or(json!({}));
+                    let t = config.pointer("/_wandb/value/t").cloned();
+                    json!({
+                        "id": r.storage_id, "name": r.name, "displayName": r.display_name,
+                        "summaryMetrics": r.summary.clone().unwrap_or_else(|| "{}".into()),
+                        "logLineCount": 0, "historyLineCount": r.history.len(), "eventsLineCount": 0,
+                        "historyTail": serde_json::to_string(&tail).unwrap(), "eventsTail": "[]",
+                        "config": r.config, "tags": r.tags, "notes": null,
+                        "wandbConfig": t.map_or("{}".to_string(), |t| json!({"t": t}).to_string()),
+                    })
+                });
+                (
+                    200,
+                    json!({"data": {"model": {"id": "UHJvamVjdDox", "name": project, "entity": {"id": "e", "name": entity}, "bucket": bucket}}}),
+                )
+            }
+            _ => (200, json!({"data": {}})),
+        }
+    }
+
+    fn file_stream(&mut self, run_name: &str, body: &Value) -> (u16, Value) {
+        let Some(run) = self.runs.get_mut(run_name) else { return (404, json!({"error": "run not found"})) };
+        if !body.is_object() {
+            return (400, json!({"error": "not a JSON object"}));
+        }
+        if let Some(h) = body.pointer("/files/wandb-history.jsonl") {
+            let offset = h["offset"].as_u64().unwrap_or(0) as usize;
+            let content: Vec<String> =
+                h["content"].as_array().unwrap().iter().map(|l| l.as_str().unwrap().to_string()).collect();
+            if offset > run.history.len() {
+                let e = format!("history offset {offset} past the end ({})", run.history.len());
+                self.errors.push(e);
+                return (400, json!({"error": "offset gap"}));
+            }
+            for (i, line) in content.into_iter().enumerate() {
+                let at = offset + i;
+                if at < run.history.len() {
+                    if run.history[at] != line {
+                        self.errors.push(format!("history line {at} rewritten with other content"));
+                    }
+                    run.history[at] = line;
+                } else {
+                    run.history.push(line);
+                }
+            }
+        }
+        if let Some(s) = body.pointer("/files/wandb-summary.json") {
+            if s["offset"].as_u64() != Some(0) {
+                self.errors.push("summary not at offset 0".into());
+            }
+            run.summary = s["content"][0].as_str().map(str::to_string);
+        }
+        if body["complete"].as_bool() == Some(true) {
+            run.complete = true;
+            run.exit_code = body["exitcode"].as_i64();
+        }
+        (200, json!({"exitcode": null, "limits": {}}))
+    }
+}
+
+pub fn base64(bytes: &[u8]) -> String {
+    const T: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,690 @@
+//! The uploader: creates or resumes the run (RunResumeStatus, UpsertBucket), then streams
+//! history lines and the summary to file_stream: one request in flight, at most one per
+//! transmit interval, batches capped in bytes, a final request with `complete`/`exitcode`.
+//!
+//! Rows come from the shared queue filled by the writer thread (memory, or the spool file
+//! once the memory bound is passed). A row counts as done only after a 2xx; a request
+//! that fails is rebuilt and retried at the same offset, so the server sees every line
+//! once. Rows whose `_step` the server already holds are skipped, never sent twice.
+
+use super::api::{self, Api, Failure, Op};
+use super::settings::{random_u64, Tuning};
+use super::spool::{self, Line, RunRecord, Spool, UploadState};
+use serde_json::{json, Map, Value};
+use std::collections::{HashSet, VecDeque};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tracing::{debug, info, warn};
+
+/// State shared by `log()`'s writer thread, the uploader and `finish`.
+pub(super) struct Shared {
+    state: Mutex<Inner>,
+    pub cv: Condvar,
+}
+
+impl Shared {
+    pub fn new(inner: Inner) -> Arc<Shared> {
+        Arc::new(Shared { state: Mutex::new(inner), cv: Condvar::new() })
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn warn_once(&self, key: &str, message: String) {
+        self.lock().warn_once(key, message);
+    }
+}
+
+#[derive(Default)]
+pub(super) struct Inner {
+    /// Journal lines `[acked, written)` while `!disk_only`; empty while `disk_only`
+    /// (then they are read back from `history.jsonl`).
+    pub mem: VecDeque<Line>,
+    pub mem_bytes: usize,
+    pub disk_only: bool,
+    /// A journal write failed: rows stay in memory (unbounded) instead of spilling.
+    pub journal_failed: bool,
+    pub written_lines: u64,
+    pub written_bytes: u64,
+    /// Lines done (mirrors the uploader's `UploadState`, for `finish`'s report).
+    pub acked_lines: u64,
+    /// The last value of every logged key, and the keys set with `set_summary`.
+    pub derived: Map<String, Value>,
+    pub explicit: Map<String, Value>,
+    /// Bumped on every change of the summary.
+    pub summary_version: u64,
+    /// Set by the writer when `finish` reached it, with the exit code.
+    pub finishing: Option<i32>,
+    pub writer_done: bool,
+    /// The reporter was dropped without `finish` (a crash): stop, leave it resumable.
+    pub shutdown: bool,
+    /// `finish`'s bound: no request or wait goes past it.
+    pub deadline: Option<Instant>,
+    pub uploader_done: bool,
+    pub uploaded_rows: u64,
+    pub skipped_rows: u64,
+    pub warnings: Vec<String>,
+    pub warned: HashSet<String>,
+}
+
+impl Inner {
+    /// Logs `message` as a warning the first time `key` is seen; returns whether it did.
+    pub fn warn_once(&mut self, key: &str, message: String) -> bool {
+        if !self.warned.insert(key.to_string()) {
+            return false;
+        }
+        warn!("{message}");
+        self.warnings.push(message);
+        true
+    }
+
+    /// Appends one journaled line; past the memory bound, rows wait on disk only.
+    pub fn push_line(&mut self, line: Line, tuning: &Tuning) {
+        self.written_lines += 1;
+        self.written_bytes += line.text.len() as u64 + 1;
+        if self.disk_only {
+            return;
+        }
+        self.mem_bytes += line.text.len();
+        self.mem.push_back(line);
+        if !self.journal_failed && (self.mem.len() > tuning.memory_rows || self.mem_bytes > tuning.memory_bytes) {
+            let rows = self.mem.len();
+            self.mem.clear();
+            self.mem_bytes = 0;
+            self.disk_only = true;
+            self.warn_once(
+                "spill",
+                format!(
+                    "W&B: {rows} rows wait for the server; further rows wait in the spool file until it catches up"
+                ),
+            );
+        }
+    }
+}
+
+/// How an uploader ended.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum End {
+    /// Everything sent and the run marked finished.
+    Completed,
+    /// Stopped for this process (a refused key, a refused run): rows stay in the spool.
+    Parked(String),
+    /// `finish`'s deadline passed first.
+    Deadline,
+    /// The reporter was dropped without `finish`.
+    Shutdown,
+    /// `sync` met too many failures in a row.
+    GaveUp(String),
+}
+
+/// Why a call stopped retrying.
+#[derive(Debug)]
+enum Stop {
+    Auth(u16),
+    Permanent(u16, String),
+    Deadline,
+    Shutdown,
+    GaveUp(String),
+}
+
+enum Work {
+    Send,
+    Heartbeat,
+    Final,
+}
+
+/// One file_stream batch of history lines.
+#[derive(Default)]
+struct Batch {
+    lines: Vec<String>,
+    consumed_lines: u64,
+    consumed_bytes: u64,
+    skipped: u64,
+    last_step: Option<u64>,
+    /// Nothing written is left after it.
+    exhausted: bool,
+}
+
+pub(super) struct Uploader {
+    pub api: Api,
+    pub shared: Arc<Shared>,
+    pub spool: Spool,
+    pub record: RunRecord,
+    pub config: Value,
+    pub tuning: Tuning,
+    pub state: UploadState,
+    /// A live reporter (paced, retries until `finish`'s deadline) or `sync` (back to
+    /// back, gives up after `sync_max_retries` failures in a row).
+    pub live: bool,
+    /// Ask the server about the run first (a resume, a given id, earlier uploads).
+    pub check_existing: bool,
+    /// How to upload the spool later, for messages.
+    pub hint: String,
+    pub server_summary: Map<String, Value>,
+    pub summary_sent: u64,
+    pub max_batch: usize,
+    pub last_request: Option<Instant>,
+    pub started: Instant,
+    /// Keeps the spool locked while this thread may still write `upload.json`.
+    pub _lock: Option<Arc<std::fs::File>>,
+}
+
+impl Uploader {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        api: Api,
+        shared: Arc<Shared>,
+        spool: Spool,
+        record: RunRecord,
+        config: Value,
+        tuning: Tuning,
+        state: UploadState,
+        live: bool,
+        check_existing: bool,
+        hint: String,
+        lock: Option<Arc<std::fs::File>>,
+    ) -> Uploader {
+        let max_batch = tuning.max_request_bytes;
+        Uploader {
+            api,
+            shared,
+            spool,
+            record,
+            config,
+            tuning,
+            state,
+            live,
+            check_existing,
+            hint,
+            server_summary: Map::new(),
+            summary_sent: 0,
+            max_batch,
+            last_request: None,
+            started: Instant::now(),
+            _lock: lock,
+        }
+    }
+
+    /// Runs to the end and tells `finish` so.
+    pub fn run(mut self) -> End {
+        let end = match self.init().and_then(|()| self.stream()) {
+            Ok(end) => end,
+            Err(stop) => self.end_of(stop),
+        };
+        let mut g = self.shared.lock();
+        g.uploader_done = true;
+        drop(g);
+        self.shared.cv.notify_all();
+        end
+    }
+
+    fn end_of(&mut self, stop: Stop) -> End {
+        let spool = self.spool.dir.display().to_string();
+        match stop {
+            Stop::Auth(status) if !self.live => {
+                End::Parked(format!("{} refused the API key (HTTP {status})", self.record.base_url))
+            }
+            Stop::Permanent(status, why) if !self.live => End::Parked(format!(
+                "{} refused run {}/{} (HTTP {status}: {why})",
+                self.record.base_url, self.record.project, self.record.run_id
+            )),
+            Stop::Auth(status) => {
+                let message = format!(
+                    "W&B: {} refused the API key (HTTP {status}); training goes on, rows are kept in {spool}: upload them with a valid key using `{}`",
+                    self.record.base_url, self.hint
+                );
+                self.shared.warn_once("auth", message.clone());
+                End::Parked(message)
+            }
+            Stop::Permanent(status, why) => {
+                let message = format!(
+                    "W&B: {} refused the run {}/{} (HTTP {status}: {why}); training goes on, rows are kept in {spool}: `{}` uploads them once fixed",
+                    self.record.base_url,
+                    self.record.project,
+                    self.record.run_id,
+                    self.hint
+                );
+                self.shared.warn_once("refused", message.clone());
+                End::Parked(message)
+            }
+            Stop::Deadline => End::Deadline,
+            Stop::Shutdown => End::Shutdown,
+            Stop::GaveUp(why) => End::GaveUp(why),
+        }
+    }
+
+    fn persist(&self) {
+        if let Err(e) = spool::write_json(&self.spool.upload(), &self.state, false) {
+            self.shared.warn_once("upload_state", format!("W&B: cannot record upload progress: {e:#}"));
+        }
+    }
+
+    /// The per-attempt limit: `limit`, cut to what is left before the deadline.
+    fn attempt_timeout(&self, limit: Duration) -> Result<Duration, Stop> {
+        let g = self.shared.lock();
+        if g.shutdown {
+            return Err(Stop::Shutdown);
+        }
+        match g.deadline {
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    Err(Stop::Deadline)
+                } else {
+                    Ok(limit.min(left))
+                }
+            }
+            None => Ok(limit),
+        }
+    }
+
+    /// Waits `wait`, or less: a shutdown or the deadline ends it with `Err`; with
+    /// `cut_on_finish`, `finish` starting meanwhile ends it early (one prompt retry).
+    fn pause(&self, wait: Duration, cut_on_finish: bool) -> Result<(), Stop> {
+        let until = Instant::now() + wait;
+        let mut g = self.shared.lock();
+        let finishing_before = g.finishing.is_some();
+        loop {
+            if g.shutdown {
+                return Err(Stop::Shutdown);
+            }
+            let now = Instant::now();
+            if g.deadline.is_some_and(|d| now >= d) {
+                return Err(Stop::Deadline);
+            }
+            if cut_on_finish && !finishing_before && g.finishing.is_some() {
+                return Ok(());
+            }
+            if now >= until {
+                return Ok(());
+            }
+            let wake = g.deadline.map_or(until, |d| d.min(until));
+            g = self.shared.cv.wait_timeout(g, wake - now).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+
+    /// One call with retries: transient failures back off (or wait `Retry-After`).
+    fn call(&self, op: Op, attempt: &dyn Fn(&Api, Duration) -> Result<Value, Failure>) -> Result<Value, Stop> {
+        let limit = if op == Op::FileStream { self.tuning.file_stream_timeout } else { self.tuning.graphql_timeout };
+        let mut failures = 0u32;
+        loop {
+            let timeout = self.attempt_timeout(limit)?;
+            match attempt(&self.api, timeout) {
+                Ok(value) => return Ok(value),
+                Err(Failure::Auth { status }) => return Err(Stop::Auth(status)),
+                Err(Failure::Permanent { status, why }) => return Err(Stop::Permanent(status, why)),
+                Err(Failure::Transient { why, retry_after }) => {
+                    failures += 1;
+                    if !self.live && failures > self.tuning.sync_max_retries {
+                        return Err(Stop::GaveUp(format!("{}: {why} ({failures} attempts)", op.name())));
+                    }
+                    let (wait, cut) = match retry_after {
+                        Some(wait) => (wait, false),
+                        None => {
+                            let unit = (random_u64() >> 11) as f64 / (1u64 << 53) as f64;
+                            (
+                                api::backoff(
+                                    failures - 1,
+                                    self.tuning.retry_wait_min,
+                                    self.tuning.retry_wait_max,
+                                    unit,
+                                ),
+                                true,
+                            )
+                        }
+                    };
+                    debug!("W&B {} failed ({why}); retry {failures} in {wait:?}", op.name());
+                    if failures == 3 && self.live {
+                        self.shared.warn_once(
+                            "outage",
+                            format!(
+                                "W&B: {} keeps failing ({why}); retrying with backoff, rows are kept (in memory, then in {})",
+                                op.name(),
+                                self.spool.dir.display()
+                            ),
+                        );
+                    }
+                    self.pause(wait, cut)?;
+                }
+            }
+        }
+    }
+
+    /// RunResumeStatus when the run may exist, then UpsertBucket.
+    fn init(&mut self) -> Result<(), Stop> {
+        let r = self.record.clone();
+        let mut old_config = Map::new();
+        if self.check_existing {
+            let vars = json!({"project": r.project, "entity": r.entity, "name": r.run_id});
+            let data = self.call(Op::ResumeStatus, &|api, t| {
+                api.graphql(Op::ResumeStatus, api::RUN_RESUME_STATUS, vars.clone(), t)
+            })?;
+            match api::parse_resume_status(&data) {
+                Some(existing) => {
+                    info!(
+                        "W&B: resuming run {} ({} history lines, last step {}{})",
+                        r.run_id,
+                        existing.history_lines,
+                        existing.last_step.map_or("none".to_string(), |s| s.to_string()),
+                        if existing.started { "" } else { "; created but never started" }
+                    );
+                    self.state.server_lines = existing.history_lines;
+                    self.state.last_step = existing.last_step;
+                    self.state.storage_id = existing.storage_id;
+                    self.server_summary = existing.summary;
+                    old_config = existing.config;
+                }
+                None => {
+                    if self.state.acked_lines > 0 {
+                        // Rows we sent before are not on this server (another server, or
+                        // the run was deleted): send everything again.
+                        info!("W&B: run {} is not on {}; uploading all its rows", r.run_id, r.base_url);
+                        self.state.acked_lines = 0;
+                        self.state.acked_bytes = 0;
+                        let mut g = self.shared.lock();
+                        g.mem.clear();
+                        g.mem_bytes = 0;
+                        g.disk_only = g.written_lines > 0;
+                        g.acked_lines = 0;
+                    }
+                    self.state.server_lines = 0;
+                    self.state.last_step = None;
+                    self.state.storage_id = None;
+                }
+            }
+        }
+        let tags = if r.tags.is_empty() { Value::Null } else { json!(r.tags) };
+        let vars = json!({
+            "id": self.state.storage_id, "name": r.run_id, "project": r.project, "entity": r.entity,
+            "groupName": r.group, "description": null, "displayName": r.name, "notes": r.notes,
+            "commit": null, "config": api::upsert_config(&self.config, &old_config), "host": r.host,
+            "debug": null, "program": r.program, "repo": null, "jobType": r.job_type, "state": null,
+            "sweep": null, "tags": tags, "summaryMetrics": null,
+        });
+        let data = self.call(Op::Upsert, &|api, t| api.graphql(Op::Upsert, api::UPSERT_BUCKET, vars.clone(), t))?;
+        let up = api::parse_upsert(&data);
+        self.state.entity = up.entity.or(r.entity.clone());
+        self.state.project = up.project.or(Some(r.project.clone()));
+        if up.storage_id.is_some() {
+            self.state.storage_id = up.storage_id;
+        }
+        if up.name.as_deref().is_some_and(|n| n != r.run_id) {
+            debug!("W&B: the server calls run {} {:?}", r.run_id, up.name);
+        }
+        // The server's line count is the next offset, resumed or not (as the SDK does).
+        if up.history_lines > 0 {
+            self.state.server_lines = up.history_lines;
+        }
+        self.state.created = true;
+        if self.state.entity.is_none() {
+            return Err(Stop::Permanent(200, "UpsertBucket named no entity".to_string()));
+        }
+        if !self.server_summary.is_empty() {
+            // The summary is replaced whole: send the merged one first.
+            self.shared.lock().summary_version += 1;
+        }
+        self.persist();
+        Ok(())
+    }
+
+    fn wait_for_work(&self) -> Result<Work, Stop> {
+        let mut g = self.shared.lock();
+        loop {
+            if g.shutdown {
+                return Err(Stop::Shutdown);
+            }
+            let now = Instant::now();
+            if g.deadline.is_some_and(|d| now >= d) {
+                return Err(Stop::Deadline);
+            }
+            if (g.finishing.is_some() && g.writer_done) || !self.live {
+                return Ok(Work::Final);
+            }
+            let pending = g.written_lines > self.state.acked_lines || g.summary_version > self.summary_sent;
+            let backlog = g.written_bytes.saturating_sub(self.state.acked_bytes) as usize;
+            let next_slot = self.last_request.map(|t| t + self.tuning.transmit_interval);
+            if pending && (next_slot.is_none_or(|t| now >= t) || backlog >= self.max_batch) {
+                return Ok(Work::Send);
+            }
+            let heartbeat_at = self.last_request.unwrap_or(self.started) + self.tuning.heartbeat_interval;
+            if now >= heartbeat_at {
+                return Ok(Work::Heartbeat);
+            }
+            let mut wake = heartbeat_at;
+            if let (true, Some(slot)) = (pending, next_slot) {
+                wake = wake.min(slot);
+            }
+            if let Some(d) = g.deadline {
+                wake = wake.min(d);
+            }
+            g = self.shared.cv.wait_timeout(g, wake - now).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+
+    /// The next lines, from memory or the spool file, within the byte budget; lines the
+    /// server already has (by step) and oversize lines are consumed but not sent.
+    fn take_batch(&self) -> Batch {
+        let budget = self.max_batch;
+        let mut source: Vec<(Line, u64)> = Vec::new();
+        let (disk_range, written_lines) = {
+            let g = self.shared.lock();
+            if g.disk_only {
+                (Some((self.state.acked_bytes, g.written_bytes)), g.written_lines)
+            } else {
+                let mut used = 0usize;
+                for line in &g.mem {
+                    if !source.is_empty() && used + line.text.len() > budget {
+                        break;
+                    }
+                    used += line.text.len();
+                    source.push((line.clone(), line.text.len() as u64 + 1));
+                }
+                (None, g.written_lines)
+            }
+        };
+        if let Some((from, until)) = disk_range {
+            match spool::read_lines(&self.spool.history(), from, until, budget) {
+                Ok(lines) => source = lines,
+                Err(e) => self.shared.warn_once("read_spool", format!("W&B: cannot read the spool: {e:#}")),
+            }
+        }
+        let mut batch = Batch::default();
+        let mut last = self.state.last_step;
+        for (line, bytes) in source {
+            batch.consumed_lines += 1;
+            batch.consumed_bytes += bytes;
+            let Some(step) = line.step else {
+                batch.skipped += 1;
+                self.shared.warn_once("bad_line", "W&B: a spooled row without _step is not sent".to_string());
+                continue;
+            };
+            if line.text.len() > self.tuning.max_line_bytes {
+                batch.skipped += 1;
+                self.shared.warn_once(
+                    "long_line",
+                    format!(
+                        "W&B: the row of step {step} is {} bytes, over the server's line limit: kept in the spool only",
+                        line.text.len()
+                    ),
+                );
+                continue;
+            }
+            if last.is_some_and(|l| step <= l) {
+                batch.skipped += 1;
+                continue;
+            }
+            last = Some(step);
+            batch.last_step = Some(step);
+            batch.lines.push(line.text);
+        }
+        batch.exhausted = self.state.acked_lines + batch.consumed_lines >= written_lines;
+        batch
+    }
+
+    /// Records a batch as done (sent and acknowledged, or skipped).
+    fn ack(&mut self, batch: &Batch) {
+        if batch.skipped > 0 {
+            let steps = self.state.last_step.map_or(String::new(), |s| format!(" (up to step {s})"));
+            info!("W&B: {} rows not sent: the server already has their steps{steps}", batch.skipped);
+        }
+        self.state.acked_lines += batch.consumed_lines;
+        self.state.acked_bytes += batch.consumed_bytes;
+        self.state.server_lines += batch.lines.len() as u64;
+        if batch.last_step.is_some() {
+            self.state.last_step = batch.last_step;
+        }
+        let mut g = self.shared.lock();
+        if g.disk_only {
+            if self.state.acked_lines >= g.written_lines {
+                g.disk_only = false;
+            }
+        } else {
+            for _ in 0..batch.consumed_lines {
+                if let Some(line) = g.mem.pop_front() {
+                    g.mem_bytes -= line.text.len();
+                }
+            }
+        }
+        g.acked_lines = self.state.acked_lines;
+        g.uploaded_rows += batch.lines.len() as u64;
+        g.skipped_rows += batch.skipped;
+    }
+
+    /// The full summary: the server's (on resume), then the last logged values, then
+    /// `set_summary`'s keys, with `_wandb.runtime` in whole seconds.
+    fn summary_text(&self) -> (String, u64) {
+        let g = self.shared.lock();
+        let mut summary = self.server_summary.clone();
+        for (k, v) in g.derived.iter().chain(g.explicit.iter()) {
+            summary.insert(k.clone(), v.clone());
+        }
+        let version = g.summary_version;
+        drop(g);
+        let runtime = summary.get("_runtime").and_then(Value::as_f64).unwrap_or(0.0).max(0.0).floor() as u64;
+        let wandb = summary.entry("_wandb".to_string()).or_insert_with(|| json!({}));
+        if let Some(w) = wandb.as_object_mut() {
+            let previous = w.get("runtime").and_then(Value::as_u64).unwrap_or(0);
+            w.insert("runtime".to_string(), json!(runtime.max(previous)));
+        }
+        (Value::Object(summary).to_string(), version)
+    }
+
+    fn stream(&mut self) -> Result<End, Stop> {
+        let entity = self.state.entity.clone().unwrap_or_default();
+        let project = self.state.project.clone().unwrap_or_else(|| self.record.project.clone());
+        let run = self.record.run_id.clone();
+        loop {
+            let work = self.wait_for_work()?;
+            let exit_code = self.shared.lock().finishing;
+            if let Work::Heartbeat = work {
+                self.last_request = Some(Instant::now());
+                match self.call(Op::FileStream, &|api, t| api.file_stream(&entity, &project, &run, b"{}".to_vec(), t)) {
+                    Ok(_) | Err(Stop::Permanent(..)) => continue,
+                    Err(stop) => return Err(stop),
+                }
+            }
+            let batch = self.take_batch();
+            let is_final = matches!(work, Work::Final) && batch.exhausted;
+            let summary_due = self.shared.lock().summary_version > self.summary_sent;
+            let summary = if summary_due || is_final {
+                let (text, version) = self.summary_text();
+                if text.len() > self.tuning.max_line_bytes {
+                    self.shared.warn_once(
+                        "long_summary",
+                        format!("W&B: the summary is {} bytes, over the line limit: not sent", text.len()),
+                    );
+                    self.summary_sent = self.summary_sent.max(version);
+                    None
+                } else {
+                    Some((text, version))
+                }
+            } else {
+                None
+            };
+            if batch.lines.is_empty() && summary.is_none() && !is_final {
+                let lines_pending = self.shared.lock().written_lines > self.state.acked_lines;
+                if batch.consumed_lines == 0 && lines_pending {
+                    // Rows are pending but none could be read back (the spool file was
+                    // cut short, or a write to it failed): do not spin.
+                    let message = format!(
+                        "W&B: rows waiting in {} cannot be read back; they are not uploaded",
+                        self.spool.history().display()
+                    );
+                    if !self.live {
+                        return Err(Stop::GaveUp(message));
+                    }
+                    self.shared.warn_once("unreadable", message);
+                    self.pause(self.tuning.retry_wait_max, true)?;
+                    continue;
+                }
+                self.ack(&batch);
+                self.persist();
+                continue;
+            }
+            let mut files = Map::new();
+            if !batch.lines.is_empty() {
+                files.insert(
+                    "wandb-history.jsonl".into(),
+                    json!({"offset": self.state.server_lines, "content": batch.lines}),
+                );
+            }
+            if let Some((text, _)) = &summary {
+                files.insert("wandb-summary.json".into(), json!({"offset": 0, "content": [text]}));
+            }
+            let mut body = Map::new();
+            if !files.is_empty() {
+                body.insert("files".into(), Value::Object(files));
+            }
+            let code = exit_code.unwrap_or(0);
+            if is_final {
+                body.insert("complete".into(), json!(true));
+                body.insert("exitcode".into(), json!(code));
+            }
+            let bytes = serde_json::to_vec(&Value::Object(body)).expect("JSON values serialize");
+            self.last_request = Some(Instant::now());
+            match self.call(Op::FileStream, &|api, t| api.file_stream(&entity, &project, &run, bytes.clone(), t)) {
+                Ok(response) => {
+                    self.ack(&batch);
+                    if let Some((_, version)) = summary {
+                        self.summary_sent = self.summary_sent.max(version);
+                    }
+                    if response.get("stopped").and_then(Value::as_bool) == Some(true) {
+                        self.shared.warn_once(
+                            "stopped",
+                            "W&B: the run was stopped from the W&B interface; training goes on (stop it with a signal)"
+                                .to_string(),
+                        );
+                    }
+                    if is_final {
+                        self.state.complete_sent = true;
+                        self.state.exit_code = Some(code);
+                        self.persist();
+                        return Ok(End::Completed);
+                    }
+                    self.persist();
+                }
+                Err(Stop::Permanent(413, _)) if batch.lines.len() > 1 => {
+                    self.max_batch = (batch.lines.iter().map(String::len).sum::<usize>() / 2).max(1);
+                    debug!("W&B: request too large; batches now up to {} bytes", self.max_batch);
+                }
+                Err(Stop::Permanent(status, why)) => {
+                    // The SDK stops streaming for good here; we keep every row and retry
+                    // slowly, and `sync` can upload them later.
+                    let message = format!(
+                        "W&B: file_stream refused a request (HTTP {status}: {why}); rows are kept (in memory, then in {}) and retried every {:?}; `{}` uploads them later",
+                        self.spool.dir.display(),
+                        self.tuning.retry_wait_max,
+                        self.hint
+                    );
+                    if !self.live {
+                        return Err(Stop::GaveUp(message));
+                    }
+                    self.shared.warn_once("file_stream_refused", message);
+                    self.pause(self.tuning.retry_wait_max, true)?;
+                }
+                Err(stop) => return Err(stop),
+            }
+        }
+    }
+}

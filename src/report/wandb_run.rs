@@ -1,0 +1,90 @@
+//! Rank 0's Weights & Biases reporting for one training run: the settings (config
+//! section, then `WANDB_*` environment), the run config W&B shows, the rows of
+//! `metrics.jsonl`, the summary, and the finish with the exit code. Other ranks hold an
+//! inert handle, so the loop reads the same on every rank.
+
+use super::wandb::{Reporter, Settings};
+use crate::config::{Config, WandbMode};
+use serde_json::{json, Map, Value};
+use std::path::Path;
+
+pub struct WandbRun {
+    reporter: Option<Reporter>,
+}
+
+impl WandbRun {
+    /// Starts reporting on the main rank; `resume` is the (run id, step) of the checkpoint
+    /// the run continues from. Never waits on the network.
+    pub fn start(
+        cfg: &Config,
+        run_dir: &Path,
+        is_main: bool,
+        extra_config: Map<String, Value>,
+        resume: Option<(String, u64)>,
+    ) -> anyhow::Result<WandbRun> {
+        if !is_main {
+            return Ok(WandbRun { reporter: None });
+        }
+        let w = &cfg.wandb;
+        let mode = match w.mode {
+            WandbMode::Online => "online",
+            WandbMode::Offline => "offline",
+            WandbMode::Disabled => "disabled",
+        };
+        let name = w.name.clone().or_else(|| cfg.run_name.clone());
+        let env = |key: &str| std::env::var(key).ok();
+        let home = std::env::var_os("HOME").map(std::path::PathBuf::from);
+        let mut settings = Settings::resolve(
+            mode,
+            &w.project,
+            w.entity.as_deref(),
+            name.as_deref(),
+            w.group.as_deref(),
+            &w.tags,
+            run_dir,
+            &env,
+            home.as_deref(),
+        )?;
+        settings.flush_timeout = std::time::Duration::from_secs_f64(w.flush_timeout_s);
+        let mut config = match serde_json::to_value(cfg)? {
+            Value::Object(m) => m,
+            _ => Map::new(),
+        };
+        config.extend(extra_config);
+        config.insert("git_revision".into(), json!(env!("ALGPT2_GIT_REVISION")));
+        // W&B must never stop training: a reporter that cannot start is a warning.
+        match Reporter::start(settings, Value::Object(config), resume) {
+            Ok(reporter) => Ok(WandbRun { reporter: Some(reporter) }),
+            Err(e) => {
+                tracing::warn!("W&B reporting is off for this run: {e:#}");
+                Ok(WandbRun { reporter: None })
+            }
+        }
+    }
+
+    /// The W&B run id, kept in checkpoints so that a resumed run continues the same run.
+    pub fn run_id(&self) -> Option<String> {
+        self.reporter.as_ref().map(|r| r.run_id().to_string())
+    }
+
+    pub fn log(&self, step: u64, row: &Map<String, Value>) {
+        if let Some(r) = &self.reporter {
+            let mut metrics = row.clone();
+            metrics.remove("step");
+            r.log(step, &metrics);
+        }
+    }
+
+    pub fn set_summary(&self, key: &str, value: Value) {
+        if let Some(r) = &self.reporter {
+            r.set_summary(key, value);
+        }
+    }
+
+    /// A bounded flush, then the run is marked finished with `exit_code`.
+    pub fn finish(self, exit_code: i32) {
+        if let Some(r) = self.reporter {
+            r.finish(exit_code);
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! W&B reporting end to end: the real binary against the loopback fake server
+//! (src/report/wandb/fake_server.rs). Rows arrive once, in order, from rank 0 only; a
+//! resumed run continues the same W&B run; a hanging server does not hold training up;
+//! an offline run syncs later.
+
+mod common;
+use algpt2_ddp::report::wandb::fake_server::{FakeServer, Fault, Target};
+use common::*;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+const KEY: &str = "0123456789abcdef0123456789abcdef01234567";
+
+fn args(dir: &Path, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "--config", "configs/quickstart.yaml", "--set", "device=cpu", "--set", "wandb.mode=online",
+        "--set", "model.n_embd=32", "--set", "model.n_head=2", "--set", "model.n_layer=2",
+        "--set", "model.embedding_size=16", "--set", "model.n_positions=32", "--set", "train.seq_len=32",
+        "--set", "train.micro_batch_size=4", "--set", "train.max_steps=8", "--set", "train.log_interval=1",
+        "--set", "train.eval_interval=4", "--set", "train.eval_steps=1", "--set", "train.save_interval=4",
+        "--set", "optim.warmup_steps=2", "--set", "wandb.flush_timeout_s=20",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.push(format!("--set=out_dir={}", dir.join("runs").display()));
+    a.push(format!("--set=data.cache_dir={}", dir.join("cache").display()));
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+/// The environment a user with a W&B key and a self-hosted server would have.
+fn with_wandb(cmd: &mut Command, server: &FakeServer, dir: &Path, fault: Option<&str>) {
+    cmd.env("WANDB_API_KEY", KEY).env("WANDB_BASE_URL", &server.url).env("HOME", dir).env_remove("WANDB_MODE");
+    if let Some(f) = fault {
+        cmd.env("ALGPT2_FAULT", f);
+    }
+}
+
+fn train(a: &[String], server: &FakeServer, dir: &Path, fault: Option<&str>) -> Output {
+    let mut cmd = Command::new(bin());
+    cmd.args(a).current_dir(repo());
+    with_wandb(&mut cmd, server, dir, fault);
+    cmd.output().unwrap()
+}
+
+/// The one run the server holds.
+fn only_run(server: &FakeServer) -> String {
+    let runs: Vec<String> = server.state().runs.keys().cloned().collect();
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    runs[0].clone()
+}
+
+#[test]
+fn a_run_reports_every_row_once_config_summary_and_finish() {
+    let server = FakeServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let out = train(&args(dir.path(), &[]), &server, dir.path(), None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id = only_run(&server);
+    assert_eq!(server.steps(&id), (1..=8).collect::<Vec<u64>>());
+    let run = server.run(&id).unwrap();
+    assert!(run.complete, "the run is marked finished");
+    assert_eq!(run.exit_code, Some(0));
+    assert!(run.config.contains("\"parameters\"") && run.config.contains("git_revision"), "{}", run.config);
+    assert!(run.summary.as_deref().unwrap_or("").contains("val/best_ppl"), "{:?}", run.summary);
+    assert!(run.history[0].contains("train/loss") && run.history[0].contains("\"_step\":1"), "{}", run.history[0]);
+    assert!(server.errors().is_empty(), "{:?}", server.errors());
+    // The checkpoint keeps the run id for resume.
+    let trainer = std::fs::read_to_string(dir.path().join("runs/quickstart/checkpoints/step_00000008/trainer.json")).unwrap();
+    assert!(trainer.contains(&format!("\"wandb_run_id\": \"{id}\"")), "{trainer}");
+}
+
+#[test]
+fn only_rank_0_reports_under_mpirun() {
+    let server = FakeServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = mpirun(2);
+    for var in ["WANDB_API_KEY", "WANDB_BASE_URL", "HOME"] {
+        cmd.args(["-x", var]);
+    }
+    cmd.arg(bin()).args(args(dir.path(), &[])).current_dir(repo());
+    with_wandb(&mut cmd, &server, dir.path(), None);
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id = only_run(&server);
+    assert_eq!(server.steps(&id), (1..=8).collect::<Vec<u64>>());
+    assert_eq!(server.ops("UpsertBucket").len(), server.run(&id).unwrap().upserts);
+}
+
+#[test]
+fn a_resumed_run_continues_the_same_wandb_run() {
+    let server = FakeServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let a = args(dir.path(), &[]);
+    let killed = train(&a, &server, dir.path(), Some("kill@6"));
+    assert!(!killed.status.success());
+    let resumed = train(&a, &server, dir.path(), None);
+    assert!(resumed.status.success(), "{}", stderr(&resumed));
+    let id = only_run(&server);
+    assert_eq!(server.steps(&id), (1..=8).collect::<Vec<u64>>(), "no step lost or repeated");
+    assert!(server.run(&id).unwrap().complete);
+    assert!(server.errors().is_empty(), "{:?}", server.errors());
+}
+
+#[test]
+fn a_hanging_server_does_not_hold_training_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let quiet = FakeServer::start();
+    let started = Instant::now();
+    let out = train(&args(dir.path(), &["--set", "run_name=fast", "--set", "train.max_steps=12"]), &quiet, dir.path(), None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let normal = started.elapsed();
+
+    let hanging = FakeServer::start();
+    hanging.set_always(Some((Target::Any, Fault::Hang(Duration::from_secs(60)))));
+    let started = Instant::now();
+    let a = args(dir.path(), &["--set", "run_name=slow", "--set", "train.max_steps=12", "--set", "wandb.flush_timeout_s=2"]);
+    let out = train(&a, &hanging, dir.path(), None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Training itself is not slowed; only the bounded flush at exit waits.
+    let slow = started.elapsed();
+    assert!(slow < normal + Duration::from_secs(2 + 15), "{slow:?} vs {normal:?} without faults");
+    // Nothing was lost: the rows wait in the run directory for wandb-sync.
+    hanging.set_always(None);
+    let mut sync = Command::new(bin());
+    sync.args(["wandb-sync", dir.path().join("runs/slow").to_str().unwrap()]).current_dir(repo());
+    with_wandb(&mut sync, &hanging, dir.path(), None);
+    let out = sync.output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id = only_run(&hanging);
+    assert_eq!(hanging.steps(&id), (1..=12).collect::<Vec<u64>>());
+    assert!(hanging.run(&id).unwrap().complete);
+}
+
+#[test]
+fn an_offline_run_syncs_later() {
+    let server = FakeServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let out = train(&args(dir.path(), &["--set", "wandb.mode=offline"]), &server, dir.path(), None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(server.requests().is_empty(), "offline sends nothing");
+    let mut sync = Command::new(bin());
+    sync.args(["wandb-sync", dir.path().join("runs/quickstart").to_str().unwrap()]).current_dir(repo());
+    with_wandb(&mut sync, &server, dir.path(), None);
+    let out = sync.output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id = only_run(&server);
+    assert_eq!(server.steps(&id), (1..=8).collect::<Vec<u64>>());
+    assert_eq!(server.run(&id).unwrap().exit_code, Some(0));
+}
