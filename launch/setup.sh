@@ -42,8 +42,12 @@ want=$(sha256sum launch/requirements.txt | cut -d' ' -f1)
 if [ -x "$VENV/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
   say "venv up to date ($VENV)"
 else
-  say "creating venv $VENV with launch/requirements.txt (torch is a ~2.7 GB download the first time)"
-  [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+  if [ -x "$VENV/bin/python" ]; then
+    say "updating venv $VENV to launch/requirements.txt"
+  else
+    say "creating venv $VENV with launch/requirements.txt (torch is a ~2.7 GB download the first time)"
+    python3 -m venv "$VENV"
+  fi
   "$VENV/bin/pip" install -q --disable-pip-version-check -r launch/requirements.txt
   echo "$want" > "$stamp"
 fi

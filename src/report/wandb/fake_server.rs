@@ -84,6 +84,10 @@ pub struct State {
     pub runs: HashMap<String, FakeRun>,
     pub errors: Vec<String>,
     next_id: u64,
+    /// This server's base URL, for the upload URLs CreateRunFiles hands out.
+    base_url: String,
+    /// Files the official client uploaded (run name, file name) through those URLs.
+    pub uploaded_files: Vec<(String, String)>,
 }
 
 pub struct FakeServer {
@@ -98,7 +102,7 @@ impl FakeServer {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
         let url = format!("http://{}", listener.local_addr().unwrap());
         listener.set_nonblocking(true).unwrap();
-        let state = Arc::new(Mutex::new(State::default()));
+        let state = Arc::new(Mutex::new(State { base_url: url.clone(), ..State::default() }));
         let stop = Arc::new(AtomicBool::new(false));
         let accept = {
             let (state, stop) = (state.clone(), stop.clone());
@@ -294,6 +298,13 @@ fn serve(stream: TcpStream, state: Arc<Mutex<State>>, stop: Arc<AtomicBool>) {
 
 impl State {
     fn handle(&mut self, raw: &Raw, body: &Value) -> (u16, Value) {
+        // Signed upload URLs carry no credentials (the official client's run files).
+        if raw.method == "PUT" {
+            if let ["upload", run, file] = raw.path.trim_start_matches('/').split('/').collect::<Vec<_>>().as_slice() {
+                self.uploaded_files.push((run.to_string(), file.to_string()));
+                return (200, json!({}));
+            }
+        }
         if let Some(key) = &self.good_key {
             let expected = format!("Basic {}", base64(format!("api:{key}").as_bytes()));
             let given = raw.headers.iter().find(|(n, _)| n == "authorization").map(|(_, v)| v.as_str());
@@ -381,6 +392,18 @@ impl State {
                     200,
                     json!({"data": {"model": {"id": "UHJvamVjdDox", "name": project, "entity": {"id": "e", "name": entity}, "bucket": bucket}}}),
                 )
+            }
+            Some("CreateRunFiles") => {
+                let run = text("run").unwrap_or_default();
+                let files: Vec<Value> = vars["files"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(Value::as_str).collect::<Vec<_>>())
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|name| json!({"name": name, "uploadUrl": format!("{}/upload/{run}/{name}", self.base_url)}))
+                    .collect();
+                let id = self.runs.get(&run).map(|r| r.storage_id.clone());
+                (200, json!({"data": {"createRunFiles": {"runID": id, "uploadHeaders": [], "files": files}}}))
             }
             _ => (200, json!({"data": {}})),
         }
