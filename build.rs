@@ -48,6 +48,8 @@ fn link_libtorch() {
     let mut dirs = vec![lib.clone()];
     // PyPI wheels keep NVRTC and NCCL beside torch: site-packages/nvidia/{cu13,nccl}/lib.
     if let Some(site_packages) = lib.parent().and_then(|torch| torch.parent()) {
+        // NVRTC needs the wheel's CUDA headers (cuda_bf16.h) for kernels/.
+        println!("cargo:rustc-env=ALGPT2_SITE_PACKAGES={}", site_packages.display());
         for sub in ["nvidia/cu13/lib", "nvidia/nccl/lib"] {
             let dir = site_packages.join(sub);
             if dir.is_dir() {

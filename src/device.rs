@@ -1,24 +1,37 @@
 //! Picking the tch device for this rank from `device:` and what the machine has.
 
 use crate::config::DeviceKind;
-use anyhow::bail;
 use tch::Device;
 
+/// The configured device does not exist here: a usage error (exit code 2), like a bad
+/// config, found only once the machine is looked at.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("device: cuda was asked for but libtorch sees no CUDA GPU on this machine (use device: cpu or auto)")]
+    NoCuda,
+    #[error("local rank {local_rank} has no GPU of its own: this node has {gpus}; start at most {gpus} ranks per node")]
+    TooFewGpus { local_rank: usize, gpus: usize },
+}
+
 /// `auto` takes GPU `local_rank` when CUDA works, else the CPU; `cuda` insists on a GPU.
-pub fn resolve(kind: DeviceKind, local_rank: usize) -> anyhow::Result<Device> {
+pub fn resolve(kind: DeviceKind, local_rank: usize) -> Result<Device, DeviceError> {
     let gpus = if tch::Cuda::is_available() { tch::Cuda::device_count() as usize } else { 0 };
     match kind {
         DeviceKind::Cpu => Ok(Device::Cpu),
         DeviceKind::Auto if gpus == 0 => Ok(Device::Cpu),
-        DeviceKind::Auto | DeviceKind::Cuda => {
-            if gpus == 0 {
-                bail!("device: cuda was asked for but libtorch sees no CUDA GPU on this machine (use device: cpu or auto)");
-            }
-            if local_rank >= gpus {
-                bail!("local rank {local_rank} has no GPU of its own: this node has {gpus}; start at most {gpus} ranks per node");
-            }
-            Ok(Device::Cuda(local_rank))
-        }
+        DeviceKind::Cuda if gpus == 0 => Err(DeviceError::NoCuda),
+        DeviceKind::Auto | DeviceKind::Cuda if local_rank >= gpus => Err(DeviceError::TooFewGpus { local_rank, gpus }),
+        DeviceKind::Auto | DeviceKind::Cuda => Ok(Device::Cuda(local_rank)),
+    }
+}
+
+/// The exit code for an error: 2 for bad configuration or usage (the config, or a device
+/// that is not there), 1 for anything that went wrong while running.
+pub fn exit_code(e: &anyhow::Error) -> u8 {
+    if e.downcast_ref::<crate::config::ConfigError>().is_some() || e.downcast_ref::<DeviceError>().is_some() {
+        2
+    } else {
+        1
     }
 }
 

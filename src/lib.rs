@@ -16,3 +16,4 @@ pub mod checkpoint;
 pub mod eval;
 pub mod faults;
 pub mod trainer;
+pub mod cuda;

@@ -20,7 +20,7 @@ fn main() -> ExitCode {
             }
             None => {
                 eprintln!("error: {e:#}");
-                ExitCode::from(1)
+                ExitCode::from(algpt2_ddp::device::exit_code(&e))
             }
         },
     }

@@ -33,20 +33,21 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             // Others may be waiting in a collective for this rank: end the whole job.
             eprintln!("error on rank {}: {e:#}", world.rank());
             error!("rank {} failed: {e:#}", world.rank());
-            world.abort(1);
+            world.abort(device::exit_code(e) as i32);
         }
     }
     result
 }
 
 fn run_in_world(cfg: &Config, world: &World) -> anyhow::Result<()> {
+    // A device that is not there is a usage error: found before anything is written.
+    let device = device::resolve(cfg.device, world.local_rank())?;
     let run = RunDir::for_config(cfg);
     if world.is_main() {
         run.create(cfg)?;
     }
     log::init(world.rank(), world.is_main().then(|| run.log()).as_deref())?;
     share_cpu_threads(world);
-    let device = device::resolve(cfg.device, world.local_rank())?;
     announce(cfg, world, device, &run);
 
     // Rank 0 builds a missing token cache while the others wait, then all open it. If
@@ -124,7 +125,7 @@ fn train_loop(ctx: &LoopContext, trainer: &mut Trainer) -> anyhow::Result<()> {
     let train = data.split(Split::Train).expect("the train split always exists");
     let valid = data.split(Split::Valid);
     let flops_per_token = training_flops_per_token(&cfg.model, t.seq_len) as f64;
-    let peak_flops = t.peak_tflops.map(|p| p * 1e12 * world.size() as f64);
+    let peak_flops = t.peak_flops.map(|p| p * world.size() as f64);
     let mut progress = Progress::new(world.is_main(), trainer.step, t.max_steps);
     if trainer.step >= t.max_steps {
         info!("the run is already complete at step {} (train.max_steps = {})", trainer.step, t.max_steps);

@@ -173,3 +173,25 @@ fn mpirun_two_ranks_start_together_and_only_rank_0_writes() {
     assert!(out_dir.join("quickstart/checkpoints/step_00000003").is_dir());
     assert_eq!(std::fs::read_to_string(out_dir.join("quickstart/metrics.jsonl")).unwrap().lines().count(), 1);
 }
+
+#[test]
+fn device_cuda_without_a_gpu_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(&[
+        "--config",
+        "configs/quickstart.yaml",
+        "--set",
+        "device=cuda",
+        "--set",
+        &format!("out_dir={}", dir.path().display()),
+        "--set",
+        &format!("data.cache_dir={}", dir.path().join("cache").display()),
+    ]);
+    if tch::Cuda::is_available() {
+        eprintln!("skipped: this machine has a CUDA GPU");
+        return;
+    }
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("device: cuda was asked for but libtorch sees no CUDA GPU"), "{}", stderr(&out));
+    assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none(), "nothing is written");
+}

@@ -94,7 +94,7 @@ fn loss_falls_and_a_finished_run_resumes_as_complete() {
     let a = args(
         &dir.path().join("runs"),
         &dir.path().join("cache"),
-        &["--set", "train.max_steps=30", "--set", "optim.lr=1e-2", "--set", "train.peak_tflops=0.05"],
+        &["--set", "train.max_steps=30", "--set", "optim.lr=1e-2", "--set", "train.peak_flops=5e10"],
     );
     let out = train(&a, None);
     assert!(out.status.success(), "{}", stderr(&out));

@@ -192,9 +192,9 @@ pub struct TrainConfig {
     /// What a NaN or infinite loss or gradient does: `stop` (exit naming the step; the
     /// last checkpoint stays as it was) or `skip` (drop that update and go on).
     pub nonfinite: NonFinite,
-    /// Peak dense TFLOP/s of one device, for model FLOPs utilisation; null means known
-    /// GPUs only (no MFU is reported on CPU).
-    pub peak_tflops: Option<f64>,
+    /// Peak dense FLOP/s of one device (e.g. 989e12), for model FLOPs utilisation;
+    /// null means known GPUs only (no MFU is reported on CPU).
+    pub peak_flops: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -217,7 +217,7 @@ impl Default for TrainConfig {
             save_interval: 1000,
             seed: 1337,
             nonfinite: NonFinite::Stop,
-            peak_tflops: None,
+            peak_flops: None,
         }
     }
 }

@@ -64,8 +64,8 @@ pub fn violations(cfg: &Config) -> Vec<Violation> {
     check(t.grad_accum_steps >= 1, "train.grad_accum_steps", "must be at least 1".into());
     check(t.max_steps >= 1, "train.max_steps", "must be at least 1".into());
     check(t.log_interval >= 1, "train.log_interval", "must be at least 1".into());
-    if let Some(peak) = t.peak_tflops {
-        check(peak > 0.0 && peak.is_finite(), "train.peak_tflops", format!("{peak} must be positive (or null)"));
+    if let Some(peak) = t.peak_flops {
+        check(peak > 0.0 && peak.is_finite(), "train.peak_flops", format!("{peak} must be positive (or null)"));
     }
 
     let lr_ok = o.lr > 0.0 && o.lr.is_finite();

@@ -1,0 +1,4 @@
+//! CUDA kernels from `kernels/`, compiled at run time with NVRTC (through cudarc, loaded
+//! dynamically, so this builds and its compile path is tested without a GPU).
+
+pub mod nvrtc;
