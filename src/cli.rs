@@ -55,6 +55,19 @@ pub enum Command {
         #[arg(long, default_value = "valid", value_parser = ["valid", "test"])]
         split: String,
     },
+    /// Training speed on this device for a config, without a run directory: tokens/s,
+    /// step time, model FLOPs utilisation (known GPUs, or train.peak_flops) and peak
+    /// memory over STEPS steps after 3 warm-up steps; a table, or JSON with --json.
+    Bench {
+        #[command(flatten)]
+        args: ConfigArgs,
+        /// Timed steps.
+        #[arg(long, default_value_t = 20)]
+        steps: u64,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Build the token cache of a config: train the tokenizer on the train split (or load
     /// `tokenizer.path`) and encode every split into a memory-mappable token file. `train`
     /// does this by itself when the cache is missing; a complete cache is reused.

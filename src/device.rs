@@ -43,3 +43,17 @@ pub fn describe(device: Device) -> String {
         other => format!("{other:?}"),
     }
 }
+
+/// Ranks on one node split its cores, so that two ranks do not fight over every core.
+pub fn share_cpu_threads(ranks_on_node: usize) {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    tch::set_num_threads((cores / ranks_on_node.max(1)).max(1) as i32);
+}
+
+/// Peak FLOP/s of one device for MFU: `train.peak_flops`, else the table of known GPUs.
+pub fn peak_flops(configured: Option<f64>, device: Device) -> Option<f64> {
+    configured.or_else(|| match device {
+        Device::Cuda(i) => crate::cuda::peak::device_name(i).and_then(|n| crate::cuda::peak::peak_flops_of(&n)),
+        _ => None,
+    })
+}

@@ -5,7 +5,7 @@
 use crate::checkpoint::{self, MODEL_FILE};
 use crate::config::Config;
 use crate::data::batches::{batch_tensors, eval_windows};
-use crate::data::prepare::{self, SplitData};
+use crate::data::prepare::SplitData;
 use crate::data::source::Split;
 use crate::dist::World;
 use crate::model::flat::FlatParams;
@@ -67,14 +67,7 @@ pub fn run(cfg: Config, checkpoint_dir: &Path, split_name: &str) -> anyhow::Resu
         bail!("checkpoint {} was made by another model config: {}", checkpoint_dir.display(), state.model_config);
     }
     let device = crate::device::resolve(cfg.device, world.local_rank())?;
-    let data = if world.is_main() {
-        let data = prepare::prepare(&cfg, false)?;
-        world.barrier();
-        data
-    } else {
-        world.barrier();
-        prepare::open(&cfg)?
-    };
+    let data = crate::train::open_data(&cfg, &world)?;
     let split = if split_name == "test" { Split::Test } else { Split::Valid };
     let split_data = data.split(split).ok_or_else(|| anyhow!("data.{split_name} is not configured"))?;
     if state.tokenizer_hash != data.tokenizer.hash_hex() {

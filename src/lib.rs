@@ -17,3 +17,4 @@ pub mod eval;
 pub mod faults;
 pub mod trainer;
 pub mod cuda;
+pub mod bench;

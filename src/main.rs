@@ -40,6 +40,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             info::run(&args.load()?, json);
             Ok(())
         }
+        Some(Command::Bench { args, steps, json }) => algpt2_ddp::bench::run(args.load()?, steps, json),
         Some(Command::Eval { args, checkpoint, split }) => eval::run(args.load()?, &checkpoint, &split),
         Some(Command::Prepare { args, force }) => {
             let cfg = args.load()?;

@@ -47,19 +47,10 @@ fn run_in_world(cfg: &Config, world: &World) -> anyhow::Result<()> {
         run.create(cfg)?;
     }
     log::init(world.rank(), world.is_main().then(|| run.log()).as_deref())?;
-    share_cpu_threads(world);
+    device::share_cpu_threads(world.local_size());
     announce(cfg, world, device, &run);
 
-    // Rank 0 builds a missing token cache while the others wait, then all open it. If
-    // rank 0 fails, it aborts the job and the waiting ranks end with it.
-    let data = if world.is_main() {
-        let data = prepare::prepare(cfg, false)?;
-        world.barrier();
-        data
-    } else {
-        world.barrier();
-        prepare::open(cfg)?
-    };
+    let data = open_data(cfg, world)?;
     summary::print(cfg, &data, world.size());
     if world.is_main() {
         // The run keeps its own tokenizer, for generation and export after the cache is gone.
@@ -125,7 +116,7 @@ fn train_loop(ctx: &LoopContext, trainer: &mut Trainer) -> anyhow::Result<()> {
     let train = data.split(Split::Train).expect("the train split always exists");
     let valid = data.split(Split::Valid);
     let flops_per_token = training_flops_per_token(&cfg.model, t.seq_len) as f64;
-    let peak_flops = t.peak_flops.map(|p| p * world.size() as f64);
+    let peak_flops = device::peak_flops(t.peak_flops, trainer.device()).map(|p| p * world.size() as f64);
     let mut progress = Progress::new(world.is_main(), trainer.step, t.max_steps);
     if trainer.step >= t.max_steps {
         info!("the run is already complete at step {} (train.max_steps = {})", trainer.step, t.max_steps);
@@ -222,6 +213,20 @@ fn train_loop(ctx: &LoopContext, trainer: &mut Trainer) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The config's token cache on every rank: rank 0 builds it when missing while the
+/// others wait, then all open it. If rank 0 fails, it aborts the job (see `run`) and the
+/// waiting ranks end with it.
+pub fn open_data(cfg: &Config, world: &World) -> anyhow::Result<Prepared> {
+    if world.is_main() {
+        let data = prepare::prepare(cfg, false)?;
+        world.barrier();
+        Ok(data)
+    } else {
+        world.barrier();
+        prepare::open(cfg)
+    }
+}
+
 /// Where a run starts: `checkpoint.resume` is `auto` (the run's newest valid
 /// checkpoint, if any), `none`, or a checkpoint directory.
 fn resume_point(cfg: &Config, run: &RunDir) -> anyhow::Result<Option<Found>> {
@@ -276,11 +281,4 @@ fn announce(cfg: &Config, world: &World, device: tch::Device, run: &RunDir) {
         group((global_batch * cfg.train.seq_len) as u64)
     );
     info!("run directory: {}", run.root.display());
-}
-
-/// Ranks on one node split its cores, so that two ranks do not fight over every core.
-fn share_cpu_threads(world: &World) {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let per_rank = (cores / world.local_size()).max(1);
-    tch::set_num_threads(per_rank as i32);
 }

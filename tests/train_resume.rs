@@ -208,3 +208,21 @@ fn three_variants_train_on_wikitext2_with_falling_val_ppl() {
         assert!(ppl[0] < 1024.0, "{name}: {ppl:?}");
     }
 }
+
+#[test]
+fn bench_reports_throughput_mfu_and_memory_as_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut b: Vec<String> = vec!["bench".into()];
+    b.extend(args(&dir.path().join("runs"), &dir.path().join("cache"), &["--set", "train.peak_flops=1e11"]));
+    b.extend(["--steps".into(), "3".into(), "--json".into()]);
+    let out = Command::new(bin()).args(&b).current_dir(repo()).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let r: Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    let tps = r["tokens_per_sec"].as_f64().unwrap();
+    // tokens/s, MFU and FLOPs per token agree with each other.
+    let mfu = r["mfu"].as_f64().unwrap();
+    assert!((mfu - r["training_flops_per_token"].as_f64().unwrap() * tps / 1e11).abs() < 1e-9, "{r}");
+    assert_eq!(r["tokens_per_step"].as_f64(), Some(4.0 * 2.0 * 32.0));
+    assert!(r["peak_rss_mb"].as_f64().unwrap() > 10.0);
+    assert!(!dir.path().join("runs").exists(), "bench writes no run directory");
+}

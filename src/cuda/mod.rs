@@ -2,3 +2,4 @@
 //! dynamically, so this builds and its compile path is tested without a GPU).
 
 pub mod nvrtc;
+pub mod peak;

@@ -32,11 +32,21 @@ pub fn init(rank: usize, log_file: Option<&Path>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// This process's resident memory in MB (Linux /proc), 0 where unknown.
-pub fn rss_mb() -> f64 {
+/// A `Vm*:` line of /proc/self/status in MB (Linux), 0 where unknown.
+fn proc_status_mb(field: &str) -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches("kB").trim().to_string())))
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix(field).map(|v| v.trim().trim_end_matches("kB").trim().to_string())))
         .and_then(|kb| kb.parse::<f64>().ok())
         .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// This process's resident memory now, in MB.
+pub fn rss_mb() -> f64 {
+    proc_status_mb("VmRSS:")
+}
+
+/// The most resident memory this process has had, in MB.
+pub fn peak_rss_mb() -> f64 {
+    proc_status_mb("VmHWM:")
 }
