@@ -68,6 +68,32 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Continue a prompt with a trained checkpoint, printing as it goes. The model config
+    /// comes from the checkpoint and the tokenizer from its run directory. Stops at
+    /// <|endoftext|> or after --max-new-tokens; past the context the window slides.
+    Generate {
+        /// Checkpoint directory, e.g. runs/quickstart/checkpoints/step_00000300.
+        #[arg(long, value_name = "DIR")]
+        checkpoint: std::path::PathBuf,
+        #[arg(long, default_value = "")]
+        prompt: String,
+        #[arg(long, default_value_t = 100)]
+        max_new_tokens: usize,
+        /// 0 is greedy.
+        #[arg(long, default_value_t = 0.8)]
+        temperature: f64,
+        /// Sample only among the K most likely tokens.
+        #[arg(long)]
+        top_k: Option<i64>,
+        /// Sample only among the most likely tokens covering probability P.
+        #[arg(long)]
+        top_p: Option<f64>,
+        #[arg(long, default_value_t = 1337)]
+        seed: u64,
+        /// Recompute the whole context for every token instead of using the KV cache.
+        #[arg(long)]
+        no_cache: bool,
+    },
     /// Build the token cache of a config: train the tokenizer on the train split (or load
     /// `tokenizer.path`) and encode every split into a memory-mappable token file. `train`
     /// does this by itself when the cache is missing; a complete cache is reused.

@@ -18,3 +18,4 @@ pub mod faults;
 pub mod trainer;
 pub mod cuda;
 pub mod bench;
+pub mod generate;

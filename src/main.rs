@@ -40,6 +40,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             info::run(&args.load()?, json);
             Ok(())
         }
+        Some(Command::Generate { checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed, no_cache }) => {
+            let sampling = algpt2_ddp::generate::Sampling { max_new_tokens, temperature, top_k, top_p, seed, use_cache: !no_cache };
+            algpt2_ddp::generate::run(&checkpoint, &prompt, &sampling)
+        }
         Some(Command::Bench { args, steps, json }) => algpt2_ddp::bench::run(args.load()?, steps, json),
         Some(Command::Eval { args, checkpoint, split }) => eval::run(args.load()?, &checkpoint, &split),
         Some(Command::Prepare { args, force }) => {

@@ -226,3 +226,22 @@ fn bench_reports_throughput_mfu_and_memory_as_json() {
     assert!(r["peak_rss_mb"].as_f64().unwrap() > 10.0);
     assert!(!dir.path().join("runs").exists(), "bench writes no run directory");
 }
+
+#[test]
+fn generate_from_a_checkpoint_with_and_without_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let runs = dir.path().join("runs");
+    assert!(train(&args(&runs, &dir.path().join("cache"), &["--set", "train.max_steps=4"]), None).status.success());
+    let ckpt = runs.join("quickstart/checkpoints/step_00000004");
+    let gen = |extra: &[&str]| {
+        let mut a = vec!["generate", "--checkpoint", ckpt.to_str().unwrap(), "--prompt", "Kaiso", "--max-new-tokens", "20"];
+        a.extend_from_slice(extra);
+        let out = Command::new(bin()).args(&a).current_dir(repo()).output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        stdout(&out)
+    };
+    let cached = gen(&["--temperature", "0"]);
+    assert!(cached.starts_with("Kaiso") && cached.len() > "Kaiso".len() + 5, "{cached:?}");
+    assert_eq!(cached, gen(&["--temperature", "0", "--no-cache"]));
+    assert_eq!(gen(&["--seed", "5"]), gen(&["--seed", "5"]));
+}

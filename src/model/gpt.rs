@@ -36,7 +36,81 @@ fn layer_norm(p: nn::Path, width: i64) -> nn::LayerNorm {
     nn::layer_norm(p, vec![width], nn::LayerNormConfig { eps: LAYER_NORM_EPS, ..Default::default() })
 }
 
+/// Keys and values of one block *application* (with shared layers the same weights run
+/// n_layer times and each application sees different inputs, so each needs its own).
+/// Preallocated and grown by doubling, so appending a token copies nothing.
+struct LayerCache {
+    keys: Tensor,
+    values: Tensor,
+}
+
+/// The KV cache of a generation: one entry per layer application, `len` positions filled.
+pub struct KvCache {
+    layers: Vec<Option<LayerCache>>,
+    len: i64,
+    capacity: i64,
+    /// Times the buffers were grown (tests reach past the first growth).
+    pub growths: usize,
+}
+
+impl KvCache {
+    /// An empty cache for `n_layer` applications, first sized for `initial` positions.
+    pub fn new(n_layer: usize, initial: i64) -> KvCache {
+        KvCache { layers: (0..n_layer).map(|_| None).collect(), len: 0, capacity: initial.max(1), growths: 0 }
+    }
+
+    /// Positions held.
+    pub fn len(&self) -> i64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 impl Block {
+    /// `forward` for new positions `[past, past + t)`, attending to the cached keys and
+    /// values of this application and appending its own.
+    fn forward_cached(&self, x: &Tensor, n_head: i64, cache: &mut Option<LayerCache>, past: i64, capacity: i64) -> Tensor {
+        let (b, t, h) = x.size3().expect("activations are [batch, time, hidden]");
+        let d = h / n_head;
+        let heads = |z: Tensor| z.view([b, t, n_head, d]).transpose(1, 2);
+        let qkv = self.c_attn.forward(&self.ln_1.forward(x));
+        let parts = qkv.split(h, 2);
+        let (q, k, v) = (heads(parts[0].shallow_clone()), heads(parts[1].shallow_clone()), heads(parts[2].shallow_clone()));
+        let entry = cache.get_or_insert_with(|| LayerCache {
+            keys: Tensor::zeros([b, n_head, capacity, d], (k.kind(), k.device())),
+            values: Tensor::zeros([b, n_head, capacity, d], (v.kind(), v.device())),
+        });
+        if entry.keys.size()[2] < capacity {
+            let grow = |old: &Tensor| {
+                let bigger = Tensor::zeros([b, n_head, capacity, d], (old.kind(), old.device()));
+                bigger.narrow(2, 0, past).copy_(&old.narrow(2, 0, past));
+                bigger
+            };
+            entry.keys = grow(&entry.keys);
+            entry.values = grow(&entry.values);
+        }
+        entry.keys.narrow(2, past, t).copy_(&k);
+        entry.values.narrow(2, past, t).copy_(&v);
+        let keys = entry.keys.narrow(2, 0, past + t);
+        let values = entry.values.narrow(2, 0, past + t);
+        // New position i may see cached positions and new ones up to itself.
+        let y = if past == 0 {
+            Tensor::scaled_dot_product_attention::<Tensor>(&q, &keys, &values, None, 0.0, true, None, false)
+        } else {
+            let rows = Tensor::arange(t, (Kind::Int64, x.device())).unsqueeze(1) + past;
+            let cols = Tensor::arange(past + t, (Kind::Int64, x.device())).unsqueeze(0);
+            let mask = cols.le_tensor(&rows);
+            Tensor::scaled_dot_product_attention(&q, &keys, &values, Some(mask), 0.0, false, None, false)
+        };
+        let y = y.transpose(1, 2).contiguous().view([b, t, h]);
+        let x = x + self.attn_proj.forward(&y);
+        let m = self.c_fc.forward(&self.ln_2.forward(&x)).gelu("tanh");
+        &x + self.mlp_proj.forward(&m)
+    }
+
     fn new(p: nn::Path, cfg: &ModelConfig) -> Block {
         let h = cfg.n_embd as i64;
         // GPT-2's scaled init: each residual branch adds into the stream once per layer.
@@ -113,6 +187,41 @@ impl Algpt2 {
             x = proj_out.forward(&x);
         }
         x.matmul(&self.wte.tr())
+    }
+
+    /// Logits [batch, t, vocab] of `idx` [batch, t], the tokens after those in `cache`,
+    /// without dropout; the cache takes their keys and values. Positions continue from
+    /// the cache's length and must stay below `n_positions`.
+    pub fn forward_cached(&self, idx: &Tensor, cache: &mut KvCache) -> Tensor {
+        let (_, t) = idx.size2().expect("token ids are [batch, time]");
+        let past = cache.len;
+        assert!((past + t) as usize <= self.cfg.n_positions, "positions {} exceed n_positions {}", past + t, self.cfg.n_positions);
+        if past + t > cache.capacity {
+            while past + t > cache.capacity {
+                cache.capacity *= 2;
+            }
+            cache.capacity = cache.capacity.min(self.cfg.n_positions as i64);
+            cache.growths += 1;
+        }
+        let positions = Tensor::arange_start(past, past + t, (Kind::Int64, idx.device()));
+        let mut x = self.wte.embedding_at(idx) + self.wpe.embedding_at(&positions);
+        if let Some(proj_in) = &self.proj_in {
+            x = proj_in.forward(&x);
+        }
+        for layer in 0..self.cfg.n_layer {
+            let block = &self.blocks[if self.cfg.share_layers { 0 } else { layer }];
+            x = block.forward_cached(&x, self.cfg.n_head as i64, &mut cache.layers[layer], past, cache.capacity);
+        }
+        x = self.ln_f.forward(&x);
+        if let Some(proj_out) = &self.proj_out {
+            x = proj_out.forward(&x);
+        }
+        cache.len = past + t;
+        x.matmul(&self.wte.tr())
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
     }
 
     /// Mean token cross-entropy of `logits` against `targets` [batch, time].

@@ -4,5 +4,5 @@ pub mod size;
 
 pub mod gpt;
 
-pub use gpt::Algpt2;
+pub use gpt::{Algpt2, KvCache};
 pub mod flat;
