@@ -94,6 +94,15 @@ pub enum Command {
         #[arg(long)]
         no_cache: bool,
     },
+    /// Draw runs' metrics (train and val loss, val perplexity, lr, tokens/s) into one PNG,
+    /// several runs overlaid, e.g. the three variants side by side.
+    Plot {
+        /// Run directories (each with a metrics.jsonl).
+        #[arg(required = true)]
+        run_dirs: Vec<std::path::PathBuf>,
+        #[arg(long, value_name = "FILE.png")]
+        out: std::path::PathBuf,
+    },
     /// Build the token cache of a config: train the tokenizer on the train split (or load
     /// `tokenizer.path`) and encode every split into a memory-mappable token file. `train`
     /// does this by itself when the cache is missing; a complete cache is reused.

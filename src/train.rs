@@ -184,6 +184,12 @@ fn train_loop(ctx: &LoopContext, trainer: &mut Trainer) -> anyhow::Result<()> {
             progress.line(&format_row(&row));
             metrics.append(&row)?;
             wandb.log(step, &row);
+            if row.contains_key("val/loss") || last {
+                // Charts are a convenience: a failure to draw is a warning, never a stop.
+                if let Err(e) = crate::report::plots::render_run(&run.root) {
+                    tracing::warn!("could not draw {}/plots.png: {e:#}", run.root.display());
+                }
+            }
         }
 
         // 5. Ranks must hold identical weights; a stop signal on any rank stops all.

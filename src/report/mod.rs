@@ -2,6 +2,7 @@
 
 pub mod log;
 pub mod metrics;
+pub mod plots;
 pub mod progress;
 pub mod wandb;
 pub mod wandb_run;
