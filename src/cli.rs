@@ -103,6 +103,15 @@ pub enum Command {
         #[arg(long, value_name = "FILE.png")]
         out: std::path::PathBuf,
     },
+    /// Write a checkpoint as a HF transformers GPT-2 (config.json, model.safetensors,
+    /// tokenizer.json) that GPT2LMHeadModel.from_pretrained loads offline. Factorized
+    /// embeddings are folded exactly into GPT-2's shapes (untied lm_head).
+    ExportHf {
+        #[arg(long, value_name = "DIR")]
+        checkpoint: std::path::PathBuf,
+        #[arg(long, value_name = "DIR")]
+        out: std::path::PathBuf,
+    },
     /// Build the token cache of a config: train the tokenizer on the train split (or load
     /// `tokenizer.path`) and encode every split into a memory-mappable token file. `train`
     /// does this by itself when the cache is missing; a complete cache is reused.

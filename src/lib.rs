@@ -19,3 +19,4 @@ pub mod trainer;
 pub mod cuda;
 pub mod bench;
 pub mod generate;
+pub mod export;

@@ -44,6 +44,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let sampling = algpt2_ddp::generate::Sampling { max_new_tokens, temperature, top_k, top_p, seed, use_cache: !no_cache };
             algpt2_ddp::generate::run(&checkpoint, &prompt, &sampling)
         }
+        Some(Command::ExportHf { checkpoint, out }) => {
+            algpt2_ddp::export::export_hf(&checkpoint, &out)?;
+            println!("{}", out.display());
+            Ok(())
+        }
         Some(Command::Plot { run_dirs, out }) => {
             algpt2_ddp::report::plots::render(&run_dirs, &out)?;
             println!("{}", out.display());
