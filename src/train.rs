@@ -91,6 +91,7 @@ fn run_in_world(cfg: &Config, world: &World) -> anyhow::Result<()> {
         stop: &stop,
         watchdog: &watchdog,
         wandb: &wandb,
+        start_tokens: trainer.tokens_seen,
     };
     let result = train_loop(&ctx, &mut trainer);
     wandb.finish(if result.is_ok() { 0 } else { 1 });
@@ -108,10 +109,12 @@ struct LoopContext<'a> {
     stop: &'a StopRequest,
     watchdog: &'a Watchdog,
     wandb: &'a WandbRun,
+    /// Tokens already trained on when this process started (after a resume).
+    start_tokens: u64,
 }
 
 fn train_loop(ctx: &LoopContext, trainer: &mut Trainer) -> anyhow::Result<()> {
-    let LoopContext { cfg, world, run, data, metrics, exchange, stop, watchdog, wandb } = *ctx;
+    let LoopContext { cfg, world, run, data, metrics, exchange, stop, watchdog, wandb, .. } = *ctx;
     let t = &cfg.train;
     let train = data.split(Split::Train).expect("the train split always exists");
     let valid = data.split(Split::Valid);
@@ -124,6 +127,7 @@ fn train_loop(ctx: &LoopContext, trainer: &mut Trainer) -> anyhow::Result<()> {
     }
     // Throughput counts training time only, not evaluation or saving.
     let (mut train_seconds, mut tokens_since_log, mut logged_at) = (0f64, 0u64, trainer.step);
+    let (started_at, mut total_train_seconds) = (Instant::now(), 0f64);
     while trainer.step < t.max_steps {
         // 1. Learning rate of this step.
         let lr = learning_rate(&cfg.optim, trainer.step, t.max_steps);
@@ -134,6 +138,7 @@ fn train_loop(ctx: &LoopContext, trainer: &mut Trainer) -> anyhow::Result<()> {
         crate::faults::kill_or_hang_at(trainer.step, world.rank());
         watchdog.beat();
         train_seconds += started.elapsed().as_secs_f64();
+        total_train_seconds += started.elapsed().as_secs_f64();
         tokens_since_log += (trainer.global_batch(world) * t.seq_len) as u64;
         let step = trainer.step;
         let last = step == t.max_steps;
@@ -216,7 +221,53 @@ fn train_loop(ctx: &LoopContext, trainer: &mut Trainer) -> anyhow::Result<()> {
         }
     }
     progress.finish();
-    Ok(())
+    summarize(ctx, trainer, started_at.elapsed().as_secs_f64(), total_train_seconds)
+}
+
+/// The end of a run: the test split's perplexity when there is one, then a summary block
+/// in the log and `<run>/summary.json`.
+fn summarize(ctx: &LoopContext, trainer: &Trainer, wall_seconds: f64, train_seconds: f64) -> anyhow::Result<()> {
+    let LoopContext { cfg, world, run, data, wandb, .. } = *ctx;
+    let t = &cfg.train;
+    let test = data.split(Split::Test).map(|split| {
+        let e = evaluate(&trainer.model, split, t.seq_len, t.micro_batch_size, None, world, trainer.device());
+        (e, split.best_loss().map(f64::exp))
+    });
+    if !world.is_main() {
+        return Ok(());
+    }
+    let valid_best = data.split(Split::Valid).and_then(|s| s.best_loss()).map(f64::exp);
+    let tokens_since_start = trainer.tokens_seen.saturating_sub(ctx.start_tokens) as f64;
+    let summary = json!({
+        "steps": trainer.step,
+        "tokens": trainer.tokens_seen,
+        "wall_seconds": wall_seconds,
+        "train_seconds": train_seconds,
+        "tokens_per_sec": tokens_since_start / train_seconds.max(1e-9),
+        "val_ppl": trainer.val_loss_now.map(f64::exp),
+        "best_val_ppl": trainer.best_val_loss.map(f64::exp),
+        "best_achievable_val_ppl": valid_best,
+        "test_ppl": test.map(|(e, _)| e.ppl),
+        "checkpoint": run.checkpoints().join(format!("step_{:08}", trainer.step)).display().to_string(),
+    });
+    if let Some((e, _)) = test {
+        wandb.set_summary("test/ppl", json!(e.ppl));
+    }
+    let ppl = |v: &serde_json::Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.2}"));
+    info!(
+        "run summary\n  steps       {} ({} tokens)\n  time        {:.0} s ({:.0} s training)\n  throughput  {} tokens/s\n  val ppl     {} (best {}, best achievable {})\n  test ppl    {}\n  checkpoint  {}",
+        trainer.step,
+        group(trainer.tokens_seen),
+        wall_seconds,
+        train_seconds,
+        group(summary["tokens_per_sec"].as_f64().unwrap_or(0.0) as u64),
+        ppl(&summary["val_ppl"]),
+        ppl(&summary["best_val_ppl"]),
+        ppl(&summary["best_achievable_val_ppl"]),
+        ppl(&summary["test_ppl"]),
+        summary["checkpoint"].as_str().unwrap_or("-"),
+    );
+    crate::run_dir::write_atomic(&run.root.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())
 }
 
 /// The config's token cache on every rank: rank 0 builds it when missing while the

@@ -107,6 +107,15 @@ fn loss_falls_and_a_finished_run_resumes_as_complete() {
     let first = r[0]["train/loss"].as_f64().unwrap();
     let last = r.last().unwrap()["train/loss"].as_f64().unwrap();
     assert!(last < first - 0.5, "loss {first} -> {last}");
+    // The end of the run: a summary block, summary.json with the test split's perplexity,
+    // and the charts.
+    assert!(stderr(&out).contains("run summary"), "{}", stderr(&out));
+    let summary: Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("runs/quickstart/summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["steps"], 30);
+    let (test_ppl, best) = (summary["test_ppl"].as_f64().unwrap(), summary["best_achievable_val_ppl"].as_f64().unwrap());
+    assert!(test_ppl > best && test_ppl < 512.0, "{summary}");
+    assert!(summary["checkpoint"].as_str().unwrap().ends_with("step_00000030"));
+    assert!(dir.path().join("runs/quickstart/plots.png").is_file());
     let again = train(&a, None);
     assert!(again.status.success());
     assert!(stderr(&again).contains("already complete at step 30"), "{}", stderr(&again));
