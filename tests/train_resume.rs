@@ -116,6 +116,14 @@ fn loss_falls_and_a_finished_run_resumes_as_complete() {
     assert!(test_ppl > best && test_ppl < 512.0, "{summary}");
     assert!(summary["checkpoint"].as_str().unwrap().ends_with("step_00000030"));
     assert!(dir.path().join("runs/quickstart/plots.png").is_file());
+    let compare = dir.path().join("compare.png");
+    let run_dir = dir.path().join("runs/quickstart");
+    let out = Command::new(bin())
+        .args(["plot", run_dir.to_str().unwrap(), run_dir.to_str().unwrap(), "--out", compare.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(&std::fs::read(&compare).unwrap()[..4], b"\x89PNG");
     let again = train(&a, None);
     assert!(again.status.success());
     assert!(stderr(&again).contains("already complete at step 30"), "{}", stderr(&again));
