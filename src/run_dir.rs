@@ -46,6 +46,42 @@ impl RunDir {
     }
 }
 
+/// An exclusive claim on a run directory, held for the whole training: a second training
+/// pointed at the same directory would interleave checkpoints and metrics. Released when
+/// dropped, or by the kernel when the process dies (an flock, so no stale lock survives
+/// a crash).
+pub struct RunLock {
+    _file: std::fs::File,
+}
+
+impl RunLock {
+    pub fn acquire(run: &RunDir) -> anyhow::Result<RunLock> {
+        use std::io::{Read, Seek, Write};
+        std::fs::create_dir_all(&run.root).with_context(|| format!("cannot create run directory {}", run.root.display()))?;
+        let path = run.root.join("train.lock");
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        if file.try_lock().is_err() {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            anyhow::bail!(
+                "run directory {} is in use by another training (pid {}): use another run_name, or wait for it to end",
+                run.root.display(),
+                holder.trim()
+            );
+        }
+        file.set_len(0)?;
+        file.rewind()?;
+        write!(file, "{}", std::process::id())?;
+        Ok(RunLock { _file: file })
+    }
+}
+
 /// Writes `bytes` to a temporary sibling, fsyncs it and renames it over `path`.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     use std::io::Write;

@@ -18,7 +18,7 @@ use crate::report::log;
 use crate::report::metrics::MetricsLog;
 use crate::report::progress::Progress;
 use crate::report::wandb_run::WandbRun;
-use crate::run_dir::RunDir;
+use crate::run_dir::{RunDir, RunLock};
 use crate::trainer::Trainer;
 use anyhow::bail;
 use serde_json::{json, Map, Value};
@@ -43,9 +43,14 @@ fn run_in_world(cfg: &Config, world: &World) -> anyhow::Result<()> {
     // A device that is not there is a usage error: found before anything is written.
     let device = device::resolve(cfg.device, world.local_rank())?;
     let run = RunDir::for_config(cfg);
-    if world.is_main() {
+    // Held until the run ends: a second training on this directory is refused.
+    let _lock = if world.is_main() {
+        let lock = RunLock::acquire(&run)?;
         run.create(cfg)?;
-    }
+        Some(lock)
+    } else {
+        None
+    };
     log::init(world.rank(), world.is_main().then(|| run.log()).as_deref())?;
     device::share_cpu_threads(world.local_size());
     announce(cfg, world, device, &run);

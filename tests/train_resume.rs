@@ -9,19 +9,18 @@ use std::process::{Command, Output};
 
 /// A small run on the synthetic corpus, with dropout and gradient accumulation on.
 fn args(out_dir: &Path, cache: &Path, extra: &[&str]) -> Vec<String> {
-    let mut a: Vec<String> = [
-        "--config", "configs/quickstart.yaml",
-        "--set", "device=cpu",
-        "--set", "model.n_embd=32", "--set", "model.n_head=2", "--set", "model.n_layer=2",
-        "--set", "model.embedding_size=16", "--set", "model.n_positions=32", "--set", "model.dropout=0.1",
-        "--set", "train.seq_len=32", "--set", "train.micro_batch_size=4", "--set", "train.grad_accum_steps=2",
-        "--set", "train.max_steps=8", "--set", "train.log_interval=1", "--set", "train.eval_interval=4",
-        "--set", "train.eval_steps=2", "--set", "train.save_interval=4", "--set", "optim.warmup_steps=2",
-        "--set", "checkpoint.keep_last=5", "--set", "wandb.mode=disabled",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut a: Vec<String> = ["--config", "configs/quickstart.yaml"]
+        .iter()
+        .chain(TINY_MODEL.iter())
+        .chain([
+            "--set", "model.dropout=0.1",
+            "--set", "train.micro_batch_size=4", "--set", "train.grad_accum_steps=2",
+            "--set", "train.max_steps=8", "--set", "train.log_interval=1", "--set", "train.eval_interval=4",
+            "--set", "train.eval_steps=2", "--set", "train.save_interval=4", "--set", "optim.warmup_steps=2",
+            "--set", "checkpoint.keep_last=5", "--set", "wandb.mode=disabled",
+        ].iter())
+        .map(|s| s.to_string())
+        .collect();
     a.push("--set".into());
     a.push(format!("out_dir={}", out_dir.display()));
     a.push("--set".into());
@@ -261,4 +260,30 @@ fn generate_from_a_checkpoint_with_and_without_the_cache() {
     assert!(cached.starts_with("Kaiso") && cached.len() > "Kaiso".len() + 5, "{cached:?}");
     assert_eq!(cached, gen(&["--temperature", "0", "--no-cache"]));
     assert_eq!(gen(&["--seed", "5"]), gen(&["--seed", "5"]));
+}
+
+#[test]
+fn a_second_training_on_the_same_run_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = args(&dir.path().join("runs"), &dir.path().join("cache"), &["--set", "train.max_steps=100000", "--set", "train.save_interval=0"]);
+    let mut first = Command::new(bin()).args(&a).current_dir(repo()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let metrics = dir.path().join("runs/quickstart/metrics.jsonl");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) < 2 {
+        assert!(std::time::Instant::now() < deadline, "the first training did not start");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let second = train(&a, None);
+    let rows_before = std::fs::read_to_string(&metrics).unwrap().lines().count();
+    assert_eq!(second.status.code(), Some(1));
+    let err = stderr(&second);
+    assert!(err.contains("is in use by another training") && err.contains(&format!("pid {}", first.id())), "{err}");
+    // The first one goes on undisturbed.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert!(std::fs::read_to_string(&metrics).unwrap().lines().count() > rows_before);
+    first.kill().unwrap();
+    first.wait().unwrap();
+    // Once it is gone (even killed), the directory can be used again.
+    let again = train(&args(&dir.path().join("runs"), &dir.path().join("cache"), &["--set", "train.max_steps=2"]), None);
+    assert!(!stderr(&again).contains("in use by another training"), "{}", stderr(&again));
 }

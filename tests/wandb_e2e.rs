@@ -13,17 +13,16 @@ use std::time::{Duration, Instant};
 const KEY: &str = "0123456789abcdef0123456789abcdef01234567";
 
 fn args(dir: &Path, extra: &[&str]) -> Vec<String> {
-    let mut a: Vec<String> = [
-        "--config", "configs/quickstart.yaml", "--set", "device=cpu", "--set", "wandb.mode=online",
-        "--set", "model.n_embd=32", "--set", "model.n_head=2", "--set", "model.n_layer=2",
-        "--set", "model.embedding_size=16", "--set", "model.n_positions=32", "--set", "train.seq_len=32",
-        "--set", "train.micro_batch_size=4", "--set", "train.max_steps=8", "--set", "train.log_interval=1",
-        "--set", "train.eval_interval=4", "--set", "train.eval_steps=1", "--set", "train.save_interval=4",
-        "--set", "optim.warmup_steps=2", "--set", "wandb.flush_timeout_s=20",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut a: Vec<String> = ["--config", "configs/quickstart.yaml"]
+        .iter()
+        .chain(TINY_MODEL.iter())
+        .chain([
+            "--set", "wandb.mode=online", "--set", "train.micro_batch_size=4", "--set", "train.max_steps=8", "--set", "train.log_interval=1",
+            "--set", "train.eval_interval=4", "--set", "train.eval_steps=1", "--set", "train.save_interval=4",
+            "--set", "optim.warmup_steps=2", "--set", "wandb.flush_timeout_s=20",
+        ].iter())
+        .map(|s| s.to_string())
+        .collect();
     a.push(format!("--set=out_dir={}", dir.join("runs").display()));
     a.push(format!("--set=data.cache_dir={}", dir.join("cache").display()));
     a.extend(extra.iter().map(|s| s.to_string()));

@@ -29,9 +29,8 @@ fn official_client(server: &FakeServer, home: &Path, run_id: &str, first: u64, l
 
 fn ours(server: &FakeServer, dir: &Path, run_id: Option<&str>, steps: u64) -> Output {
     let mut cmd = Command::new(bin());
-    cmd.args(["--config", "configs/quickstart.yaml", "--set", "device=cpu", "--set", "wandb.mode=online"])
-        .args(["--set", "model.n_embd=32", "--set", "model.n_head=2", "--set", "model.n_layer=2"])
-        .args(["--set", "model.embedding_size=16", "--set", "model.n_positions=32", "--set", "train.seq_len=32"])
+    cmd.args(["--config", "configs/quickstart.yaml", "--set", "wandb.mode=online"])
+        .args(TINY_MODEL)
         .args(["--set", "train.micro_batch_size=4", "--set", "train.log_interval=1", "--set", "train.eval_interval=0"])
         .args(["--set", "optim.warmup_steps=1", "--set", &format!("train.max_steps={steps}")])
         .arg(format!("--set=out_dir={}", dir.join("runs").display()))
