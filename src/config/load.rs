@@ -403,4 +403,69 @@ mod tests {
         assert_eq!(p[0].path, "model");
         assert!(p[0].message.contains("invalid type"), "{}", p[0].message);
     }
+
+    /// Random mutations of the shipped configs (characters dropped, inserted or swapped,
+    /// lines duplicated or removed, values replaced): every outcome is a valid config or
+    /// an error naming the file, never a panic.
+    #[test]
+    fn mutated_configs_never_panic() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+        let junk = ["null", "-1", "1e309", "\"x\"", "[1, 2]", "{a: 1}", "~", "true", "0", "99999999999999999999", ":", "- a", "&x", "*x", "!!binary AAA", "\t"];
+        let mut rng = crate::rng::SplitMix64::new(2024);
+        let mut outcomes = (0usize, 0usize);
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let original = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+            for _ in 0..400 {
+                let mut lines: Vec<String> = original.lines().map(String::from).collect();
+                for _ in 0..1 + rng.below(3) {
+                    let i = rng.index_below(lines.len());
+                    match rng.below(6) {
+                        0 => {
+                            let line = &mut lines[i];
+                            if !line.is_empty() {
+                                let at = line.char_indices().nth(rng.index_below(line.chars().count())).unwrap().0;
+                                line.remove(at);
+                            }
+                        }
+                        1 => lines[i].insert(0, [' ', ':', '-', '#', '\t', '{'][rng.index_below(6)]),
+                        2 => {
+                            let copy = lines[i].clone();
+                            lines.insert(i, copy);
+                        }
+                        3 => {
+                            lines.remove(i);
+                            if lines.is_empty() {
+                                lines.push(String::new());
+                            }
+                        }
+                        4 => {
+                            if let Some((key, _)) = lines[i].split_once(':') {
+                                lines[i] = format!("{key}: {}", junk[rng.index_below(junk.len())]);
+                            }
+                        }
+                        _ => {
+                            let j = rng.index_below(lines.len());
+                            lines.swap(i, j);
+                        }
+                    }
+                }
+                let text = lines.join("\n");
+                let result = std::panic::catch_unwind(|| parse(&text, "mutated.yaml", &[]));
+                match result {
+                    Err(_) => panic!("parse panicked on:\n{text}"),
+                    Ok(Ok(_)) => outcomes.0 += 1,
+                    Ok(Err(e)) => {
+                        outcomes.1 += 1;
+                        assert!(!e.problems.is_empty());
+                        for p in &e.problems {
+                            let shown = p.to_string();
+                            assert!(shown.starts_with("mutated.yaml"), "{shown}");
+                        }
+                    }
+                }
+            }
+        }
+        // Both kinds of outcome occur, so the mutations are neither all harmless nor all fatal.
+        assert!(outcomes.0 > 50 && outcomes.1 > 50, "{outcomes:?}");
+    }
 }
