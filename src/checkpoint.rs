@@ -94,17 +94,35 @@ pub fn save(
         fsync_path(&path)?;
         state.checksums.insert(file.to_string(), sha256_file(&path)?);
     }
+    crate::faults::kill_in_save("tensors", state.step);
     state.format_version = FORMAT_VERSION;
     crate::run_dir::write_atomic(&tmp_dir.join(TRAINER_FILE), serde_json::to_string_pretty(&state)?.as_bytes())?;
     fsync_path(&tmp_dir)?;
+    crate::faults::kill_in_save("state", state.step);
     if final_dir.exists() {
         // The same step saved again (e.g. the final save right after a periodic one).
         std::fs::remove_dir_all(&final_dir).with_context(|| format!("cannot replace {}", final_dir.display()))?;
     }
     std::fs::rename(&tmp_dir, &final_dir)
         .with_context(|| format!("cannot rename {} to {}", tmp_dir.display(), final_dir.display()))?;
+    crate::faults::kill_in_save("renamed", state.step);
     fsync_path(root)?;
     Ok(final_dir)
+}
+
+/// Removes checkpoints a crash left half-written (`.tmp-step_…`, never valid); returns
+/// how many. Called by rank 0 before training starts.
+pub fn clean_partial(root: &Path) -> anyhow::Result<usize> {
+    let Ok(entries) = std::fs::read_dir(root) else { return Ok(0) };
+    let mut removed = 0;
+    for dir in entries.filter_map(Result::ok).map(|e| e.path()) {
+        if dir.file_name().is_some_and(|n| n.to_string_lossy().starts_with(".tmp-step_")) {
+            tracing::warn!("removing {}: a checkpoint left half-written by an interrupted save", dir.display());
+            std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 /// Reads and verifies a checkpoint directory: trainer.json parses and every file matches

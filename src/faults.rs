@@ -8,6 +8,9 @@
 //! - `hang@N`: the process stops making progress (sleeps) after step N's update, alive
 //!   but silent, as a wedged device or a stuck peer would.
 //! - `diverge@N`: step N's update is followed by a change to this rank's weights.
+//! - `save_kill_tensors@N`, `save_kill_state@N`, `save_kill_renamed@N`: SIGKILL while
+//!   saving step N's checkpoint: after its tensor files, after its trainer.json (both
+//!   still under the temporary name), or right after the rename.
 
 fn fault_step(name: &str, rank: usize) -> Option<u64> {
     let spec = std::env::var("ALGPT2_FAULT").ok()?;
@@ -42,6 +45,16 @@ pub fn kill_or_hang_at(step: u64, rank: usize) {
     if fault_step("hang", rank) == Some(step) {
         loop {
             std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
+    }
+}
+
+/// Dies with SIGKILL at `stage` of saving step `step`'s checkpoint, when chosen.
+pub fn kill_in_save(stage: &str, step: u64) {
+    if fault_step(&format!("save_kill_{stage}"), 0) == Some(step) {
+        // SAFETY: as in kill_or_hang_at.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
         }
     }
 }

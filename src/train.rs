@@ -52,6 +52,9 @@ fn run_in_world(cfg: &Config, world: &World) -> anyhow::Result<()> {
         None
     };
     log::init(world.rank(), world.is_main().then(|| run.log()).as_deref())?;
+    if world.is_main() {
+        checkpoint::clean_partial(&run.checkpoints())?;
+    }
     device::share_cpu_threads(world.local_size());
     announce(cfg, world, device, &run);
 

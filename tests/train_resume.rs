@@ -287,3 +287,35 @@ fn a_second_training_on_the_same_run_directory_is_refused() {
     let again = train(&args(&dir.path().join("runs"), &dir.path().join("cache"), &["--set", "train.max_steps=2"]), None);
     assert!(!stderr(&again).contains("in use by another training"), "{}", stderr(&again));
 }
+
+/// SIGKILL at each stage of writing a checkpoint: the previous checkpoint stays valid,
+/// the half-written one is ignored and removed, and the resumed run ends exactly where an
+/// uninterrupted one does.
+#[test]
+fn a_kill_while_saving_loses_nothing_but_the_unsaved_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let whole = train(&args(&dir.path().join("whole"), &cache, &[]), None);
+    assert!(whole.status.success(), "{}", stderr(&whole));
+    let reference = std::fs::read(dir.path().join("whole/quickstart/checkpoints/step_00000008/model.safetensors")).unwrap();
+    for stage in ["tensors", "state", "renamed"] {
+        let out_dir = dir.path().join(stage);
+        let a = args(&out_dir, &cache, &[]);
+        let killed = train(&a, Some(&format!("save_kill_{stage}@4")));
+        assert!(!killed.status.success(), "{stage}: the fault must kill the run");
+        let ckpts = out_dir.join("quickstart/checkpoints");
+        let partial = ckpts.join(".tmp-step_00000004");
+        assert_eq!(partial.exists(), stage != "renamed", "{stage}");
+        let resumed = train(&a, None);
+        assert!(resumed.status.success(), "{stage}: {}", stderr(&resumed));
+        let err = stderr(&resumed);
+        if stage == "renamed" {
+            assert!(err.contains("resumed from") && err.contains("step_00000004"), "{stage}: {err}");
+        } else {
+            assert!(err.contains("half-written") && !err.contains("resumed from"), "{stage}: {err}");
+        }
+        assert!(!partial.exists(), "{stage}: the partial checkpoint is cleaned up");
+        let model = std::fs::read(ckpts.join("step_00000008/model.safetensors")).unwrap();
+        assert!(model == reference, "{stage}: final weights differ from the uninterrupted run");
+    }
+}
