@@ -69,6 +69,17 @@ pub(super) struct Inner {
 }
 
 impl Inner {
+    /// Why waiting must end now: the reporter was dropped, or `finish`'s deadline passed.
+    fn must_stop(&self, now: Instant) -> Option<Stop> {
+        if self.shutdown {
+            return Some(Stop::Shutdown);
+        }
+        if self.deadline.is_some_and(|d| now >= d) {
+            return Some(Stop::Deadline);
+        }
+        None
+    }
+
     /// Logs `message` as a warning the first time `key` is seen; returns whether it did.
     pub fn warn_once(&mut self, key: &str, message: String) -> bool {
         if !self.warned.insert(key.to_string()) {
@@ -263,20 +274,11 @@ impl Uploader {
     /// The per-attempt limit: `limit`, cut to what is left before the deadline.
     fn attempt_timeout(&self, limit: Duration) -> Result<Duration, Stop> {
         let g = self.shared.lock();
-        if g.shutdown {
-            return Err(Stop::Shutdown);
+        let now = Instant::now();
+        if let Some(stop) = g.must_stop(now) {
+            return Err(stop);
         }
-        match g.deadline {
-            Some(d) => {
-                let left = d.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    Err(Stop::Deadline)
-                } else {
-                    Ok(limit.min(left))
-                }
-            }
-            None => Ok(limit),
-        }
+        Ok(g.deadline.map_or(limit, |d| limit.min(d - now)))
     }
 
     /// Waits `wait`, or less: a shutdown or the deadline ends it with `Err`; with
@@ -286,12 +288,9 @@ impl Uploader {
         let mut g = self.shared.lock();
         let finishing_before = g.finishing.is_some();
         loop {
-            if g.shutdown {
-                return Err(Stop::Shutdown);
-            }
             let now = Instant::now();
-            if g.deadline.is_some_and(|d| now >= d) {
-                return Err(Stop::Deadline);
+            if let Some(stop) = g.must_stop(now) {
+                return Err(stop);
             }
             if cut_on_finish && !finishing_before && g.finishing.is_some() {
                 return Ok(());
@@ -431,12 +430,9 @@ impl Uploader {
     fn wait_for_work(&self) -> Result<Work, Stop> {
         let mut g = self.shared.lock();
         loop {
-            if g.shutdown {
-                return Err(Stop::Shutdown);
-            }
             let now = Instant::now();
-            if g.deadline.is_some_and(|d| now >= d) {
-                return Err(Stop::Deadline);
+            if let Some(stop) = g.must_stop(now) {
+                return Err(stop);
             }
             if (g.finishing.is_some() && g.writer_done) || !self.live {
                 return Ok(Work::Final);
