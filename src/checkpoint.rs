@@ -181,6 +181,22 @@ pub fn retain(root: &Path, keep_last: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A model built from a checkpoint's weights, for evaluation, generation and export.
+pub struct LoadedModel {
+    // The variables live in the store; it must outlive the model that uses them.
+    _vs: tch::nn::VarStore,
+    pub model: crate::model::Algpt2,
+}
+
+/// Builds a `cfg` model on `device` and loads `dir`'s weights into it.
+pub fn load_model(dir: &Path, cfg: &crate::config::ModelConfig, device: tch::Device) -> anyhow::Result<LoadedModel> {
+    let vs = tch::nn::VarStore::new(device);
+    let model = crate::model::Algpt2::new(&vs.root(), cfg);
+    let flat = crate::model::flat::FlatParams::new(&vs);
+    flat.load_named(&load_tensors(dir, MODEL_FILE)?, &format!("checkpoint {}", dir.display()))?;
+    Ok(LoadedModel { _vs: vs, model })
+}
+
 /// Loads the tensors of a verified checkpoint file.
 pub fn load_tensors(dir: &Path, file: &str) -> anyhow::Result<BTreeMap<String, Tensor>> {
     let path = dir.join(file);

@@ -2,18 +2,16 @@
 //! each rank taking every world-size-th window and the sums combined across ranks, so the
 //! result is the same at any world size.
 
-use crate::checkpoint::{self, MODEL_FILE};
+use crate::checkpoint;
 use crate::config::Config;
 use crate::data::batches::{batch_tensors, eval_windows};
 use crate::data::prepare::SplitData;
 use crate::data::source::Split;
 use crate::dist::World;
-use crate::model::flat::FlatParams;
 use crate::model::Algpt2;
 use anyhow::{anyhow, bail};
 use serde::Serialize;
 use std::path::Path;
-use tch::nn::VarStore;
 use tch::{Device, Kind, Reduction};
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -74,12 +72,8 @@ pub fn run(cfg: Config, checkpoint_dir: &Path, split_name: &str) -> anyhow::Resu
         bail!("checkpoint {} was trained with another tokenizer than this config's data", checkpoint_dir.display());
     }
 
-    let vs = VarStore::new(device);
-    let model = Algpt2::new(&vs.root(), &cfg.model);
-    let flat = FlatParams::new(&vs);
-    let tensors = checkpoint::load_tensors(checkpoint_dir, MODEL_FILE)?;
-    flat.load_named(&tensors, &format!("checkpoint {}", checkpoint_dir.display()))?;
-    let e = evaluate(&model, split_data, cfg.train.seq_len, cfg.train.micro_batch_size, None, &world, device);
+    let loaded = checkpoint::load_model(checkpoint_dir, &cfg.model, device)?;
+    let e = evaluate(&loaded.model, split_data, cfg.train.seq_len, cfg.train.micro_batch_size, None, &world, device);
     if world.is_main() {
         let report = serde_json::json!({
             "checkpoint": checkpoint_dir.display().to_string(),

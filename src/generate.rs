@@ -3,16 +3,14 @@
 //! or without one (full recomputation each token, the reference the cache is tested
 //! against).
 
-use crate::checkpoint::{self, MODEL_FILE};
+use crate::checkpoint;
 use crate::config::ModelConfig;
 use crate::data::tokenizer::TextTokenizer;
-use crate::model::flat::FlatParams;
 use crate::model::{Algpt2, KvCache};
 use crate::rng::SplitMix64;
 use anyhow::{anyhow, Context};
 use std::io::Write;
 use std::path::Path;
-use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 #[derive(Debug, Clone)]
@@ -107,10 +105,8 @@ pub fn run(checkpoint_dir: &Path, prompt: &str, s: &Sampling) -> anyhow::Result<
     let cfg: ModelConfig = serde_json::from_value(state.model_config.clone()).context("checkpoint model config")?;
     let run_dir = checkpoint_dir.parent().and_then(Path::parent).ok_or_else(|| anyhow!("{} is not inside a run directory", checkpoint_dir.display()))?;
     let tokenizer = TextTokenizer::load(&run_dir.join("tokenizer.json"))?;
-    let vs = VarStore::new(Device::Cpu);
-    let model = Algpt2::new(&vs.root(), &cfg);
-    let flat = FlatParams::new(&vs);
-    flat.load_named(&checkpoint::load_tensors(checkpoint_dir, MODEL_FILE)?, &format!("checkpoint {}", checkpoint_dir.display()))?;
+    let loaded = checkpoint::load_model(checkpoint_dir, &cfg, Device::Cpu)?;
+    let model = &loaded.model;
 
     let mut ids: Vec<i64> = vec![tokenizer.end_of_text as i64];
     ids.extend(tokenizer.encode(prompt)?.into_iter().map(|t| t as i64));
@@ -118,7 +114,7 @@ pub fn run(checkpoint_dir: &Path, prompt: &str, s: &Sampling) -> anyhow::Result<
     let mut produced: Vec<u32> = Vec::new();
     let mut shown = String::new();
     let out = std::io::stdout();
-    generate(&model, &ids, tokenizer.end_of_text as i64, s, |token| {
+    generate(model, &ids, tokenizer.end_of_text as i64, s, |token| {
         // Decode everything so far and print what is new: a character can span tokens.
         produced.push(token as u32);
         if let Ok(text) = tokenizer.decode(&produced) {
@@ -141,6 +137,7 @@ pub fn run(checkpoint_dir: &Path, prompt: &str, s: &Sampling) -> anyhow::Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tch::nn::VarStore;
 
     fn model(share_layers: bool, embedding_size: Option<usize>, vs: &VarStore) -> Algpt2 {
         let cfg = ModelConfig {

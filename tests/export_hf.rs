@@ -4,11 +4,8 @@
 mod common;
 use algpt2_ddp::checkpoint;
 use algpt2_ddp::config::ModelConfig;
-use algpt2_ddp::model::flat::FlatParams;
-use algpt2_ddp::model::Algpt2;
 use common::*;
 use std::process::Command;
-use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 #[test]
@@ -37,9 +34,7 @@ fn exports_load_in_transformers_with_our_logits() {
         // Our logits on a batch, from the same checkpoint.
         let state = checkpoint::verify(&ckpt).unwrap();
         let cfg: ModelConfig = serde_json::from_value(state.model_config).unwrap();
-        let vs = VarStore::new(Device::Cpu);
-        let model = Algpt2::new(&vs.root(), &cfg);
-        FlatParams::new(&vs).load_named(&checkpoint::load_tensors(&ckpt, checkpoint::MODEL_FILE).unwrap(), "ckpt").unwrap();
+        let model = checkpoint::load_model(&ckpt, &cfg, Device::Cpu).unwrap().model;
         let idx = Tensor::randint(cfg.vocab_size as i64, [2, 32], (Kind::Int64, Device::Cpu));
         let logits = tch::no_grad(|| model.forward(&idx, false));
         let ours = dir.path().join("ours.safetensors");

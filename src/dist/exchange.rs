@@ -41,19 +41,12 @@ impl GradientExchange {
                 };
                 nccl::check_available().with_context(|| format!("dist.backend: nccl on rank {}", world.rank()))?;
                 // Rank 0 makes the id; MPI carries it to the others.
-                let mut id = [0f64; 16];
+                let mut id = [0u8; 128];
                 if world.is_main() {
-                    let raw = nccl::unique_id()?;
-                    for (slot, chunk) in id.iter_mut().zip(raw.chunks(8)) {
-                        *slot = f64::from_bits(u64::from_le_bytes(chunk.try_into().unwrap()));
-                    }
+                    id = nccl::unique_id()?;
                 }
-                world.broadcast_f64(&mut id);
-                let mut raw = [0u8; 128];
-                for (chunk, slot) in raw.chunks_mut(8).zip(id.iter()) {
-                    chunk.copy_from_slice(&slot.to_bits().to_le_bytes());
-                }
-                GradientExchange::Nccl(NcclComm::new(raw, world.rank(), world.size(), ordinal)?)
+                world.broadcast_bytes(&mut id);
+                GradientExchange::Nccl(NcclComm::new(id, world.rank(), world.size(), ordinal)?)
             }
         })
     }

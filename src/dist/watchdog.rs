@@ -9,23 +9,22 @@ use std::time::{Duration, Instant};
 
 pub struct Watchdog {
     last_beat_ms: Arc<AtomicU64>,
-    timeout_ms: Arc<AtomicU64>,
     started: Instant,
 }
 
 impl Watchdog {
-    /// Starts watching; `what` says what was expected (shown in the message).
+    /// Starts watching this rank's progress.
     pub fn start(rank: usize, timeout: Duration) -> Watchdog {
         let started = Instant::now();
         let last_beat_ms = Arc::new(AtomicU64::new(0));
-        let timeout_ms = Arc::new(AtomicU64::new(timeout.as_millis() as u64));
-        let (last, limit) = (Arc::clone(&last_beat_ms), Arc::clone(&timeout_ms));
+        let allowed = timeout.as_millis() as u64;
+        let last = Arc::clone(&last_beat_ms);
         std::thread::Builder::new()
             .name("watchdog".into())
             .spawn(move || loop {
                 std::thread::sleep(Duration::from_millis(200));
                 let now = started.elapsed().as_millis() as u64;
-                let (since, allowed) = (now.saturating_sub(last.load(Ordering::Relaxed)), limit.load(Ordering::Relaxed));
+                let since = now.saturating_sub(last.load(Ordering::Relaxed));
                 if since > allowed {
                     eprintln!(
                         "error on rank {rank}: no training progress for {:.0} s (dist.timeout_s): another rank died or hangs; ending this rank so the job stops",
@@ -36,16 +35,11 @@ impl Watchdog {
                 }
             })
             .expect("the watchdog thread starts");
-        Watchdog { last_beat_ms, timeout_ms, started }
+        Watchdog { last_beat_ms, started }
     }
 
     /// Progress was made: restart the clock.
     pub fn beat(&self) {
         self.last_beat_ms.store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
-    }
-
-    pub fn set_timeout(&self, timeout: Duration) {
-        self.timeout_ms.store(timeout.as_millis() as u64, Ordering::Relaxed);
-        self.beat();
     }
 }

@@ -125,8 +125,8 @@ impl World {
         self.comm.all_reduce_into(&send[..], values, SystemOperation::sum());
     }
 
-    /// Rank 0's values on every rank.
-    pub fn broadcast_f64(&self, values: &mut [f64]) {
+    /// Rank 0's bytes on every rank.
+    pub fn broadcast_bytes(&self, values: &mut [u8]) {
         if self.size > 1 {
             self.comm.process_at_rank(0).broadcast_into(values);
         }
