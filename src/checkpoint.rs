@@ -75,35 +75,57 @@ fn fsync_path(path: &Path) -> anyhow::Result<()> {
     File::open(path).and_then(|f| f.sync_all()).with_context(|| format!("cannot sync {}", path.display()))
 }
 
-/// Writes a checkpoint for `state.step` into `root` and returns its directory.
+/// Writes a checkpoint for `state.step` into `root` and returns its directory. On an
+/// error (a full disk, say) the half-written directory is removed again, so that it
+/// neither holds the space nor waits for the next start to be cleaned up; the existing
+/// checkpoints are never touched before the new one is complete.
 pub fn save(
     root: &Path,
+    model: &[(String, Tensor)],
+    optimizer: &[(String, Tensor)],
+    state: TrainerState,
+) -> anyhow::Result<PathBuf> {
+    let step = state.step;
+    let tmp_dir = root.join(format!(".tmp-{}", step_dir_name(step)));
+    save_via(root, &tmp_dir, model, optimizer, state).map_err(|e| {
+        if tmp_dir.exists() {
+            if let Err(cleanup) = std::fs::remove_dir_all(&tmp_dir) {
+                tracing::warn!("could not remove the half-written {}: {cleanup}", tmp_dir.display());
+            }
+        }
+        e.context(format!("cannot save the checkpoint of step {step} in {}", root.display()))
+    })
+}
+
+fn save_via(
+    root: &Path,
+    tmp_dir: &Path,
     model: &[(String, Tensor)],
     optimizer: &[(String, Tensor)],
     mut state: TrainerState,
 ) -> anyhow::Result<PathBuf> {
     let final_dir = root.join(step_dir_name(state.step));
-    let tmp_dir = root.join(format!(".tmp-{}", step_dir_name(state.step)));
     if tmp_dir.exists() {
-        std::fs::remove_dir_all(&tmp_dir).with_context(|| format!("cannot clear {}", tmp_dir.display()))?;
+        std::fs::remove_dir_all(tmp_dir).with_context(|| format!("cannot clear {}", tmp_dir.display()))?;
     }
-    std::fs::create_dir_all(&tmp_dir).with_context(|| format!("cannot create {}", tmp_dir.display()))?;
+    std::fs::create_dir_all(tmp_dir).with_context(|| format!("cannot create {}", tmp_dir.display()))?;
     for (file, tensors) in [(MODEL_FILE, model), (OPTIMIZER_FILE, optimizer)] {
         let path = tmp_dir.join(file);
         Tensor::write_safetensors(tensors, &path).map_err(|e| anyhow!("cannot write {}: {e}", path.display()))?;
+        crate::faults::disk_full_in_save(&path, state.step)?;
         fsync_path(&path)?;
         state.checksums.insert(file.to_string(), sha256_file(&path)?);
     }
     crate::faults::kill_in_save("tensors", state.step);
     state.format_version = FORMAT_VERSION;
     crate::run_dir::write_atomic(&tmp_dir.join(TRAINER_FILE), serde_json::to_string_pretty(&state)?.as_bytes())?;
-    fsync_path(&tmp_dir)?;
+    fsync_path(tmp_dir)?;
     crate::faults::kill_in_save("state", state.step);
     if final_dir.exists() {
         // The same step saved again (e.g. the final save right after a periodic one).
         std::fs::remove_dir_all(&final_dir).with_context(|| format!("cannot replace {}", final_dir.display()))?;
     }
-    std::fs::rename(&tmp_dir, &final_dir)
+    std::fs::rename(tmp_dir, &final_dir)
         .with_context(|| format!("cannot rename {} to {}", tmp_dir.display(), final_dir.display()))?;
     crate::faults::kill_in_save("renamed", state.step);
     fsync_path(root)?;

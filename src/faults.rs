@@ -11,6 +11,8 @@
 //! - `save_kill_tensors@N`, `save_kill_state@N`, `save_kill_renamed@N`: SIGKILL while
 //!   saving step N's checkpoint: after its tensor files, after its trainer.json (both
 //!   still under the temporary name), or right after the rename.
+//! - `save_disk_full@N`: writing step N's checkpoint fails as on a full disk (ENOSPC),
+//!   after its model file is on disk.
 
 fn fault_step(name: &str, rank: usize) -> Option<u64> {
     let spec = std::env::var("ALGPT2_FAULT").ok()?;
@@ -57,4 +59,14 @@ pub fn kill_in_save(stage: &str, step: u64) {
             libc::kill(libc::getpid(), libc::SIGKILL);
         }
     }
+}
+
+/// Fails as a full disk would, after `written` is on disk, when saving step `step` is the
+/// chosen one.
+pub fn disk_full_in_save(written: &std::path::Path, step: u64) -> anyhow::Result<()> {
+    if fault_step("save_disk_full", 0) == Some(step) {
+        let err = std::io::Error::from_raw_os_error(libc::ENOSPC);
+        return Err(anyhow::Error::new(err).context(format!("cannot write {}", written.display())));
+    }
+    Ok(())
 }

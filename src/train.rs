@@ -2,7 +2,7 @@
 //! lr → step (micro-steps → sync → clip → update) → log → evaluate → agree → save.
 
 use crate::checkpoint::{self, Found};
-use crate::config::Config;
+use crate::config::{Config, OnSaveError};
 use crate::data::prepare::{self, Prepared};
 use crate::data::source::Split;
 use crate::data::summary;
@@ -22,6 +22,7 @@ use crate::run_dir::{RunDir, RunLock};
 use crate::trainer::Trainer;
 use anyhow::bail;
 use serde_json::{json, Map, Value};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tracing::{error, info};
 
@@ -71,9 +72,11 @@ fn run_in_world(cfg: &Config, world: &World) -> anyhow::Result<()> {
     if let Some(found) = resume_point(cfg, &run)? {
         trainer.load(&found, &data.tokenizer.hash_hex(), world)?;
         info!("resumed from {} at step {}", found.dir.display(), trainer.step);
-        if world.is_main() {
-            metrics.truncate_after(trainer.step)?;
-        }
+    }
+    if world.is_main() {
+        // Rows an interrupted run logged after its last checkpoint (all of them, when it
+        // saved none) are logged again by this one.
+        metrics.truncate_after(trainer.step)?;
     }
     let exchange = GradientExchange::new(&cfg.dist, world, device)?;
     info!("gradient exchange: {}", exchange.name());
@@ -215,12 +218,39 @@ fn train_loop(ctx: &LoopContext, trainer: &mut Trainer) -> anyhow::Result<()> {
 
         // 6. Checkpoint (rank 0 writes; every rank reads on resume).
         if (t.save_interval > 0 && step % t.save_interval == 0) || last || stopping {
-            if world.is_main() {
-                let dir = trainer.save(&run.checkpoints(), world, &data.tokenizer.hash_hex())?;
-                progress.line(&format!("saved {}", dir.display()));
-            }
-            world.barrier();
+            let saved = if world.is_main() { trainer.save(&run.checkpoints(), world, &data.tokenizer.hash_hex()) } else { Ok(PathBuf::new()) };
+            // Every rank learns whether rank 0's save worked, so that all stop together
+            // (or all go on) instead of the others waiting on a rank that left.
+            let mut failed = [saved.is_err() as u8 as f64];
+            world.all_reduce_max(&mut failed);
             watchdog.beat();
+            match saved {
+                Ok(dir) if failed[0] == 0.0 => {
+                    if world.is_main() {
+                        progress.line(&format!("saved {}", dir.display()));
+                    }
+                }
+                result => {
+                    let why = match result {
+                        Err(e) => format!("{e:#}"),
+                        Ok(_) => "rank 0 could not save its checkpoint (its log says why)".to_string(),
+                    };
+                    let previous = if world.is_main() {
+                        checkpoint::list_valid(&run.checkpoints())
+                            .last()
+                            .map_or("there is no earlier checkpoint".to_string(), |f| format!("{} is intact", f.dir.display()))
+                    } else {
+                        "rank 0 names the checkpoint to resume from".to_string()
+                    };
+                    let keep_going = cfg.checkpoint.on_save_error == OnSaveError::Continue && !last && !stopping;
+                    if !keep_going {
+                        bail!("{why}; {previous}; stopping at step {step} (free space, then run the same command to resume{})",
+                            if cfg.checkpoint.on_save_error == OnSaveError::Stop { "; checkpoint.on_save_error: continue trains on" } else { "" });
+                    }
+                    tracing::warn!("{why}; {previous}; training on (checkpoint.on_save_error: continue), next try at step {}",
+                        next_save_step(step, t.save_interval, t.max_steps));
+                }
+            }
         }
         if stopping {
             progress.finish();
@@ -230,6 +260,14 @@ fn train_loop(ctx: &LoopContext, trainer: &mut Trainer) -> anyhow::Result<()> {
     }
     progress.finish();
     summarize(ctx, trainer, started_at.elapsed().as_secs_f64(), total_train_seconds)
+}
+
+/// The step of the next periodic save after `step` (the final step when none comes first).
+fn next_save_step(step: u64, save_interval: u64, max_steps: u64) -> u64 {
+    if save_interval == 0 {
+        return max_steps;
+    }
+    ((step / save_interval + 1) * save_interval).min(max_steps)
 }
 
 /// The end of a run: the test split's perplexity when there is one, then a summary block

@@ -279,11 +279,22 @@ pub struct CheckpointConfig {
     /// `auto`: continue from the run's newest valid checkpoint, if any; `none`: start
     /// fresh; anything else: the path of a checkpoint directory to resume from.
     pub resume: String,
+    /// What a failed save (disk full, I/O error) does: `stop` (every rank exits naming
+    /// the error; the previous checkpoints are intact) or `continue` (warn and train on,
+    /// trying again at the next save; the final save must succeed).
+    pub on_save_error: OnSaveError,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnSaveError {
+    Stop,
+    Continue,
 }
 
 impl Default for CheckpointConfig {
     fn default() -> Self {
-        CheckpointConfig { keep_last: 3, resume: "auto".to_string() }
+        CheckpointConfig { keep_last: 3, resume: "auto".to_string(), on_save_error: OnSaveError::Stop }
     }
 }
 

@@ -127,7 +127,10 @@ pub fn prepare(cfg: &Config, force: bool) -> anyhow::Result<Prepared> {
     if force && dir.exists() {
         std::fs::remove_dir_all(&dir).with_context(|| format!("cannot clear {}", dir.display()))?;
     }
-    if !is_complete(&dir, &fingerprint) {
+    if let Some(problem) = cache_problem(&dir, &fingerprint) {
+        if dir.exists() {
+            tracing::warn!("token cache {} is damaged ({problem}): rebuilding it", dir.display());
+        }
         build(cfg, &dir, &fingerprint)?;
     } else {
         info!("token cache {} is complete", dir.display());
@@ -138,7 +141,10 @@ pub fn prepare(cfg: &Config, force: bool) -> anyhow::Result<Prepared> {
 /// Opens the complete cache of `cfg`; an error says how to build it.
 pub fn open(cfg: &Config) -> anyhow::Result<Prepared> {
     let (dir, fingerprint) = cache_location(cfg)?;
-    if !is_complete(&dir, &fingerprint) {
+    if let Some(problem) = cache_problem(&dir, &fingerprint) {
+        if dir.exists() {
+            bail!("token cache {} is damaged ({problem}): run `algpt2-ddp prepare --config ...` to rebuild it", dir.display());
+        }
         bail!("no complete token cache at {} (run `algpt2-ddp prepare --config ...`)", dir.display());
     }
     let manifest = read_manifest(&dir)?;
@@ -175,13 +181,28 @@ fn read_manifest(dir: &Path) -> anyhow::Result<Manifest> {
 /// A cache counts only once its manifest (written last) matches and every token file it
 /// lists opens with the tokenizer's hash.
 fn is_complete(dir: &Path, fingerprint: &str) -> bool {
-    let Ok(manifest) = read_manifest(dir) else { return false };
-    manifest.cache_format == CACHE_FORMAT
-        && manifest.fingerprint == fingerprint
-        && manifest.splits.keys().all(|split| {
-            TokenFile::open(&dir.join(format!("{split}.bin")))
-                .is_ok_and(|f| hex::encode(f.tokenizer_hash) == manifest.tokenizer_hash && f.len() == manifest.splits[split].tokens)
-        })
+    cache_problem(dir, fingerprint).is_none()
+}
+
+/// Why the cache in `dir` cannot be used as it is, or None when it can.
+fn cache_problem(dir: &Path, fingerprint: &str) -> Option<String> {
+    let manifest = match read_manifest(dir) {
+        Ok(m) => m,
+        Err(e) => return Some(format!("{e:#}")),
+    };
+    if manifest.cache_format != CACHE_FORMAT || manifest.fingerprint != fingerprint {
+        return Some(format!("{} was made by another version or for other data", dir.join("manifest.json").display()));
+    }
+    manifest.splits.keys().find_map(|split| match TokenFile::open(&dir.join(format!("{split}.bin"))) {
+        Err(e) => Some(format!("{e:#}")),
+        Ok(f) if hex::encode(f.tokenizer_hash) != manifest.tokenizer_hash => {
+            Some(format!("{} was made with another tokenizer than the manifest's", f.path.display()))
+        }
+        Ok(f) if f.len() != manifest.splits[split].tokens => {
+            Some(format!("{} holds {} tokens, the manifest says {}", f.path.display(), f.len(), manifest.splits[split].tokens))
+        }
+        Ok(_) => None,
+    })
 }
 
 fn check_vocab(cfg: &Config, tokenizer: &TextTokenizer, origin: &Path) -> anyhow::Result<()> {
