@@ -369,3 +369,44 @@ fn damaged_data_files_and_caches_get_clear_errors_or_a_rebuild() {
     assert!(std::fs::read(&train_bin).unwrap() == intact);
     eprintln!("FIGURE data: garbage text refused naming the file; truncated cache and a cache file of another tokenizer detected and rebuilt identically");
 }
+
+#[test]
+fn a_truncated_bit_flipped_or_deleted_checkpoint_file_falls_back_to_the_previous_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let whole = one_rank(&args(d, "whole", &[]), None);
+    assert!(whole.status.success(), "{}", stderr(&whole));
+    let reference = final_state(d, "whole");
+    type Damage = fn(&Path);
+    let cases: [(&str, Damage); 4] = [
+        ("model.safetensors truncated", |c| {
+            let f = c.join("model.safetensors");
+            let bytes = std::fs::read(&f).unwrap();
+            std::fs::write(&f, &bytes[..bytes.len() / 2]).unwrap();
+        }),
+        ("one bit of optimizer.safetensors flipped", |c| {
+            let f = c.join("optimizer.safetensors");
+            let mut bytes = std::fs::read(&f).unwrap();
+            let middle = bytes.len() / 2;
+            bytes[middle] ^= 0x10;
+            std::fs::write(&f, bytes).unwrap();
+        }),
+        ("model.safetensors deleted", |c| std::fs::remove_file(c.join("model.safetensors")).unwrap()),
+        ("trainer.json deleted", |c| std::fs::remove_file(c.join("trainer.json")).unwrap()),
+    ];
+    for (i, (case, damage)) in cases.iter().enumerate() {
+        // A copy of the finished run whose newest checkpoint is then damaged.
+        let run = format!("damaged-{i}");
+        let copy = Command::new("cp").arg("-a").arg(d.join("runs/whole")).arg(d.join("runs").join(&run)).status().unwrap();
+        assert!(copy.success());
+        let newest = checkpoints(d, &run).join("step_00000008");
+        damage(&newest);
+        let out = one_rank(&args(d, &run, &[]), None);
+        assert!(out.status.success(), "{case}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(err.contains("skipping checkpoint") && err.contains("step_00000008"), "{case}: {err}");
+        assert!(err.contains("resumed from") && err.contains("step_00000006"), "{case}: {err}");
+        assert!(final_state(d, &run) == reference, "{case}: final weights differ from the undamaged run's");
+        eprintln!("FIGURE damaged checkpoint ({case}): skipped with a warning naming it, resumed from step 6, 2 steps redone, final weights byte-identical");
+    }
+}
