@@ -364,10 +364,21 @@ pub struct DistConfig {
     /// Compare a checksum of the parameters across ranks every this many steps (0: never);
     /// a difference stops the run naming the ranks.
     pub check_interval: u64,
+    /// Type of the gradients on the wire: `fp32`, or `bf16` (half the bytes; every
+    /// addition still done in fp32, the averaged result written back into the fp32
+    /// gradients).
+    pub grad_dtype: GradDtype,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GradDtype {
+    Fp32,
+    Bf16,
 }
 
 impl Default for DistConfig {
     fn default() -> Self {
-        DistConfig { backend: DistBackend::Auto, bucket_mb: 25, timeout_s: 600, check_interval: 100 }
+        DistConfig { backend: DistBackend::Auto, bucket_mb: 25, timeout_s: 600, check_interval: 100, grad_dtype: GradDtype::Fp32 }
     }
 }

@@ -6,23 +6,28 @@
 //! (never on the others), in buckets of `dist.bucket_mb`. tch exposes no autograd hooks,
 //! so the exchange cannot overlap the backward pass as PyTorch DDP's does; it runs right
 //! after it.
+//!
+//! `dist.grad_dtype: bf16` sends the gradients as bf16, half the bytes: the fp32
+//! gradients (accumulated over micro-steps in fp32) are rounded to bf16, summed across
+//! ranks with every addition in fp32, and the mean is written back into the fp32 buffer
+//! that clipping and AdamW read.
 
 use super::nccl::{self, NcclComm};
 use super::World;
-use crate::config::{DistBackend, DistConfig};
+use crate::config::{DistBackend, DistConfig, GradDtype};
 use anyhow::{bail, Context};
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 pub enum GradientExchange {
     /// A world of one: nothing to exchange.
     Single,
-    Mpi { bucket_elems: usize },
-    Nccl(NcclComm),
+    Mpi { bucket_bytes: usize, wire: GradDtype },
+    Nccl { comm: NcclComm, wire: GradDtype },
 }
 
 impl GradientExchange {
     pub fn new(cfg: &DistConfig, world: &World, device: Device) -> anyhow::Result<GradientExchange> {
-        let bucket_elems = (cfg.bucket_mb * (1 << 20) / 4).max(1);
+        let (bucket_bytes, wire) = ((cfg.bucket_mb << 20).max(4), cfg.grad_dtype);
         let backend = match (cfg.backend, device) {
             (DistBackend::Auto, _) if world.size() == 1 => DistBackend::None,
             (DistBackend::Auto, Device::Cuda(_)) => DistBackend::Nccl,
@@ -34,7 +39,7 @@ impl GradientExchange {
                 bail!("dist.backend: none cannot train {} ranks (use auto, mpi or nccl)", world.size())
             }
             DistBackend::None | DistBackend::Auto => GradientExchange::Single,
-            DistBackend::Mpi => GradientExchange::Mpi { bucket_elems },
+            DistBackend::Mpi => GradientExchange::Mpi { bucket_bytes, wire },
             DistBackend::Nccl => {
                 let Device::Cuda(ordinal) = device else {
                     bail!("dist.backend: nccl needs CUDA tensors, but rank {} runs on {device:?} (use dist.backend: mpi)", world.rank())
@@ -46,16 +51,20 @@ impl GradientExchange {
                     id = nccl::unique_id()?;
                 }
                 world.broadcast_bytes(&mut id);
-                GradientExchange::Nccl(NcclComm::new(id, world.rank(), world.size(), ordinal)?)
+                GradientExchange::Nccl { comm: NcclComm::new(id, world.rank(), world.size(), ordinal)?, wire }
             }
         })
     }
 
-    pub fn name(&self) -> &'static str {
+    pub fn name(&self) -> String {
+        let wire = |w: &GradDtype| match w {
+            GradDtype::Fp32 => "fp32",
+            GradDtype::Bf16 => "bf16",
+        };
         match self {
-            GradientExchange::Single => "none (one rank)",
-            GradientExchange::Mpi { .. } => "mpi",
-            GradientExchange::Nccl(_) => "nccl",
+            GradientExchange::Single => "none (one rank)".to_string(),
+            GradientExchange::Mpi { wire: w, .. } => format!("mpi, {} gradients", wire(w)),
+            GradientExchange::Nccl { wire: w, .. } => format!("nccl, {} gradients", wire(w)),
         }
     }
 
@@ -63,13 +72,31 @@ impl GradientExchange {
     pub fn average(&self, world: &World, grads: &mut Tensor) -> anyhow::Result<()> {
         match self {
             GradientExchange::Single => Ok(()),
-            GradientExchange::Mpi { bucket_elems } => {
-                world.all_reduce_sum_in_place(grads, *bucket_elems)?;
+            GradientExchange::Mpi { bucket_bytes, wire: GradDtype::Fp32 } => {
+                world.all_reduce_sum_in_place(grads, bucket_bytes / 4)?;
                 let _ = grads.g_mul_scalar_(1.0 / world.size() as f64);
                 Ok(())
             }
+            GradientExchange::Mpi { bucket_bytes, wire: GradDtype::Bf16 } => {
+                let mut wire = grads.to_device(Device::Cpu).to_kind(Kind::BFloat16);
+                world.all_reduce_bf16_sum_in_place(&mut wire, bucket_bytes / 2)?;
+                write_mean(grads, &wire, world.size());
+                Ok(())
+            }
             // SAFETY: grads is a live, contiguous f32 CUDA tensor of numel() values.
-            GradientExchange::Nccl(comm) => unsafe { comm.all_reduce_mean_f32(grads.data_ptr() as u64, grads.numel()) },
+            GradientExchange::Nccl { comm, wire: GradDtype::Fp32 } => unsafe {
+                comm.all_reduce_mean_f32(grads.data_ptr() as u64, grads.numel())
+            },
+            GradientExchange::Nccl { comm, wire: GradDtype::Bf16 } => {
+                // The cast runs on libtorch's current stream, the default stream NCCL's
+                // calls are enqueued on, so the three steps run in order on the GPU.
+                let wire = grads.to_kind(Kind::BFloat16);
+                // SAFETY: wire is a live, contiguous bf16 CUDA tensor of numel() values,
+                // kept alive until write_mean's kernels (queued after the reduction) read it.
+                unsafe { comm.all_reduce_sum_bf16(wire.data_ptr() as u64, wire.numel())? };
+                write_mean(grads, &wire, world.size());
+                Ok(())
+            }
         }
     }
 
@@ -82,7 +109,13 @@ impl GradientExchange {
                 Ok(())
             }
             // SAFETY: as in `average`.
-            GradientExchange::Nccl(comm) => unsafe { comm.broadcast_f32(t.data_ptr() as u64, t.numel(), 0) },
+            GradientExchange::Nccl { comm, .. } => unsafe { comm.broadcast_f32(t.data_ptr() as u64, t.numel(), 0) },
         }
     }
+}
+
+/// grads = f32(summed) / ranks, in place.
+fn write_mean(grads: &mut Tensor, summed: &Tensor, ranks: usize) {
+    let mean = summed.to_device(grads.device()).to_kind(Kind::Float) / ranks as f64;
+    tch::no_grad(|| grads.copy_(&mean));
 }

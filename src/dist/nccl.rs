@@ -372,6 +372,28 @@ impl NcclComm {
         })
     }
 
+    /// In-place sum over ranks of `count` bf16 values at `ptr` (`dist.grad_dtype: bf16`):
+    /// NCCL adds bf16 in fp32 and rounds each partial sum back to bf16.
+    ///
+    /// # Safety
+    /// As for [`Self::all_reduce_mean_f32`], with `count` bf16 (2-byte) values at `ptr`.
+    pub unsafe fn all_reduce_sum_bf16(&self, ptr: u64, count: usize) -> anyhow::Result<()> {
+        self.collective("ncclAllReduce (bf16 sum)", ptr, count, 2, |comm, buf| {
+            // SAFETY: the caller's contract; send and receive buffers alias (in place).
+            unsafe {
+                nccl::ncclAllReduce(
+                    buf,
+                    buf,
+                    count,
+                    nccl::ncclDataType_t::ncclBfloat16,
+                    nccl::ncclRedOp_t::ncclSum,
+                    comm,
+                    DEFAULT_STREAM,
+                )
+            }
+        })
+    }
+
     /// In-place broadcast of `count` f32 from `root` (initial weights).
     ///
     /// # Safety

@@ -6,6 +6,13 @@ use mpi::topology::{Communicator, SimpleCommunicator};
 extern "C" {
     /// MPI_IN_PLACE of the mpi.h we built against (src/dist/mpi_in_place.c).
     fn algpt2_mpi_in_place() -> *mut std::ffi::c_void;
+    /// In-place sum of bf16 words, each pair added in fp32 (src/dist/mpi_in_place.c).
+    fn algpt2_allreduce_bf16_sum(buf: *mut std::ffi::c_void, count: i32, comm: mpi::ffi::MPI_Comm) -> i32;
+}
+
+#[cfg(test)]
+extern "C" {
+    fn algpt2_bf16_sum(input: *const u16, inout: *mut u16, n: i32);
 }
 use mpi::collective::{CommunicatorCollectives, Root, SystemOperation};
 use mpi::environment::Universe;
@@ -73,24 +80,48 @@ impl World {
             return Ok(());
         }
         anyhow::ensure!(t.kind() == tch::Kind::Float && t.is_contiguous(), "MPI all-reduce needs a contiguous f32 tensor");
-        let count = t.numel();
         let base = t.data_ptr() as *mut f32;
-        let mut offset = 0;
-        while offset < count {
-            let n = bucket_elems.min(count - offset).min(i32::MAX as usize);
+        self.in_buckets("MPI_Allreduce (f32 sum)", t.numel(), bucket_elems, |offset, n| {
             // SAFETY: [base + offset, base + offset + n) lies inside the tensor's contiguous
             // f32 storage, which nothing else touches during this blocking call.
-            let rc = unsafe {
+            unsafe {
                 mpi::ffi::MPI_Allreduce(
                     algpt2_mpi_in_place(),
                     base.add(offset) as *mut std::ffi::c_void,
-                    n as i32,
+                    n,
                     mpi::ffi::RSMPI_FLOAT,
                     mpi::ffi::RSMPI_SUM,
                     self.comm.as_raw(),
                 )
-            };
-            anyhow::ensure!(rc == 0, "MPI_Allreduce failed on rank {} with code {rc}", self.rank);
+            }
+        })
+    }
+
+    /// Sums a bf16 tensor (on the CPU, contiguous) across ranks in place, each addition
+    /// done in fp32 and rounded back: half the bytes of the f32 exchange.
+    pub fn all_reduce_bf16_sum_in_place(&self, t: &mut tch::Tensor, bucket_elems: usize) -> anyhow::Result<()> {
+        if self.size == 1 {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            t.kind() == tch::Kind::BFloat16 && t.is_contiguous() && t.device() == tch::Device::Cpu,
+            "the bf16 MPI all-reduce needs a contiguous bf16 tensor in host memory"
+        );
+        let base = t.data_ptr() as *mut u16;
+        self.in_buckets("MPI_Allreduce (bf16 sum)", t.numel(), bucket_elems, |offset, n| {
+            // SAFETY: as in all_reduce_sum_in_place, with 2-byte elements.
+            unsafe { algpt2_allreduce_bf16_sum(base.add(offset) as *mut std::ffi::c_void, n, self.comm.as_raw()) }
+        })
+    }
+
+    /// Runs `reduce(offset, n)` over `count` elements in buckets of at most
+    /// `bucket_elems`, failing on the first non-zero MPI code.
+    fn in_buckets(&self, what: &str, count: usize, bucket_elems: usize, reduce: impl Fn(usize, i32) -> i32) -> anyhow::Result<()> {
+        let mut offset = 0;
+        while offset < count {
+            let n = bucket_elems.max(1).min(count - offset).min(i32::MAX as usize);
+            let rc = reduce(offset, n as i32);
+            anyhow::ensure!(rc == 0, "{what} failed on rank {} with code {rc}", self.rank);
             offset += n;
         }
         Ok(())
@@ -147,5 +178,33 @@ impl World {
     /// waiting in a collective.
     pub fn abort(&self, code: i32) -> ! {
         self.comm.abort(code)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::algpt2_bf16_sum;
+    use tch::{Kind, Tensor};
+
+    /// The MPI reduction's element step against libtorch's own bf16 rounding.
+    #[test]
+    fn bf16_sum_adds_in_fp32_and_rounds_like_libtorch() {
+        tch::manual_seed(3);
+        let a = (Tensor::randn([4096], (Kind::Float, tch::Device::Cpu)) * 1e-3).to_kind(Kind::BFloat16);
+        let b = (Tensor::randn([4096], (Kind::Float, tch::Device::Cpu)) * 3.0).to_kind(Kind::BFloat16);
+        let specials = Tensor::from_slice(&[f32::INFINITY, -0.0, 1e-40, f32::MAX, 0.5]).to_kind(Kind::BFloat16);
+        let a = Tensor::cat(&[a, specials.shallow_clone()], 0);
+        let b = Tensor::cat(&[b, specials], 0);
+        let expected = (a.to_kind(Kind::Float) + b.to_kind(Kind::Float)).to_kind(Kind::BFloat16);
+        let ours = b.copy();
+        // SAFETY: both tensors are contiguous bf16 of the same length.
+        unsafe { algpt2_bf16_sum(a.data_ptr() as *const u16, ours.data_ptr() as *mut u16, a.numel() as i32) };
+        let bits = |t: &Tensor| Vec::<i16>::try_from(t.view_dtype(Kind::Int16)).unwrap();
+        assert_eq!(bits(&ours), bits(&expected));
+        // NaN stays NaN.
+        let nan = Tensor::from_slice(&[f32::NAN]).to_kind(Kind::BFloat16);
+        let one = Tensor::from_slice(&[1.0f32]).to_kind(Kind::BFloat16);
+        unsafe { algpt2_bf16_sum(nan.data_ptr() as *const u16, one.data_ptr() as *mut u16, 1) };
+        assert!(one.to_kind(Kind::Float).double_value(&[0]).is_nan());
     }
 }
