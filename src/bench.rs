@@ -15,6 +15,7 @@ use std::time::Instant;
 const WARMUP_STEPS: u64 = 3;
 
 pub fn run(cfg: Config, steps: u64, as_json: bool) -> anyhow::Result<()> {
+    device::allow_tf32(cfg.train.tf32);
     let world = World::init()?;
     crate::report::log::init(world.rank(), None)?;
     let device = device::resolve(cfg.device, world.local_rank())?;

@@ -57,3 +57,15 @@ pub fn peak_flops(configured: Option<f64>, device: Device) -> Option<f64> {
         _ => None,
     })
 }
+
+/// Turns TF32 on for libtorch's cuBLAS matrix products when `tf32` (`train.tf32`).
+/// libtorch reads `TORCH_ALLOW_TF32_CUBLAS_OVERRIDE` once, at its first CUDA matrix
+/// product, and tch has no call for the setting: so this must run before any tensor work
+/// and before MPI or anything else starts threads (it changes the environment). A value
+/// the user set is left alone.
+pub fn allow_tf32(tf32: bool) {
+    const KEY: &str = "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE";
+    if tf32 && std::env::var_os(KEY).is_none() {
+        std::env::set_var(KEY, "1");
+    }
+}

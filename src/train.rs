@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use tracing::{error, info};
 
 pub fn run(cfg: Config) -> anyhow::Result<()> {
+    device::allow_tf32(cfg.train.tf32);
     let world = World::init()?;
     let result = run_in_world(&cfg, &world);
     if let Err(e) = &result {

@@ -195,6 +195,9 @@ pub struct TrainConfig {
     /// Peak dense FLOP/s of one device (e.g. 989e12), for model FLOPs utilisation;
     /// null means known GPUs only (no MFU is reported on CPU).
     pub peak_flops: Option<f64>,
+    /// fp32 matrix products on NVIDIA GPUs use TF32 tensor cores (10-bit mantissa
+    /// inputs, fp32 accumulation), as PyTorch's `allow_tf32`; no effect on CPU.
+    pub tf32: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -218,6 +221,7 @@ impl Default for TrainConfig {
             seed: 1337,
             nonfinite: NonFinite::Stop,
             peak_flops: None,
+            tf32: true,
         }
     }
 }
