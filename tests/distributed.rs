@@ -12,22 +12,14 @@ use std::time::{Duration, Instant};
 /// A tiny model on the synthetic corpus; dropout off so that runs at different world
 /// sizes compute the same function.
 fn args(dir: &Path, run: &str, extra: &[&str]) -> Vec<String> {
-    let mut a: Vec<String> = ["--config", "configs/quickstart.yaml"]
-        .iter()
-        .chain(TINY_MODEL.iter())
-        .chain([
-            "--set", "wandb.mode=disabled", "--set", "model.dropout=0.0",
-            "--set", "train.max_steps=8", "--set", "train.log_interval=1",
-            "--set", "train.eval_interval=4", "--set", "train.eval_steps=0", "--set", "train.save_interval=4",
-            "--set", "optim.warmup_steps=2", "--set", "checkpoint.keep_last=5", "--set", "dist.check_interval=1",
-        ].iter())
-        .map(|s| s.to_string())
-        .collect();
-    a.push(format!("--set=out_dir={}", dir.join("runs").display()));
-    a.push(format!("--set=data.cache_dir={}", dir.join("cache").display()));
-    a.push(format!("--set=run_name={run}"));
-    a.extend(extra.iter().map(|s| s.to_string()));
-    a
+    #[rustfmt::skip]
+    let sets = [
+        "--set", "wandb.mode=disabled", "--set", "model.dropout=0.0",
+        "--set", "train.max_steps=8", "--set", "train.log_interval=1",
+        "--set", "train.eval_interval=4", "--set", "train.eval_steps=0", "--set", "train.save_interval=4",
+        "--set", "optim.warmup_steps=2", "--set", "checkpoint.keep_last=5", "--set", "dist.check_interval=1",
+    ];
+    tiny_run_args(&sets, dir, run, extra)
 }
 
 fn one_rank(a: &[String]) -> Output {

@@ -20,22 +20,14 @@ use std::time::{Duration, Instant, SystemTime};
 
 /// A tiny model with dropout on, 8 steps, a checkpoint every 2.
 fn args(dir: &Path, run: &str, extra: &[&str]) -> Vec<String> {
-    let mut a: Vec<String> = ["--config", "configs/quickstart.yaml"]
-        .iter()
-        .chain(TINY_MODEL.iter())
-        .chain([
-            "--set", "wandb.mode=disabled", "--set", "model.dropout=0.1",
-            "--set", "train.micro_batch_size=4", "--set", "train.max_steps=8", "--set", "train.log_interval=1",
-            "--set", "train.eval_interval=4", "--set", "train.eval_steps=1", "--set", "train.save_interval=2",
-            "--set", "optim.warmup_steps=2", "--set", "checkpoint.keep_last=10", "--set", "dist.check_interval=1",
-        ].iter())
-        .map(|s| s.to_string())
-        .collect();
-    a.push(format!("--set=out_dir={}", dir.join("runs").display()));
-    a.push(format!("--set=data.cache_dir={}", dir.join("cache").display()));
-    a.push(format!("--set=run_name={run}"));
-    a.extend(extra.iter().map(|s| s.to_string()));
-    a
+    #[rustfmt::skip]
+    let sets = [
+        "--set", "wandb.mode=disabled", "--set", "model.dropout=0.1",
+        "--set", "train.micro_batch_size=4", "--set", "train.max_steps=8", "--set", "train.log_interval=1",
+        "--set", "train.eval_interval=4", "--set", "train.eval_steps=1", "--set", "train.save_interval=2",
+        "--set", "optim.warmup_steps=2", "--set", "checkpoint.keep_last=10", "--set", "dist.check_interval=1",
+    ];
+    tiny_run_args(&sets, dir, run, extra)
 }
 
 fn one_rank(a: &[String], fault: Option<&str>) -> Output {
@@ -72,19 +64,8 @@ fn saved_steps(root: &Path) -> (Vec<u64>, bool) {
     (steps, partial)
 }
 
-/// metrics.jsonl rows without the wall-clock and memory fields.
 fn rows(dir: &Path, run: &str) -> Vec<Value> {
-    std::fs::read_to_string(dir.join("runs").join(run).join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut v: Value = serde_json::from_str(l).unwrap();
-            for k in algpt2_ddp::report::metrics::MACHINE_METRICS {
-                v.as_object_mut().unwrap().remove(k);
-            }
-            v
-        })
-        .collect()
+    rows_without_machine_metrics(&dir.join("runs").join(run))
 }
 
 #[test]

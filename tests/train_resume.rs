@@ -38,20 +38,8 @@ fn train(args: &[String], fault: Option<&str>) -> Output {
     cmd.output().expect("the binary starts")
 }
 
-/// metrics.jsonl rows without the wall-clock and memory fields (the only ones allowed to
-/// differ; src/report/metrics.rs MACHINE_METRICS).
 fn rows(run_dir: &Path) -> Vec<Value> {
-    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut v: Value = serde_json::from_str(l).unwrap();
-            for k in algpt2_ddp::report::metrics::MACHINE_METRICS {
-                v.as_object_mut().unwrap().remove(k);
-            }
-            v
-        })
-        .collect()
+    rows_without_machine_metrics(run_dir)
 }
 
 #[test]

@@ -82,3 +82,31 @@ pub fn write_parquet(path: &Path, rows: &[String], group_rows: usize) {
     }
     writer.close().unwrap();
 }
+
+/// `<run_dir>/metrics.jsonl` rows without the wall-clock and memory fields, the only ones
+/// a resumed run may log differently (src/report/metrics.rs MACHINE_METRICS).
+pub fn rows_without_machine_metrics(run_dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            for k in algpt2_ddp::report::metrics::MACHINE_METRICS {
+                v.as_object_mut().unwrap().remove(k);
+            }
+            v
+        })
+        .collect()
+}
+
+/// The arguments of a run of configs/quickstart.yaml with the tiny model, `sets` (pairs
+/// of `--set`, `key=value`), its output under `dir` (`runs/`, `cache/`), named `run`, then
+/// `extra`.
+pub fn tiny_run_args(sets: &[&str], dir: &Path, run: &str, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = ["--config", "configs/quickstart.yaml"].iter().chain(TINY_MODEL.iter()).chain(sets.iter()).map(|s| s.to_string()).collect();
+    a.push(format!("--set=out_dir={}", dir.join("runs").display()));
+    a.push(format!("--set=data.cache_dir={}", dir.join("cache").display()));
+    a.push(format!("--set=run_name={run}"));
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
