@@ -44,10 +44,18 @@ pub fn describe(device: Device) -> String {
     }
 }
 
-/// Ranks on one node split its cores, so that two ranks do not fight over every core.
+/// Ranks on one node split its cores, so that two ranks do not fight over every core;
+/// `OMP_NUM_THREADS`, as PyTorch users set it, overrides the split.
 pub fn share_cpu_threads(ranks_on_node: usize) {
+    tch::set_num_threads(cpu_threads(std::env::var("OMP_NUM_THREADS").ok().as_deref(), ranks_on_node) as i32);
+}
+
+fn cpu_threads(omp_num_threads: Option<&str>, ranks_on_node: usize) -> usize {
+    if let Some(n) = omp_num_threads.and_then(|v| v.trim().parse::<usize>().ok()).filter(|&n| n > 0) {
+        return n;
+    }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    tch::set_num_threads((cores / ranks_on_node.max(1)).max(1) as i32);
+    (cores / ranks_on_node.max(1)).max(1)
 }
 
 /// Peak FLOP/s of one device for MFU: `train.peak_flops`, else the table of known GPUs.
@@ -67,5 +75,23 @@ pub fn allow_tf32(tf32: bool) {
     const KEY: &str = "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE";
     if tf32 && std::env::var_os(KEY).is_none() {
         std::env::set_var(KEY, "1");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cpu_threads;
+
+    #[test]
+    fn omp_num_threads_overrides_the_split_of_the_cores() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(cpu_threads(None, 1), cores);
+        assert_eq!(cpu_threads(None, cores * 4), 1);
+        assert_eq!(cpu_threads(Some("3"), 2), 3);
+        assert_eq!(cpu_threads(Some(" 1 "), 1), 1);
+        // Unset, empty, zero or garbage: the split, as if it were not set.
+        for v in ["", "0", "two", "-1"] {
+            assert_eq!(cpu_threads(Some(v), 1), cores, "{v:?}");
+        }
     }
 }

@@ -87,14 +87,21 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// MKL's default dynamic threading may run a matrix product on fewer threads than asked
-/// when the machine is busy, which changes the order of its sums: a run resumed next to
-/// another job then ended with weights a few ulps off the uninterrupted run's (seen in 2
-/// of 16 resumes beside an `mpirun` job, none of 40 with this). Exact resume needs a
-/// fixed thread count, so dynamic threading is off unless the user set it.
+/// Exact resume on CPU needs the same sums in the same order on every run, which MKL
+/// and OpenMP promise only when told to (MKL's "reproducibility conditions"):
+/// - `MKL_DYNAMIC=FALSE`, `OMP_DYNAMIC=FALSE`: a fixed thread count. With MKL's default
+///   dynamic threading, a run resumed next to another job ended a few ulps off the
+///   uninterrupted run's in 2 of 16 resumes (none of 64 with it off).
+/// - `MKL_CBWR=AUTO,STRICT`: MKL promises the same bits from run to run only in a CNR
+///   mode, and in strict mode its GEMMs give the same bits on any thread count. It cost
+///   nothing measurable on the quickstart model. (It did not remove a rarer divergence,
+///   about one two-thread run in 40 to 100 on a crowded machine; see README.)
+/// A value the user set is left alone.
 fn pin_cpu_math_threads() {
-    if std::env::var_os("MKL_DYNAMIC").is_none() {
-        // SAFETY: the first statement of main, before any thread exists.
-        unsafe { std::env::set_var("MKL_DYNAMIC", "FALSE") };
+    for (key, value) in [("MKL_DYNAMIC", "FALSE"), ("OMP_DYNAMIC", "FALSE"), ("MKL_CBWR", "AUTO,STRICT")] {
+        if std::env::var_os(key).is_none() {
+            // SAFETY: the first statement of main, before any thread exists.
+            unsafe { std::env::set_var(key, value) };
+        }
     }
 }

@@ -32,7 +32,7 @@ fn args(dir: &Path, run: &str, extra: &[&str]) -> Vec<String> {
 
 fn one_rank(a: &[String], fault: Option<&str>) -> Output {
     let mut cmd = Command::new(bin());
-    cmd.args(a).current_dir(repo());
+    one_math_thread(&mut cmd).args(a).current_dir(repo());
     if let Some(f) = fault {
         cmd.env("ALGPT2_FAULT", f);
     }
@@ -188,7 +188,7 @@ fn a_really_full_disk_keeps_the_last_checkpoints_and_the_run_resumes_elsewhere()
     // The run's checkpoints go to a tmpfs of `size` bytes in a private mount namespace;
     // what is on it when the run ends is copied out before the namespace goes.
     let script = r#"mount -t tmpfs -o size="$SIZE" tmpfs "$MOUNT" || exit 99; "$@"; rc=$?; cp -a "$MOUNT"/. "$RESCUED"/; exit $rc"#;
-    let out = Command::new("unshare")
+    let out = one_math_thread(&mut Command::new("unshare"))
         .args(["-rm", "sh", "-c", script, "sh", bin()])
         .args(&a)
         .env("SIZE", size.to_string())
@@ -215,8 +215,6 @@ fn a_really_full_disk_keeps_the_last_checkpoints_and_the_run_resumes_elsewhere()
     eprintln!("FIGURE disk full (real {size}-byte tmpfs): stopped at step 6 with No space left on device; step_00000004 intact; resume redid 2 steps; final weights byte-identical");
 }
 
-const KEY: &str = "0123456789abcdef0123456789abcdef01234567";
-
 /// A training of `steps` logged rows against `url` (or W&B off); returns its loop wall
 /// time in seconds and the run directory.
 fn wandb_run(d: &Path, run: &str, url: Option<&str>, steps: u64) -> (f64, PathBuf) {
@@ -224,10 +222,8 @@ fn wandb_run(d: &Path, run: &str, url: Option<&str>, steps: u64) -> (f64, PathBu
     let max_steps = format!("train.max_steps={steps}");
     let a = args(d, run, &["--set", mode, "--set", &max_steps, "--set", "train.save_interval=0", "--set", "train.eval_interval=0", "--set", "wandb.flush_timeout_s=2"]);
     let mut cmd = Command::new(bin());
-    cmd.args(&a).current_dir(repo()).env("HOME", d).env_remove("WANDB_MODE").env("WANDB_API_KEY", KEY);
-    if let Some(url) = url {
-        cmd.env("WANDB_BASE_URL", url);
-    }
+    cmd.args(&a).current_dir(repo());
+    with_wandb_env(&mut cmd, url, d);
     let out = cmd.output().unwrap();
     assert!(out.status.success(), "{run}: {}", stderr(&out));
     let run_dir = d.join("runs").join(run);
@@ -236,15 +232,10 @@ fn wandb_run(d: &Path, run: &str, url: Option<&str>, steps: u64) -> (f64, PathBu
 }
 
 fn wandb_sync(d: &Path, run_dir: &Path, server: &FakeServer) {
-    let out = Command::new(bin())
-        .args(["wandb-sync", run_dir.to_str().unwrap()])
-        .current_dir(repo())
-        .env("HOME", d)
-        .env_remove("WANDB_MODE")
-        .env("WANDB_API_KEY", KEY)
-        .env("WANDB_BASE_URL", &server.url)
-        .output()
-        .unwrap();
+    let mut cmd = Command::new(bin());
+    cmd.args(["wandb-sync", run_dir.to_str().unwrap()]).current_dir(repo());
+    with_wandb_env(&mut cmd, Some(&server.url), d);
+    let out = cmd.output().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
 }
 
@@ -306,7 +297,7 @@ fn wandb_faults_for_a_whole_run_cost_no_throughput_and_lose_no_row() {
 
         // The server recovers; whatever it did not take waits in the run directory.
         server.set_always(None);
-        server.require_key(KEY);
+        server.require_key(WANDB_KEY);
         let during_run = server.state().runs.values().map(|r| r.history.len()).sum::<usize>();
         wandb_sync(d, &run_dir, &server);
         let ids: Vec<String> = server.state().runs.keys().cloned().collect();

@@ -31,7 +31,7 @@ fn args(out_dir: &Path, cache: &Path, extra: &[&str]) -> Vec<String> {
 
 fn train(args: &[String], fault: Option<&str>) -> Output {
     let mut cmd = Command::new(bin());
-    cmd.args(args).current_dir(repo());
+    one_math_thread(&mut cmd).args(args).current_dir(repo());
     if let Some(f) = fault {
         cmd.env("ALGPT2_FAULT", f);
     }

@@ -10,8 +10,6 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-const KEY: &str = "0123456789abcdef0123456789abcdef01234567";
-
 fn args(dir: &Path, extra: &[&str]) -> Vec<String> {
     let mut a: Vec<String> = ["--config", "configs/quickstart.yaml"]
         .iter()
@@ -31,7 +29,7 @@ fn args(dir: &Path, extra: &[&str]) -> Vec<String> {
 
 /// The environment a user with a W&B key and a self-hosted server would have.
 fn with_wandb(cmd: &mut Command, server: &FakeServer, dir: &Path, fault: Option<&str>) {
-    cmd.env("WANDB_API_KEY", KEY).env("WANDB_BASE_URL", &server.url).env("HOME", dir).env_remove("WANDB_MODE");
+    with_wandb_env(cmd, Some(&server.url), dir);
     if let Some(f) = fault {
         cmd.env("ALGPT2_FAULT", f);
     }

@@ -8,23 +8,17 @@ use common::*;
 use std::path::Path;
 use std::process::{Command, Output};
 
-const KEY: &str = "0123456789abcdef0123456789abcdef01234567";
-
 fn python() -> std::path::PathBuf {
     std::env::var_os("ALGPT2_WANDB_PYTHON").map_or_else(|| repo().join(".venv/bin/python"), Into::into)
 }
 
 fn official_client(server: &FakeServer, home: &Path, run_id: &str, first: u64, last: u64) -> Output {
-    Command::new(python())
-        .arg(repo().join("reference/wandb_client.py"))
+    let mut cmd = Command::new(python());
+    cmd.arg(repo().join("reference/wandb_client.py"))
         .args(["algpt2-ddp", run_id, &first.to_string(), &last.to_string()])
-        .env("WANDB_API_KEY", KEY)
-        .env("WANDB_BASE_URL", &server.url)
-        .env("WANDB_DIR", home)
-        .env("HOME", home)
-        .env_remove("WANDB_MODE")
-        .output()
-        .unwrap()
+        .env("WANDB_DIR", home);
+    with_wandb_env(&mut cmd, Some(&server.url), home);
+    cmd.output().unwrap()
 }
 
 fn ours(server: &FakeServer, dir: &Path, run_id: Option<&str>, steps: u64) -> Output {
@@ -35,11 +29,8 @@ fn ours(server: &FakeServer, dir: &Path, run_id: Option<&str>, steps: u64) -> Ou
         .args(["--set", "optim.warmup_steps=1", "--set", &format!("train.max_steps={steps}")])
         .arg(format!("--set=out_dir={}", dir.join("runs").display()))
         .arg(format!("--set=data.cache_dir={}", dir.join("cache").display()))
-        .env("WANDB_API_KEY", KEY)
-        .env("WANDB_BASE_URL", &server.url)
-        .env("HOME", dir)
-        .env_remove("WANDB_MODE")
         .current_dir(repo());
+    with_wandb_env(&mut cmd, Some(&server.url), dir);
     if let Some(id) = run_id {
         cmd.env("WANDB_RUN_ID", id);
     }
