@@ -125,8 +125,8 @@ pub fn with_wandb_env(cmd: &mut Command, url: Option<&str>, home: &Path) {
 
 /// One math thread for a single-rank run whose weights a test compares byte for byte
 /// (ranks under `mpirun -n 2` here get one each anyway: the 2 cores split between them).
-/// With two threads on a machine crowded by the tests beside it, about one run in 40 to
-/// 100 ended a few ulps off, always the same other result, diverging at an early step;
+/// With two threads on a machine crowded by the tests beside it, about one run in 30 to
+/// 100 ended a few ulps off, the same other result where examined, diverging at an early step;
 /// the cause is not found yet (MKL's and OpenMP's reproducibility settings did not
 /// remove it). See README, "What survives what".
 pub fn one_math_thread(cmd: &mut Command) -> &mut Command {
