@@ -12,6 +12,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 hostfile="${1:?usage: launch/multi-node.sh HOSTFILE CONFIG [--set key=value ...]}"
 config="${2:?usage: launch/multi-node.sh HOSTFILE CONFIG [--set key=value ...]}"
 shift 2
+# A config path given relative to where the user stands still works after the cd below.
+if [ -f "$config" ]; then config="$(cd "$(dirname "$config")" && pwd)/$(basename "$config")"; fi
 ranks=$(awk '!/^#/ && NF { for (i = 1; i <= NF; i++) if ($i ~ /^slots=/) { split($i, s, "="); n += s[2] } } END { print n }' "$hostfile")
 net=()
 if [ -n "${SUBNET:-}" ]; then

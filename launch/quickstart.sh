@@ -5,6 +5,6 @@
 # Extra arguments go to algpt2-ddp (e.g. --set train.max_steps=50).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
-bash "$ROOT/launch/setup.sh" --release
+ensure_release_build
 cd "$ROOT"
 exec "${MPIRUN[@]}" -n 2 "$BIN_RELEASE" --config configs/quickstart.yaml "$@"

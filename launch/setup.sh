@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up on a fresh Debian machine with a Rust toolchain:
-#   1. Debian packages: Open MPI and libclang (for the `mpi` crate), python3-venv;
+#   1. Debian packages: Open MPI and libclang (for the `mpi` crate), python3-venv,
+#      patchelf (launch/bundle.sh);
 #   2. the project venv .venv with launch/requirements.txt (libtorch comes from PyPI torch);
 #   3. with --release, the release binary target/release/algpt2-ddp.
 # Each step is skipped when already done, so a second run takes seconds.
@@ -19,7 +20,7 @@ done
 say() { printf '[setup] %s\n' "$*" >&2; }
 
 # --- 1. Debian packages -------------------------------------------------------------
-apt_packages=(libopenmpi-dev openmpi-bin libclang-dev clang python3-venv)
+apt_packages=(libopenmpi-dev openmpi-bin libclang-dev clang python3-venv patchelf)
 missing=()
 for pkg in "${apt_packages[@]}"; do
   # python3-venv is only needed when the python3 on PATH cannot make a venv by itself.

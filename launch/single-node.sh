@@ -14,10 +14,12 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 config="${1:?usage: launch/single-node.sh CONFIG [NPROC] [--set key=value ...]}"
 shift
+# A config path given relative to where the user stands still works after the cd below.
+if [ -f "$config" ]; then config="$(cd "$(dirname "$config")" && pwd)/$(basename "$config")"; fi
 gpus=$(nvidia-smi -L 2>/dev/null | wc -l || true)
 nproc=$([ "${gpus:-0}" -gt 0 ] && echo "$gpus" || echo 2)
 if [ $# -gt 0 ] && [[ "$1" =~ ^[0-9]+$ ]]; then nproc="$1"; shift; fi
-bash "$ROOT/launch/setup.sh" --release
+ensure_release_build
 cd "$ROOT"
 # --bind-to none: libtorch sizes its own thread pool per rank (cores / ranks on the node).
 exec "${MPIRUN[@]}" -n "$nproc" --bind-to none "$BIN_RELEASE" --config "$config" "$@"

@@ -130,6 +130,19 @@ pub enum Command {
         /// The run directory, e.g. runs/quickstart.
         run_dir: std::path::PathBuf,
     },
+    /// Check that this host (and, under mpirun, every rank) can train: versions (libtorch,
+    /// CUDA, cuDNN, NCCL, MPI, this binary's commit), each GPU, every kernel of kernels/
+    /// compiled with NVRTC and run against libtorch, NCCL and MPI all-reduce checked for
+    /// exact sums with their bus bandwidth, one training step of a tiny model. Exit code
+    /// 0 only when no check failed; what cannot be checked here is reported as skipped.
+    Doctor {
+        /// All-reduce sizes to check and time, in MiB.
+        #[arg(long, value_name = "MB,...", value_delimiter = ',', default_values_t = crate::doctor::DEFAULT_SIZES_MB)]
+        sizes_mb: Vec<usize>,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Fetch WikiText-103 (needs internet): streaming, resumable, retried and checksum
     /// verified, then unpacked to DEST/wikitext-103 (tokens) or DEST/wikitext-103-raw (raw).
     Download {

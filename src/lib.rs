@@ -20,3 +20,4 @@ pub mod cuda;
 pub mod bench;
 pub mod generate;
 pub mod export;
+pub mod doctor;

@@ -19,6 +19,8 @@ fn main() -> ExitCode {
                 }
                 ExitCode::from(2)
             }
+            // The report said what failed; every rank exits 1 without repeating it.
+            None if e.downcast_ref::<algpt2_ddp::doctor::ChecksFailed>().is_some() => ExitCode::from(1),
             None => {
                 eprintln!("error: {e:#}");
                 ExitCode::from(algpt2_ddp::device::exit_code(&e))
@@ -56,6 +58,13 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Some(Command::Bench { args, steps, json }) => algpt2_ddp::bench::run(args.load()?, steps, json),
+        Some(Command::Doctor { sizes_mb, json }) => {
+            if algpt2_ddp::doctor::run(&algpt2_ddp::doctor::Options { sizes_mb, json })? {
+                Ok(())
+            } else {
+                Err(algpt2_ddp::doctor::ChecksFailed.into())
+            }
+        }
         Some(Command::Eval { args, checkpoint, split }) => eval::run(args.load()?, &checkpoint, &split),
         Some(Command::Prepare { args, force }) => {
             let cfg = args.load()?;

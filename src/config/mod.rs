@@ -5,7 +5,7 @@ mod load;
 mod schema;
 mod validate;
 
-pub use load::{load, ConfigError};
+pub use load::{load, parse, ConfigError};
 pub use schema::*;
 
 impl Config {

@@ -12,17 +12,22 @@ pub const KERNELS: [(&str, &str); 3] = [
     ("bf16_cast.cu", include_str!("../../kernels/bf16_cast.cu")),
 ];
 
-/// The directory of the CUDA headers that come with the PyPI wheels (cuda_bf16.h), found
-/// beside the libtorch this binary links (or CUDA_HOME/include).
+/// The directories of the CUDA headers (cuda_bf16.h): the PyPI wheels' beside the
+/// libtorch in use (`ALGPT2_TORCH_DIR`, set by the bundle's launcher), else beside the
+/// libtorch this binary was built against, then CUDA_HOME's or /usr/local/cuda's.
 fn include_dirs() -> Vec<String> {
     let mut dirs = Vec::new();
-    if let Ok(home) = std::env::var("CUDA_HOME") {
-        dirs.push(format!("{home}/include"));
+    if let Ok(torch) = std::env::var("ALGPT2_TORCH_DIR") {
+        dirs.push(format!("{torch}/../nvidia/cu13/include"));
     }
     if let Some(site) = option_env!("ALGPT2_SITE_PACKAGES") {
         dirs.push(format!("{site}/nvidia/cu13/include"));
     }
-    dirs.into_iter().filter(|d| Path::new(d).is_dir()).collect()
+    if let Ok(home) = std::env::var("CUDA_HOME") {
+        dirs.push(format!("{home}/include"));
+    }
+    dirs.push("/usr/local/cuda/include".to_string());
+    dirs.into_iter().filter(|d| Path::new(d).join("cuda_bf16.h").is_file()).take(1).collect()
 }
 
 /// PTX of `source` for `arch` (e.g. "sm_80"), from the cache under `cache_dir` when there.

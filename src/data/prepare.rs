@@ -24,7 +24,7 @@ const CACHE_FORMAT: u32 = 1;
 const ENCODE_BATCH_BYTES: usize = 8 << 20;
 
 /// What `manifest.json` records about one split.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct SplitStats {
     pub files: Vec<String>,
     pub bytes: u64,

@@ -138,6 +138,33 @@ impl World {
         out
     }
 
+    /// Every rank's text, rank after rank, on every rank (reports of `doctor`).
+    pub fn all_gather_text(&self, text: &str) -> Vec<String> {
+        if self.size == 1 {
+            return vec![text.to_string()];
+        }
+        let lengths = self.all_gather(&[text.len() as f64]);
+        let width = lengths.iter().fold(0f64, |a, b| a.max(*b)) as usize;
+        if width == 0 {
+            return vec![String::new(); self.size];
+        }
+        let mut mine = text.as_bytes().to_vec();
+        mine.resize(width, 0);
+        let mut all = vec![0u8; width * self.size];
+        self.comm.all_gather_into(&mine[..], &mut all[..]);
+        all.chunks(width.max(1))
+            .zip(lengths)
+            .map(|(chunk, len)| String::from_utf8_lossy(&chunk[..len as usize]).into_owned())
+            .collect()
+    }
+
+    /// The MPI library and its version (e.g. "Open MPI v4.1.4"), without the build
+    /// details that follow them.
+    pub fn library_version() -> String {
+        mpi::environment::library_version()
+            .map_or_else(|_| "unknown".to_string(), |v| v.split([',', '\n']).next().unwrap_or("").trim().to_string())
+    }
+
     /// The largest of each value across ranks (e.g. "any rank asked to stop").
     pub fn all_reduce_max(&self, values: &mut [f64]) {
         if self.size == 1 {
