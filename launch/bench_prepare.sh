@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Benchmark of `algpt2-ddp prepare` beside Python `tokenizers` (PyPI) on the same ~100 MB
-# file, in one run: the WikiText-2 valid + test splits from ../shared, repeated to ~100 MB.
+# file, in one run: the WikiText-2 valid + test splits in tests/data, repeated to ~100 MB.
 #   1. our prepare trains the tokenizer (BPE, 50257) and encodes (timing of each logged);
 #   2. our prepare again with that tokenizer loaded: encode only, MB/s and peak memory;
 #   3. Python tokenizers encodes the same file with the same tokenizer.json the same way.
@@ -15,7 +15,7 @@ corpus="$work/wiki.train.tokens"
 if [ ! -s "$corpus" ]; then
   : > "$corpus"
   while [ "$(stat -c %s "$corpus")" -lt 100000000 ]; do
-    cat ../shared/data/wikitext-2/wiki.valid.tokens ../shared/data/wikitext-2/wiki.test.tokens >> "$corpus"
+    cat tests/data/wikitext-2/wiki.valid.tokens tests/data/wikitext-2/wiki.test.tokens >> "$corpus"
   done
 fi
 mb=$(( $(stat -c %s "$corpus") / 1000000 ))

@@ -20,6 +20,31 @@ ensure_release_build() {
   fi
 }
 
+# Runs an mpirun job so that Ctrl-C (SIGINT) or SIGTERM stops it cleanly: mpirun itself
+# answers those by killing the ranks about a second later (and then exits 1), so it runs
+# in its own session, away from the terminal's Ctrl-C, and the first signal is passed on
+# as SIGUSR1, which mpirun forwards to every rank: each saves a checkpoint at the next
+# step boundary and exits 0, and so does mpirun. A second signal sends SIGTERM: mpirun
+# ends the ranks at once. Returns mpirun's exit status.
+run_job() {
+  setsid "$@" &
+  local job=$! signals=0 status=0
+  trap 'signals=$((signals + 1))
+        if [ "$signals" -eq 1 ]; then
+          echo "[launch] stopping: every rank saves a checkpoint at the next step boundary (signal again to end now)" >&2
+          kill -USR1 "$job" 2>/dev/null
+        else
+          kill -TERM "$job" 2>/dev/null
+        fi' INT TERM
+  # wait returns early when a trapped signal arrives: wait again until mpirun is gone.
+  while kill -0 "$job" 2>/dev/null; do
+    wait "$job" || true
+  done
+  wait "$job" || status=$?
+  trap - INT TERM
+  return "$status"
+}
+
 # mpirun refuses root unless told; more ranks than cores needs --oversubscribe.
 MPIRUN=(mpirun --oversubscribe)
 if [ "$(id -u)" = 0 ]; then MPIRUN+=(--allow-run-as-root); fi

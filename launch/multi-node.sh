@@ -24,7 +24,7 @@ if [ -n "${IFACE:-}" ]; then
 fi
 export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"  # INFO prints the transports NCCL picked
 cd "$ROOT"
-exec "${MPIRUN[@]}" -n "$ranks" --hostfile "$hostfile" --map-by ppr:"$(awk '!/^#/ && NF { for (i = 1; i <= NF; i++) if ($i ~ /^slots=/) { split($i, s, "="); print s[2]; exit } }' "$hostfile")":node \
+run_job "${MPIRUN[@]}" -n "$ranks" --hostfile "$hostfile" --map-by ppr:"$(awk '!/^#/ && NF { for (i = 1; i <= NF; i++) if ($i ~ /^slots=/) { split($i, s, "="); print s[2]; exit } }' "$hostfile")":node \
   --bind-to none --mca btl tcp,vader,self "${net[@]}" \
   -x NCCL_SOCKET_IFNAME -x NCCL_IB_DISABLE -x NCCL_DEBUG \
   "$BIN_RELEASE" --config "$config" "$@"

@@ -7,4 +7,4 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 ensure_release_build
 cd "$ROOT"
-exec "${MPIRUN[@]}" -n 2 "$BIN_RELEASE" --config configs/quickstart.yaml "$@"
+run_job "${MPIRUN[@]}" -n 2 "$BIN_RELEASE" --config configs/quickstart.yaml "$@"

@@ -22,4 +22,4 @@ if [ $# -gt 0 ] && [[ "$1" =~ ^[0-9]+$ ]]; then nproc="$1"; shift; fi
 ensure_release_build
 cd "$ROOT"
 # --bind-to none: libtorch sizes its own thread pool per rank (cores / ranks on the node).
-exec "${MPIRUN[@]}" -n "$nproc" --bind-to none "$BIN_RELEASE" --config "$config" "$@"
+run_job "${MPIRUN[@]}" -n "$nproc" --bind-to none "$BIN_RELEASE" --config "$config" "$@"

@@ -6,4 +6,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 bash "$ROOT/launch/setup.sh"
 cd "$ROOT"
+# The bundle's launcher binary (tests/bundle.rs packs it; `cargo test` builds only the
+# binaries of the package whose integration tests run).
+cargo build --locked -p algpt2-launch
 cargo test --locked "$@"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The three variants on WikiText-2 (../shared/data: valid as the training set, test as
+# The three variants on WikiText-2 (tests/data/wikitext-2: valid as the training set, test as
 # the held-out set), small enough for a CPU: H=128, 4 layers, 4 heads, E=64 for ALGPT2,
 # a 4096-token BPE trained on the training split, seq 128, batch 16, STEPS steps (300).
 # Prints each variant's parameter count and validation perplexity at each evaluation.
@@ -11,7 +11,7 @@ cd "$ROOT"
 steps="${1:-300}"
 work="$ROOT/target/wikitext2"
 mkdir -p "$work"
-shared="$(cd "$ROOT/../shared/data/wikitext-2" && pwd)"
+shared="$ROOT/tests/data/wikitext-2"
 printf '| variant | parameters | val ppl by step |\n|---|---|---|\n'
 for variant in gpt2:false:null shared:true:null algpt2:true:64; do
   IFS=: read -r name share e <<<"$variant"

@@ -79,14 +79,15 @@ pub enum Command {
         prompt: String,
         #[arg(long, default_value_t = 100)]
         max_new_tokens: usize,
-        /// 0 is greedy.
-        #[arg(long, default_value_t = 0.8)]
+        /// Softmax temperature, a finite number >= 0; 0 is greedy (always the most likely token).
+        #[arg(long, default_value_t = 0.8, value_parser = parse_temperature)]
         temperature: f64,
-        /// Sample only among the K most likely tokens.
-        #[arg(long)]
+        /// Sample only among the K most likely tokens (K >= 1; leave it out for no limit).
+        #[arg(long, value_parser = clap::value_parser!(i64).range(1..))]
         top_k: Option<i64>,
-        /// Sample only among the most likely tokens covering probability P.
-        #[arg(long)]
+        /// Sample only among the most likely tokens covering probability P, 0 < P <= 1 (1:
+        /// no limit).
+        #[arg(long, value_parser = parse_top_p)]
         top_p: Option<f64>,
         #[arg(long, default_value_t = 1337)]
         seed: u64,
@@ -129,6 +130,10 @@ pub enum Command {
     WandbSync {
         /// The run directory, e.g. runs/quickstart.
         run_dir: std::path::PathBuf,
+        /// Give up after this many seconds of an unreachable or failing server (exit 1);
+        /// what is unsent stays for a later sync.
+        #[arg(long, value_name = "SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+        timeout: u64,
     },
     /// Check that this host (and, under mpirun, every rank) can train: versions (libtorch,
     /// CUDA, cuDNN, NCCL, MPI, this binary's commit), each GPU, every kernel of kernels/
@@ -160,6 +165,20 @@ pub enum Command {
         #[arg(long, default_value_t = 5)]
         retries: u32,
     },
+}
+
+fn parse_temperature(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(t) if t.is_finite() && t >= 0.0 => Ok(t),
+        _ => Err("must be a finite number >= 0 (0 is greedy)".to_string()),
+    }
+}
+
+fn parse_top_p(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(p) if p > 0.0 && p <= 1.0 => Ok(p),
+        _ => Err("must be a probability in (0, 1] (1 keeps every token)".to_string()),
+    }
 }
 
 impl ConfigArgs {

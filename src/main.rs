@@ -14,7 +14,7 @@ fn main() -> ExitCode {
         Err(e) => match e.downcast_ref::<config::ConfigError>() {
             Some(config_error) => {
                 // Every rank reads the same config and fails the same way: one copy is enough.
-                if launcher_rank().unwrap_or(0) == 0 {
+                if algpt2_launch::launcher_rank(&|key| std::env::var(key).ok()) == 0 {
                     eprintln!("error: {config_error}");
                 }
                 ExitCode::from(2)
@@ -27,12 +27,6 @@ fn main() -> ExitCode {
             }
         },
     }
-}
-
-/// This process's rank as the launcher (Open MPI, MPICH/PMI, Slurm) announced it, known
-/// before MPI starts.
-fn launcher_rank() -> Option<u32> {
-    ["OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"].iter().find_map(|v| std::env::var(v).ok()?.parse().ok())
 }
 
 fn dispatch(cli: Cli) -> anyhow::Result<()> {
@@ -73,11 +67,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             data::summary::print(&cfg, &prepared, 1);
             Ok(())
         }
-        Some(Command::WandbSync { run_dir }) => {
+        Some(Command::WandbSync { run_dir, timeout }) => {
             report::log::init(0, None)?;
             let env = |key: &str| std::env::var(key).ok();
             let home = std::env::var_os("HOME").map(std::path::PathBuf::from);
-            report::wandb::sync(&run_dir, &env, home.as_deref())
+            report::wandb::sync_within(&run_dir, &env, home.as_deref(), std::time::Duration::from_secs(timeout))
         }
         Some(Command::Download { variant, dest, base_url, retries }) => {
             report::log::init(0, None)?;

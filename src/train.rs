@@ -83,7 +83,7 @@ fn run_in_world(cfg: &Config, world: &World) -> anyhow::Result<()> {
     info!("gradient exchange: {}", exchange.name());
     trainer.broadcast_weights(world, &exchange)?;
     world.barrier();
-    let stop = StopRequest::install()?;
+    let stop = StopRequest::install(Duration::from_secs(cfg.dist.stop_grace_s))?;
     let resume = trainer.wandb_run_id.clone().map(|id| (id, trainer.step));
     let mut extra = Map::new();
     extra.insert("parameters".into(), json!(param_count(&cfg.model).total));

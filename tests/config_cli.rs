@@ -195,3 +195,40 @@ fn device_cuda_without_a_gpu_exits_2() {
     assert!(stderr(&out).contains("device: cuda was asked for but libtorch sees no CUDA GPU"), "{}", stderr(&out));
     assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none(), "nothing is written");
 }
+
+/// Invalid sampling values are refused before anything is loaded, naming the flag.
+#[test]
+fn generate_rejects_invalid_sampling_values() {
+    for (flag, value, says) in [
+        ("--temperature", "-1", "finite number >= 0"),
+        ("--temperature", "NaN", "finite number >= 0"),
+        ("--temperature", "inf", "finite number >= 0"),
+        ("--top-p", "1.5", "(0, 1]"),
+        ("--top-p", "-0.5", "(0, 1]"),
+        ("--top-p", "0", "(0, 1]"),
+        ("--top-k", "0", "1.."),
+        ("--top-k", "-3", "1.."),
+    ] {
+        let out = run(&["generate", "--checkpoint", "no/such/checkpoint", flag, value]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}: {err}");
+        assert!(err.contains(flag) && err.contains(says), "{flag} {value}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    // Valid edge values get past the flags (and fail only on the missing checkpoint).
+    for (flag, value) in [("--temperature", "0"), ("--top-p", "1"), ("--top-k", "1")] {
+        let out = run(&["generate", "--checkpoint", "no/such/checkpoint", flag, value]);
+        assert_eq!(out.status.code(), Some(1), "{flag} {value}: {}", stderr(&out));
+        assert!(stderr(&out).contains("no/such/checkpoint"), "{}", stderr(&out));
+    }
+}
+
+/// The common smoke test of a long config: a short run warms up over all of it.
+#[test]
+fn a_short_smoke_run_of_a_long_config_starts_with_a_warning() {
+    for config in ["configs/wikitext103.yaml", "configs/wikitext103-gpt2.yaml", "configs/wikitext103-shared.yaml"] {
+        let out = run(&["info", "--config", config, "--set", "train.max_steps=50"]);
+        assert!(out.status.success(), "{config}: {}", stderr(&out));
+        assert!(stderr(&out).contains("warming up over the whole run (50 steps)"), "{config}: {}", stderr(&out));
+    }
+}

@@ -40,11 +40,11 @@ fn tokens(path: &Path) -> Vec<u32> {
 }
 
 fn shared(file: &str) -> String {
-    repo().join("../shared/data/wikitext-2").join(file).display().to_string()
+    repo().join("tests/data/wikitext-2").join(file).display().to_string()
 }
 
 #[test]
-fn wikitext_layout_from_shared_data() {
+fn wikitext_layout_from_the_shipped_wikitext2() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), "auto", &shared("wiki.valid.tokens"), Some(&shared("wiki.test.tokens")), 2048, "");
     let out = prepare(&cfg);

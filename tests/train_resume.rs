@@ -177,12 +177,12 @@ fn eval_command_reproduces_the_logged_validation_loss() {
     assert!(runs.join("quickstart/eval-valid-step_00000004.json").is_file());
 }
 
-/// GPT-2, sharing-only and ALGPT2 (small widths) on WikiText-2 from ../shared: valid as
+/// GPT-2, sharing-only and ALGPT2 (small widths) on WikiText-2 (tests/data): valid as
 /// the training set, test as the held-out set; validation perplexity falls for each.
 #[test]
 fn three_variants_train_on_wikitext2_with_falling_val_ppl() {
     let dir = tempfile::tempdir().unwrap();
-    let shared = repo().join("../shared/data/wikitext-2");
+    let shared = repo().join("tests/data/wikitext-2");
     for (name, share, e) in [("gpt2", "false", "null"), ("shared", "true", "null"), ("algpt2", "true", "32")] {
         let a: Vec<String> = [
             "--config", "configs/wikitext103.yaml", "--set", "device=cpu", "--set", "wandb.mode=disabled",

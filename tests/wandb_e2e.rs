@@ -147,3 +147,35 @@ fn an_offline_run_syncs_later() {
     assert_eq!(server.steps(&id), (1..=8).collect::<Vec<u64>>());
     assert_eq!(server.run(&id).unwrap().exit_code, Some(0));
 }
+
+/// `wandb-sync` against a server that is not there: retry warnings, then exit 1 after
+/// `--timeout` naming what is unsent; nothing lost, a later sync sends it all.
+#[test]
+fn wandb_sync_gives_up_after_its_timeout_and_loses_nothing() {
+    let server = FakeServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let out = train(&args(dir.path(), &["--set", "wandb.mode=offline"]), &server, dir.path(), None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let run_dir = dir.path().join("runs/quickstart");
+    let mut sync = Command::new(bin());
+    sync.args(["wandb-sync", run_dir.to_str().unwrap(), "--timeout", "3"]).current_dir(repo());
+    with_wandb_env(&mut sync, Some("http://127.0.0.1:9"), dir.path());
+    sync.env("WANDB_X_FILE_STREAM_RETRY_WAIT_MIN_SECONDS", "0.05").env("WANDB_X_FILE_STREAM_RETRY_WAIT_MAX_SECONDS", "0.2");
+    let started = Instant::now();
+    let out = sync.output().unwrap();
+    let took = started.elapsed();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(took < Duration::from_secs(3 + 10), "took {took:?}");
+    assert!(err.contains("keeps failing"), "no retry warning:\n{err}");
+    assert!(err.contains("gave up after 3 s") && err.contains("8 of 8 rows") && err.contains("still unsent"), "{err}");
+    // A later sync to a server that answers sends every row.
+    let mut sync = Command::new(bin());
+    sync.args(["wandb-sync", run_dir.to_str().unwrap()]).current_dir(repo());
+    with_wandb(&mut sync, &server, dir.path(), None);
+    let out = sync.output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id = only_run(&server);
+    assert_eq!(server.steps(&id), (1..=8).collect::<Vec<u64>>());
+    assert!(server.run(&id).unwrap().complete);
+}

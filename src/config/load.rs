@@ -128,11 +128,21 @@ pub fn parse(text: &str, name: &str, sets: &[String]) -> Result<Config, ConfigEr
             Problem { origin, path: v.path.to_string(), message: v.message }
         })
         .collect();
-    if problems.is_empty() {
-        Ok(cfg)
-    } else {
-        Err(ConfigError { problems })
+    if !problems.is_empty() {
+        return Err(ConfigError { problems });
     }
+    if cfg.optim.warmup_steps > cfg.train.max_steps {
+        // A short smoke run (`--set train.max_steps=50`) of a config with a long warmup is
+        // common; it warms up over the whole run rather than refusing to start.
+        if algpt2_launch::launcher_rank(&|key| std::env::var(key).ok()) == 0 {
+            eprintln!(
+                "warning: optim.warmup_steps = {} exceeds train.max_steps = {}: warming up over the whole run ({} steps)",
+                cfg.optim.warmup_steps, cfg.train.max_steps, cfg.train.max_steps
+            );
+        }
+        cfg.optim.warmup_steps = cfg.train.max_steps;
+    }
+    Ok(cfg)
 }
 
 /// The default config as a YAML tree: the set of keys that exist, section by section.
@@ -291,6 +301,25 @@ mod tests {
     fn err(text: &str, sets: &[&str]) -> Vec<Problem> {
         let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
         parse(text, "c.yaml", &sets).expect_err("config should be refused").problems
+    }
+
+    #[test]
+    fn control_characters_and_wide_embeddings_are_refused() {
+        let p = err("run_name: \"a\\nb\"\n", &[]);
+        assert_eq!(p[0].path, "run_name");
+        assert!(p[0].message.contains("control characters"), "{}", p[0].message);
+        let p = err("model: { n_embd: 64, n_head: 4, embedding_size: 128 }\n", &[]);
+        assert_eq!(p[0].path, "model.embedding_size");
+        assert!(p[0].message.contains("exceeds model.n_embd = 64"), "{}", p[0].message);
+        assert!(parse("model: { n_embd: 64, n_head: 4, embedding_size: 64 }\n", "c.yaml", &[]).is_ok());
+    }
+
+    #[test]
+    fn a_warmup_longer_than_the_run_warms_up_over_the_whole_run() {
+        let cfg = parse("train: { max_steps: 50 }\noptim: { warmup_steps: 1000 }\n", "c.yaml", &[]).unwrap();
+        assert_eq!(cfg.optim.warmup_steps, 50);
+        let cfg = parse("train: { max_steps: 50 }\noptim: { warmup_steps: 20 }\n", "c.yaml", &[]).unwrap();
+        assert_eq!(cfg.optim.warmup_steps, 20);
     }
 
     #[test]

@@ -365,6 +365,9 @@ pub struct DistConfig {
     /// A rank with no finished step for this many seconds ends the job (a peer died or
     /// hangs). Start-up (data preparation) is not timed.
     pub timeout_s: u64,
+    /// After a second stop signal (or when the launcher is gone), a rank ends within this
+    /// many seconds: saving first if its step ends in time, else exiting with code 130.
+    pub stop_grace_s: u64,
     /// Compare a checksum of the parameters across ranks every this many steps (0: never);
     /// a difference stops the run naming the ranks.
     pub check_interval: u64,
@@ -383,6 +386,6 @@ pub enum GradDtype {
 
 impl Default for DistConfig {
     fn default() -> Self {
-        DistConfig { backend: DistBackend::Auto, bucket_mb: 25, timeout_s: 600, check_interval: 100, grad_dtype: GradDtype::Fp32 }
+        DistConfig { backend: DistBackend::Auto, bucket_mb: 25, timeout_s: 600, stop_grace_s: 10, check_interval: 100, grad_dtype: GradDtype::Fp32 }
     }
 }

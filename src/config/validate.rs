@@ -24,6 +24,8 @@ pub fn violations(cfg: &Config) -> Vec<Violation> {
     if let Some(name) = &cfg.run_name {
         let clean = !name.is_empty() && !name.contains('/') && name != "." && name != "..";
         check(clean, "run_name", format!("{name:?} must be a non-empty directory name without '/'"));
+        // A newline or other control character breaks the directory name and every log line.
+        check(!name.chars().any(char::is_control), "run_name", format!("{name:?} must not contain control characters (newline, tab, ...)"));
     }
 
     check(m.vocab_size >= 1, "model.vocab_size", "must be at least 1".into());
@@ -37,6 +39,16 @@ pub fn violations(cfg: &Config) -> Vec<Violation> {
         format!("{} does not divide model.n_embd = {}", m.n_head, m.n_embd),
     );
     check(m.embedding_size != Some(0), "model.embedding_size", "must be at least 1 (or null)".into());
+    if let Some(e) = m.embedding_size {
+        check(
+            e <= m.n_embd,
+            "model.embedding_size",
+            format!(
+                "{e} exceeds model.n_embd = {}: factorized embeddings save parameters only when narrower than the hidden size (null: GPT-2's H-wide embeddings)",
+                m.n_embd
+            ),
+        );
+    }
     check(
         (0.0..1.0).contains(&m.dropout),
         "model.dropout",
@@ -77,11 +89,6 @@ pub fn violations(cfg: &Config) -> Vec<Violation> {
         format!("{} is out of range [0, optim.lr = {}]", o.min_lr, o.lr),
     );
     check(
-        o.warmup_steps <= t.max_steps,
-        "optim.warmup_steps",
-        format!("{} exceeds train.max_steps = {}", o.warmup_steps, t.max_steps),
-    );
-    check(
         o.weight_decay >= 0.0 && o.weight_decay.is_finite(),
         "optim.weight_decay",
         format!("{} must be non-negative", o.weight_decay),
@@ -106,6 +113,7 @@ pub fn violations(cfg: &Config) -> Vec<Violation> {
 
     check(cfg.dist.bucket_mb >= 1, "dist.bucket_mb", "must be at least 1".into());
     check(cfg.dist.timeout_s >= 1, "dist.timeout_s", "must be at least 1".into());
+    check(cfg.dist.stop_grace_s >= 1, "dist.stop_grace_s", "must be at least 1".into());
     if cfg.dist.backend == DistBackend::Nccl {
         check(
             cfg.device != super::schema::DeviceKind::Cpu,

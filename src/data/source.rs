@@ -77,6 +77,9 @@ fn expand(pattern: &str) -> anyhow::Result<Vec<PathBuf>> {
     let is_glob = pattern.contains(['*', '?', '[']);
     if !is_glob {
         let path = PathBuf::from(pattern);
+        if path.is_dir() {
+            bail!("is a directory, not a file: name the file in it, or a glob such as {}/*.parquet", pattern.trim_end_matches('/'));
+        }
         if !path.is_file() {
             bail!("file not found (run `algpt2-ddp download`, or fix the path)");
         }
@@ -152,6 +155,8 @@ fn parquet_pieces(path: &Path) -> Box<dyn Iterator<Item = anyhow::Result<Piece>>
     }
 }
 
+const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
+
 /// A file's lines with their line ends, numbered from 1; invalid UTF-8 is an error naming
 /// the file, line and byte offset, never replaced silently.
 fn lines(path: &Path) -> Box<dyn Iterator<Item = anyhow::Result<(usize, String)>> + Send> {
@@ -178,6 +183,10 @@ fn lines(path: &Path) -> Box<dyn Iterator<Item = anyhow::Result<(usize, String)>
                 number += 1;
                 let start = offset;
                 offset += n as u64;
+                // A UTF-8 byte order mark (Windows editors write one) is not text.
+                if number == 1 && bytes.starts_with(UTF8_BOM) {
+                    bytes.drain(..UTF8_BOM.len());
+                }
                 match String::from_utf8(bytes) {
                     Ok(line) => Some(Ok((number, line))),
                     Err(e) => {
@@ -302,6 +311,25 @@ mod tests {
     }
 
     #[test]
+    fn a_byte_order_mark_is_not_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bom.txt");
+        std::fs::write(&path, b"\xEF\xBB\xBFfirst line\nsecond \xEF\xBB\xBF kept\n").unwrap();
+        let got: Vec<String> = lines(&path).map(|l| l.unwrap().1).collect();
+        // Only the mark at the very start goes; one inside the text is the user's.
+        assert_eq!(got, ["first line\n", "second \u{FEFF} kept\n"]);
+    }
+
+    #[test]
+    fn a_directory_is_named_as_such() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = expand(dir.path().to_str().unwrap()).unwrap_err().to_string();
+        assert!(e.contains("is a directory") && e.contains("/*.parquet"), "{e}");
+        let e = expand(dir.path().join("missing.txt").to_str().unwrap()).unwrap_err().to_string();
+        assert!(e.contains("file not found"), "{e}");
+    }
+
+    #[test]
     fn headings_are_recognised() {
         assert!(is_article_heading(" = Valkyria Chronicles III = \n"));
         assert!(!is_article_heading(" = = Gameplay = = \n"));
@@ -368,11 +396,11 @@ mod tests {
 mod real_data_tests {
     use super::*;
 
-    /// WikiText-2 valid from ../shared: 60 top-level headings, so 60 articles, and the
+    /// WikiText-2 valid (tests/data): 60 top-level headings, so 60 articles, and the
     /// articles put back together are the file.
     #[test]
     fn wikitext2_valid_has_its_60_articles() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/wikitext-2/wiki.valid.tokens");
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/wikitext-2/wiki.valid.tokens");
         let files = SplitFiles { split: Split::Train, format: DataFormat::Wikitext, files: vec![path.clone()] };
         let docs: Vec<Piece> = pieces(&files).map(|p| p.unwrap()).collect();
         assert_eq!(docs.len(), 60);

@@ -67,7 +67,7 @@ pub use settings::{
     api_key_looks_valid, generate_run_id, Mode, Settings, Tuning, DEFAULT_BASE_URL, DEFAULT_FLUSH_TIMEOUT,
     DEFAULT_PROJECT,
 };
-pub use sync::{sync, CRASHED_EXIT_CODE};
+pub use sync::{sync, sync_within, CRASHED_EXIT_CODE, DEFAULT_TIMEOUT as DEFAULT_SYNC_TIMEOUT};
 
 /// The command that uploads a spool, as messages name it.
 pub const SYNC_HINT: &str = "algpt2-ddp wandb-sync";

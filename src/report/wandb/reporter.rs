@@ -107,11 +107,13 @@ impl Reporter {
             }
         }
 
+        let (stored_url, password_removed) = super::settings::without_password(&settings.base_url);
         let record = RunRecord {
             format: spool::FORMAT,
             run_id: run_id.clone(),
             mode: mode.as_str().to_string(),
-            base_url: settings.base_url.clone(),
+            base_url: stored_url,
+            base_url_password_removed: password_removed,
             entity: settings.entity.clone(),
             project: settings.project.clone(),
             name: settings.name.clone(),
@@ -122,7 +124,7 @@ impl Reporter {
             host: spool::host_name(),
             program: spool::program_name(),
         };
-        spool::write_json(&spool.settings(), &record, false)?;
+        spool::write_private_json(&spool.settings(), &record)?;
         spool::write_json(&spool.config(), &config, false)?;
         // A resumed or restarted run is live again.
         let _ = std::fs::remove_file(spool.finish());

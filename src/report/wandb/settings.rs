@@ -283,6 +283,22 @@ pub(super) fn normalize_base_url(url: &str) -> anyhow::Result<String> {
     Ok(url)
 }
 
+/// The URL without the password of its user part (`http://user:pw@host` →
+/// `http://user@host`), and whether there was one: what may be written to disk.
+pub(super) fn without_password(url: &str) -> (String, bool) {
+    let Some((scheme, rest)) = url.split_once("://") else { return (url.to_string(), false) };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (netloc, tail) = rest.split_at(end);
+    match netloc.rsplit_once('@') {
+        Some((userinfo, host)) if userinfo.contains(':') => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            let at = if user.is_empty() { String::new() } else { format!("{user}@") };
+            (format!("{scheme}://{at}{host}{tail}"), true)
+        }
+        _ => (url.to_string(), false),
+    }
+}
+
 /// `https://user@Host:8080/path` → `Host:8080` (the netrc machine name the SDK uses).
 pub(super) fn netloc_of(url: &str) -> &str {
     let rest = url.split_once("://").map_or(url, |(_, r)| r);

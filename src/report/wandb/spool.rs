@@ -112,7 +112,11 @@ pub(super) struct RunRecord {
     pub format: u32,
     pub run_id: String,
     pub mode: String,
+    /// Never with a password: one in WANDB_BASE_URL stays in the environment.
     pub base_url: String,
+    /// WANDB_BASE_URL had a password, left out of `base_url`: sync needs it again.
+    #[serde(default)]
+    pub base_url_password_removed: bool,
     pub entity: Option<String>,
     pub project: String,
     pub name: Option<String>,
@@ -163,6 +167,24 @@ pub(super) fn write_atomic(path: &Path, bytes: &[u8], sync_data: bool) -> anyhow
     if sync_data {
         f.sync_all().with_context(|| format!("cannot sync {}", tmp.display()))?;
     }
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
+}
+
+/// As [`write_json`], readable by the owner only (mode 0600): files that name the user
+/// and the server.
+pub(super) fn write_private_json<T: Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut bytes = serde_json::to_vec_pretty(value)?;
+    bytes.push(b'\n');
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("cannot create {}", tmp.display()))?;
+    f.write_all(&bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
 }
 

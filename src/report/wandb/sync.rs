@@ -23,10 +23,20 @@ pub const CRASHED_EXIT_CODE: i32 = 1;
 /// `WANDB_BASE_URL`, `WANDB_API_KEY` (else netrc), `WANDB_ENTITY` and `WANDB_PROJECT`
 /// override what the spool recorded. Refuses a run that a live process still reports.
 pub fn sync(run_dir: &Path, env: &dyn Fn(&str) -> Option<String>, home: Option<&Path>) -> anyhow::Result<()> {
+    sync_within(run_dir, env, home, DEFAULT_TIMEOUT)
+}
+
+/// How long `wandb-sync` keeps retrying an unreachable or failing server by default.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// [`sync`], giving up after `timeout` in all: what is unsent then stays in the spool for
+/// a later sync, and the error says how much.
+pub fn sync_within(run_dir: &Path, env: &dyn Fn(&str) -> Option<String>, home: Option<&Path>, timeout: Duration) -> anyhow::Result<()> {
     let spools = Spool::find(run_dir)?;
+    let deadline = std::time::Instant::now() + timeout;
     let mut failed = Vec::new();
     for s in &spools {
-        if let Err(e) = sync_one(s, env, home) {
+        if let Err(e) = sync_one(s, env, home, deadline, timeout) {
             warn!("W&B sync of {}: {e:#}", s.dir.display());
             failed.push(format!("{}: {e:#}", s.dir.display()));
         }
@@ -37,10 +47,22 @@ pub fn sync(run_dir: &Path, env: &dyn Fn(&str) -> Option<String>, home: Option<&
     Ok(())
 }
 
-fn sync_one(s: &Spool, env: &dyn Fn(&str) -> Option<String>, home: Option<&Path>) -> anyhow::Result<()> {
+fn sync_one(
+    s: &Spool,
+    env: &dyn Fn(&str) -> Option<String>,
+    home: Option<&Path>,
+    deadline: std::time::Instant,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let var = |key: &str| env(key).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
     let mut record: RunRecord = spool::read_json(&s.settings())?.context("settings.json is missing")?;
     let lock = Arc::new(s.lock(Duration::from_secs(1))?);
+    if record.base_url_password_removed && var("WANDB_BASE_URL").is_none() {
+        bail!(
+            "the run's W&B base URL ({}) had a password, which is never written to disk: set WANDB_BASE_URL to the full URL again to sync",
+            record.base_url
+        );
+    }
     record.base_url = normalize_base_url(&var("WANDB_BASE_URL").unwrap_or(record.base_url))?;
     if let Some(entity) = var("WANDB_ENTITY") {
         record.entity = Some(entity);
@@ -93,6 +115,7 @@ fn sync_one(s: &Spool, env: &dyn Fn(&str) -> Option<String>, home: Option<&Path>
         summary_version: 1,
         finishing: Some(exit_code),
         writer_done: true,
+        deadline: Some(deadline),
         ..Inner::default()
     });
     let api = Api::new(
@@ -117,6 +140,15 @@ fn sync_one(s: &Spool, env: &dyn Fn(&str) -> Option<String>, home: Option<&Path>
             Ok(())
         }
         End::Parked(why) | End::GaveUp(why) => bail!("{why}"),
-        End::Deadline | End::Shutdown => bail!("interrupted"),
+        End::Deadline => {
+            let unsent = journal.lines.saturating_sub(shared.lock().acked_lines);
+            bail!(
+                "gave up after {:.0} s (--timeout): {unsent} of {} rows and the run's finish are still unsent, kept in {} for a later `algpt2-ddp wandb-sync`",
+                timeout.as_secs_f64(),
+                journal.lines,
+                s.dir.display()
+            )
+        }
+        End::Shutdown => bail!("interrupted"),
     }
 }

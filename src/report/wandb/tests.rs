@@ -1018,3 +1018,46 @@ fn oversize_lines_and_summaries_stay_in_the_spool_without_stalling_the_stream() 
     let spooled = std::fs::read_to_string(report.spool_dir.unwrap().join("history.jsonl")).unwrap();
     assert_eq!(spooled.lines().count(), 3, "kept locally");
 }
+
+#[test]
+fn passwords_in_the_base_url_are_stripped_for_disk() {
+    use super::settings::without_password;
+    assert_eq!(without_password("http://user:PASSWORD@host:8080/x"), ("http://user@host:8080/x".to_string(), true));
+    assert_eq!(without_password("https://:PASSWORD@host"), ("https://host".to_string(), true));
+    assert_eq!(without_password("https://user@host"), ("https://user@host".to_string(), false));
+    assert_eq!(without_password("https://host/a@b"), ("https://host/a@b".to_string(), false));
+}
+
+/// WANDB_BASE_URL=http://user:PASSWORD@host: the password never reaches the run
+/// directory, settings.json is the owner's only, and a later sync asks for the URL again.
+#[test]
+fn a_password_in_the_base_url_is_never_written_to_disk() {
+    use std::os::unix::fs::PermissionsExt;
+    let server = FakeServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let with_password = server.url.replacen("://", "://alice:PASSWORD@", 1);
+    let mut s = settings(&with_password, dir.path());
+    s.mode = Mode::Offline;
+    let reporter = Reporter::start(s, config(), None).unwrap();
+    let id = reporter.run_id().to_string();
+    for step in 1..=3 {
+        reporter.log(step, &row(step));
+    }
+    reporter.finish(0);
+    let spool = spool_dir(dir.path(), &id);
+    for entry in std::fs::read_dir(&spool).unwrap() {
+        let path = entry.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(!String::from_utf8_lossy(&bytes).contains("PASSWORD"), "{} holds the password", path.display());
+    }
+    let settings_file = spool.join("settings.json");
+    assert_eq!(std::fs::metadata(&settings_file).unwrap().permissions().mode() & 0o777, 0o600);
+    assert!(std::fs::read_to_string(&settings_file).unwrap().contains("alice@"));
+
+    let no_url = |name: &str| if name == "WANDB_BASE_URL" { None } else { sync_env(&server.url, GOOD_KEY)(name) };
+    let e = sync(dir.path(), &no_url, None).unwrap_err();
+    assert!(format!("{e:#}").contains("set WANDB_BASE_URL"), "{e:#}");
+    server.require_key(GOOD_KEY);
+    sync(dir.path(), &sync_env(&server.url, GOOD_KEY), None).unwrap();
+    assert_eq!(server.steps(&id), range(1, 3));
+}

@@ -334,7 +334,8 @@ impl Uploader {
                         }
                     };
                     debug!("W&B {} failed ({why}); retry {failures} in {wait:?}", op.name());
-                    if failures == 3 && self.live {
+                    // Training and `wandb-sync` alike say so once, instead of retrying silently.
+                    if failures == 3 {
                         self.shared.warn_once(
                             "outage",
                             format!(
