@@ -19,6 +19,7 @@ pub fn run(cfg: Config, steps: u64, as_json: bool) -> anyhow::Result<()> {
     let world = World::init()?;
     crate::report::log::init(world.rank(), None)?;
     let device = device::resolve(cfg.device, world.local_rank())?;
+    device::check_memory(&cfg, device, world.local_size())?;
     device::share_cpu_threads(world.local_size());
     let data = crate::train::open_data(&cfg, &world)?;
     let train = data.split(Split::Train).expect("the train split always exists");

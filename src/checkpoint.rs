@@ -20,7 +20,11 @@ use tch::Tensor;
 pub const TRAINER_FILE: &str = "trainer.json";
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
-const FORMAT_VERSION: u32 = 1;
+/// The sha256 of trainer.json itself, which holds the other files' checksums: every file
+/// of a checkpoint is covered, so an edited trainer.json is caught like a damaged tensor.
+pub const TRAINER_CHECKSUM_FILE: &str = "trainer.json.sha256";
+/// Format 2 adds [`TRAINER_CHECKSUM_FILE`]; format 1 checkpoints (without it) still load.
+const FORMAT_VERSION: u32 = 2;
 
 /// Everything besides tensors that a resumed run needs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -118,7 +122,10 @@ fn save_via(
     }
     crate::faults::kill_in_save("tensors", state.step);
     state.format_version = FORMAT_VERSION;
-    crate::run_dir::write_atomic(&tmp_dir.join(TRAINER_FILE), serde_json::to_string_pretty(&state)?.as_bytes())?;
+    let trainer_json = serde_json::to_string_pretty(&state)?;
+    crate::run_dir::write_atomic(&tmp_dir.join(TRAINER_FILE), trainer_json.as_bytes())?;
+    let digest = hex::encode(Sha256::digest(trainer_json.as_bytes()));
+    crate::run_dir::write_atomic(&tmp_dir.join(TRAINER_CHECKSUM_FILE), format!("{digest}  {TRAINER_FILE}\n").as_bytes())?;
     fsync_path(tmp_dir)?;
     crate::faults::kill_in_save("state", state.step);
     if final_dir.exists() {
@@ -151,10 +158,19 @@ pub fn clean_partial(root: &Path) -> anyhow::Result<usize> {
 /// its checksum.
 pub fn verify(dir: &Path) -> anyhow::Result<TrainerState> {
     let path = dir.join(TRAINER_FILE);
-    let text = std::fs::read_to_string(&path).with_context(|| format!("{} is not a checkpoint: cannot read {TRAINER_FILE}", dir.display()))?;
-    let state: TrainerState = serde_json::from_str(&text).with_context(|| format!("{} is damaged", path.display()))?;
-    if state.format_version != FORMAT_VERSION {
-        bail!("{}: checkpoint format {} (this build reads {FORMAT_VERSION})", dir.display(), state.format_version);
+    let bytes = std::fs::read(&path).with_context(|| format!("{} is not a checkpoint: cannot read {TRAINER_FILE}", dir.display()))?;
+    let recorded = std::fs::read_to_string(dir.join(TRAINER_CHECKSUM_FILE)).ok();
+    if let Some(recorded) = &recorded {
+        let expected = recorded.split_whitespace().next().unwrap_or("");
+        if hex::encode(Sha256::digest(&bytes)) != expected {
+            bail!("{}: {TRAINER_FILE} does not match its checksum in {TRAINER_CHECKSUM_FILE} (edited or damaged)", dir.display());
+        }
+    }
+    let state: TrainerState = serde_json::from_slice(&bytes).with_context(|| format!("{} is damaged", path.display()))?;
+    match (state.format_version, &recorded) {
+        (FORMAT_VERSION, Some(_)) | (1, _) => {}
+        (FORMAT_VERSION, None) => bail!("{}: {TRAINER_CHECKSUM_FILE} is missing (damaged or partly copied)", dir.display()),
+        (other, _) => bail!("{}: checkpoint format {other} (this build reads 1 and {FORMAT_VERSION})", dir.display()),
     }
     for file in [MODEL_FILE, OPTIMIZER_FILE] {
         let expected = state.checksums.get(file).ok_or_else(|| anyhow!("{}: no checksum for {file}", dir.display()))?;
@@ -210,8 +226,59 @@ pub struct LoadedModel {
     pub model: crate::model::Algpt2,
 }
 
+/// The model config a verified checkpoint records, checked before anything is allocated:
+/// the config's own rules, then its parameter count against the values model.safetensors
+/// holds (read from the file's header, not loaded).
+pub fn model_config(dir: &Path, state: &TrainerState) -> anyhow::Result<crate::config::ModelConfig> {
+    let cfg: crate::config::ModelConfig = serde_json::from_value(state.model_config.clone())
+        .with_context(|| format!("{}: the model config in {TRAINER_FILE} is not valid", dir.display()))?;
+    check_model(dir, &cfg)?;
+    Ok(cfg)
+}
+
+fn check_model(dir: &Path, cfg: &crate::config::ModelConfig) -> anyhow::Result<()> {
+    let problems: Vec<String> = crate::config::model_violations(cfg).into_iter().map(|v| format!("{}: {}", v.path, v.message)).collect();
+    if !problems.is_empty() {
+        bail!("{}: the model config in {TRAINER_FILE} is not valid: {}", dir.display(), problems.join("; "));
+    }
+    let expected = crate::model::size::param_count(cfg).total;
+    let stored = safetensors_values(&dir.join(MODEL_FILE))?;
+    if stored != expected {
+        bail!(
+            "{}: its model config describes {expected} parameters but {MODEL_FILE} holds {stored} values (the files do not belong together)",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// The number of values in a safetensors file, from its header alone.
+fn safetensors_values(path: &Path) -> anyhow::Result<u64> {
+    use std::io::Read;
+    let mut f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).with_context(|| format!("{}: too short for a safetensors file", path.display()))?;
+    let len = u64::from_le_bytes(len);
+    let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+    if len > size.saturating_sub(8) || len > 100 << 20 {
+        bail!("{}: not a safetensors file (header length {len})", path.display());
+    }
+    let mut header = vec![0u8; len as usize];
+    f.read_exact(&mut header).with_context(|| format!("cannot read {}", path.display()))?;
+    let header: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(&header).with_context(|| format!("{}: damaged safetensors header", path.display()))?;
+    let mut total = 0u64;
+    for (name, entry) in header.iter().filter(|(k, _)| *k != "__metadata__") {
+        let shape = entry["shape"].as_array().ok_or_else(|| anyhow!("{}: tensor {name} has no shape", path.display()))?;
+        let count = shape.iter().try_fold(1u64, |n, d| d.as_u64().and_then(|d| n.checked_mul(d)));
+        total = count.and_then(|c| total.checked_add(c)).ok_or_else(|| anyhow!("{}: tensor {name} has an impossible shape", path.display()))?;
+    }
+    Ok(total)
+}
+
 /// Builds a `cfg` model on `device` and loads `dir`'s weights into it.
 pub fn load_model(dir: &Path, cfg: &crate::config::ModelConfig, device: tch::Device) -> anyhow::Result<LoadedModel> {
+    check_model(dir, cfg)?;
     let vs = tch::nn::VarStore::new(device);
     let model = crate::model::Algpt2::new(&vs.root(), cfg);
     let flat = crate::model::flat::FlatParams::new(&vs);

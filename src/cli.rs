@@ -62,7 +62,7 @@ pub enum Command {
         #[command(flatten)]
         args: ConfigArgs,
         /// Timed steps.
-        #[arg(long, default_value_t = 20)]
+        #[arg(long, default_value_t = 20, allow_negative_numbers = true, value_parser = clap::value_parser!(u64).range(1..))]
         steps: u64,
         /// Print one JSON object instead of a table.
         #[arg(long)]
@@ -80,14 +80,14 @@ pub enum Command {
         #[arg(long, default_value_t = 100)]
         max_new_tokens: usize,
         /// Softmax temperature, a finite number >= 0; 0 is greedy (always the most likely token).
-        #[arg(long, default_value_t = 0.8, value_parser = parse_temperature)]
+        #[arg(long, default_value_t = 0.8, allow_negative_numbers = true, value_parser = parse_temperature)]
         temperature: f64,
         /// Sample only among the K most likely tokens (K >= 1; leave it out for no limit).
-        #[arg(long, value_parser = clap::value_parser!(i64).range(1..))]
+        #[arg(long, allow_negative_numbers = true, value_parser = clap::value_parser!(i64).range(1..))]
         top_k: Option<i64>,
         /// Sample only among the most likely tokens covering probability P, 0 < P <= 1 (1:
         /// no limit).
-        #[arg(long, value_parser = parse_top_p)]
+        #[arg(long, allow_negative_numbers = true, value_parser = parse_top_p)]
         top_p: Option<f64>,
         #[arg(long, default_value_t = 1337)]
         seed: u64,
@@ -132,7 +132,7 @@ pub enum Command {
         run_dir: std::path::PathBuf,
         /// Give up after this many seconds of an unreachable or failing server (exit 1);
         /// what is unsent stays for a later sync.
-        #[arg(long, value_name = "SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+        #[arg(long, value_name = "SECONDS", default_value_t = 300, allow_negative_numbers = true, value_parser = clap::value_parser!(u64).range(1..))]
         timeout: u64,
     },
     /// Check that this host (and, under mpirun, every rank) can train: versions (libtorch,
@@ -142,7 +142,7 @@ pub enum Command {
     /// 0 only when no check failed; what cannot be checked here is reported as skipped.
     Doctor {
         /// All-reduce sizes to check and time, in MiB.
-        #[arg(long, value_name = "MB,...", value_delimiter = ',', default_values_t = crate::doctor::DEFAULT_SIZES_MB)]
+        #[arg(long, value_name = "MB,...", allow_negative_numbers = true, value_delimiter = ',', default_values_t = crate::doctor::DEFAULT_SIZES_MB, value_parser = parse_size_mb)]
         sizes_mb: Vec<usize>,
         /// Print one JSON object instead of text.
         #[arg(long)]
@@ -165,6 +165,13 @@ pub enum Command {
         #[arg(long, default_value_t = 5)]
         retries: u32,
     },
+}
+
+fn parse_size_mb(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(mb) if (1..=1 << 16).contains(&mb) => Ok(mb),
+        _ => Err("each size must be a whole number of MiB from 1 to 65536".to_string()),
+    }
 }
 
 fn parse_temperature(text: &str) -> Result<f64, String> {

@@ -11,6 +11,54 @@ pub enum DeviceError {
     NoCuda,
     #[error("local rank {local_rank} has no GPU of its own: this node has {gpus}; start at most {gpus} ranks per node")]
     TooFewGpus { local_rank: usize, gpus: usize },
+    #[error(
+        "this config needs about {need} of memory per rank to train (parameters and gradients {parameters}, AdamW {optimizer}, activations {activations}, logits {logits}), but {place} has {have}: reduce train.micro_batch_size (use train.grad_accum_steps for the same batch), train.seq_len or the model (train.memory_check: false skips this estimate)"
+    )]
+    TooLarge { need: String, parameters: String, optimizer: String, activations: String, logits: String, place: String, have: String },
+}
+
+/// Refuses, before anything is allocated or written, a config whose estimated memory per
+/// rank exceeds what `device` has (a GPU's memory, or this rank's share of the RAM the
+/// kernel reports available). Nothing is refused where the amount cannot be read.
+pub fn check_memory(cfg: &crate::config::Config, device: Device, ranks_on_node: usize) -> Result<(), DeviceError> {
+    if !cfg.train.memory_check {
+        return Ok(());
+    }
+    let estimate = crate::model::memory::training(cfg);
+    let (have, place) = match device {
+        Device::Cuda(i) => match crate::cuda::peak::total_memory(i) {
+            Some(bytes) => (bytes as f64, format!("cuda:{i}")),
+            None => return Ok(()),
+        },
+        _ => match available_ram() {
+            Some(bytes) => {
+                let ranks = ranks_on_node.max(1);
+                let share = if ranks > 1 { format!(" (1/{ranks} of the RAM available, one share per rank on this node)") } else { " (RAM available)".to_string() };
+                (bytes as f64 / ranks as f64, format!("this rank{share}"))
+            }
+            None => return Ok(()),
+        },
+    };
+    if estimate.total() <= have {
+        return Ok(());
+    }
+    let h = crate::model::memory::human;
+    Err(DeviceError::TooLarge {
+        need: h(estimate.total()),
+        parameters: h(estimate.parameters),
+        optimizer: h(estimate.optimizer),
+        activations: h(estimate.activations),
+        logits: h(estimate.logits),
+        place,
+        have: h(have),
+    })
+}
+
+/// MemAvailable of /proc/meminfo, in bytes.
+fn available_ram() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
 }
 
 /// `auto` takes GPU `local_rank` when CUDA works, else the CPU; `cuda` insists on a GPU.

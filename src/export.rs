@@ -22,7 +22,7 @@ use tch::{Kind, Tensor};
 /// Writes the HF export of `checkpoint_dir` into `out_dir`.
 pub fn export_hf(checkpoint_dir: &Path, out_dir: &Path) -> anyhow::Result<()> {
     let state = checkpoint::verify(checkpoint_dir)?;
-    let cfg: ModelConfig = serde_json::from_value(state.model_config.clone()).context("checkpoint model config")?;
+    let cfg: ModelConfig = checkpoint::model_config(checkpoint_dir, &state)?;
     let ours = checkpoint::load_tensors(checkpoint_dir, MODEL_FILE)?;
     let get = |name: &str| -> anyhow::Result<Tensor> {
         ours.get(name).map(|t| t.to_kind(Kind::Float)).ok_or_else(|| anyhow!("checkpoint lacks {name}"))

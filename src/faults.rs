@@ -8,6 +8,8 @@
 //! - `hang@N`: the process stops making progress (sleeps) after step N's update, alive
 //!   but silent, as a wedged device or a stuck peer would.
 //! - `diverge@N`: step N's update is followed by a change to this rank's weights.
+//! - `panic@N`: the process panics after step N's update, as a libtorch call that fails
+//!   inside tch (out of memory, say) does.
 //! - `save_kill_tensors@N`, `save_kill_state@N`, `save_kill_renamed@N`: SIGKILL while
 //!   saving step N's checkpoint: after its tensor files, after its trainer.json (both
 //!   still under the temporary name), or right after the rename.
@@ -43,6 +45,9 @@ pub fn kill_or_hang_at(step: u64, rank: usize) {
         unsafe {
             libc::kill(libc::getpid(), libc::SIGKILL);
         }
+    }
+    if fault_step("panic", rank) == Some(step) {
+        panic!("injected failure after step {step} (ALGPT2_FAULT=panic@{step})");
     }
     if fault_step("hang", rank) == Some(step) {
         loop {

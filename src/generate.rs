@@ -8,7 +8,7 @@ use crate::config::ModelConfig;
 use crate::data::tokenizer::TextTokenizer;
 use crate::model::{Algpt2, KvCache};
 use crate::rng::SplitMix64;
-use anyhow::{anyhow, Context};
+use anyhow::anyhow;
 use std::io::Write;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
@@ -102,7 +102,7 @@ pub fn generate(model: &Algpt2, prompt: &[i64], end_of_text: i64, s: &Sampling, 
 /// is the run's) and prints the continuation of `prompt` as it is produced.
 pub fn run(checkpoint_dir: &Path, prompt: &str, s: &Sampling) -> anyhow::Result<()> {
     let state = checkpoint::verify(checkpoint_dir)?;
-    let cfg: ModelConfig = serde_json::from_value(state.model_config.clone()).context("checkpoint model config")?;
+    let cfg: ModelConfig = checkpoint::model_config(checkpoint_dir, &state)?;
     let run_dir = checkpoint_dir.parent().and_then(Path::parent).ok_or_else(|| anyhow!("{} is not inside a run directory", checkpoint_dir.display()))?;
     let tokenizer = TextTokenizer::load(&run_dir.join("tokenizer.json"))?;
     let loaded = checkpoint::load_model(checkpoint_dir, &cfg, Device::Cpu)?;

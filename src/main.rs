@@ -9,7 +9,16 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     pin_cpu_math_threads();
     let cli = Cli::parse();
-    match dispatch(cli) {
+    install_panic_hook();
+    let outcome = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| dispatch(cli))) {
+        Ok(outcome) => outcome,
+        Err(_) => {
+            let what = MAIN_PANIC.lock().ok().and_then(|m| m.clone()).unwrap_or_else(|| "an internal error".to_string());
+            eprintln!("error: {what}");
+            return ExitCode::from(1);
+        }
+    };
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => match e.downcast_ref::<config::ConfigError>() {
             Some(config_error) => {
@@ -27,6 +36,39 @@ fn main() -> ExitCode {
             }
         },
     }
+}
+
+/// The message of the last panic on the main thread, for the one-line error above.
+static MAIN_PANIC: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+/// A panic is a bug or a libtorch call that failed inside tch (out of memory, a shape
+/// it refused): it ends the command as an error, with one line saying what failed and
+/// where, and exit code 1, not a backtrace and 101. Panics that the code catches itself
+/// (cudarc's, when a CUDA library is missing) print nothing. RUST_BACKTRACE keeps
+/// Rust's own report.
+fn install_panic_hook() {
+    if std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0") {
+        return;
+    }
+    std::panic::set_hook(Box::new(|info| {
+        let payload = info.payload();
+        let text = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".to_string());
+        let text = text.lines().next().unwrap_or("").to_string();
+        let at = info.location().map(|l| format!(" (at {}:{})", l.file(), l.line())).unwrap_or_default();
+        let thread = std::thread::current();
+        match thread.name() {
+            Some("main") => {
+                if let Ok(mut last) = MAIN_PANIC.lock() {
+                    *last = Some(format!("internal failure: {text}{at}"));
+                }
+            }
+            name => eprintln!("error: thread {} failed: {text}{at}", name.unwrap_or("unnamed")),
+        }
+    }));
 }
 
 fn dispatch(cli: Cli) -> anyhow::Result<()> {

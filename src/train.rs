@@ -44,6 +44,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
 fn run_in_world(cfg: &Config, world: &World) -> anyhow::Result<()> {
     // A device that is not there is a usage error: found before anything is written.
     let device = device::resolve(cfg.device, world.local_rank())?;
+    device::check_memory(cfg, device, world.local_size())?;
     let run = RunDir::for_config(cfg);
     // Held until the run ends: a second training on this directory is refused.
     let _lock = if world.is_main() {

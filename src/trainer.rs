@@ -240,7 +240,7 @@ impl Trainer {
             Ok(())
         })?;
         self.opt.steps = optim.get("steps").map(|t| t.int64_value(&[0]) as u64).unwrap_or(state.step);
-        self.sampler.restore(state.sampler);
+        self.sampler.restore(state.sampler).map_err(|e| anyhow!("checkpoint {dir}: {e}"))?;
         self.step = state.step;
         self.tokens_seen = state.tokens_seen;
         self.best_val_loss = state.best_val_loss;

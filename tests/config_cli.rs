@@ -232,3 +232,33 @@ fn a_short_smoke_run_of_a_long_config_starts_with_a_warning() {
         assert!(stderr(&out).contains("warming up over the whole run (50 steps)"), "{config}: {}", stderr(&out));
     }
 }
+
+/// Sizes that cannot fit are refused before anything is written, with the estimate;
+/// alone and under mpirun the exit code is 2.
+#[test]
+fn sizes_that_cannot_fit_are_refused_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = tiny_run_args(&["--set", "wandb.mode=disabled", "--set", "train.micro_batch_size=1000000000"], dir.path(), "huge", &[]);
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    let started = std::time::Instant::now();
+    let out = run(&a);
+    let err = stderr(&out);
+    eprintln!("FIGURE micro_batch_size 1e9: exit {:?} after {:.2} s: {}", out.status.code(), started.elapsed().as_secs_f64(), err.lines().last().unwrap_or(""));
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("needs about") && err.contains("activations") && err.contains("reduce train.micro_batch_size"), "{err}");
+    assert!(!dir.path().join("runs/huge").exists(), "the run directory was created");
+    assert!(!err.contains("panicked"), "{err}");
+
+    let out = mpirun(2).arg(bin()).args(&a).current_dir(repo()).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("needs about"), "{}", stderr(&out));
+    assert!(!dir.path().join("runs/huge").exists());
+
+    // A vocabulary no model could hold: the config's own limit.
+    let out = run(&["info", "--config", "configs/quickstart.yaml", "--set", "model.vocab_size=1000000000000"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("model.vocab_size") && stderr(&out).contains("exceeds the largest supported"), "{}", stderr(&out));
+    // train.memory_check is a key a user can turn off.
+    let out = run(&["info", "--config", "configs/quickstart.yaml", "--set", "train.memory_check=false"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}

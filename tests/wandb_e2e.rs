@@ -165,6 +165,7 @@ fn wandb_sync_gives_up_after_its_timeout_and_loses_nothing() {
     let out = sync.output().unwrap();
     let took = started.elapsed();
     let err = stderr(&out);
+    eprintln!("FIGURE wandb-sync to no server, --timeout 3: exit {:?} after {:.1} s", out.status.code(), took.as_secs_f64());
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(took < Duration::from_secs(3 + 10), "took {took:?}");
     assert!(err.contains("keeps failing"), "no retry warning:\n{err}");

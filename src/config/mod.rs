@@ -7,6 +7,7 @@ mod validate;
 
 pub use load::{load, parse, ConfigError};
 pub use schema::*;
+pub use validate::{model_violations, Violation};
 
 impl Config {
     /// The resolved config as YAML, as printed at start and saved in the run directory.

@@ -198,6 +198,10 @@ pub struct TrainConfig {
     /// fp32 matrix products on NVIDIA GPUs use TF32 tensor cores (10-bit mantissa
     /// inputs, fp32 accumulation), as PyTorch's `allow_tf32`; no effect on CPU.
     pub tf32: bool,
+    /// Before anything is written, estimate the memory one rank needs (parameters,
+    /// gradients, AdamW state, activations, logits) and refuse a config that cannot fit
+    /// the device (GPU memory, or this rank's share of the available RAM).
+    pub memory_check: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -222,6 +226,7 @@ impl Default for TrainConfig {
             nonfinite: NonFinite::Stop,
             peak_flops: None,
             tf32: true,
+            memory_check: true,
         }
     }
 }

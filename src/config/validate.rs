@@ -1,6 +1,19 @@
 //! Range and cross-key rules that types alone cannot express.
 
-use super::schema::{Config, DistBackend};
+use super::schema::{Config, DistBackend, ModelConfig};
+
+/// Largest sizes accepted: far beyond any model this trainer is for, and small enough that
+/// parameter and memory arithmetic cannot overflow.
+const MAX_VOCAB: usize = 1 << 24;
+const MAX_WIDTH: usize = 1 << 16;
+const MAX_POSITIONS: usize = 1 << 20;
+const MAX_LAYERS: usize = 1 << 12;
+
+/// The rules of the `model` section alone (a checkpoint's recorded model config).
+pub fn model_violations(m: &ModelConfig) -> Vec<Violation> {
+    let cfg = Config { model: m.clone(), ..Config::default() };
+    violations(&cfg).into_iter().filter(|v| v.path.starts_with("model.")).collect()
+}
 
 /// One broken rule: the key it is reported against and why.
 #[derive(Debug, Clone, PartialEq)]
@@ -33,6 +46,10 @@ pub fn violations(cfg: &Config) -> Vec<Violation> {
     check(m.n_layer >= 1, "model.n_layer", "must be at least 1".into());
     check(m.n_head >= 1, "model.n_head", "must be at least 1".into());
     check(m.n_embd >= 1, "model.n_embd", "must be at least 1".into());
+    check(m.vocab_size <= MAX_VOCAB, "model.vocab_size", format!("{} exceeds the largest supported, {MAX_VOCAB}", m.vocab_size));
+    check(m.n_embd <= MAX_WIDTH, "model.n_embd", format!("{} exceeds the largest supported, {MAX_WIDTH}", m.n_embd));
+    check(m.n_positions <= MAX_POSITIONS, "model.n_positions", format!("{} exceeds the largest supported, {MAX_POSITIONS}", m.n_positions));
+    check(m.n_layer <= MAX_LAYERS, "model.n_layer", format!("{} exceeds the largest supported, {MAX_LAYERS}", m.n_layer));
     check(
         m.n_head == 0 || m.n_embd % m.n_head == 0,
         "model.n_head",

@@ -30,6 +30,17 @@ pub fn device_name(ordinal: usize) -> Option<String> {
         .flatten()
 }
 
+/// Total memory of CUDA device `ordinal` in bytes, or None without a CUDA driver or device.
+pub fn total_memory(ordinal: usize) -> Option<usize> {
+    // SAFETY: only tries to dlopen the library.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return None;
+    }
+    std::panic::catch_unwind(|| cudarc::driver::CudaContext::new(ordinal).ok().and_then(|ctx| ctx.total_mem().ok()))
+        .ok()
+        .flatten()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

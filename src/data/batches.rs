@@ -47,8 +47,18 @@ impl Sampler {
         SamplerState { epoch: self.position / self.windows, offset: self.position % self.windows }
     }
 
-    pub fn restore(&mut self, state: SamplerState) {
-        self.position = state.epoch * self.windows + state.offset;
+    /// Continues from a saved position; one that cannot be in this data is an error.
+    pub fn restore(&mut self, state: SamplerState) -> anyhow::Result<()> {
+        let position = state
+            .epoch
+            .checked_mul(self.windows)
+            .and_then(|p| p.checked_add(state.offset))
+            .filter(|_| state.offset < self.windows.max(1));
+        let Some(position) = position else {
+            anyhow::bail!("sampler position (epoch {}, offset {}) does not fit data of {} windows", state.epoch, state.offset, self.windows);
+        };
+        self.position = position;
+        Ok(())
     }
 
     /// The windows of the next global batch of `size`, in order; advances the sampler.
@@ -140,7 +150,7 @@ mod tests {
         let mut resumed: Vec<u64> = (0..4).flat_map(|_| first.next_batch(12)).collect();
         let state = first.state();
         let mut second = Sampler::new(37, 7);
-        second.restore(state);
+        second.restore(state).unwrap();
         resumed.extend((0..5).flat_map(|_| second.next_batch(12)));
         assert_eq!(whole, resumed);
     }

@@ -1,5 +1,6 @@
 //! The ALGPT2 model family: GPT-2, sharing-only and sharing + factorized embeddings.
 
+pub mod memory;
 pub mod size;
 
 pub mod gpt;
