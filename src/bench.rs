@@ -5,7 +5,7 @@ use crate::config::Config;
 use crate::data::source::Split;
 use crate::device;
 use crate::dist::{GradientExchange, World};
-use crate::info::group;
+use crate::report::format::group;
 use crate::model::size::training_flops_per_token;
 use crate::trainer::Trainer;
 use serde_json::json;
@@ -21,7 +21,7 @@ pub fn run(cfg: Config, steps: u64, as_json: bool) -> anyhow::Result<()> {
     let device = device::resolve(cfg.device, world.local_rank())?;
     device::check_memory(&cfg, device, world.local_size())?;
     device::share_cpu_threads(world.local_size());
-    let data = crate::train::open_data(&cfg, &world)?;
+    let data = crate::data::prepare::open_on_every_rank(&cfg, &world)?;
     let train = data.split(Split::Train).expect("the train split always exists");
     let mut trainer = Trainer::new(&cfg, device, train.windows(cfg.train.seq_len));
     let exchange = GradientExchange::new(&cfg.dist, &world, device)?;

@@ -16,16 +16,35 @@
 //! - `save_disk_full@N`: writing step N's checkpoint fails as on a full disk (ENOSPC),
 //!   after its model file is on disk.
 
+/// One fault of the plan: `name@step`, for one rank or all.
+#[derive(Debug, Clone, PartialEq)]
+struct Fault {
+    name: String,
+    step: u64,
+    rank: Option<usize>,
+}
+
+/// `ALGPT2_FAULT` parsed once, at the first question; malformed entries are ignored.
+fn plan() -> &'static [Fault] {
+    static PLAN: std::sync::OnceLock<Vec<Fault>> = std::sync::OnceLock::new();
+    PLAN.get_or_init(|| parse(&std::env::var("ALGPT2_FAULT").unwrap_or_default()))
+}
+
+fn parse(spec: &str) -> Vec<Fault> {
+    spec.split(',')
+        .filter_map(|f| {
+            let (name, at) = f.trim().split_once('@')?;
+            let (step, rank) = match at.split_once(':') {
+                Some((s, r)) => (s, Some(r.parse::<usize>().ok()?)),
+                None => (at, None),
+            };
+            Some(Fault { name: name.to_string(), step: step.parse().ok()?, rank })
+        })
+        .collect()
+}
+
 fn fault_step(name: &str, rank: usize) -> Option<u64> {
-    let spec = std::env::var("ALGPT2_FAULT").ok()?;
-    spec.split(',').find_map(|f| {
-        let at = f.strip_prefix(name)?.strip_prefix('@')?;
-        let (step, only_rank) = match at.split_once(':') {
-            Some((s, r)) => (s, Some(r.parse::<usize>().ok()?)),
-            None => (at, None),
-        };
-        (only_rank.is_none() || only_rank == Some(rank)).then(|| step.parse().ok())?
-    })
+    plan().iter().find(|f| f.name == name && f.rank.is_none_or(|r| r == rank)).map(|f| f.step)
 }
 
 /// True when step `step` (1-based) of rank `rank` should see a NaN loss.
@@ -74,4 +93,19 @@ pub fn disk_full_in_save(written: &std::path::Path, step: u64) -> anyhow::Result
         return Err(anyhow::Error::new(err).context(format!("cannot write {}", written.display())));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_plan_parses_steps_and_ranks() {
+        let plan = parse("kill@6:1, nan_loss@3,bad,hang@x,diverge@2:y");
+        assert_eq!(
+            plan,
+            vec![Fault { name: "kill".into(), step: 6, rank: Some(1) }, Fault { name: "nan_loss".into(), step: 3, rank: None }]
+        );
+        assert!(parse("").is_empty());
+    }
 }

@@ -1,18 +1,9 @@
 //! `algpt2-ddp info`: what model a config describes, without building it.
 
-use crate::config::{Config, ModelConfig};
+use crate::config::Config;
 use crate::model::size::{param_count, training_flops_per_token};
+use crate::report::format::group;
 use serde_json::json;
-
-/// Which member of the family the switches select.
-pub fn variant(m: &ModelConfig) -> &'static str {
-    match (m.share_layers, m.is_factorized()) {
-        (false, false) => "gpt2",
-        (true, false) => "shared",
-        (true, true) => "algpt2",
-        (false, true) => "factorized",
-    }
-}
 
 pub fn run(cfg: &Config, as_json: bool) {
     let m = &cfg.model;
@@ -20,7 +11,7 @@ pub fn run(cfg: &Config, as_json: bool) {
     let flops = training_flops_per_token(m, cfg.train.seq_len);
     if as_json {
         let out = json!({
-            "variant": variant(m),
+            "variant": m.variant(),
             "parameters": p.total,
             "breakdown": p,
             "training_flops_per_token": flops,
@@ -31,7 +22,7 @@ pub fn run(cfg: &Config, as_json: bool) {
         println!("{out}");
         return;
     }
-    let describe = match variant(m) {
+    let describe = match m.variant() {
         "gpt2" => "GPT-2 (no sharing, no factorization)".to_string(),
         "shared" => format!("sharing-only (one block applied {} times)", m.n_layer),
         "algpt2" => format!("ALGPT2 (one block applied {} times, embeddings factorized to E={})", m.n_layer, m.embedding_width()),
@@ -58,28 +49,4 @@ pub fn run(cfg: &Config, as_json: bool) {
     println!("  blocks              {:>14}  ({} stored x {})", group(p.stored_blocks * p.per_block), p.stored_blocks, group(p.per_block));
     println!("  final LayerNorm     {:>14}", group(p.final_norm));
     println!("training FLOPs per token at seq_len {}: {}", cfg.train.seq_len, group(flops));
-}
-
-/// 13850880 -> "13,850,880".
-pub fn group(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn groups_thousands() {
-        assert_eq!(super::group(13_850_880), "13,850,880");
-        assert_eq!(super::group(999), "999");
-        assert_eq!(super::group(1000), "1,000");
-        assert_eq!(super::group(0), "0");
-    }
 }

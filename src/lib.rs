@@ -14,6 +14,7 @@ pub mod train;
 pub mod optim;
 pub mod checkpoint;
 pub mod eval;
+pub mod evaluation;
 pub mod faults;
 pub mod trainer;
 pub mod cuda;

@@ -10,8 +10,8 @@ use crate::device;
 use crate::dist::signals::StopRequest;
 use crate::dist::watchdog::Watchdog;
 use crate::dist::{GradientExchange, World};
-use crate::eval::evaluate;
-use crate::info::{group, variant};
+use crate::evaluation::evaluate;
+use crate::report::format::group;
 use crate::model::size::{param_count, training_flops_per_token};
 use crate::optim::learning_rate;
 use crate::report::log;
@@ -61,7 +61,7 @@ fn run_in_world(cfg: &Config, world: &World) -> anyhow::Result<()> {
     device::share_cpu_threads(world.local_size());
     announce(cfg, world, device, &run);
 
-    let data = open_data(cfg, world)?;
+    let data = prepare::open_on_every_rank(cfg, world)?;
     summary::print(cfg, &data, world.size());
     if world.is_main() {
         // The run keeps its own tokenizer, for generation and export after the cache is gone.
@@ -318,20 +318,6 @@ fn summarize(ctx: &LoopContext, trainer: &Trainer, wall_seconds: f64, train_seco
     crate::run_dir::write_atomic(&run.root.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())
 }
 
-/// The config's token cache on every rank: rank 0 builds it when missing while the
-/// others wait, then all open it. If rank 0 fails, it aborts the job (see `run`) and the
-/// waiting ranks end with it.
-pub fn open_data(cfg: &Config, world: &World) -> anyhow::Result<Prepared> {
-    if world.is_main() {
-        let data = prepare::prepare(cfg, false)?;
-        world.barrier();
-        Ok(data)
-    } else {
-        world.barrier();
-        prepare::open(cfg)
-    }
-}
-
 /// Where a run starts: `checkpoint.resume` is `auto` (the run's newest valid
 /// checkpoint, if any), `none`, or a checkpoint directory.
 fn resume_point(cfg: &Config, run: &RunDir) -> anyhow::Result<Option<Found>> {
@@ -376,7 +362,7 @@ fn announce(cfg: &Config, world: &World, device: tch::Device, run: &RunDir) {
     let global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world.size();
     info!("resolved config:\n{}", cfg.to_yaml().trim_end());
     info!("world: {} rank(s), {} on this node; device {}", world.size(), world.local_size(), device::describe(device));
-    info!("model: {} with {} parameters", variant(&cfg.model), group(param_count(&cfg.model).total));
+    info!("model: {} with {} parameters", cfg.model.variant(), group(param_count(&cfg.model).total));
     info!(
         "global batch: {} windows = micro_batch_size {} x grad_accum_steps {} x world {} ({} tokens/step)",
         global_batch,

@@ -99,6 +99,17 @@ impl ModelConfig {
     }
 
     /// True when the E↔H projections exist.
+    /// Which member of the family the switches select: `gpt2`, `shared`, `algpt2`, or
+    /// `factorized` (factorized embeddings without sharing).
+    pub fn variant(&self) -> &'static str {
+        match (self.share_layers, self.is_factorized()) {
+            (false, false) => "gpt2",
+            (true, false) => "shared",
+            (true, true) => "algpt2",
+            (false, true) => "factorized",
+        }
+    }
+
     pub fn is_factorized(&self) -> bool {
         self.embedding_width() != self.n_embd
     }

@@ -347,3 +347,18 @@ fn encode_split(files: &SplitFiles, tokenizer: &TextTokenizer, dest: &Path) -> a
     let source_nll_nats = (files.format == DataFormat::Synthetic).then(|| super::synthetic_source::source_nll(files.split));
     Ok(SplitStats { files: names, bytes, documents, tokens, seconds: started.elapsed().as_secs_f64(), source_nll_nats })
 }
+/// The config's token cache on every rank: rank 0 builds it when missing while the
+/// others wait, then all open it. If rank 0 fails, it aborts the job (see `run`) and the
+/// waiting ranks end with it.
+pub fn open_on_every_rank(cfg: &Config, world: &crate::dist::World) -> anyhow::Result<Prepared> {
+    if world.is_main() {
+        let data = prepare(cfg, false)?;
+        world.barrier();
+        Ok(data)
+    } else {
+        world.barrier();
+        open(cfg)
+    }
+}
+
+

@@ -1,5 +1,6 @@
 //! What a run tells people: log lines, metrics.jsonl, progress, Weights & Biases.
 
+pub mod format;
 pub mod log;
 pub mod metrics;
 pub mod plots;
