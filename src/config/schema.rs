@@ -136,7 +136,8 @@ pub enum DataFormat {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DataConfig {
-    /// Layout of the source files.
+    /// Layout of the source files: `auto` (from the extension), `wikitext`, `parquet`,
+    /// `text`, `jsonl`, or `synthetic` (the embedded corpus, no files; see docs/data.md).
     pub format: DataFormat,
     /// Training split: a path or glob (unused for `synthetic`).
     pub train: Option<String>,
@@ -261,14 +262,18 @@ pub struct OptimConfig {
     pub lr: f64,
     /// Learning rate at `train.max_steps`.
     pub min_lr: f64,
-    /// Steps of linear warmup from 0 to `lr`.
+    /// Steps of linear warmup from 0 to `lr`; more than `train.max_steps` warms up over the
+    /// whole run (with a warning).
     pub warmup_steps: u64,
     /// Decay after warmup: `cosine`, `linear` or `constant`.
     pub schedule: Schedule,
     /// Decoupled weight decay on matrices and embeddings (never biases or LayerNorms).
     pub weight_decay: f64,
+    /// AdamW β1, in [0, 1).
     pub beta1: f64,
+    /// AdamW β2, in [0, 1).
     pub beta2: f64,
+    /// AdamW's ε in the denominator, positive.
     pub eps: f64,
     /// Clip the global gradient norm to this (0: no clipping).
     pub grad_clip: f64,
@@ -333,13 +338,17 @@ pub enum WandbMode {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct WandbConfig {
+    /// `online` (when credentials exist), `offline` (spool for `wandb-sync`), `disabled`.
     pub mode: WandbMode,
+    /// W&B project.
     pub project: String,
     /// User or team; null means the API key's default entity.
     pub entity: Option<String>,
     /// Display name; null means `run_name`.
     pub name: Option<String>,
+    /// W&B group.
     pub group: Option<String>,
+    /// W&B tags.
     pub tags: Vec<String>,
     /// At exit, wait at most this long for unsent rows before marking the run finished
     /// (what is left stays in the run directory for `wandb-sync`).
@@ -375,6 +384,7 @@ pub enum DistBackend {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DistConfig {
+    /// `auto` (NCCL on CUDA, MPI on CPU), `nccl`, `mpi`, `none` (one rank only).
     pub backend: DistBackend,
     /// Largest single all-reduce, in MB of fp32 gradients.
     pub bucket_mb: usize,
