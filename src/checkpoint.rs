@@ -64,16 +64,12 @@ pub struct Found {
     pub state: TrainerState,
 }
 
-fn step_dir_name(step: u64) -> String {
+/// `step_00001000`: the name of a step's checkpoint directory.
+pub fn dir_name(step: u64) -> String {
     format!("step_{step:08}")
 }
 
-fn sha256_file(path: &Path) -> anyhow::Result<String> {
-    let mut f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut hasher = Sha256::new();
-    std::io::copy(&mut f, &mut hasher).with_context(|| format!("cannot read {}", path.display()))?;
-    Ok(hex::encode(hasher.finalize()))
-}
+use crate::run_dir::sha256_file;
 
 fn fsync_path(path: &Path) -> anyhow::Result<()> {
     File::open(path).and_then(|f| f.sync_all()).with_context(|| format!("cannot sync {}", path.display()))
@@ -90,7 +86,7 @@ pub fn save(
     state: TrainerState,
 ) -> anyhow::Result<PathBuf> {
     let step = state.step;
-    let tmp_dir = root.join(format!(".tmp-{}", step_dir_name(step)));
+    let tmp_dir = root.join(format!(".tmp-{}", dir_name(step)));
     save_via(root, &tmp_dir, model, optimizer, state).map_err(|e| {
         if tmp_dir.exists() {
             if let Err(cleanup) = std::fs::remove_dir_all(&tmp_dir) {
@@ -108,7 +104,7 @@ fn save_via(
     optimizer: &[(String, Tensor)],
     mut state: TrainerState,
 ) -> anyhow::Result<PathBuf> {
-    let final_dir = root.join(step_dir_name(state.step));
+    let final_dir = root.join(dir_name(state.step));
     if tmp_dir.exists() {
         std::fs::remove_dir_all(tmp_dir).with_context(|| format!("cannot clear {}", tmp_dir.display()))?;
     }

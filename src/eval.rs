@@ -40,8 +40,8 @@ pub fn run(cfg: Config, checkpoint_dir: &Path, split_name: &str) -> anyhow::Resu
         });
         println!("{report}");
         // Beside the run: <run>/eval-<split>-step_<N>.json (checkpoints stay as written).
-        if let Some(run_dir) = checkpoint_dir.parent().and_then(Path::parent) {
-            let out = run_dir.join(format!("eval-{split_name}-step_{:08}.json", state.step));
+        if let Some(run) = crate::run_dir::RunDir::of_checkpoint(checkpoint_dir) {
+            let out = run.root.join(format!("eval-{split_name}-{}.json", checkpoint::dir_name(state.step)));
             crate::run_dir::write_atomic(&out, serde_json::to_string_pretty(&report)?.as_bytes())?;
         }
     }

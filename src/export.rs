@@ -78,7 +78,7 @@ pub fn export_hf(checkpoint_dir: &Path, out_dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(out_dir).with_context(|| format!("cannot create {}", out_dir.display()))?;
     let tensors: Vec<(String, Tensor)> = hf.into_iter().map(|(k, v)| (k, v.contiguous())).collect();
     Tensor::write_safetensors(&tensors, out_dir.join("model.safetensors")).map_err(|e| anyhow!("writing model.safetensors: {e}"))?;
-    let run_dir = checkpoint_dir.parent().and_then(Path::parent);
+    let run_dir = crate::run_dir::RunDir::of_checkpoint(checkpoint_dir).map(|r| r.root);
     let tokenizer = run_dir.map(|d| d.join("tokenizer.json")).filter(|p| p.is_file());
     let eot = match &tokenizer {
         Some(path) => {

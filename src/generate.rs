@@ -103,7 +103,7 @@ pub fn generate(model: &Algpt2, prompt: &[i64], end_of_text: i64, s: &Sampling, 
 pub fn run(checkpoint_dir: &Path, prompt: &str, s: &Sampling) -> anyhow::Result<()> {
     let state = checkpoint::verify(checkpoint_dir)?;
     let cfg: ModelConfig = checkpoint::model_config(checkpoint_dir, &state)?;
-    let run_dir = checkpoint_dir.parent().and_then(Path::parent).ok_or_else(|| anyhow!("{} is not inside a run directory", checkpoint_dir.display()))?;
+    let run_dir = crate::run_dir::RunDir::of_checkpoint(checkpoint_dir).ok_or_else(|| anyhow!("{} is not inside a run directory", checkpoint_dir.display()))?.root;
     let tokenizer = TextTokenizer::load(&run_dir.join("tokenizer.json"))?;
     let loaded = checkpoint::load_model(checkpoint_dir, &cfg, Device::Cpu)?;
     let model = &loaded.model;

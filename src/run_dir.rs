@@ -30,6 +30,15 @@ impl RunDir {
     pub fn checkpoints(&self) -> PathBuf {
         self.root.join("checkpoints")
     }
+    /// The directory of step `step`'s checkpoint.
+    pub fn checkpoint(&self, step: u64) -> PathBuf {
+        self.checkpoints().join(crate::checkpoint::dir_name(step))
+    }
+
+    /// The run a checkpoint directory (`<run>/checkpoints/step_N`) belongs to.
+    pub fn of_checkpoint(checkpoint_dir: &Path) -> Option<RunDir> {
+        checkpoint_dir.parent().and_then(Path::parent).map(|root| RunDir { root: root.to_path_buf() })
+    }
 
     /// Creates the directories and `metrics.jsonl`, and writes the resolved config (atomically, so a reader
     /// never sees half a file).
@@ -90,4 +99,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     f.write_all(bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
     f.sync_all().with_context(|| format!("cannot sync {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
+}
+
+/// The sha256 of a file's bytes, as lowercase hex.
+pub fn sha256_file(path: &Path) -> anyhow::Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(hex::encode(hasher.finalize()))
 }

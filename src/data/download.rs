@@ -12,7 +12,6 @@ use indicatif::{ProgressBar, ProgressStyle};
 use reqwest::blocking::{Client, Response};
 use reqwest::header::{CONTENT_LENGTH, CONTENT_RANGE, RANGE, RETRY_AFTER};
 use reqwest::StatusCode;
-use sha2::{Digest, Sha256};
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -461,7 +460,7 @@ impl Fetcher {
                     return Ok(());
                 }
                 Some(expected) => {
-                    let actual = sha256_of_file(dest)?;
+                    let actual = crate::run_dir::sha256_file(dest)?;
                     if actual.eq_ignore_ascii_case(expected) {
                         info!(
                             "{} is already present and its sha256 matches; not downloaded again",
@@ -721,7 +720,7 @@ fn copy_body(
 fn verify(part: &Path, target: &Target) -> anyhow::Result<()> {
     let Some(expected) = target.sha256 else { return Ok(()) };
     info!("verifying sha256 of {}", target.dest.display());
-    let actual = sha256_of_file(part)?;
+    let actual = crate::run_dir::sha256_file(part)?;
     if actual.eq_ignore_ascii_case(expected) {
         return Ok(());
     }
@@ -733,13 +732,6 @@ fn verify(part: &Path, target: &Target) -> anyhow::Result<()> {
         actual,
     }
     .into())
-}
-
-fn sha256_of_file(path: &Path) -> anyhow::Result<String> {
-    let mut file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut hasher = Sha256::new();
-    io::copy(&mut file, &mut hasher).with_context(|| format!("cannot read {}", path.display()))?;
-    Ok(format!("{:x}", hasher.finalize()))
 }
 
 /// `<dest>.part`: where an unfinished download lives.
@@ -893,7 +885,7 @@ mod tests {
     }
 
     fn sha256_hex(bytes: &[u8]) -> String {
-        format!("{:x}", Sha256::digest(bytes))
+        format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(bytes))
     }
 
     fn fetch(fetcher: &Fetcher, url: &str, dest: &Path, sha256: Option<&str>) -> anyhow::Result<()> {

@@ -173,20 +173,11 @@ impl Algpt2 {
     pub fn forward(&self, idx: &Tensor, train: bool) -> Tensor {
         let (_, t) = idx.size2().expect("token ids are [batch, time]");
         assert!(t as usize <= self.cfg.n_positions, "sequence of {t} exceeds n_positions {}", self.cfg.n_positions);
-        let positions = Tensor::arange(t, (Kind::Int64, idx.device()));
-        let mut x = (self.wte.embedding_at(idx) + self.wpe.embedding_at(&positions)).dropout(self.cfg.dropout, train);
-        if let Some(proj_in) = &self.proj_in {
-            x = proj_in.forward(&x);
-        }
+        let mut x = self.embed(idx, 0, train);
         for layer in 0..self.cfg.n_layer {
-            let block = &self.blocks[if self.cfg.share_layers { 0 } else { layer }];
-            x = block.forward(&x, self.cfg.n_head as i64, self.cfg.dropout, train);
+            x = self.block(layer).forward(&x, self.cfg.n_head as i64, self.cfg.dropout, train);
         }
-        x = self.ln_f.forward(&x);
-        if let Some(proj_out) = &self.proj_out {
-            x = proj_out.forward(&x);
-        }
-        x.matmul(&self.wte.tr())
+        self.logits(&x)
     }
 
     /// Logits [batch, t, vocab] of `idx` [batch, t], the tokens after those in `cache`,
@@ -203,20 +194,39 @@ impl Algpt2 {
             cache.capacity = cache.capacity.min(self.cfg.n_positions as i64);
             cache.growths += 1;
         }
-        let positions = Tensor::arange_start(past, past + t, (Kind::Int64, idx.device()));
-        let mut x = self.wte.embedding_at(idx) + self.wpe.embedding_at(&positions);
-        if let Some(proj_in) = &self.proj_in {
-            x = proj_in.forward(&x);
-        }
+        let mut x = self.embed(idx, past, false);
         for layer in 0..self.cfg.n_layer {
-            let block = &self.blocks[if self.cfg.share_layers { 0 } else { layer }];
-            x = block.forward_cached(&x, self.cfg.n_head as i64, &mut cache.layers[layer], past, cache.capacity);
-        }
-        x = self.ln_f.forward(&x);
-        if let Some(proj_out) = &self.proj_out {
-            x = proj_out.forward(&x);
+            x = self.block(layer).forward_cached(&x, self.cfg.n_head as i64, &mut cache.layers[layer], past, cache.capacity);
         }
         cache.len = past + t;
+        self.logits(&x)
+    }
+
+    /// Token plus position embeddings of `idx` at positions `start..`, dropout when
+    /// training, projected E→H when factorized.
+    fn embed(&self, idx: &Tensor, start: i64, train: bool) -> Tensor {
+        let (_, t) = idx.size2().expect("token ids are [batch, time]");
+        let positions = Tensor::arange_start(start, start + t, (Kind::Int64, idx.device()));
+        let x = self.wte.embedding_at(idx) + self.wpe.embedding_at(&positions);
+        let x = if train { x.dropout(self.cfg.dropout, true) } else { x };
+        match &self.proj_in {
+            Some(proj_in) => proj_in.forward(&x),
+            None => x,
+        }
+    }
+
+    /// The block of layer application `layer`: the one shared block, or the layer's own.
+    fn block(&self, layer: usize) -> &Block {
+        &self.blocks[if self.cfg.share_layers { 0 } else { layer }]
+    }
+
+    /// Final LayerNorm, the H→E projection when factorized, and the tied head.
+    fn logits(&self, x: &Tensor) -> Tensor {
+        let x = self.ln_f.forward(x);
+        let x = match &self.proj_out {
+            Some(proj_out) => proj_out.forward(&x),
+            None => x,
+        };
         x.matmul(&self.wte.tr())
     }
 

@@ -23,7 +23,7 @@ impl Progress {
         Progress { bar }
     }
 
-    pub fn step(&mut self, step: u64, loss: f64) {
+    pub fn step(&self, step: u64, loss: f64) {
         if let Some(bar) = &self.bar {
             bar.set_position(step);
             bar.set_message(format!("loss {loss:.4}"));
@@ -38,8 +38,8 @@ impl Progress {
         }
     }
 
-    pub fn finish(&mut self) {
-        if let Some(bar) = self.bar.take() {
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }
     }

@@ -58,6 +58,7 @@ mod uploader;
 /// The loopback fake server of the test suite (unit tests here, and the end-to-end tests
 /// under tests/ that run the binary against it).
 #[doc(hidden)]
+#[cfg(any(test, feature = "test-support"))]
 pub mod fake_server;
 #[cfg(test)]
 mod tests;

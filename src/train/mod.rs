@@ -1,9 +1,14 @@
-//! `algpt2-ddp train`: start-up of every rank, then the loop, one stage per comment:
+//! `algpt2-ddp train`: start-up of every rank, then the loop (`train_loop`, one page):
 //! lr → step (micro-steps → sync → clip → update) → log → evaluate → agree → save.
 
+mod checkpointer;
+mod metrics;
+mod sinks;
+mod validation;
+
 use crate::checkpoint::{self, Found};
-use crate::config::{Config, OnSaveError};
-use crate::data::prepare::{self, Prepared};
+use crate::config::Config;
+use crate::data::prepare::{self, Prepared, SplitData};
 use crate::data::source::Split;
 use crate::data::summary;
 use crate::device;
@@ -11,8 +16,8 @@ use crate::dist::signals::StopRequest;
 use crate::dist::watchdog::Watchdog;
 use crate::dist::{GradientExchange, World};
 use crate::evaluation::evaluate;
+use crate::model::size::param_count;
 use crate::report::format::group;
-use crate::model::size::{param_count, training_flops_per_token};
 use crate::optim::learning_rate;
 use crate::report::log;
 use crate::report::metrics::MetricsLog;
@@ -21,9 +26,12 @@ use crate::report::wandb_run::WandbRun;
 use crate::run_dir::{RunDir, RunLock};
 use crate::trainer::Trainer;
 use anyhow::bail;
-use serde_json::{json, Map, Value};
-use std::path::PathBuf;
+use checkpointer::Checkpointer;
+use metrics::TrainMetrics;
+use serde_json::{json, Map};
+use sinks::{Charts, MetricSink};
 use std::time::{Duration, Instant};
+use validation::Validator;
 use tracing::{error, info};
 
 pub fn run(cfg: Config) -> anyhow::Result<()> {
@@ -94,188 +102,124 @@ fn run_in_world(cfg: &Config, world: &World) -> anyhow::Result<()> {
     trainer.wandb_run_id = wandb.run_id().or(trainer.wandb_run_id.take());
     // Start-up (data preparation) is not timed; from here on every step must finish.
     let watchdog = Watchdog::start(world.rank(), Duration::from_secs(cfg.dist.timeout_s));
-    let ctx = LoopContext {
-        cfg,
+    let progress = Progress::new(world.is_main(), trainer.step, cfg.train.max_steps);
+    let charts = Charts { run_root: &run.root, max_steps: cfg.train.max_steps };
+    let env = LoopEnv {
         world,
-        run: &run,
-        data: &data,
-        metrics: &metrics,
+        train,
         exchange: &exchange,
         stop: &stop,
         watchdog: &watchdog,
         wandb: &wandb,
-        start_tokens: trainer.tokens_seen,
+        progress: &progress,
+        sinks: [&metrics, &progress, &wandb, &charts],
     };
-    let result = train_loop(&ctx, &mut trainer);
+    let checkpointer = Checkpointer::new(cfg, &run, data.tokenizer.hash_hex());
+    let validator = Validator::new(cfg, data.split(Split::Valid), world);
+    let peak_flops = device::peak_flops(cfg.train.peak_flops, device).map(|p| p * world.size() as f64);
+    let mut train_metrics = TrainMetrics::new(cfg, peak_flops, trainer.step);
+    let (started_at, start_tokens) = (Instant::now(), trainer.tokens_seen);
+    let result = train_loop(cfg, &mut trainer, &env, &checkpointer, &validator, &mut train_metrics).and_then(|ended| match ended {
+        Ended::Completed { train_seconds } => {
+            let timing = Timing { wall_seconds: started_at.elapsed().as_secs_f64(), train_seconds, start_tokens };
+            summarize(cfg, world, &run, &data, &wandb, &trainer, &timing)
+        }
+        Ended::AlreadyComplete | Ended::Stopped => Ok(()),
+    });
     wandb.finish(if result.is_ok() { 0 } else { 1 });
     result
 }
 
-/// What the loop reads but never changes.
-struct LoopContext<'a> {
-    cfg: &'a Config,
+/// What the loop uses and never changes.
+struct LoopEnv<'a> {
     world: &'a World,
-    run: &'a RunDir,
-    data: &'a Prepared,
-    metrics: &'a MetricsLog,
+    train: &'a SplitData,
     exchange: &'a GradientExchange,
     stop: &'a StopRequest,
     watchdog: &'a Watchdog,
     wandb: &'a WandbRun,
+    progress: &'a Progress,
+    /// Rank 0's logged rows go to each: metrics.jsonl, the progress line, W&B, charts.
+    sinks: [&'a dyn MetricSink; 4],
+}
+
+enum Ended {
+    Completed { train_seconds: f64 },
+    Stopped,
+    AlreadyComplete,
+}
+
+/// The loop. Each component decides its own timing: the metrics when a row is logged,
+/// the validator when to evaluate, the checkpointer when to save and what a failed save
+/// does.
+fn train_loop(
+    cfg: &Config,
+    trainer: &mut Trainer,
+    env: &LoopEnv,
+    checkpointer: &Checkpointer,
+    validator: &Validator,
+    metrics: &mut TrainMetrics,
+) -> anyhow::Result<Ended> {
+    let (t, world) = (&cfg.train, env.world);
+    if trainer.step >= t.max_steps {
+        info!("the run is already complete at step {} (train.max_steps = {})", trainer.step, t.max_steps);
+        return Ok(Ended::AlreadyComplete);
+    }
+    let mut train_seconds = 0.0;
+    while trainer.step < t.max_steps {
+        let lr = learning_rate(&cfg.optim, trainer.step, t.max_steps);
+        let started = Instant::now();
+        let report = trainer.train_step(env.train, world, env.exchange, lr)?;
+        crate::faults::kill_or_hang_at(trainer.step, world.rank());
+        env.watchdog.beat();
+        train_seconds += started.elapsed().as_secs_f64();
+        metrics.add(started.elapsed().as_secs_f64(), (trainer.global_batch(world) * t.seq_len) as u64);
+        trainer.val_loss_now = None;
+        env.progress.step(trainer.step, report.loss);
+
+        let mut row = metrics.row(&report, lr, trainer);
+        if validator.validate_if_due(trainer, world, env.wandb, &mut row) {
+            env.watchdog.beat();
+        }
+        if world.is_main() && !row.is_empty() {
+            row.insert("step".into(), json!(trainer.step));
+            row.insert("train/rss_mb".into(), json!(crate::report::log::rss_mb()));
+            for sink in env.sinks {
+                sink.record(trainer.step, &row)?;
+            }
+        }
+
+        // Ranks must hold identical weights; a stop signal on any rank stops all.
+        if cfg.dist.check_interval > 0 && trainer.step % cfg.dist.check_interval == 0 {
+            trainer.check_ranks_agree(world)?;
+        }
+        let mut stopping = [env.stop.requested() as u8 as f64];
+        world.all_reduce_max(&mut stopping);
+        let stopping = stopping[0] > 0.0;
+        checkpointer.save_if_due(trainer, world, env.progress, stopping)?;
+        env.watchdog.beat();
+        if stopping {
+            env.progress.finish();
+            info!("stopped by signal after step {}; the checkpoint is saved: run the same command to resume", trainer.step);
+            return Ok(Ended::Stopped);
+        }
+    }
+    env.progress.finish();
+    Ok(Ended::Completed { train_seconds })
+}
+
+/// Times of a completed run, for its summary.
+struct Timing {
+    wall_seconds: f64,
+    train_seconds: f64,
     /// Tokens already trained on when this process started (after a resume).
     start_tokens: u64,
 }
 
-fn train_loop(ctx: &LoopContext, trainer: &mut Trainer) -> anyhow::Result<()> {
-    let LoopContext { cfg, world, run, data, metrics, exchange, stop, watchdog, wandb, .. } = *ctx;
-    let t = &cfg.train;
-    let train = data.split(Split::Train).expect("the train split always exists");
-    let valid = data.split(Split::Valid);
-    let flops_per_token = training_flops_per_token(&cfg.model, t.seq_len) as f64;
-    let peak_flops = device::peak_flops(t.peak_flops, trainer.device()).map(|p| p * world.size() as f64);
-    let mut progress = Progress::new(world.is_main(), trainer.step, t.max_steps);
-    if trainer.step >= t.max_steps {
-        info!("the run is already complete at step {} (train.max_steps = {})", trainer.step, t.max_steps);
-        return Ok(());
-    }
-    // Throughput counts training time only, not evaluation or saving.
-    let (mut train_seconds, mut tokens_since_log, mut logged_at) = (0f64, 0u64, trainer.step);
-    let (started_at, mut total_train_seconds) = (Instant::now(), 0f64);
-    while trainer.step < t.max_steps {
-        // 1. Learning rate of this step.
-        let lr = learning_rate(&cfg.optim, trainer.step, t.max_steps);
-
-        // 2. One optimizer step: micro-steps, gradient averaging, clipping, update.
-        let started = Instant::now();
-        let report = trainer.train_step(train, world, exchange, lr)?;
-        crate::faults::kill_or_hang_at(trainer.step, world.rank());
-        watchdog.beat();
-        train_seconds += started.elapsed().as_secs_f64();
-        total_train_seconds += started.elapsed().as_secs_f64();
-        tokens_since_log += (trainer.global_batch(world) * t.seq_len) as u64;
-        let step = trainer.step;
-        let last = step == t.max_steps;
-        trainer.val_loss_now = None;
-        progress.step(step, report.loss);
-        let mut row = Map::new();
-
-        // 3. Training metrics.
-        if step % t.log_interval == 0 || last {
-            let tokens_per_sec = tokens_since_log as f64 / train_seconds.max(1e-9);
-            row.insert("train/loss".into(), json!(report.loss));
-            row.insert("train/lr".into(), json!(lr));
-            row.insert("train/grad_norm".into(), json!(report.grad_norm));
-            row.insert("train/tokens".into(), json!(trainer.tokens_seen));
-            row.insert("train/epoch".into(), json!(trainer.epoch()));
-            row.insert("train/tokens_per_sec".into(), json!(tokens_per_sec));
-            row.insert("train/step_ms".into(), json!(1000.0 * train_seconds / (step - logged_at) as f64));
-            if let Some(peak) = peak_flops {
-                row.insert("train/mfu".into(), json!(flops_per_token * tokens_per_sec / peak));
-            }
-            if report.skipped {
-                row.insert("train/skipped".into(), json!(true));
-            }
-            (train_seconds, tokens_since_log, logged_at) = (0.0, 0, step);
-        }
-
-        // 4. Evaluation on the valid split (all ranks take part).
-        if let Some(valid) = valid {
-            if (t.eval_interval > 0 && step % t.eval_interval == 0) || last {
-                let limit = (t.eval_steps > 0).then(|| t.eval_steps * (t.micro_batch_size * world.size()) as u64);
-                let e = evaluate(&trainer.model, valid, t.seq_len, t.micro_batch_size, limit, world, trainer.device());
-                trainer.record_val_loss(e.loss);
-                watchdog.beat();
-                wandb.set_summary("val/ppl", json!(e.ppl));
-                if let Some(best) = trainer.best_val_loss {
-                    wandb.set_summary("val/best_ppl", json!(best.exp()));
-                }
-                row.insert("val/loss".into(), json!(e.loss));
-                row.insert("val/ppl".into(), json!(e.ppl));
-                if let Some(best) = valid.best_loss() {
-                    row.insert("val/best_achievable_ppl".into(), json!(best.exp()));
-                }
-            }
-        }
-        if world.is_main() && !row.is_empty() {
-            row.insert("step".into(), json!(step));
-            row.insert("train/rss_mb".into(), json!(crate::report::log::rss_mb()));
-            progress.line(&format_row(&row));
-            metrics.append(&row)?;
-            wandb.log(step, &row);
-            if row.contains_key("val/loss") || last {
-                // Charts are a convenience: a failure to draw is a warning, never a stop.
-                if let Err(e) = crate::report::plots::render_run(&run.root) {
-                    tracing::warn!("could not draw {}/plots.png: {e:#}", run.root.display());
-                }
-            }
-        }
-
-        // 5. Ranks must hold identical weights; a stop signal on any rank stops all.
-        if cfg.dist.check_interval > 0 && step % cfg.dist.check_interval == 0 {
-            trainer.check_ranks_agree(world)?;
-        }
-        let mut stopping = [stop.requested() as u8 as f64];
-        world.all_reduce_max(&mut stopping);
-        let stopping = stopping[0] > 0.0;
-
-        // 6. Checkpoint (rank 0 writes; every rank reads on resume).
-        if (t.save_interval > 0 && step % t.save_interval == 0) || last || stopping {
-            let saved = if world.is_main() { trainer.save(&run.checkpoints(), world, &data.tokenizer.hash_hex()) } else { Ok(PathBuf::new()) };
-            // Every rank learns whether rank 0's save worked, so that all stop together
-            // (or all go on) instead of the others waiting on a rank that left.
-            let mut failed = [saved.is_err() as u8 as f64];
-            world.all_reduce_max(&mut failed);
-            watchdog.beat();
-            match saved {
-                Ok(dir) if failed[0] == 0.0 => {
-                    if world.is_main() {
-                        progress.line(&format!("saved {}", dir.display()));
-                    }
-                }
-                result => {
-                    let why = match result {
-                        Err(e) => format!("{e:#}"),
-                        Ok(_) => "rank 0 could not save its checkpoint (its log says why)".to_string(),
-                    };
-                    let previous = if world.is_main() {
-                        checkpoint::list_valid(&run.checkpoints())
-                            .last()
-                            .map_or("there is no earlier checkpoint".to_string(), |f| format!("{} is intact", f.dir.display()))
-                    } else {
-                        "rank 0 names the checkpoint to resume from".to_string()
-                    };
-                    let keep_going = cfg.checkpoint.on_save_error == OnSaveError::Continue && !last && !stopping;
-                    if !keep_going {
-                        bail!("{why}; {previous}; stopping at step {step} (free space, then run the same command to resume{})",
-                            if cfg.checkpoint.on_save_error == OnSaveError::Stop { "; checkpoint.on_save_error: continue trains on" } else { "" });
-                    }
-                    tracing::warn!("{why}; {previous}; training on (checkpoint.on_save_error: continue), next try at step {}",
-                        next_save_step(step, t.save_interval, t.max_steps));
-                }
-            }
-        }
-        if stopping {
-            progress.finish();
-            info!("stopped by signal after step {step}; the checkpoint is saved: run the same command to resume");
-            return Ok(());
-        }
-    }
-    progress.finish();
-    summarize(ctx, trainer, started_at.elapsed().as_secs_f64(), total_train_seconds)
-}
-
-/// The step of the next periodic save after `step` (the final step when none comes first).
-fn next_save_step(step: u64, save_interval: u64, max_steps: u64) -> u64 {
-    if save_interval == 0 {
-        return max_steps;
-    }
-    ((step / save_interval + 1) * save_interval).min(max_steps)
-}
-
 /// The end of a run: the test split's perplexity when there is one, then a summary block
 /// in the log and `<run>/summary.json`.
-fn summarize(ctx: &LoopContext, trainer: &Trainer, wall_seconds: f64, train_seconds: f64) -> anyhow::Result<()> {
-    let LoopContext { cfg, world, run, data, wandb, .. } = *ctx;
+fn summarize(cfg: &Config, world: &World, run: &RunDir, data: &Prepared, wandb: &WandbRun, trainer: &Trainer, timing: &Timing) -> anyhow::Result<()> {
+    let Timing { wall_seconds, train_seconds, .. } = *timing;
     let t = &cfg.train;
     let test = data.split(Split::Test).map(|split| {
         let e = evaluate(&trainer.model, split, t.seq_len, t.micro_batch_size, None, world, trainer.device());
@@ -285,7 +229,7 @@ fn summarize(ctx: &LoopContext, trainer: &Trainer, wall_seconds: f64, train_seco
         return Ok(());
     }
     let valid_best = data.split(Split::Valid).and_then(|s| s.best_loss()).map(f64::exp);
-    let tokens_since_start = trainer.tokens_seen.saturating_sub(ctx.start_tokens) as f64;
+    let tokens_since_start = trainer.tokens_seen.saturating_sub(timing.start_tokens) as f64;
     let summary = json!({
         "steps": trainer.step,
         "tokens": trainer.tokens_seen,
@@ -296,7 +240,7 @@ fn summarize(ctx: &LoopContext, trainer: &Trainer, wall_seconds: f64, train_seco
         "best_val_ppl": trainer.best_val_loss.map(f64::exp),
         "best_achievable_val_ppl": valid_best,
         "test_ppl": test.map(|(e, _)| e.ppl),
-        "checkpoint": run.checkpoints().join(format!("step_{:08}", trainer.step)).display().to_string(),
+        "checkpoint": run.checkpoint(trainer.step).display().to_string(),
     });
     if let Some((e, _)) = test {
         wandb.set_summary("test/ppl", json!(e.ppl));
@@ -339,23 +283,6 @@ fn resume_point(cfg: &Config, run: &RunDir) -> anyhow::Result<Option<Found>> {
             Ok(Some(Found { dir, state }))
         }
     }
-}
-
-/// `step 100 | train/loss 2.3456 | val/ppl 12.34` for log lines.
-fn format_row(row: &Map<String, Value>) -> String {
-    let mut parts = vec![format!("step {}", row["step"])];
-    for (k, v) in row {
-        if k == "step" {
-            continue;
-        }
-        match v.as_f64() {
-            Some(x) if k.ends_with("tokens") => parts.push(format!("{k} {}", group(x as u64))),
-            Some(x) if x != 0.0 && (x.abs() < 1e-3 || x.abs() >= 1e5) => parts.push(format!("{k} {x:.3e}")),
-            Some(x) => parts.push(format!("{k} {x:.4}")),
-            None => parts.push(format!("{k} {v}")),
-        }
-    }
-    parts.join(" | ")
 }
 
 fn announce(cfg: &Config, world: &World, device: tch::Device, run: &RunDir) {

@@ -1,0 +1,65 @@
+//! The training part of a logged row: loss, lr, gradient norm, progress through the data,
+//! and throughput over the steps since the previous logged row (training time only, not
+//! evaluation or saving).
+
+use crate::config::Config;
+use crate::model::size::training_flops_per_token;
+use crate::trainer::{StepReport, Trainer};
+use serde_json::{json, Map, Value};
+
+pub struct TrainMetrics {
+    log_interval: u64,
+    max_steps: u64,
+    flops_per_token: f64,
+    /// Peak FLOP/s of all ranks together, when known (MFU).
+    peak_flops: Option<f64>,
+    seconds: f64,
+    tokens: u64,
+    logged_at: u64,
+}
+
+impl TrainMetrics {
+    pub fn new(cfg: &Config, peak_flops: Option<f64>, start_step: u64) -> TrainMetrics {
+        TrainMetrics {
+            log_interval: cfg.train.log_interval,
+            max_steps: cfg.train.max_steps,
+            flops_per_token: training_flops_per_token(&cfg.model, cfg.train.seq_len) as f64,
+            peak_flops,
+            seconds: 0.0,
+            tokens: 0,
+            logged_at: start_step,
+        }
+    }
+
+    /// One more step of `seconds` on `tokens` tokens (all ranks).
+    pub fn add(&mut self, seconds: f64, tokens: u64) {
+        self.seconds += seconds;
+        self.tokens += tokens;
+    }
+
+    /// The step's training metrics when it is logged (every `train.log_interval` steps
+    /// and the last), else nothing; logging starts the next throughput window.
+    pub fn row(&mut self, report: &StepReport, lr: f64, trainer: &Trainer) -> Map<String, Value> {
+        let step = trainer.step;
+        let mut row = Map::new();
+        if step % self.log_interval != 0 && step != self.max_steps {
+            return row;
+        }
+        let tokens_per_sec = self.tokens as f64 / self.seconds.max(1e-9);
+        row.insert("train/loss".into(), json!(report.loss));
+        row.insert("train/lr".into(), json!(lr));
+        row.insert("train/grad_norm".into(), json!(report.grad_norm));
+        row.insert("train/tokens".into(), json!(trainer.tokens_seen));
+        row.insert("train/epoch".into(), json!(trainer.epoch()));
+        row.insert("train/tokens_per_sec".into(), json!(tokens_per_sec));
+        row.insert("train/step_ms".into(), json!(1000.0 * self.seconds / (step - self.logged_at) as f64));
+        if let Some(peak) = self.peak_flops {
+            row.insert("train/mfu".into(), json!(self.flops_per_token * tokens_per_sec / peak));
+        }
+        if report.skipped {
+            row.insert("train/skipped".into(), json!(true));
+        }
+        (self.seconds, self.tokens, self.logged_at) = (0.0, 0, step);
+        row
+    }
+}
