@@ -4,7 +4,7 @@
 use crate::config::Config;
 use crate::data::source::Split;
 use crate::device;
-use crate::dist::{GradientExchange, World};
+use crate::dist::GradientExchange;
 use crate::report::format::group;
 use crate::model::size::training_flops_per_token;
 use crate::trainer::Trainer;
@@ -15,12 +15,8 @@ use std::time::Instant;
 const WARMUP_STEPS: u64 = 3;
 
 pub fn run(cfg: Config, steps: u64, as_json: bool) -> anyhow::Result<()> {
-    device::allow_tf32(cfg.train.tf32);
-    let world = World::init()?;
+    let crate::runtime::Runtime { world, device } = crate::runtime::Runtime::start(&cfg)?;
     crate::report::log::init(world.rank(), None)?;
-    let device = device::resolve(cfg.device, world.local_rank())?;
-    device::check_memory(&cfg, device, world.local_size())?;
-    device::share_cpu_threads(world.local_size());
     let data = crate::data::prepare::open_on_every_rank(&cfg, &world)?;
     let train = data.split(Split::Train).expect("the train split always exists");
     let mut trainer = Trainer::new(&cfg, device, train.windows(cfg.train.seq_len));

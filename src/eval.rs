@@ -4,20 +4,18 @@
 use crate::checkpoint;
 use crate::config::Config;
 use crate::data::source::Split;
-use crate::dist::World;
 use crate::evaluation::evaluate;
 use anyhow::{anyhow, bail};
 use std::path::Path;
 
 /// `algpt2-ddp eval`: every window of `split_name` under the weights of `checkpoint_dir`.
 pub fn run(cfg: Config, checkpoint_dir: &Path, split_name: &str) -> anyhow::Result<()> {
-    let world = World::init()?;
+    let crate::runtime::Runtime { world, device } = crate::runtime::Runtime::start(&cfg)?;
     crate::report::log::init(world.rank(), None)?;
     let state = checkpoint::verify(checkpoint_dir)?;
     if state.model_config != serde_json::to_value(&cfg.model)? {
         bail!("checkpoint {} was made by another model config: {}", checkpoint_dir.display(), state.model_config);
     }
-    let device = crate::device::resolve(cfg.device, world.local_rank())?;
     let data = crate::data::prepare::open_on_every_rank(&cfg, &world)?;
     let split = if split_name == "test" { Split::Test } else { Split::Valid };
     let split_data = data.split(split).ok_or_else(|| anyhow!("data.{split_name} is not configured"))?;

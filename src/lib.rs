@@ -10,6 +10,7 @@ pub mod model;
 pub mod report;
 pub mod rng;
 pub mod run_dir;
+pub mod runtime;
 pub mod train;
 pub mod optim;
 pub mod checkpoint;

@@ -32,27 +32,16 @@ use serde_json::{json, Map};
 use sinks::{Charts, MetricSink};
 use std::time::{Duration, Instant};
 use validation::Validator;
-use tracing::{error, info};
+use crate::runtime::Runtime;
+use tracing::info;
 
 pub fn run(cfg: Config) -> anyhow::Result<()> {
-    device::allow_tf32(cfg.train.tf32);
-    let world = World::init()?;
-    let result = run_in_world(&cfg, &world);
-    if let Err(e) = &result {
-        if world.size() > 1 {
-            // Others may be waiting in a collective for this rank: end the whole job.
-            eprintln!("error on rank {}: {e:#}", world.rank());
-            error!("rank {} failed: {e:#}", world.rank());
-            world.abort(device::exit_code(e) as i32);
-        }
-    }
-    result
+    let rt = Runtime::start(&cfg)?;
+    let result = run_in_world(&cfg, &rt.world, rt.device);
+    rt.check(result)
 }
 
-fn run_in_world(cfg: &Config, world: &World) -> anyhow::Result<()> {
-    // A device that is not there is a usage error: found before anything is written.
-    let device = device::resolve(cfg.device, world.local_rank())?;
-    device::check_memory(cfg, device, world.local_size())?;
+fn run_in_world(cfg: &Config, world: &World, device: tch::Device) -> anyhow::Result<()> {
     let run = RunDir::for_config(cfg);
     // Held until the run ends: a second training on this directory is refused.
     let _lock = if world.is_main() {
@@ -66,7 +55,6 @@ fn run_in_world(cfg: &Config, world: &World) -> anyhow::Result<()> {
     if world.is_main() {
         checkpoint::clean_partial(&run.checkpoints())?;
     }
-    device::share_cpu_threads(world.local_size());
     announce(cfg, world, device, &run);
 
     let data = prepare::open_on_every_rank(cfg, world)?;

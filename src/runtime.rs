@@ -1,0 +1,47 @@
+//! Start-up shared by the commands that compute (train, bench, eval), in one order:
+//! TF32, the MPI world, the rank's device and the memory the config needs on it, the
+//! rank's share of the CPU threads. Nothing is written, so a device that is not there or
+//! a config that cannot fit leaves no trace.
+
+use crate::config::Config;
+use crate::device;
+use crate::dist::World;
+use tch::Device;
+
+pub struct Runtime {
+    pub world: World,
+    pub device: Device,
+}
+
+impl Runtime {
+    pub fn start(cfg: &Config) -> anyhow::Result<Runtime> {
+        device::allow_tf32(cfg.train.tf32);
+        let world = World::init()?;
+        let checked = device::resolve(cfg.device, world.local_rank())
+            .and_then(|d| device::check_memory(cfg, d, world.local_size()).map(|()| d))
+            .map_err(anyhow::Error::from);
+        let device = abort_job_on_error(&world, checked)?;
+        device::share_cpu_threads(world.local_size());
+        Ok(Runtime { world, device })
+    }
+
+    /// `result`, unless it is an error in a world of several ranks: then the whole job
+    /// ends (see [`abort_job_on_error`]).
+    pub fn check<T>(&self, result: anyhow::Result<T>) -> anyhow::Result<T> {
+        abort_job_on_error(&self.world, result)
+    }
+}
+
+/// A rank that cannot go on must not leave the others waiting in a collective: under
+/// mpirun it prints its error and ends every rank (MPI_Abort with the error's exit code:
+/// 2 for a bad config or a missing device, else 1). Alone, the error is returned.
+fn abort_job_on_error<T>(world: &World, result: anyhow::Result<T>) -> anyhow::Result<T> {
+    if let Err(e) = &result {
+        if world.size() > 1 {
+            eprintln!("error on rank {}: {e:#}", world.rank());
+            tracing::error!("rank {} failed: {e:#}", world.rank());
+            world.abort(device::exit_code(e) as i32);
+        }
+    }
+    result
+}
