@@ -1,5 +1,5 @@
 //! W&B reporting end to end: the real binary against the loopback fake server
-//! (src/report/wandb/fake_server.rs). Rows arrive once, in order, from rank 0 only; a
+//! (wandb/src/fake_server.rs). Rows arrive once, in order, from rank 0 only; a
 //! resumed run continues the same W&B run; a hanging server does not hold training up;
 //! an offline run syncs later.
 

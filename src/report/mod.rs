@@ -5,5 +5,7 @@ pub mod log;
 pub mod metrics;
 pub mod plots;
 pub mod progress;
-pub mod wandb;
 pub mod wandb_run;
+
+/// The W&B client (the `algpt2-wandb` crate of this workspace).
+pub use algpt2_wandb as wandb;
