@@ -64,12 +64,7 @@ pub struct Found {
     pub state: TrainerState,
 }
 
-/// `step_00001000`: the name of a step's checkpoint directory.
-pub fn dir_name(step: u64) -> String {
-    format!("step_{step:08}")
-}
-
-use crate::run_dir::sha256_file;
+use crate::run_dir::{checkpoint_dir_name as dir_name, sha256_file};
 
 fn fsync_path(path: &Path) -> anyhow::Result<()> {
     File::open(path).and_then(|f| f.sync_all()).with_context(|| format!("cannot sync {}", path.display()))

@@ -39,7 +39,7 @@ pub fn run(cfg: Config, checkpoint_dir: &Path, split_name: &str) -> anyhow::Resu
         println!("{report}");
         // Beside the run: <run>/eval-<split>-step_<N>.json (checkpoints stay as written).
         if let Some(run) = crate::run_dir::RunDir::of_checkpoint(checkpoint_dir) {
-            let out = run.root.join(format!("eval-{split_name}-{}.json", checkpoint::dir_name(state.step)));
+            let out = run.root.join(format!("eval-{split_name}-{}.json", crate::run_dir::checkpoint_dir_name(state.step)));
             crate::run_dir::write_atomic(&out, serde_json::to_string_pretty(&report)?.as_bytes())?;
         }
     }

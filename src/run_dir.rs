@@ -32,7 +32,7 @@ impl RunDir {
     }
     /// The directory of step `step`'s checkpoint.
     pub fn checkpoint(&self, step: u64) -> PathBuf {
-        self.checkpoints().join(crate::checkpoint::dir_name(step))
+        self.checkpoints().join(checkpoint_dir_name(step))
     }
 
     /// The run a checkpoint directory (`<run>/checkpoints/step_N`) belongs to.
@@ -99,6 +99,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     f.write_all(bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
     f.sync_all().with_context(|| format!("cannot sync {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
+}
+
+/// `step_00001000`: the name of a step's checkpoint directory.
+pub fn checkpoint_dir_name(step: u64) -> String {
+    format!("step_{step:08}")
 }
 
 /// The sha256 of a file's bytes, as lowercase hex.

@@ -1,0 +1,77 @@
+//! The shape of the code: no circles between the top-level modules of `src/`, and no
+//! command module (one per subcommand) importing another; shared parts live in library
+//! modules (`data/`, `evaluation.rs`, `report/`, `runtime.rs`, ...).
+
+mod common;
+use common::repo;
+use std::collections::{BTreeMap, BTreeSet};
+
+const COMMANDS: [&str; 7] = ["train", "eval", "bench", "info", "generate", "export", "doctor"];
+
+/// Top-level module → the top-level modules its non-test code names as `crate::x`.
+fn imports() -> BTreeMap<String, BTreeSet<String>> {
+    let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let src = repo().join("src");
+    let mut files = vec![];
+    let mut stack = vec![src.clone()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()) {
+            if e.is_dir() {
+                stack.push(e);
+            } else if e.extension().is_some_and(|x| x == "rs") {
+                files.push(e);
+            }
+        }
+    }
+    for file in files {
+        let rel = file.strip_prefix(&src).unwrap();
+        let top = rel.components().next().unwrap().as_os_str().to_string_lossy().trim_end_matches(".rs").to_string();
+        if top == "main" || top == "lib" {
+            continue;
+        }
+        let text = std::fs::read_to_string(&file).unwrap();
+        // Unit tests may reach anywhere; only the shipped code counts.
+        let code = text.split("#[cfg(test)]").next().unwrap();
+        for part in code.split("crate::").skip(1) {
+            let name: String = part.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+            if !name.is_empty() && name != top {
+                graph.entry(top.clone()).or_default().insert(name);
+            }
+        }
+    }
+    graph
+}
+
+#[test]
+fn no_command_imports_another() {
+    for (module, uses) in imports() {
+        if COMMANDS.contains(&module.as_str()) {
+            let commands: Vec<&String> = uses.iter().filter(|u| COMMANDS.contains(&u.as_str())).collect();
+            assert!(commands.is_empty(), "the {module} command imports the command(s) {commands:?}");
+        }
+    }
+}
+
+#[test]
+fn the_module_graph_has_no_circles() {
+    let graph = imports();
+    fn visit(n: &str, graph: &BTreeMap<String, BTreeSet<String>>, path: &mut Vec<String>, done: &mut BTreeSet<String>) {
+        if let Some(at) = path.iter().position(|p| p == n) {
+            panic!("import circle: {} -> {n}", path[at..].join(" -> "));
+        }
+        if done.contains(n) {
+            return;
+        }
+        path.push(n.to_string());
+        for m in graph.get(n).into_iter().flatten() {
+            visit(m, graph, path, done);
+        }
+        path.pop();
+        done.insert(n.to_string());
+    }
+    let mut done = BTreeSet::new();
+    for n in graph.keys() {
+        visit(n, &graph, &mut vec![], &mut done);
+    }
+    assert!(graph.len() > 15, "{graph:?}");
+}
