@@ -141,6 +141,8 @@ impl Trainer {
         let mut loss = loss[0] / world.size() as f64;
         self.step += 1;
         self.tokens_seen += (batch.len() * t.seq_len) as u64;
+        // A new step has no validation loss until it is evaluated.
+        self.val_loss_now = None;
         if crate::faults::nan_loss_at(self.step, world.rank()) {
             loss = f64::NAN;
             let _ = self.params.grads.fill_(f64::NAN);

@@ -4,18 +4,18 @@
 mod checkpointer;
 mod metrics;
 mod sinks;
+mod run_summary;
 mod validation;
 
 use crate::checkpoint::{self, Found};
 use crate::config::Config;
-use crate::data::prepare::{self, Prepared, SplitData};
+use crate::data::prepare::{self, SplitData};
 use crate::data::source::Split;
 use crate::data::summary;
 use crate::device;
 use crate::dist::signals::StopRequest;
 use crate::dist::watchdog::Watchdog;
 use crate::dist::{GradientExchange, World};
-use crate::evaluation::evaluate;
 use crate::model::size::param_count;
 use crate::report::format::group;
 use crate::optim::learning_rate;
@@ -110,7 +110,7 @@ fn run_in_world(cfg: &Config, world: &World, device: tch::Device) -> anyhow::Res
     let result = train_loop(cfg, &mut trainer, &env, &checkpointer, &validator, &mut train_metrics).and_then(|ended| match ended {
         Ended::Completed { train_seconds } => {
             let timing = Timing { wall_seconds: started_at.elapsed().as_secs_f64(), train_seconds, start_tokens };
-            summarize(cfg, world, &run, &data, &wandb, &trainer, &timing)
+            run_summary::write(cfg, world, &run, &data, &wandb, &trainer, &timing)
         }
         Ended::AlreadyComplete | Ended::Stopped => Ok(()),
     });
@@ -162,7 +162,6 @@ fn train_loop(
         env.watchdog.beat();
         train_seconds += started.elapsed().as_secs_f64();
         metrics.add(started.elapsed().as_secs_f64(), (trainer.global_batch(world) * t.seq_len) as u64);
-        trainer.val_loss_now = None;
         env.progress.step(trainer.step, report.loss);
 
         let mut row = metrics.row(&report, lr, trainer);
@@ -197,57 +196,11 @@ fn train_loop(
 }
 
 /// Times of a completed run, for its summary.
-struct Timing {
+pub(crate) struct Timing {
     wall_seconds: f64,
     train_seconds: f64,
     /// Tokens already trained on when this process started (after a resume).
     start_tokens: u64,
-}
-
-/// The end of a run: the test split's perplexity when there is one, then a summary block
-/// in the log and `<run>/summary.json`.
-fn summarize(cfg: &Config, world: &World, run: &RunDir, data: &Prepared, wandb: &WandbRun, trainer: &Trainer, timing: &Timing) -> anyhow::Result<()> {
-    let Timing { wall_seconds, train_seconds, .. } = *timing;
-    let t = &cfg.train;
-    let test = data.split(Split::Test).map(|split| {
-        let e = evaluate(&trainer.model, split, t.seq_len, t.micro_batch_size, None, world, trainer.device());
-        (e, split.best_loss().map(f64::exp))
-    });
-    if !world.is_main() {
-        return Ok(());
-    }
-    let valid_best = data.split(Split::Valid).and_then(|s| s.best_loss()).map(f64::exp);
-    let tokens_since_start = trainer.tokens_seen.saturating_sub(timing.start_tokens) as f64;
-    let summary = json!({
-        "steps": trainer.step,
-        "tokens": trainer.tokens_seen,
-        "wall_seconds": wall_seconds,
-        "train_seconds": train_seconds,
-        "tokens_per_sec": tokens_since_start / train_seconds.max(1e-9),
-        "val_ppl": trainer.val_loss_now.map(f64::exp),
-        "best_val_ppl": trainer.best_val_loss.map(f64::exp),
-        "best_achievable_val_ppl": valid_best,
-        "test_ppl": test.map(|(e, _)| e.ppl),
-        "checkpoint": run.checkpoint(trainer.step).display().to_string(),
-    });
-    if let Some((e, _)) = test {
-        wandb.set_summary("test/ppl", json!(e.ppl));
-    }
-    let ppl = |v: &serde_json::Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.2}"));
-    info!(
-        "run summary\n  steps       {} ({} tokens)\n  time        {:.0} s ({:.0} s training)\n  throughput  {} tokens/s\n  val ppl     {} (best {}, best achievable {})\n  test ppl    {}\n  checkpoint  {}",
-        trainer.step,
-        group(trainer.tokens_seen),
-        wall_seconds,
-        train_seconds,
-        group(summary["tokens_per_sec"].as_f64().unwrap_or(0.0) as u64),
-        ppl(&summary["val_ppl"]),
-        ppl(&summary["best_val_ppl"]),
-        ppl(&summary["best_achievable_val_ppl"]),
-        ppl(&summary["test_ppl"]),
-        summary["checkpoint"].as_str().unwrap_or("-"),
-    );
-    crate::run_dir::write_atomic(&run.root.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())
 }
 
 /// Where a run starts: `checkpoint.resume` is `auto` (the run's newest valid

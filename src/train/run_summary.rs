@@ -1,0 +1,71 @@
+//! The end of a completed run: the test split's perplexity when there is one, then a
+//! summary block in the log and `<run>/summary.json`.
+
+use super::Timing;
+use crate::config::Config;
+use crate::data::prepare::Prepared;
+use crate::data::source::Split;
+use crate::dist::World;
+use crate::evaluation::evaluate;
+use crate::report::format::group;
+use crate::report::wandb_run::WandbRun;
+use crate::run_dir::RunDir;
+use crate::trainer::Trainer;
+use serde::Serialize;
+use serde_json::json;
+use tracing::info;
+
+/// `summary.json` (fields in alphabetical order, as the file has always had them).
+#[derive(Serialize)]
+struct RunSummary {
+    best_achievable_val_ppl: Option<f64>,
+    best_val_ppl: Option<f64>,
+    checkpoint: String,
+    steps: u64,
+    test_ppl: Option<f64>,
+    tokens: u64,
+    tokens_per_sec: f64,
+    train_seconds: f64,
+    val_ppl: Option<f64>,
+    wall_seconds: f64,
+}
+
+pub(super) fn write(cfg: &Config, world: &World, run: &RunDir, data: &Prepared, wandb: &WandbRun, trainer: &Trainer, timing: &Timing) -> anyhow::Result<()> {
+    let t = &cfg.train;
+    // Every rank takes part in the test evaluation; rank 0 alone reports it.
+    let test = data.split(Split::Test).map(|split| evaluate(&trainer.model, split, t.seq_len, t.micro_batch_size, None, world, trainer.device()));
+    if !world.is_main() {
+        return Ok(());
+    }
+    let tokens_since_start = trainer.tokens_seen.saturating_sub(timing.start_tokens) as f64;
+    let s = RunSummary {
+        best_achievable_val_ppl: data.split(Split::Valid).and_then(|s| s.best_loss()).map(f64::exp),
+        best_val_ppl: trainer.best_val_loss.map(f64::exp),
+        checkpoint: run.checkpoint(trainer.step).display().to_string(),
+        steps: trainer.step,
+        test_ppl: test.map(|e| e.ppl),
+        tokens: trainer.tokens_seen,
+        tokens_per_sec: tokens_since_start / timing.train_seconds.max(1e-9),
+        train_seconds: timing.train_seconds,
+        val_ppl: trainer.val_loss_now.map(f64::exp),
+        wall_seconds: timing.wall_seconds,
+    };
+    if let Some(ppl) = s.test_ppl {
+        wandb.set_summary("test/ppl", json!(ppl));
+    }
+    let ppl = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.2}"));
+    info!(
+        "run summary\n  steps       {} ({} tokens)\n  time        {:.0} s ({:.0} s training)\n  throughput  {} tokens/s\n  val ppl     {} (best {}, best achievable {})\n  test ppl    {}\n  checkpoint  {}",
+        s.steps,
+        group(s.tokens),
+        s.wall_seconds,
+        s.train_seconds,
+        group(s.tokens_per_sec as u64),
+        ppl(s.val_ppl),
+        ppl(s.best_val_ppl),
+        ppl(s.best_achievable_val_ppl),
+        ppl(s.test_ppl),
+        s.checkpoint,
+    );
+    crate::run_dir::write_atomic(&run.root.join("summary.json"), serde_json::to_string_pretty(&s)?.as_bytes())
+}
