@@ -73,16 +73,6 @@ pub fn resolve(kind: DeviceKind, local_rank: usize) -> Result<Device, DeviceErro
     }
 }
 
-/// The exit code for an error: 2 for bad configuration or usage (the config, or a device
-/// that is not there), 1 for anything that went wrong while running.
-pub fn exit_code(e: &anyhow::Error) -> u8 {
-    if e.downcast_ref::<crate::config::ConfigError>().is_some() || e.downcast_ref::<DeviceError>().is_some() {
-        2
-    } else {
-        1
-    }
-}
-
 /// How a device is shown in logs and reports.
 pub fn describe(device: Device) -> String {
     match device {

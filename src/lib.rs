@@ -21,5 +21,6 @@ pub mod trainer;
 pub mod cuda;
 pub mod bench;
 pub mod generate;
+pub mod exit_code;
 pub mod export;
 pub mod doctor;

@@ -2,7 +2,7 @@
 //! (2: bad configuration or usage, 1: anything else).
 
 use algpt2_ddp::cli::{Cli, Command};
-use algpt2_ddp::{config, data, eval, info, report, train};
+use algpt2_ddp::{config, data, eval, exit_code, info, report, train};
 use clap::Parser;
 use std::process::ExitCode;
 
@@ -20,21 +20,19 @@ fn main() -> ExitCode {
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => match e.downcast_ref::<config::ConfigError>() {
-            Some(config_error) => {
-                // Every rank reads the same config and fails the same way: one copy is enough.
-                if algpt2_launch::launcher_rank(&|key| std::env::var(key).ok()) == 0 {
-                    eprintln!("error: {config_error}");
+        Err(e) => {
+            // doctor's report already said what failed.
+            let reported = e.downcast_ref::<algpt2_ddp::doctor::ChecksFailed>().is_some();
+            // Every rank reads the same config and fails the same way: one copy is enough.
+            let repeated = exit_code::same_on_every_rank(&e) && algpt2_launch::launcher_rank(&|key| std::env::var(key).ok()) != 0;
+            if !reported && !repeated {
+                match e.downcast_ref::<config::ConfigError>() {
+                    Some(config_error) => eprintln!("error: {config_error}"),
+                    None => eprintln!("error: {e:#}"),
                 }
-                ExitCode::from(2)
             }
-            // The report said what failed; every rank exits 1 without repeating it.
-            None if e.downcast_ref::<algpt2_ddp::doctor::ChecksFailed>().is_some() => ExitCode::from(1),
-            None => {
-                eprintln!("error: {e:#}");
-                ExitCode::from(algpt2_ddp::device::exit_code(&e))
-            }
-        },
+            ExitCode::from(exit_code::of(&e))
+        }
     }
 }
 

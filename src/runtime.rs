@@ -40,7 +40,7 @@ fn abort_job_on_error<T>(world: &World, result: anyhow::Result<T>) -> anyhow::Re
         if world.size() > 1 {
             eprintln!("error on rank {}: {e:#}", world.rank());
             tracing::error!("rank {} failed: {e:#}", world.rank());
-            world.abort(device::exit_code(e) as i32);
+            world.abort(crate::exit_code::of(e) as i32);
         }
     }
     result

@@ -1,0 +1,18 @@
+//! The exit codes, in one place: 0 success, 1 anything that went wrong while running
+//! (including a failed `doctor` check), 2 bad configuration or usage (the config, a flag,
+//! a device that is not there, a size that cannot fit): nothing was started.
+
+/// The exit code of a command that ended with `e`.
+pub fn of(e: &anyhow::Error) -> u8 {
+    if e.downcast_ref::<crate::config::ConfigError>().is_some() || e.downcast_ref::<crate::device::DeviceError>().is_some() {
+        2
+    } else {
+        1
+    }
+}
+
+/// Whether every rank fails the same way with `e` (the config is read by all of them), so
+/// that one copy of the message is enough.
+pub fn same_on_every_rank(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<crate::config::ConfigError>().is_some()
+}
