@@ -57,6 +57,16 @@ pub struct TrainerState {
     pub checksums: BTreeMap<String, String>,
 }
 
+/// What components other than the trainer keep in a checkpoint's trainer.json: the W&B
+/// run (so that a resumed run continues it) and the validation losses (retention keeps
+/// the best checkpoint).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OtherParts {
+    pub wandb_run_id: Option<String>,
+    pub val_loss: Option<f64>,
+    pub best_val_loss: Option<f64>,
+}
+
 /// A checkpoint directory found on disk, with its trainer state.
 #[derive(Debug, Clone)]
 pub struct Found {

@@ -1,7 +1,7 @@
 //! The state of a training run on one rank, and how it moves one step, saves and loads:
 //! model, flat parameters and gradients, AdamW, the sampler, counters.
 
-use crate::checkpoint::{self, Found, TrainerState, MODEL_FILE, OPTIMIZER_FILE};
+use crate::checkpoint::{self, Found, OtherParts, TrainerState, MODEL_FILE, OPTIMIZER_FILE};
 use crate::config::{Config, NonFinite};
 use crate::data::batches::{batch_tensors, rank_slice, Sampler};
 use crate::data::prepare::SplitData;
@@ -28,10 +28,6 @@ pub struct Trainer {
     /// Optimizer steps completed (skipped non-finite steps included).
     pub step: u64,
     pub tokens_seen: u64,
-    pub best_val_loss: Option<f64>,
-    /// Validation loss at the current step, when it was evaluated there.
-    pub val_loss_now: Option<f64>,
-    pub wandb_run_id: Option<String>,
 }
 
 /// What one optimizer step did.
@@ -70,9 +66,6 @@ impl Trainer {
             sampler: Sampler::new(train_windows, cfg.train.seed),
             step: 0,
             tokens_seen: 0,
-            best_val_loss: None,
-            val_loss_now: None,
-            wandb_run_id: None,
         }
     }
 
@@ -141,8 +134,6 @@ impl Trainer {
         let mut loss = loss[0] / world.size() as f64;
         self.step += 1;
         self.tokens_seen += (batch.len() * t.seq_len) as u64;
-        // A new step has no validation loss until it is evaluated.
-        self.val_loss_now = None;
         if crate::faults::nan_loss_at(self.step, world.rank()) {
             loss = f64::NAN;
             let _ = self.params.grads.fill_(f64::NAN);
@@ -169,20 +160,15 @@ impl Trainer {
         Ok(StepReport { loss, grad_norm, skipped: false })
     }
 
-    /// Records a validation loss measured at the current step.
-    pub fn record_val_loss(&mut self, loss: f64) {
-        self.val_loss_now = Some(loss);
-        self.best_val_loss = Some(self.best_val_loss.map_or(loss, |b| b.min(loss)));
-    }
-
     /// The model's tensors by name, as checkpoints and exports store them.
     pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
         let p = &self.params;
         p.slots.iter().map(|s| (s.name.clone(), p.values.narrow(0, s.offset, s.numel).view(s.shape.as_slice()))).collect()
     }
 
-    /// Saves a checkpoint of the current step under `root` (rank 0 only).
-    pub fn save(&self, root: &Path, world: &World, tokenizer_hash: &str) -> anyhow::Result<PathBuf> {
+    /// Saves a checkpoint of the current step under `root` (rank 0 only), with the parts
+    /// other components keep there.
+    pub fn save(&self, root: &Path, world: &World, tokenizer_hash: &str, others: &OtherParts) -> anyhow::Result<PathBuf> {
         let optimizer = vec![
             ("exp_avg".to_string(), self.opt.exp_avg.shallow_clone()),
             ("exp_avg_sq".to_string(), self.opt.exp_avg_sq.shallow_clone()),
@@ -198,9 +184,9 @@ impl Trainer {
             model_config: serde_json::to_value(&self.cfg.model)?,
             config_hash: hex::encode(Sha256::digest(self.cfg.to_yaml().as_bytes())),
             tokenizer_hash: tokenizer_hash.to_string(),
-            wandb_run_id: self.wandb_run_id.clone(),
-            val_loss: self.val_loss_now,
-            best_val_loss: self.best_val_loss,
+            wandb_run_id: others.wandb_run_id.clone(),
+            val_loss: others.val_loss,
+            best_val_loss: others.best_val_loss,
             tokens_seen: self.tokens_seen,
             checksums: Default::default(),
         };
@@ -245,9 +231,6 @@ impl Trainer {
         self.sampler.restore(state.sampler).map_err(|e| anyhow!("checkpoint {dir}: {e}"))?;
         self.step = state.step;
         self.tokens_seen = state.tokens_seen;
-        self.best_val_loss = state.best_val_loss;
-        self.val_loss_now = state.val_loss;
-        self.wandb_run_id = state.wandb_run_id.clone();
         Ok(())
     }
 }

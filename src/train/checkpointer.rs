@@ -1,6 +1,7 @@
 //! When the loop saves, and what a failed save does (`checkpoint.on_save_error`): rank 0
 //! writes, every rank learns whether it worked, and all stop together or all go on.
 
+use crate::checkpoint::OtherParts;
 use crate::config::{Config, OnSaveError};
 use crate::dist::World;
 use crate::report::progress::Progress;
@@ -23,13 +24,13 @@ impl<'a> Checkpointer<'a> {
     }
 
     /// Saves at every `save_interval`-th step, at the last step and when stopping.
-    pub fn save_if_due(&self, trainer: &Trainer, world: &World, progress: &Progress, stopping: bool) -> anyhow::Result<()> {
+    pub fn save_if_due(&self, trainer: &Trainer, others: &OtherParts, world: &World, progress: &Progress, stopping: bool) -> anyhow::Result<()> {
         let step = trainer.step;
         let last = step == self.max_steps;
         if !((self.save_interval > 0 && step % self.save_interval == 0) || last || stopping) {
             return Ok(());
         }
-        let saved = if world.is_main() { trainer.save(&self.run.checkpoints(), world, &self.tokenizer_hash) } else { Ok(PathBuf::new()) };
+        let saved = if world.is_main() { trainer.save(&self.run.checkpoints(), world, &self.tokenizer_hash, others) } else { Ok(PathBuf::new()) };
         // Every rank learns whether rank 0's save worked, so that all stop together
         // (or all go on) instead of the others waiting on a rank that left.
         let mut failed = [saved.is_err() as u8 as f64];

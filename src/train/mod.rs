@@ -7,7 +7,7 @@ mod sinks;
 mod run_summary;
 mod validation;
 
-use crate::checkpoint::{self, Found};
+use crate::checkpoint::{self, Found, OtherParts};
 use crate::config::Config;
 use crate::data::prepare::{self, SplitData};
 use crate::data::source::Split;
@@ -67,8 +67,12 @@ fn run_in_world(cfg: &Config, world: &World, device: tch::Device) -> anyhow::Res
     let seq_len = cfg.train.seq_len;
     let mut trainer = Trainer::new(cfg, device, train.windows(seq_len));
     let metrics = MetricsLog::new(&run.metrics());
+    let mut validator = Validator::new(cfg, data.split(Split::Valid), world);
+    let mut resumed_wandb_run = None;
     if let Some(found) = resume_point(cfg, &run)? {
         trainer.load(&found, &data.tokenizer.hash_hex(), world)?;
+        validator.restore(&found.state);
+        resumed_wandb_run = found.state.wandb_run_id.clone();
         info!("resumed from {} at step {}", found.dir.display(), trainer.step);
     }
     if world.is_main() {
@@ -81,13 +85,14 @@ fn run_in_world(cfg: &Config, world: &World, device: tch::Device) -> anyhow::Res
     trainer.broadcast_weights(world, &exchange)?;
     world.barrier();
     let stop = StopRequest::install(Duration::from_secs(cfg.dist.stop_grace_s))?;
-    let resume = trainer.wandb_run_id.clone().map(|id| (id, trainer.step));
+    let resume = resumed_wandb_run.clone().map(|id| (id, trainer.step));
     let mut extra = Map::new();
     extra.insert("parameters".into(), json!(param_count(&cfg.model).total));
     extra.insert("world_size".into(), json!(world.size()));
     extra.insert("device".into(), json!(device::describe(device)));
     let wandb = WandbRun::start(cfg, &run.root, world.is_main(), extra, resume)?;
-    trainer.wandb_run_id = wandb.run_id().or(trainer.wandb_run_id.take());
+    // Kept in every checkpoint, so that a resumed run continues the same W&B run.
+    let wandb_run_id = wandb.run_id().or(resumed_wandb_run);
     // Start-up (data preparation) is not timed; from here on every step must finish.
     let watchdog = Watchdog::start(world.rank(), Duration::from_secs(cfg.dist.timeout_s));
     let progress = Progress::new(world.is_main(), trainer.step, cfg.train.max_steps);
@@ -99,18 +104,18 @@ fn run_in_world(cfg: &Config, world: &World, device: tch::Device) -> anyhow::Res
         stop: &stop,
         watchdog: &watchdog,
         wandb: &wandb,
+        wandb_run_id,
         progress: &progress,
         sinks: [&metrics, &progress, &wandb, &charts],
     };
     let checkpointer = Checkpointer::new(cfg, &run, data.tokenizer.hash_hex());
-    let validator = Validator::new(cfg, data.split(Split::Valid), world);
     let peak_flops = device::peak_flops(cfg.train.peak_flops, device).map(|p| p * world.size() as f64);
     let mut train_metrics = TrainMetrics::new(cfg, peak_flops, trainer.step);
     let (started_at, start_tokens) = (Instant::now(), trainer.tokens_seen);
-    let result = train_loop(cfg, &mut trainer, &env, &checkpointer, &validator, &mut train_metrics).and_then(|ended| match ended {
+    let result = train_loop(cfg, &mut trainer, &env, &checkpointer, &mut validator, &mut train_metrics).and_then(|ended| match ended {
         Ended::Completed { train_seconds } => {
             let timing = Timing { wall_seconds: started_at.elapsed().as_secs_f64(), train_seconds, start_tokens };
-            run_summary::write(cfg, world, &run, &data, &wandb, &trainer, &timing)
+            run_summary::write(cfg, world, &run, &data, &wandb, &trainer, validator.losses(), &timing)
         }
         Ended::AlreadyComplete | Ended::Stopped => Ok(()),
     });
@@ -126,6 +131,7 @@ struct LoopEnv<'a> {
     stop: &'a StopRequest,
     watchdog: &'a Watchdog,
     wandb: &'a WandbRun,
+    wandb_run_id: Option<String>,
     progress: &'a Progress,
     /// Rank 0's logged rows go to each: metrics.jsonl, the progress line, W&B, charts.
     sinks: [&'a dyn MetricSink; 4],
@@ -145,7 +151,7 @@ fn train_loop(
     trainer: &mut Trainer,
     env: &LoopEnv,
     checkpointer: &Checkpointer,
-    validator: &Validator,
+    validator: &mut Validator,
     metrics: &mut TrainMetrics,
 ) -> anyhow::Result<Ended> {
     let (t, world) = (&cfg.train, env.world);
@@ -183,7 +189,9 @@ fn train_loop(
         let mut stopping = [env.stop.requested() as u8 as f64];
         world.all_reduce_max(&mut stopping);
         let stopping = stopping[0] > 0.0;
-        checkpointer.save_if_due(trainer, world, env.progress, stopping)?;
+        let (val_loss, best_val_loss) = validator.losses();
+        let others = OtherParts { wandb_run_id: env.wandb_run_id.clone(), val_loss, best_val_loss };
+        checkpointer.save_if_due(trainer, &others, world, env.progress, stopping)?;
         env.watchdog.beat();
         if stopping {
             env.progress.finish();

@@ -30,7 +30,18 @@ struct RunSummary {
     wall_seconds: f64,
 }
 
-pub(super) fn write(cfg: &Config, world: &World, run: &RunDir, data: &Prepared, wandb: &WandbRun, trainer: &Trainer, timing: &Timing) -> anyhow::Result<()> {
+/// `val_losses`: the loss at the last step and the best, from the validator.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn write(
+    cfg: &Config,
+    world: &World,
+    run: &RunDir,
+    data: &Prepared,
+    wandb: &WandbRun,
+    trainer: &Trainer,
+    val_losses: (Option<f64>, Option<f64>),
+    timing: &Timing,
+) -> anyhow::Result<()> {
     let t = &cfg.train;
     // Every rank takes part in the test evaluation; rank 0 alone reports it.
     let test = data.split(Split::Test).map(|split| evaluate(&trainer.model, split, t.seq_len, t.micro_batch_size, None, world, trainer.device()));
@@ -40,14 +51,14 @@ pub(super) fn write(cfg: &Config, world: &World, run: &RunDir, data: &Prepared, 
     let tokens_since_start = trainer.tokens_seen.saturating_sub(timing.start_tokens) as f64;
     let s = RunSummary {
         best_achievable_val_ppl: data.split(Split::Valid).and_then(|s| s.best_loss()).map(f64::exp),
-        best_val_ppl: trainer.best_val_loss.map(f64::exp),
+        best_val_ppl: val_losses.1.map(f64::exp),
         checkpoint: run.checkpoint(trainer.step).display().to_string(),
         steps: trainer.step,
         test_ppl: test.map(|e| e.ppl),
         tokens: trainer.tokens_seen,
         tokens_per_sec: tokens_since_start / timing.train_seconds.max(1e-9),
         train_seconds: timing.train_seconds,
-        val_ppl: trainer.val_loss_now.map(f64::exp),
+        val_ppl: val_losses.0.map(f64::exp),
         wall_seconds: timing.wall_seconds,
     };
     if let Some(ppl) = s.test_ppl {
