@@ -4,7 +4,7 @@
 use crate::config::Config;
 use crate::data::source::Split;
 use crate::device;
-use crate::dist::GradientExchange;
+use crate::dist::Replicas;
 use crate::report::format::group;
 use crate::model::size::training_flops_per_token;
 use crate::trainer::Trainer;
@@ -20,13 +20,13 @@ pub fn run(cfg: Config, steps: u64, as_json: bool) -> anyhow::Result<()> {
     let data = crate::data::prepare::open_on_every_rank(&cfg, &world)?;
     let train = data.split(Split::Train).expect("the train split always exists");
     let mut trainer = Trainer::new(&cfg, device, train.windows(cfg.train.seq_len));
-    let exchange = GradientExchange::new(&cfg.dist, &world, device)?;
-    trainer.broadcast_weights(&world, &exchange)?;
+    let replicas = Replicas::new(&cfg.dist, &world, device)?;
+    trainer.broadcast_weights(&replicas)?;
 
     let mut step_seconds = Vec::new();
     for step in 0..WARMUP_STEPS + steps {
         let started = Instant::now();
-        trainer.train_step(train, &world, &exchange, cfg.optim.lr)?;
+        trainer.train_step(train, &replicas, cfg.optim.lr)?;
         if step >= WARMUP_STEPS {
             step_seconds.push(started.elapsed().as_secs_f64());
         }

@@ -5,7 +5,7 @@ use crate::checkpoint::{self, Found, OtherParts, TrainerState, MODEL_FILE, OPTIM
 use crate::config::{Config, NonFinite};
 use crate::data::batches::{batch_tensors, rank_slice, Sampler};
 use crate::data::prepare::SplitData;
-use crate::dist::{GradientExchange, World};
+use crate::dist::{Replicas, World};
 use crate::model::flat::FlatParams;
 use crate::model::Algpt2;
 use crate::optim::adamw::{clip_grad_norm, grads_are_finite};
@@ -85,8 +85,8 @@ impl Trainer {
     }
 
     /// Makes every rank hold rank 0's weights.
-    pub fn broadcast_weights(&mut self, world: &World, exchange: &GradientExchange) -> anyhow::Result<()> {
-        exchange.broadcast(world, &mut self.params.values)
+    pub fn broadcast_weights(&mut self, replicas: &Replicas) -> anyhow::Result<()> {
+        replicas.broadcast(&mut self.params.values)
     }
 
     /// Stops the run when the ranks' parameters are no longer identical (they must be:
@@ -112,10 +112,10 @@ impl Trainer {
     pub fn train_step(
         &mut self,
         train: &SplitData,
-        world: &World,
-        exchange: &GradientExchange,
+        replicas: &Replicas,
         lr: f64,
     ) -> anyhow::Result<StepReport> {
+        let world = replicas.world;
         let t = &self.cfg.train;
         let batch = self.sampler.next_batch(self.global_batch(world));
         self.params.zero_grads();
@@ -128,7 +128,7 @@ impl Trainer {
             (&loss / t.grad_accum_steps as f64).backward();
             loss_sum += loss.double_value(&[]);
         }
-        exchange.average(world, &mut self.params.grads)?;
+        replicas.average(&mut self.params.grads)?;
         let mut loss = [loss_sum / t.grad_accum_steps as f64];
         world.all_reduce_sum(&mut loss);
         let mut loss = loss[0] / world.size() as f64;

@@ -4,9 +4,11 @@
 
 pub mod exchange;
 pub mod nccl;
+mod replicas;
 pub mod signals;
 pub mod watchdog;
 mod world;
 
 pub use exchange::GradientExchange;
+pub use replicas::Replicas;
 pub use world::World;

@@ -5,7 +5,7 @@
 use super::Report;
 use crate::data::prepare::{SplitData, SplitStats};
 use crate::data::token_file::{token_width, TokenFile, TokenWriter};
-use crate::dist::{GradientExchange, World};
+use crate::dist::{Replicas, World};
 use crate::rng::SplitMix64;
 use crate::trainer::Trainer;
 use anyhow::{ensure, Context};
@@ -37,10 +37,10 @@ fn step(world: &World, device: Device) -> anyhow::Result<String> {
     writer.finish()?;
     let train = SplitData { tokens: TokenFile::open(&path)?, stats: SplitStats::default() };
     let mut trainer = Trainer::new(&cfg, device, train.windows(cfg.train.seq_len));
-    let exchange = GradientExchange::new(&cfg.dist, world, device)?;
-    trainer.broadcast_weights(world, &exchange)?;
-    let first = trainer.train_step(&train, world, &exchange, cfg.optim.lr)?;
-    let second = trainer.train_step(&train, world, &exchange, cfg.optim.lr)?;
+    let replicas = Replicas::new(&cfg.dist, world, device)?;
+    trainer.broadcast_weights(&replicas)?;
+    let first = trainer.train_step(&train, &replicas, cfg.optim.lr)?;
+    let second = trainer.train_step(&train, &replicas, cfg.optim.lr)?;
     let _ = std::fs::remove_dir_all(&dir);
     ensure!(!first.skipped && !second.skipped && first.loss.is_finite() && second.loss.is_finite(), "non-finite loss: {} then {}", first.loss, second.loss);
     ensure!(first.grad_norm.is_finite() && first.grad_norm > 0.0, "gradient norm {}", first.grad_norm);
@@ -50,7 +50,7 @@ fn step(world: &World, device: Device) -> anyhow::Result<String> {
         first.loss,
         second.loss,
         first.grad_norm,
-        exchange.name(),
+        replicas.exchange_name(),
         world.size()
     ))
 }

@@ -15,7 +15,7 @@ use crate::data::summary;
 use crate::device;
 use crate::dist::signals::StopRequest;
 use crate::dist::watchdog::Watchdog;
-use crate::dist::{GradientExchange, World};
+use crate::dist::{Replicas, World};
 use crate::model::size::param_count;
 use crate::report::format::group;
 use crate::optim::learning_rate;
@@ -80,9 +80,9 @@ fn run_in_world(cfg: &Config, world: &World, device: tch::Device) -> anyhow::Res
         // saved none) are logged again by this one.
         metrics.truncate_after(trainer.step)?;
     }
-    let exchange = GradientExchange::new(&cfg.dist, world, device)?;
-    info!("gradient exchange: {}", exchange.name());
-    trainer.broadcast_weights(world, &exchange)?;
+    let replicas = Replicas::new(&cfg.dist, world, device)?;
+    info!("gradient exchange: {}", replicas.exchange_name());
+    trainer.broadcast_weights(&replicas)?;
     world.barrier();
     let stop = StopRequest::install(Duration::from_secs(cfg.dist.stop_grace_s))?;
     let resume = resumed_wandb_run.clone().map(|id| (id, trainer.step));
@@ -98,9 +98,8 @@ fn run_in_world(cfg: &Config, world: &World, device: tch::Device) -> anyhow::Res
     let progress = Progress::new(world.is_main(), trainer.step, cfg.train.max_steps);
     let charts = Charts { run_root: &run.root, max_steps: cfg.train.max_steps };
     let env = LoopEnv {
-        world,
+        replicas: &replicas,
         train,
-        exchange: &exchange,
         stop: &stop,
         watchdog: &watchdog,
         wandb: &wandb,
@@ -125,9 +124,8 @@ fn run_in_world(cfg: &Config, world: &World, device: tch::Device) -> anyhow::Res
 
 /// What the loop uses and never changes.
 struct LoopEnv<'a> {
-    world: &'a World,
+    replicas: &'a Replicas<'a>,
     train: &'a SplitData,
-    exchange: &'a GradientExchange,
     stop: &'a StopRequest,
     watchdog: &'a Watchdog,
     wandb: &'a WandbRun,
@@ -154,7 +152,7 @@ fn train_loop(
     validator: &mut Validator,
     metrics: &mut TrainMetrics,
 ) -> anyhow::Result<Ended> {
-    let (t, world) = (&cfg.train, env.world);
+    let (t, world) = (&cfg.train, env.replicas.world);
     if trainer.step >= t.max_steps {
         info!("the run is already complete at step {} (train.max_steps = {})", trainer.step, t.max_steps);
         return Ok(Ended::AlreadyComplete);
@@ -163,7 +161,7 @@ fn train_loop(
     while trainer.step < t.max_steps {
         let lr = learning_rate(&cfg.optim, trainer.step, t.max_steps);
         let started = Instant::now();
-        let report = trainer.train_step(env.train, world, env.exchange, lr)?;
+        let report = trainer.train_step(env.train, env.replicas, lr)?;
         crate::faults::kill_or_hang_at(trainer.step, world.rank());
         env.watchdog.beat();
         train_seconds += started.elapsed().as_secs_f64();
