@@ -1,7 +1,8 @@
-//! Start-up shared by the commands that compute (train, bench, eval), in one order:
-//! TF32, the MPI world, the rank's device and the memory the config needs on it, the
-//! rank's share of the CPU threads. Nothing is written, so a device that is not there or
-//! a config that cannot fit leaves no trace.
+//! Start-up shared by the commands that compute (train, bench, eval, doctor), in one
+//! order: TF32, the MPI world, the rank's device and the memory the config needs on it,
+//! the rank's share of the CPU threads. Nothing is written, so a device that is not there
+//! or a config that cannot fit leaves no trace. `doctor` takes the first stage only and
+//! reports the device instead of failing on it.
 
 use crate::config::Config;
 use crate::device;
@@ -15,14 +16,20 @@ pub struct Runtime {
 
 impl Runtime {
     pub fn start(cfg: &Config) -> anyhow::Result<Runtime> {
-        device::allow_tf32(cfg.train.tf32);
-        let world = World::init()?;
+        let world = Self::join(cfg.train.tf32)?;
         let checked = device::resolve(cfg.device, world.local_rank())
             .and_then(|d| device::check_memory(cfg, d, world.local_size()).map(|()| d))
             .map_err(anyhow::Error::from);
         let device = abort_job_on_error(&world, checked)?;
         device::share_cpu_threads(world.local_size());
         Ok(Runtime { world, device })
+    }
+
+    /// The first stage: TF32 for CUDA matrix products (libtorch reads the setting once,
+    /// so before any tensor work and before MPI starts threads), then the MPI world.
+    pub fn join(tf32: bool) -> anyhow::Result<World> {
+        device::allow_tf32(tf32);
+        World::init()
     }
 
     /// `result`, unless it is an error in a world of several ranks: then the whole job

@@ -100,37 +100,50 @@ fn nccl_checks(r: &mut Report, world: &World, device: Device, sizes_mb: &[usize]
         }
         world.broadcast_bytes(&mut id);
         let comm = NcclComm::new(id, world.rank(), world.size(), ordinal)?;
-        let mut rows = Vec::new();
-        for &mb in sizes_mb {
-            // Exact sums in f64, the same bytes in f32 averaged as training does for timing.
-            let n64 = (mb << 20) as i64 / 8;
-            let t = pattern(n64, world.rank(), Kind::Double, device);
-            // SAFETY: contiguous f64 on this rank's GPU, alive until synchronized below;
-            // every rank makes the same calls with the same counts.
-            unsafe { comm.all_reduce_sum_f64(t.data_ptr() as u64, n64 as usize)? };
-            comm.synchronize()?;
-            exact(&t, world.size()).with_context(|| format!("NCCL all-reduce of {mb} MB"))?;
-            let n32 = (mb << 20) / 4;
-            let g = Tensor::ones([n32 as i64], (Kind::Float, device));
-            // SAFETY: as above, f32.
-            unsafe { comm.all_reduce_mean_f32(g.data_ptr() as u64, n32)? };
-            comm.synchronize()?;
-            world.barrier();
-            let started = Instant::now();
-            for _ in 0..iterations(mb) {
-                // SAFETY: as above.
-                unsafe { comm.all_reduce_mean_f32(g.data_ptr() as u64, n32)? };
+        let rows = match nccl_rows(&comm, world, device, sizes_mb) {
+            Ok(rows) => rows,
+            Err(e) => {
+                // A peer may be gone: tear down without waiting for it (a drop would).
+                let _ = comm.abort();
+                return Err(e);
             }
-            comm.synchronize()?;
-            let seconds = started.elapsed().as_secs_f64() / iterations(mb) as f64;
-            let wrong = g.ne(1.0).sum(Kind::Int64).int64_value(&[]);
-            ensure!(wrong == 0, "NCCL average of ones gave {wrong} values other than 1 ({mb} MB)");
-            rows.push(row(mb, seconds, world.size()));
-        }
+        };
         r.fact(format!("NCCL bandwidth (cuda:{ordinal})"), rows.join("; "));
         Ok(format!("exact sums across {} rank(s) for {} MB", world.size(), sizes_mb.iter().map(|s| s.to_string()).collect::<Vec<_>>().join("/")))
     })();
     r.outcome("NCCL all-reduce", result);
+}
+
+/// Each size: an exact f64 sum checked, then the training op (f32 average) timed.
+fn nccl_rows(comm: &NcclComm, world: &World, device: Device, sizes_mb: &[usize]) -> anyhow::Result<Vec<String>> {
+    let mut rows = Vec::new();
+    for &mb in sizes_mb {
+        // Exact sums in f64, the same bytes in f32 averaged as training does for timing.
+        let n64 = (mb << 20) as i64 / 8;
+        let t = pattern(n64, world.rank(), Kind::Double, device);
+        // SAFETY: contiguous f64 on this rank's GPU, alive until synchronized below;
+        // every rank makes the same calls with the same counts.
+        unsafe { comm.all_reduce_sum_f64(t.data_ptr() as u64, n64 as usize)? };
+        comm.synchronize()?;
+        exact(&t, world.size()).with_context(|| format!("NCCL all-reduce of {mb} MB"))?;
+        let n32 = (mb << 20) / 4;
+        let g = Tensor::ones([n32 as i64], (Kind::Float, device));
+        // SAFETY: as above, f32.
+        unsafe { comm.all_reduce_mean_f32(g.data_ptr() as u64, n32)? };
+        comm.synchronize()?;
+        world.barrier();
+        let started = Instant::now();
+        for _ in 0..iterations(mb) {
+            // SAFETY: as above.
+            unsafe { comm.all_reduce_mean_f32(g.data_ptr() as u64, n32)? };
+        }
+        comm.synchronize()?;
+        let seconds = started.elapsed().as_secs_f64() / iterations(mb) as f64;
+        let wrong = g.ne(1.0).sum(Kind::Int64).int64_value(&[]);
+        ensure!(wrong == 0, "NCCL average of ones gave {wrong} values other than 1 ({mb} MB)");
+        rows.push(row(mb, seconds, world.size()));
+    }
+    Ok(rows)
 }
 
 #[cfg(test)]

@@ -10,7 +10,6 @@ mod versions;
 
 use crate::config::DeviceKind;
 use crate::device;
-use crate::dist::World;
 use serde::{Deserialize, Serialize};
 
 /// The all-reduce sizes whose bandwidth is measured, in MiB (nccl-tests' usual points).
@@ -82,7 +81,7 @@ pub struct Options {
 /// Runs every check on every rank; rank 0 prints all ranks' reports. Returns whether
 /// every check on every rank passed or was skipped.
 pub fn run(opts: &Options) -> anyhow::Result<bool> {
-    let world = World::init()?;
+    let world = crate::runtime::Runtime::join(true)?;
     crate::report::log::init(world.rank(), None)?;
     device::share_cpu_threads(world.local_size());
     let mut report = Report { rank: world.rank(), ..Report::default() };
