@@ -14,7 +14,7 @@ fn main() -> ExitCode {
         Ok(outcome) => outcome,
         Err(_) => {
             let what = MAIN_PANIC.lock().ok().and_then(|m| m.clone()).unwrap_or_else(|| "an internal error".to_string());
-            eprintln!("error: {what}");
+            report::log::stderr_line(&format!("error: {what}"));
             return ExitCode::from(1);
         }
     };
@@ -26,10 +26,11 @@ fn main() -> ExitCode {
             // Every rank reads the same config and fails the same way: one copy is enough.
             let repeated = exit_code::same_on_every_rank(&e) && algpt2_launch::launcher_rank(&|key| std::env::var(key).ok()) != 0;
             if !reported && !repeated {
-                match e.downcast_ref::<config::ConfigError>() {
-                    Some(config_error) => eprintln!("error: {config_error}"),
-                    None => eprintln!("error: {e:#}"),
-                }
+                let text = match e.downcast_ref::<config::ConfigError>() {
+                    Some(config_error) => format!("error: {config_error}"),
+                    None => format!("error: {e:#}"),
+                };
+                report::log::stderr_line(&text);
             }
             ExitCode::from(exit_code::of(&e))
         }

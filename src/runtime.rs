@@ -45,7 +45,7 @@ impl Runtime {
 fn abort_job_on_error<T>(world: &World, result: anyhow::Result<T>) -> anyhow::Result<T> {
     if let Err(e) = &result {
         if world.size() > 1 {
-            eprintln!("error on rank {}: {e:#}", world.rank());
+            crate::report::log::stderr_line(&format!("error on rank {}: {e:#}", world.rank()));
             tracing::error!("rank {} failed: {e:#}", world.rank());
             world.abort(crate::exit_code::of(e) as i32);
         }

@@ -26,10 +26,10 @@ impl Watchdog {
                 let now = started.elapsed().as_millis() as u64;
                 let since = now.saturating_sub(last.load(Ordering::Relaxed));
                 if since > allowed {
-                    eprintln!(
+                    crate::report::log::stderr_line(&format!(
                         "error on rank {rank}: no training progress for {:.0} s (dist.timeout_s): another rank died or hangs; ending this rank so the job stops",
                         since as f64 / 1000.0
-                    );
+                    ));
                     // _exit: no destructors, which could block on the same stuck collective.
                     unsafe { libc::_exit(3) };
                 }

@@ -50,3 +50,13 @@ pub fn rss_mb() -> f64 {
 pub fn peak_rss_mb() -> f64 {
     proc_status_mb("VmHWM:")
 }
+/// Writes `text` and a newline to stderr in one write: ranks share mpirun's pipe, and
+/// `eprintln!` writes a formatted line in pieces, which another rank's line can split.
+pub fn stderr_line(text: &str) {
+    use std::io::Write;
+    let mut line = String::with_capacity(text.len() + 1);
+    line.push_str(text);
+    line.push('\n');
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+}
+
