@@ -627,6 +627,10 @@ fn requests_are_paced_and_rows_between_them_merged() {
 #[test]
 fn batches_respect_the_byte_cap_and_413_halves_them() {
     let server = FakeServer::start();
+    // The run's creation answers late, so that all 300 rows are queued before the first
+    // file_stream request: a 413 on a one-row request (a loaded machine could send one)
+    // is a refusal, not something halving can fix.
+    server.fail_next(Target::Graphql, Fault::SlowReply(Duration::from_millis(500)));
     server.fail_next(Target::FileStream, Fault::Status(413, None));
     let dir = tempfile::tempdir().unwrap();
     let mut s = settings(&server.url, dir.path());
