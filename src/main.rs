@@ -65,7 +65,7 @@ fn install_panic_hook() {
                     *last = Some(format!("internal failure: {text}{at}"));
                 }
             }
-            name => eprintln!("error: thread {} failed: {text}{at}", name.unwrap_or("unnamed")),
+            name => report::log::stderr_line(&format!("error: thread {} failed: {text}{at}", name.unwrap_or("unnamed"))),
         }
     }));
 }

@@ -217,9 +217,17 @@ pub fn join_library_path(dirs: &[PathBuf], existing: Option<&str>) -> String {
     parts.join(":")
 }
 
-/// This process's rank as a launcher (Open MPI, MPICH/PMI, Slurm) announced it.
+/// Where a launcher (Open MPI, MPICH/PMI, Slurm) announces this process's rank.
+const RANK_VARIABLES: [&str; 3] = ["OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"];
+
+/// This process's rank as a launcher announced it (0 without one).
 pub fn launcher_rank(env: &dyn Fn(&str) -> Option<String>) -> u32 {
-    ["OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"].iter().find_map(|v| env(v)?.parse().ok()).unwrap_or(0)
+    RANK_VARIABLES.iter().find_map(|v| env(v)?.parse().ok()).unwrap_or(0)
+}
+
+/// Whether a launcher started this process (it is then this process's parent).
+pub fn started_by_launcher(env: &dyn Fn(&str) -> Option<String>) -> bool {
+    RANK_VARIABLES.iter().any(|v| env(v).is_some())
 }
 
 /// A stable 64-bit FNV-1a hash, for naming a cache directory after a path.
@@ -374,5 +382,7 @@ mod tests {
         assert_eq!(launcher_rank(&env_of(&[])), 0);
         assert_eq!(launcher_rank(&env_of(&[("OMPI_COMM_WORLD_RANK", "3")])), 3);
         assert_eq!(launcher_rank(&env_of(&[("SLURM_PROCID", "2")])), 2);
+        assert!(!started_by_launcher(&env_of(&[])));
+        assert!(started_by_launcher(&env_of(&[("PMI_RANK", "0")])));
     }
 }

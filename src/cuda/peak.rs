@@ -20,25 +20,22 @@ pub fn peak_flops_of(name: &str) -> Option<f64> {
 
 /// The name of CUDA device `ordinal`, or None without a CUDA driver or device.
 pub fn device_name(ordinal: usize) -> Option<String> {
+    ask_device(ordinal, |ctx| ctx.name().ok())
+}
+
+/// Total memory of CUDA device `ordinal` in bytes, or None without a CUDA driver or device.
+pub fn total_memory(ordinal: usize) -> Option<usize> {
+    ask_device(ordinal, |ctx| ctx.total_mem().ok())
+}
+
+/// `question` of device `ordinal`'s context, or None where there is no driver or device.
+fn ask_device<T>(ordinal: usize, question: impl FnOnce(&cudarc::driver::CudaContext) -> Option<T> + std::panic::UnwindSafe) -> Option<T> {
     // SAFETY: only tries to dlopen the library.
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
         return None;
     }
     // cudarc panics on some driver failures instead of returning an error.
-    std::panic::catch_unwind(|| cudarc::driver::CudaContext::new(ordinal).ok().and_then(|ctx| ctx.name().ok()))
-        .ok()
-        .flatten()
-}
-
-/// Total memory of CUDA device `ordinal` in bytes, or None without a CUDA driver or device.
-pub fn total_memory(ordinal: usize) -> Option<usize> {
-    // SAFETY: only tries to dlopen the library.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
-        return None;
-    }
-    std::panic::catch_unwind(|| cudarc::driver::CudaContext::new(ordinal).ok().and_then(|ctx| ctx.total_mem().ok()))
-        .ok()
-        .flatten()
+    std::panic::catch_unwind(move || cudarc::driver::CudaContext::new(ordinal).ok().and_then(|ctx| question(&ctx))).ok().flatten()
 }
 
 #[cfg(test)]

@@ -38,7 +38,9 @@ impl StopRequest {
                 })
             }?;
         }
-        let launcher = started_by_launcher().then(|| unsafe { libc::getppid() });
+        let by_launcher = algpt2_launch::started_by_launcher(&|key| std::env::var(key).ok());
+        // SAFETY: getppid has no preconditions.
+        let launcher = by_launcher.then(|| unsafe { libc::getppid() });
         let watched = (Arc::clone(&flag), received);
         std::thread::Builder::new()
             .name("stop-watch".into())
@@ -53,16 +55,11 @@ impl StopRequest {
     }
 }
 
-/// True when an MPI launcher or Slurm started this process (its parent is the launcher).
-fn started_by_launcher() -> bool {
-    ["OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"].iter().any(|v| std::env::var_os(v).is_some())
-}
-
 /// Why a rank must end soon, if it must.
-fn hard_stop_reason(signals: usize, launcher: Option<i32>, parent_now: i32) -> Option<&'static str> {
+fn hard_stop_reason(signals: usize, launcher_gone: bool) -> Option<&'static str> {
     if signals >= 2 {
         Some("a second stop signal")
-    } else if launcher.is_some_and(|p| p != parent_now) {
+    } else if launcher_gone {
         Some("the launcher that started this rank is gone")
     } else {
         None
@@ -75,10 +72,10 @@ fn watch(flag: &AtomicBool, received: &AtomicUsize, launcher: Option<i32>, grace
         std::thread::sleep(Duration::from_millis(100));
         if deadline.is_none() {
             // SAFETY: getppid has no preconditions.
-            let parent_now = unsafe { libc::getppid() };
-            if let Some(why) = hard_stop_reason(received.load(Ordering::SeqCst), launcher, parent_now) {
+            let launcher_gone = launcher.is_some_and(|p| p != unsafe { libc::getppid() });
+            if let Some(why) = hard_stop_reason(received.load(Ordering::SeqCst), launcher_gone) {
                 flag.store(true, Ordering::SeqCst);
-                if launcher.is_some_and(|p| p != parent_now) {
+                if launcher_gone {
                     silence_stdio();
                 }
                 tracing::warn!(
@@ -117,10 +114,10 @@ mod tests {
 
     #[test]
     fn a_second_signal_or_a_lost_launcher_starts_the_grace_period() {
-        assert_eq!(hard_stop_reason(0, None, 1), None);
-        assert_eq!(hard_stop_reason(1, None, 1), None);
-        assert_eq!(hard_stop_reason(1, Some(42), 42), None);
-        assert!(hard_stop_reason(2, None, 1).unwrap().contains("second"));
-        assert!(hard_stop_reason(0, Some(42), 1).unwrap().contains("launcher"));
+        assert_eq!(hard_stop_reason(0, false), None);
+        assert_eq!(hard_stop_reason(1, false), None);
+        assert!(hard_stop_reason(2, false).unwrap().contains("second"));
+        assert!(hard_stop_reason(2, true).unwrap().contains("second"));
+        assert!(hard_stop_reason(0, true).unwrap().contains("launcher"));
     }
 }

@@ -164,8 +164,9 @@ fn train_loop(
         let report = trainer.train_step(env.train, env.replicas, lr)?;
         crate::faults::kill_or_hang_at(trainer.step, world.rank());
         env.watchdog.beat();
-        train_seconds += started.elapsed().as_secs_f64();
-        metrics.add(started.elapsed().as_secs_f64(), (trainer.global_batch(world) * t.seq_len) as u64);
+        let step_seconds = started.elapsed().as_secs_f64();
+        train_seconds += step_seconds;
+        metrics.add(step_seconds, (trainer.global_batch(world) * t.seq_len) as u64);
         env.progress.step(trainer.step, report.loss);
 
         let mut row = metrics.row(&report, lr, trainer);

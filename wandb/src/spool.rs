@@ -161,8 +161,22 @@ pub(super) struct FinishRecord {
 
 /// Writes a sibling file and renames it over `path`; `sync_data` also fsyncs it.
 pub(super) fn write_atomic(path: &Path, bytes: &[u8], sync_data: bool) -> anyhow::Result<()> {
+    write_atomic_mode(path, bytes, sync_data, 0o666)
+}
+
+/// [`write_atomic`] with the new file's permission bits (`mode`, less the umask): 0600
+/// for files only the owner may read.
+fn write_atomic_mode(path: &Path, bytes: &[u8], sync_data: bool, mode: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
-    let mut f = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    // A leftover temporary keeps its old mode when truncated: start from a new file.
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .with_context(|| format!("cannot create {}", tmp.display()))?;
     f.write_all(bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
     if sync_data {
         f.sync_all().with_context(|| format!("cannot sync {}", tmp.display()))?;
@@ -173,19 +187,9 @@ pub(super) fn write_atomic(path: &Path, bytes: &[u8], sync_data: bool) -> anyhow
 /// As [`write_json`], readable by the owner only (mode 0600): files that name the user
 /// and the server.
 pub(super) fn write_private_json<T: Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
     let mut bytes = serde_json::to_vec_pretty(value)?;
     bytes.push(b'\n');
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("cannot create {}", tmp.display()))?;
-    f.write_all(&bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
+    write_atomic_mode(path, &bytes, false, 0o600)
 }
 
 pub(super) fn write_json<T: Serialize>(path: &Path, value: &T, sync_data: bool) -> anyhow::Result<()> {
