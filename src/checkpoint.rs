@@ -9,6 +9,7 @@
 //! Resume only trusts a directory whose files match the checksums in its trainer.json.
 
 use crate::data::batches::SamplerState;
+use crate::run_dir::{checkpoint_dir_name as dir_name, sha256_file};
 use anyhow::{anyhow, bail, Context};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -73,8 +74,6 @@ pub struct Found {
     pub dir: PathBuf,
     pub state: TrainerState,
 }
-
-use crate::run_dir::{checkpoint_dir_name as dir_name, sha256_file};
 
 fn fsync_path(path: &Path) -> anyhow::Result<()> {
     File::open(path).and_then(|f| f.sync_all()).with_context(|| format!("cannot sync {}", path.display()))
