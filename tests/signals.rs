@@ -123,7 +123,7 @@ fn two_signals_to_a_stuck_rank_end_it_within_the_grace_period() {
     std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
     eprintln!("FIGURE two signals to a stuck rank: exit {:?} {:.1} s after the second (dist.stop_grace_s = {GRACE_S})", status.code(), took.as_secs_f64());
     assert_eq!(status.code(), Some(130), "{err}");
-    assert!(took >= Duration::from_secs(GRACE_S) && took < Duration::from_secs(GRACE_S + 3), "ended {took:?} after the second signal");
+    assert!(took >= Duration::from_secs(GRACE_S) && took < Duration::from_secs(GRACE_S + 6), "ended {took:?} after the second signal");
     assert!(err.contains("a second stop signal") && err.contains("stop grace period over"), "{err}");
     resumes(d);
 }
