@@ -83,12 +83,7 @@ fn fsync_path(path: &Path) -> anyhow::Result<()> {
 /// error (a full disk, say) the half-written directory is removed again, so that it
 /// neither holds the space nor waits for the next start to be cleaned up; the existing
 /// checkpoints are never touched before the new one is complete.
-pub fn save(
-    root: &Path,
-    model: &[(String, Tensor)],
-    optimizer: &[(String, Tensor)],
-    state: TrainerState,
-) -> anyhow::Result<PathBuf> {
+pub fn save(root: &Path, model: &[(String, Tensor)], optimizer: &[(String, Tensor)], state: TrainerState) -> anyhow::Result<PathBuf> {
     let step = state.step;
     let tmp_dir = root.join(format!(".tmp-{}", dir_name(step)));
     save_via(root, &tmp_dir, model, optimizer, state).map_err(|e| {
@@ -132,8 +127,7 @@ fn save_via(
         // The same step saved again (e.g. the final save right after a periodic one).
         std::fs::remove_dir_all(&final_dir).with_context(|| format!("cannot replace {}", final_dir.display()))?;
     }
-    std::fs::rename(tmp_dir, &final_dir)
-        .with_context(|| format!("cannot rename {} to {}", tmp_dir.display(), final_dir.display()))?;
+    std::fs::rename(tmp_dir, &final_dir).with_context(|| format!("cannot rename {} to {}", tmp_dir.display(), final_dir.display()))?;
     crate::faults::kill_in_save("renamed", state.step);
     fsync_path(root)?;
     Ok(final_dir)
@@ -205,11 +199,8 @@ pub fn list_valid(root: &Path) -> Vec<Found> {
 /// Deletes checkpoints beyond the `keep_last` newest, sparing the best by val loss.
 pub fn retain(root: &Path, keep_last: usize) -> anyhow::Result<()> {
     let all = list_valid(root);
-    let best = all
-        .iter()
-        .filter_map(|f| f.state.val_loss.map(|l| (l, f.state.step)))
-        .min_by(|a, b| a.0.total_cmp(&b.0))
-        .map(|(_, step)| step);
+    let best =
+        all.iter().filter_map(|f| f.state.val_loss.map(|l| (l, f.state.step))).min_by(|a, b| a.0.total_cmp(&b.0)).map(|(_, step)| step);
     let newest_kept = all.len().saturating_sub(keep_last);
     for (i, f) in all.iter().enumerate() {
         if i < newest_kept && Some(f.state.step) != best {
@@ -271,7 +262,8 @@ fn safetensors_values(path: &Path) -> anyhow::Result<u64> {
     for (name, entry) in header.iter().filter(|(k, _)| *k != "__metadata__") {
         let shape = entry["shape"].as_array().ok_or_else(|| anyhow!("{}: tensor {name} has no shape", path.display()))?;
         let count = shape.iter().try_fold(1u64, |n, d| d.as_u64().and_then(|d| n.checked_mul(d)));
-        total = count.and_then(|c| total.checked_add(c)).ok_or_else(|| anyhow!("{}: tensor {name} has an impossible shape", path.display()))?;
+        total =
+            count.and_then(|c| total.checked_add(c)).ok_or_else(|| anyhow!("{}: tensor {name} has an impossible shape", path.display()))?;
     }
     Ok(total)
 }

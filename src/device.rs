@@ -33,7 +33,11 @@ pub fn check_memory(cfg: &crate::config::Config, device: Device, ranks_on_node: 
         _ => match available_ram() {
             Some(bytes) => {
                 let ranks = ranks_on_node.max(1);
-                let share = if ranks > 1 { format!(" (1/{ranks} of the RAM available, one share per rank on this node)") } else { " (RAM available)".to_string() };
+                let share = if ranks > 1 {
+                    format!(" (1/{ranks} of the RAM available, one share per rank on this node)")
+                } else {
+                    " (RAM available)".to_string()
+                };
                 (bytes as f64 / ranks as f64, format!("this rank{share}"))
             }
             None => return Ok(()),

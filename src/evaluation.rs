@@ -37,10 +37,13 @@ pub fn evaluate(
             let v = logits.size()[2];
             // Per-token losses summed in f64: the total then hardly depends on how the
             // windows were batched, i.e. on the world size.
-            let per_token = logits
-                .view([-1, v])
-                .to_kind(Kind::Float)
-                .cross_entropy_loss::<tch::Tensor>(&targets.reshape([-1]), None, Reduction::None, -100, 0.0);
+            let per_token = logits.view([-1, v]).to_kind(Kind::Float).cross_entropy_loss::<tch::Tensor>(
+                &targets.reshape([-1]),
+                None,
+                Reduction::None,
+                -100,
+                0.0,
+            );
             totals[0] += per_token.to_kind(Kind::Double).sum(Kind::Double).double_value(&[]);
             totals[1] += targets.numel() as f64;
             totals[2] += chunk.len() as f64;
@@ -50,4 +53,3 @@ pub fn evaluate(
     let loss = totals[0] / totals[1].max(1.0);
     Evaluation { loss, ppl: loss.exp(), tokens: totals[1] as u64, windows: totals[2] as u64 }
 }
-

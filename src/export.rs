@@ -67,7 +67,10 @@ pub fn export_hf(checkpoint_dir: &Path, out_dir: &Path) -> anyhow::Result<()> {
         let (w_out, b_out) = (get("proj_out.weight")?, get("proj_out.bias")?);
         // u with W_out·u = b_out: the minimum-norm solution through the pseudo-inverse.
         let u = w_out.to_kind(Kind::Double).pinverse(1e-15).matmul(&b_out.to_kind(Kind::Double).unsqueeze(1)).squeeze_dim(1);
-        let residual = (w_out.to_kind(Kind::Double).matmul(&u.unsqueeze(1)).squeeze_dim(1) - b_out.to_kind(Kind::Double)).abs().max().double_value(&[]);
+        let residual = (w_out.to_kind(Kind::Double).matmul(&u.unsqueeze(1)).squeeze_dim(1) - b_out.to_kind(Kind::Double))
+            .abs()
+            .max()
+            .double_value(&[]);
         if residual > 1e-4 * (1.0 + b_out.abs().max().double_value(&[])) {
             bail!("cannot fold proj_out.bias into ln_f.bias: proj_out.weight is rank-deficient (residual {residual:.3e})");
         }

@@ -103,7 +103,9 @@ pub fn generate(model: &Algpt2, prompt: &[i64], end_of_text: i64, s: &Sampling, 
 pub fn run(checkpoint_dir: &Path, prompt: &str, s: &Sampling) -> anyhow::Result<()> {
     let state = checkpoint::verify(checkpoint_dir)?;
     let cfg: ModelConfig = checkpoint::model_config(checkpoint_dir, &state)?;
-    let run_dir = crate::run_dir::RunDir::of_checkpoint(checkpoint_dir).ok_or_else(|| anyhow!("{} is not inside a run directory", checkpoint_dir.display()))?.root;
+    let run_dir = crate::run_dir::RunDir::of_checkpoint(checkpoint_dir)
+        .ok_or_else(|| anyhow!("{} is not inside a run directory", checkpoint_dir.display()))?
+        .root;
     let tokenizer = TextTokenizer::load(&run_dir.join("tokenizer.json"))?;
     let loaded = checkpoint::load_model(checkpoint_dir, &cfg, Device::Cpu)?;
     let model = &loaded.model;
@@ -140,16 +142,8 @@ mod tests {
     use tch::nn::VarStore;
 
     fn model(share_layers: bool, embedding_size: Option<usize>, vs: &VarStore) -> Algpt2 {
-        let cfg = ModelConfig {
-            vocab_size: 71,
-            n_positions: 64,
-            n_embd: 32,
-            embedding_size,
-            n_layer: 3,
-            n_head: 4,
-            share_layers,
-            dropout: 0.1,
-        };
+        let cfg =
+            ModelConfig { vocab_size: 71, n_positions: 64, n_embd: 32, embedding_size, n_layer: 3, n_head: 4, share_layers, dropout: 0.1 };
         Algpt2::new(&vs.root(), &cfg)
     }
 

@@ -1,26 +1,26 @@
 //! algpt2-ddp as a library: everything the binary does, reachable from the tests.
 
+pub mod bench;
+pub mod checkpoint;
 pub mod cli;
 pub mod config;
+pub mod cuda;
 pub mod data;
 pub mod device;
 pub mod dist;
+pub mod doctor;
+pub mod eval;
+pub mod evaluation;
+pub mod exit_code;
+pub mod export;
+pub mod faults;
+pub mod generate;
 pub mod info;
 pub mod model;
+pub mod optim;
 pub mod report;
 pub mod rng;
 pub mod run_dir;
 pub mod runtime;
 pub mod train;
-pub mod optim;
-pub mod checkpoint;
-pub mod eval;
-pub mod evaluation;
-pub mod faults;
 pub mod trainer;
-pub mod cuda;
-pub mod bench;
-pub mod generate;
-pub mod exit_code;
-pub mod export;
-pub mod doctor;

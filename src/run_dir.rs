@@ -43,8 +43,7 @@ impl RunDir {
     /// Creates the directories and `metrics.jsonl`, and writes the resolved config (atomically, so a reader
     /// never sees half a file).
     pub fn create(&self, cfg: &Config) -> anyhow::Result<()> {
-        std::fs::create_dir_all(self.checkpoints())
-            .with_context(|| format!("cannot create run directory {}", self.root.display()))?;
+        std::fs::create_dir_all(self.checkpoints()).with_context(|| format!("cannot create run directory {}", self.root.display()))?;
         // Appended to by every logged step; a resumed run keeps what is already there.
         std::fs::OpenOptions::new()
             .create(true)

@@ -43,7 +43,9 @@ pub struct StepReport {
 /// Dropout's seed for one micro-step of one rank: a pure function of the run's seed and
 /// the position, so a resumed run draws the same masks without saved generator state.
 fn dropout_seed(seed: u64, step: u64, micro_step: usize, rank: usize) -> i64 {
-    let mixed = seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (micro_step as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
+    let mixed = seed
+        ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ (micro_step as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
         ^ (rank as u64).wrapping_mul(0x1656_67B1_9E37_79F9);
     (SplitMix64::new(mixed).next_u64() >> 1) as i64
 }
@@ -109,12 +111,7 @@ impl Trainer {
 
     /// One optimizer step at learning rate `lr`: micro-steps, gradient averaging across
     /// ranks, the non-finite check, clipping, the update.
-    pub fn train_step(
-        &mut self,
-        train: &SplitData,
-        replicas: &Replicas,
-        lr: f64,
-    ) -> anyhow::Result<StepReport> {
+    pub fn train_step(&mut self, train: &SplitData, replicas: &Replicas, lr: f64) -> anyhow::Result<StepReport> {
         let world = replicas.world;
         let t = &self.cfg.train;
         let batch = self.sampler.next_batch(self.global_batch(world));

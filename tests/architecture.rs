@@ -1,6 +1,6 @@
-//! The shape of the code: no circles between the top-level modules of `src/`, and no
-//! command module (one per subcommand) importing another; shared parts live in library
-//! modules (`data/`, `evaluation.rs`, `report/`, `runtime.rs`, ...).
+//! The shape of the code: no circles between the top-level modules of `src/`, no
+//! command module (one per subcommand) importing another (shared parts live in library
+//! modules: `data/`, `evaluation.rs`, `report/`, `runtime.rs`, ...), and rustfmt's formatting.
 
 mod common;
 use common::repo;
@@ -74,4 +74,18 @@ fn the_module_graph_has_no_circles() {
         visit(n, &graph, &mut vec![], &mut done);
     }
     assert!(graph.len() > 15, "{graph:?}");
+}
+
+/// Formatting is rustfmt's, with `rustfmt.toml`'s width: `cargo fmt --all` before a
+/// commit keeps diffs to what changed.
+#[test]
+fn the_code_is_formatted() {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = std::process::Command::new(cargo).args(["fmt", "--all", "--check"]).current_dir(repo()).output().unwrap();
+    assert!(
+        out.status.success(),
+        "`cargo fmt --all --check` failed; run `cargo fmt --all`:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -41,7 +41,16 @@ fn the_unpacked_bundle_trains_with_the_hosts_torch() {
     let untar = Command::new("tar").arg("xf").arg(&tarball).current_dir(&host).status().unwrap();
     assert!(untar.success());
     let root = host.join("bundle");
-    for f in ["bin/algpt2-ddp", "libexec/algpt2-ddp", "launch/single-node.sh", "launch/env.sh", "launch/gpu-checks.sh", "configs/quickstart.yaml", "README.md", "BUNDLE"] {
+    for f in [
+        "bin/algpt2-ddp",
+        "libexec/algpt2-ddp",
+        "launch/single-node.sh",
+        "launch/env.sh",
+        "launch/gpu-checks.sh",
+        "configs/quickstart.yaml",
+        "README.md",
+        "BUNDLE",
+    ] {
         assert!(root.join(f).is_file(), "the bundle lacks {f}");
     }
     // Nothing points back at the build machine's venv.
@@ -60,7 +69,11 @@ fn the_unpacked_bundle_trains_with_the_hosts_torch() {
         .output()
         .unwrap();
     assert!(info.status.success(), "{}", stderr(&info));
-    assert!(stderr(&info).contains("algpt2-ddp: libtorch 2.11.0") && stderr(&info).contains("the torch package of python3"), "{}", stderr(&info));
+    assert!(
+        stderr(&info).contains("algpt2-ddp: libtorch 2.11.0") && stderr(&info).contains("the torch package of python3"),
+        "{}",
+        stderr(&info)
+    );
     let parsed: serde_json::Value = serde_json::from_str(stdout(&info).trim()).unwrap();
     assert!(parsed["parameters"].as_u64().unwrap() > 0);
     // cudarc's libnccl.so: the venv has the link setup.sh made; a host's wheel does not,
@@ -72,7 +85,20 @@ fn the_unpacked_bundle_trains_with_the_hosts_torch() {
     }
 
     // single-node.sh trains two ranks from the bundle, as on a GPU host without cargo.
-    let mut sets = vec!["--set", "train.max_steps=3", "--set", "train.log_interval=1", "--set", "train.eval_interval=3", "--set", "train.save_interval=3", "--set", "optim.warmup_steps=1", "--set", "wandb.mode=disabled"];
+    let mut sets = vec![
+        "--set",
+        "train.max_steps=3",
+        "--set",
+        "train.log_interval=1",
+        "--set",
+        "train.eval_interval=3",
+        "--set",
+        "train.save_interval=3",
+        "--set",
+        "optim.warmup_steps=1",
+        "--set",
+        "wandb.mode=disabled",
+    ];
     sets.extend(TINY_MODEL);
     let trained = Command::new("bash")
         .arg(root.join("launch/single-node.sh"))

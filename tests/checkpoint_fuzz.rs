@@ -36,7 +36,9 @@ fn trained(dir: &Path) -> PathBuf {
 fn leaves(v: &Value, prefix: Vec<String>, out: &mut Vec<Vec<String>>) {
     match v {
         Value::Object(m) if !m.is_empty() => m.iter().for_each(|(k, c)| leaves(c, [prefix.clone(), vec![k.clone()]].concat(), out)),
-        Value::Array(a) if !a.is_empty() => a.iter().enumerate().for_each(|(i, c)| leaves(c, [prefix.clone(), vec![i.to_string()]].concat(), out)),
+        Value::Array(a) if !a.is_empty() => {
+            a.iter().enumerate().for_each(|(i, c)| leaves(c, [prefix.clone(), vec![i.to_string()]].concat(), out))
+        }
         _ => out.push(prefix),
     }
 }
@@ -120,7 +122,8 @@ fn damaged_or_edited_checkpoints_never_panic_in_process() {
     // Inside the run directory, so that generate finds the run's tokenizer.
     let copy = dir.path().join("runs/fz/checkpoints/step_99999999");
     let mut rng = SplitMix64::new(77);
-    let sampling = algpt2_ddp::generate::Sampling { max_new_tokens: 3, temperature: 0.0, top_k: None, top_p: None, seed: 1, use_cache: true };
+    let sampling =
+        algpt2_ddp::generate::Sampling { max_new_tokens: 3, temperature: 0.0, top_k: None, top_p: None, seed: 1, use_cache: true };
     let (mut ok, mut refused) = (0, 0);
     for case in 0..300 {
         let what = mutate(&original, &copy, &mut rng);
@@ -201,7 +204,8 @@ fn an_edited_trainer_json_is_caught_by_its_checksum() {
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(stderr(&out).contains("does not match its checksum"), "{}", stderr(&out));
     // Even with the checksum fixed, the model config is checked before any allocation.
-    std::fs::write(ckpt.join("trainer.json.sha256"), format!("{}  trainer.json\n", hex::encode(Sha256::digest(edited.as_bytes())))).unwrap();
+    std::fs::write(ckpt.join("trainer.json.sha256"), format!("{}  trainer.json\n", hex::encode(Sha256::digest(edited.as_bytes()))))
+        .unwrap();
     let out = run(&["generate", "--checkpoint", ckpt.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(stderr(&out).contains("model.vocab_size") && stderr(&out).contains("exceeds the largest supported"), "{}", stderr(&out));

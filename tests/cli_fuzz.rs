@@ -10,14 +10,30 @@ use std::process::Command;
 /// Values that break assumptions: empty, negative, zero, huge, not a number, a directory,
 /// a path that does not exist, a file of the wrong kind, control characters.
 const VALUES: [&str; 14] = [
-    "", "-1", "0", "18446744073709551616", "1e400", "NaN", "abc", "/", "/no/such/path", "Cargo.toml", "configs", "\n", "1,0,-3", "9999999",
+    "",
+    "-1",
+    "0",
+    "18446744073709551616",
+    "1e400",
+    "NaN",
+    "abc",
+    "/",
+    "/no/such/path",
+    "Cargo.toml",
+    "configs",
+    "\n",
+    "1,0,-3",
+    "9999999",
 ];
 
 /// (subcommand and fixed arguments, flags that take a value).
 fn commands() -> Vec<(Vec<&'static str>, Vec<&'static str>)> {
     vec![
         (vec!["info", "--config", "configs/quickstart.yaml"], vec!["--set"]),
-        (vec!["generate", "--checkpoint", "configs"], vec!["--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed", "--prompt", "--checkpoint"]),
+        (
+            vec!["generate", "--checkpoint", "configs"],
+            vec!["--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed", "--prompt", "--checkpoint"],
+        ),
         (vec!["export-hf", "--checkpoint", "configs"], vec!["--out", "--checkpoint"]),
         (vec!["eval", "--config", "configs/quickstart.yaml", "--checkpoint", "/no/such"], vec!["--split", "--checkpoint", "--config"]),
         // --steps and --retries are left out here: a huge value is a long run, not an error
@@ -43,7 +59,8 @@ fn every_subcommand_survives_bad_argument_values() {
             for _ in 0..3 {
                 let value = VALUES[rng.index_below(VALUES.len())];
                 let value = if flag == "--set" {
-                    let key = ["train.max_steps", "model.vocab_size", "run_name", "data.train", "train.micro_batch_size", "device"][rng.index_below(6)];
+                    let key = ["train.max_steps", "model.vocab_size", "run_name", "data.train", "train.micro_batch_size", "device"]
+                        [rng.index_below(6)];
                     format!("{key}={value}")
                 } else {
                     value.to_string()
@@ -52,7 +69,12 @@ fn every_subcommand_survives_bad_argument_values() {
                 cmd.args(&base).arg(flag).arg(&value).current_dir(repo());
                 // Anything a run writes stays in the temporary directory; nothing waits long.
                 cmd.args(if base[0] == "train" || base[0] == "bench" || base[0] == "prepare" {
-                    vec![format!("--set=out_dir={}", dir.path().join("runs").display()), format!("--set=data.cache_dir={}", dir.path().join("cache").display()), "--set=train.max_steps=1".into(), "--set=wandb.mode=disabled".into()]
+                    vec![
+                        format!("--set=out_dir={}", dir.path().join("runs").display()),
+                        format!("--set=data.cache_dir={}", dir.path().join("cache").display()),
+                        "--set=train.max_steps=1".into(),
+                        "--set=wandb.mode=disabled".into(),
+                    ]
                 } else {
                     vec![]
                 });
@@ -95,7 +117,8 @@ fn bounded_counts_are_checked() {
 fn a_panic_is_a_one_line_error_with_exit_1() {
     let dir = tempfile::tempdir().unwrap();
     let a = tiny_run_args(&["--set", "wandb.mode=disabled", "--set", "optim.warmup_steps=1"], dir.path(), "p", &[]);
-    let out = Command::new(bin()).args(&a).env("ALGPT2_FAULT", "panic@2").env_remove("RUST_BACKTRACE").current_dir(repo()).output().unwrap();
+    let out =
+        Command::new(bin()).args(&a).env("ALGPT2_FAULT", "panic@2").env_remove("RUST_BACKTRACE").current_dir(repo()).output().unwrap();
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("error: internal failure: injected failure after step 2") && err.contains("src/faults.rs"), "{err}");

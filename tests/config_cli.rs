@@ -65,11 +65,7 @@ fn wrong_type_and_out_of_range_exit_2() {
 fn bad_set_exits_2_naming_the_argument() {
     let out = run(&["info", "--config", "configs/quickstart.yaml", "--set", "train.seq_len=4096"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(
-        stderr(&out).contains("--set train.seq_len=4096: train.seq_len: 4096 exceeds model.n_positions = 128"),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains("--set train.seq_len=4096: train.seq_len: 4096 exceeds model.n_positions = 128"), "{}", stderr(&out));
 }
 
 #[test]
@@ -95,11 +91,7 @@ fn config_is_required_and_help_explains_commands() {
 fn bad_config_starts_no_work() {
     let dir = tempfile::tempdir().unwrap();
     let out_dir = dir.path().join("runs");
-    let cfg = write_config(
-        dir.path(),
-        "bad.yaml",
-        &format!("out_dir: {}\nmodel:\n  dropout: 2.0\n", out_dir.display()),
-    );
+    let cfg = write_config(dir.path(), "bad.yaml", &format!("out_dir: {}\nmodel:\n  dropout: 2.0\n", out_dir.display()));
     let out = run(&["--config", &cfg]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(!out_dir.exists(), "a refused config must not create the run directory");
@@ -243,7 +235,12 @@ fn sizes_that_cannot_fit_are_refused_before_anything_is_written() {
     let started = std::time::Instant::now();
     let out = run(&a);
     let err = stderr(&out);
-    eprintln!("FIGURE micro_batch_size 1e9: exit {:?} after {:.2} s: {}", out.status.code(), started.elapsed().as_secs_f64(), err.lines().last().unwrap_or(""));
+    eprintln!(
+        "FIGURE micro_batch_size 1e9: exit {:?} after {:.2} s: {}",
+        out.status.code(),
+        started.elapsed().as_secs_f64(),
+        err.lines().last().unwrap_or("")
+    );
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("needs about") && err.contains("activations") && err.contains("reduce train.micro_batch_size"), "{err}");
     assert!(!dir.path().join("runs/huge").exists(), "the run directory was created");

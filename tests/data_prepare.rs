@@ -223,12 +223,18 @@ fn bad_inputs_get_clear_errors() {
     let (cache_dir, _) = cache(dir.path());
     let text = std::fs::read_to_string(&cfg)
         .unwrap()
-        .replace("tokenizer:\n  vocab_size: 300", &format!("tokenizer:\n  vocab_size: 257\n  path: {}", cache_dir.join("tokenizer.json").display()))
+        .replace(
+            "tokenizer:\n  vocab_size: 300",
+            &format!("tokenizer:\n  vocab_size: 257\n  path: {}", cache_dir.join("tokenizer.json").display()),
+        )
         .replace("model:\n  vocab_size: 300", "model:\n  vocab_size: 260");
     std::fs::write(&cfg, text).unwrap();
     let err = refused(&cfg);
     // (BPE on so little variety stops short of 300 tokens, but far above 260.)
-    assert!(err.contains("tokens but model.vocab_size is 260: set model.vocab_size to at least") && err.contains("tokenizer.json"), "{err}");
+    assert!(
+        err.contains("tokens but model.vocab_size is 260: set model.vocab_size to at least") && err.contains("tokenizer.json"),
+        "{err}"
+    );
 
     // Unknown layout.
     std::fs::write(p("data.csv"), "a,b\n").unwrap();

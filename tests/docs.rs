@@ -97,7 +97,10 @@ fn the_configuration_reference_is_generated_from_the_schema() {
         std::fs::write(&path, &generated).unwrap();
     }
     let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
-    assert!(on_disk == generated, "docs/configuration.md is out of date with src/config/schema.rs: run `ALGPT2_WRITE_DOCS=1 cargo test --test docs`");
+    assert!(
+        on_disk == generated,
+        "docs/configuration.md is out of date with src/config/schema.rs: run `ALGPT2_WRITE_DOCS=1 cargo test --test docs`"
+    );
 }
 
 /// Every key of the default config appears in the reference.
@@ -121,7 +124,9 @@ fn every_key_is_documented() {
 #[test]
 fn links_in_the_readme_and_docs_resolve() {
     let mut files = vec![repo().join("README.md")];
-    files.extend(std::fs::read_dir(repo().join("docs")).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "md")));
+    files.extend(
+        std::fs::read_dir(repo().join("docs")).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "md")),
+    );
     for file in files {
         let text = std::fs::read_to_string(&file).unwrap();
         for part in text.split("](").skip(1) {

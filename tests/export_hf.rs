@@ -27,7 +27,10 @@ fn exports_load_in_transformers_with_our_logits() {
         assert!(out.status.success(), "{name}: {}", stderr(&out));
         let ckpt = runs.join("quickstart/checkpoints/step_00000003");
         let export = dir.path().join("hf");
-        let out = Command::new(bin()).args(["export-hf", "--checkpoint", ckpt.to_str().unwrap(), "--out", export.to_str().unwrap()]).output().unwrap();
+        let out = Command::new(bin())
+            .args(["export-hf", "--checkpoint", ckpt.to_str().unwrap(), "--out", export.to_str().unwrap()])
+            .output()
+            .unwrap();
         assert!(out.status.success(), "{name}: {}", stderr(&out));
         assert!(export.join("tokenizer.json").is_file());
 

@@ -60,7 +60,8 @@ fn final_state(dir: &Path, run: &str) -> (Vec<u8>, Vec<u8>) {
 /// Steps of the valid checkpoints of a run, and whether a half-written one is left.
 fn saved_steps(root: &Path) -> (Vec<u64>, bool) {
     let steps = checkpoint::list_valid(root).iter().map(|f| f.state.step).collect();
-    let partial = std::fs::read_dir(root).map_or(false, |d| d.filter_map(Result::ok).any(|e| e.file_name().to_string_lossy().starts_with(".tmp-")));
+    let partial =
+        std::fs::read_dir(root).map_or(false, |d| d.filter_map(Result::ok).any(|e| e.file_name().to_string_lossy().starts_with(".tmp-")));
     (steps, partial)
 }
 
@@ -172,10 +173,8 @@ fn a_really_full_disk_keeps_the_last_checkpoints_and_the_run_resumes_elsewhere()
     let d = dir.path();
     let whole = one_rank(&args(d, "whole", &[]), None);
     assert!(whole.status.success(), "{}", stderr(&whole));
-    let one_checkpoint: u64 = std::fs::read_dir(checkpoints(d, "whole").join("step_00000002"))
-        .unwrap()
-        .map(|e| e.unwrap().metadata().unwrap().len())
-        .sum();
+    let one_checkpoint: u64 =
+        std::fs::read_dir(checkpoints(d, "whole").join("step_00000002")).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
     // Room for two checkpoints and a half: the third save runs out of space.
     let size = one_checkpoint * 5 / 2;
 
@@ -220,7 +219,22 @@ fn a_really_full_disk_keeps_the_last_checkpoints_and_the_run_resumes_elsewhere()
 fn wandb_run(d: &Path, run: &str, url: Option<&str>, steps: u64) -> (f64, PathBuf) {
     let mode = if url.is_some() { "wandb.mode=online" } else { "wandb.mode=disabled" };
     let max_steps = format!("train.max_steps={steps}");
-    let a = args(d, run, &["--set", mode, "--set", &max_steps, "--set", "train.save_interval=0", "--set", "train.eval_interval=0", "--set", "wandb.flush_timeout_s=2"]);
+    let a = args(
+        d,
+        run,
+        &[
+            "--set",
+            mode,
+            "--set",
+            &max_steps,
+            "--set",
+            "train.save_interval=0",
+            "--set",
+            "train.eval_interval=0",
+            "--set",
+            "wandb.flush_timeout_s=2",
+        ],
+    );
     let mut cmd = Command::new(bin());
     cmd.args(&a).current_dir(repo());
     with_wandb_env(&mut cmd, url, d);
@@ -340,7 +354,11 @@ fn damaged_data_files_and_caches_get_clear_errors_or_a_rebuild() {
     std::fs::write(&train_bin, &intact[..intact.len() - 7]).unwrap();
     let out = one_rank(&args(d, "c", &["--set", "train.max_steps=2"]), None);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stderr(&out).contains("is damaged") && stderr(&out).contains("train.bin") && stderr(&out).contains("rebuilding"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("is damaged") && stderr(&out).contains("train.bin") && stderr(&out).contains("rebuilding"),
+        "{}",
+        stderr(&out)
+    );
     assert!(std::fs::read(&train_bin).unwrap() == intact, "the rebuilt cache equals the first build");
 
     // A token file from another tokenizer put in its place.

@@ -63,10 +63,7 @@ fn cannot_make_namespaces() -> Option<String> {
     let probe = format!("algpt2-probe-{}", std::process::id());
     match Command::new("ip").args(["netns", "add", &probe]).output() {
         Err(e) => Some(format!("cannot run `ip` (iproute2): {e}")),
-        Ok(out) if !out.status.success() => Some(format!(
-            "`ip netns add` failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )),
+        Ok(out) if !out.status.success() => Some(format!("`ip netns add` failed: {}", String::from_utf8_lossy(&out.stderr).trim())),
         Ok(_) => {
             let _ = Command::new("ip").args(["netns", "del", &probe]).status();
             None
@@ -123,10 +120,7 @@ fn two_namespace_hosts_train_exactly_like_two_local_ranks() {
         if Instant::now() > deadline {
             let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
             let _ = child.wait();
-            panic!(
-                "the two-namespace run hung; stopped it:\n{}",
-                std::fs::read_to_string(&log_path).unwrap_or_default()
-            );
+            panic!("the two-namespace run hung; stopped it:\n{}", std::fs::read_to_string(&log_path).unwrap_or_default());
         }
         std::thread::sleep(Duration::from_millis(100));
     };
@@ -158,11 +152,7 @@ fn two_namespace_hosts_train_exactly_like_two_local_ranks() {
     assert_eq!(a.len(), 6, "{a:?}");
     assert_eq!(a.len(), b.len(), "local {a:?}\nnetns {b:?}");
     for (step, (x, y)) in a.iter().zip(&b).enumerate() {
-        assert!(
-            (x - y).abs() <= 1e-5 * x.abs().max(y.abs()),
-            "step {}: local loss {x} vs two-namespace loss {y}",
-            step + 1
-        );
+        assert!((x - y).abs() <= 1e-5 * x.abs().max(y.abs()), "step {}: local loss {x} vs two-namespace loss {y}", step + 1);
     }
     println!("step  local (2 ranks, 1 node)  netns (2 nodes)");
     for (step, (x, y)) in a.iter().zip(&b).enumerate() {

@@ -47,7 +47,11 @@ fn line(i: usize) -> String {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            if x.is_multiple_of(6) { ' ' } else { char::from(b'a' + (x % 26) as u8) }
+            if x.is_multiple_of(6) {
+                ' '
+            } else {
+                char::from(b'a' + (x % 26) as u8)
+            }
         })
         .collect()
 }

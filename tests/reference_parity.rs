@@ -81,7 +81,8 @@ fn adamw_matches_torch_optim_adamw() {
     let vs = VarStore::new(Device::Cpu);
     let _model = Algpt2::new(&vs.root(), &tiny(true, Some(8)));
     let mut flat = FlatParams::new(&vs);
-    let o = OptimConfig { lr: 1e-2, warmup_steps: 2, schedule: Schedule::Cosine, min_lr: 1e-3, weight_decay: 0.1, ..OptimConfig::default() };
+    let o =
+        OptimConfig { lr: 1e-2, warmup_steps: 2, schedule: Schedule::Cosine, min_lr: 1e-3, weight_decay: 0.1, ..OptimConfig::default() };
     let mut opt = AdamW::new(&flat, &o);
     let mut inputs: Vec<(String, Tensor)> = vec![("values".into(), flat.values.copy())];
     let steps = 6;

@@ -57,7 +57,11 @@ fn signal(pid: u32, sig: &str) {
 
 /// The newest checkpoint resumes: the same command with a nearby max_steps finishes.
 fn resumes(dir: &Path) {
-    let saved = std::fs::read_dir(dir.join("runs/sig/checkpoints")).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with("step_")).count();
+    let saved = std::fs::read_dir(dir.join("runs/sig/checkpoints"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("step_"))
+        .count();
     assert!(saved >= 1, "no checkpoint survived");
     let newest = rows(dir) as u64;
     let mut a = args(dir, &[]);
@@ -71,7 +75,8 @@ fn resumes(dir: &Path) {
 fn sigusr1_to_mpirun_stops_every_rank_cleanly_and_mpirun_exits_0() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let mut child = mpirun(2).arg(bin()).args(args(d, &[])).current_dir(repo()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child =
+        mpirun(2).arg(bin()).args(args(d, &[])).current_dir(repo()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     wait_for_rows(d, 3, &mut child);
     signal(child.id(), "USR1");
     let status = child.wait().unwrap();
@@ -89,7 +94,15 @@ fn a_second_signal_to_mpirun_leaves_no_rank_behind() {
     let d = dir.path();
     // Rank 1 hangs after step 7 (rank 0 then waits for it in a collective): no step
     // boundary comes, so only the grace period can end them.
-    let mut child = mpirun(2).args(["-x", "ALGPT2_FAULT=hang@7:1"]).arg(bin()).args(args(d, &[])).current_dir(repo()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut child = mpirun(2)
+        .args(["-x", "ALGPT2_FAULT=hang@7:1"])
+        .arg(bin())
+        .args(args(d, &[]))
+        .current_dir(repo())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     wait_for_rows(d, 6, &mut child);
     std::thread::sleep(Duration::from_millis(500));
     // What the issue reported: INT, then TERM half a second later.
@@ -99,7 +112,11 @@ fn a_second_signal_to_mpirun_leaves_no_rank_behind() {
     let returned = Instant::now();
     child.wait().unwrap();
     let gone = wait_until_no_rank(d, Duration::from_secs(GRACE_S + 8));
-    eprintln!("FIGURE second signal: mpirun returned {:.1} s after the TERM; the last rank ended {:.1} s after mpirun", returned.elapsed().as_secs_f64() - gone.as_secs_f64(), gone.as_secs_f64());
+    eprintln!(
+        "FIGURE second signal: mpirun returned {:.1} s after the TERM; the last rank ended {:.1} s after mpirun",
+        returned.elapsed().as_secs_f64() - gone.as_secs_f64(),
+        gone.as_secs_f64()
+    );
     resumes(d);
 }
 
@@ -108,7 +125,14 @@ fn two_signals_to_a_stuck_rank_end_it_within_the_grace_period() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     // Hangs after step 6's update, before its row: 5 rows, then nothing.
-    let mut child = Command::new(bin()).args(args(d, &[])).env("ALGPT2_FAULT", "hang@6").current_dir(repo()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = Command::new(bin())
+        .args(args(d, &[]))
+        .env("ALGPT2_FAULT", "hang@6")
+        .current_dir(repo())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     wait_for_rows(d, 5, &mut child);
     std::thread::sleep(Duration::from_millis(500));
     signal(child.id(), "INT");
@@ -121,7 +145,11 @@ fn two_signals_to_a_stuck_rank_end_it_within_the_grace_period() {
     let took = second.elapsed();
     let mut err = String::new();
     std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
-    eprintln!("FIGURE two signals to a stuck rank: exit {:?} {:.1} s after the second (dist.stop_grace_s = {GRACE_S})", status.code(), took.as_secs_f64());
+    eprintln!(
+        "FIGURE two signals to a stuck rank: exit {:?} {:.1} s after the second (dist.stop_grace_s = {GRACE_S})",
+        status.code(),
+        took.as_secs_f64()
+    );
     assert_eq!(status.code(), Some(130), "{err}");
     assert!(took >= Duration::from_secs(GRACE_S) && took < Duration::from_secs(GRACE_S + 6), "ended {took:?} after the second signal");
     assert!(err.contains("a second stop signal") && err.contains("stop grace period over"), "{err}");
@@ -138,7 +166,8 @@ fn the_launch_scripts_turn_ctrl_c_into_a_clean_stop() {
         bin(),
         args(d, &[]).iter().map(|a| format!("'{a}'")).collect::<Vec<_>>().join(" ")
     );
-    let mut child = Command::new("bash").args(["-c", &script]).current_dir(repo()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child =
+        Command::new("bash").args(["-c", &script]).current_dir(repo()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     wait_for_rows(d, 3, &mut child);
     signal(child.id(), "INT");
     let status = child.wait().unwrap();

@@ -12,13 +12,33 @@ fn args(out_dir: &Path, cache: &Path, extra: &[&str]) -> Vec<String> {
     let mut a: Vec<String> = ["--config", "configs/quickstart.yaml"]
         .iter()
         .chain(TINY_MODEL.iter())
-        .chain([
-            "--set", "model.dropout=0.1",
-            "--set", "train.micro_batch_size=4", "--set", "train.grad_accum_steps=2",
-            "--set", "train.max_steps=8", "--set", "train.log_interval=1", "--set", "train.eval_interval=4",
-            "--set", "train.eval_steps=2", "--set", "train.save_interval=4", "--set", "optim.warmup_steps=2",
-            "--set", "checkpoint.keep_last=5", "--set", "wandb.mode=disabled",
-        ].iter())
+        .chain(
+            [
+                "--set",
+                "model.dropout=0.1",
+                "--set",
+                "train.micro_batch_size=4",
+                "--set",
+                "train.grad_accum_steps=2",
+                "--set",
+                "train.max_steps=8",
+                "--set",
+                "train.log_interval=1",
+                "--set",
+                "train.eval_interval=4",
+                "--set",
+                "train.eval_steps=2",
+                "--set",
+                "train.save_interval=4",
+                "--set",
+                "optim.warmup_steps=2",
+                "--set",
+                "checkpoint.keep_last=5",
+                "--set",
+                "wandb.mode=disabled",
+            ]
+            .iter(),
+        )
         .map(|s| s.to_string())
         .collect();
     a.push("--set".into());
@@ -185,14 +205,52 @@ fn three_variants_train_on_wikitext2_with_falling_val_ppl() {
     let shared = repo().join("tests/data/wikitext-2");
     for (name, share, e) in [("gpt2", "false", "null"), ("shared", "true", "null"), ("algpt2", "true", "32")] {
         let a: Vec<String> = [
-            "--config", "configs/wikitext103.yaml", "--set", "device=cpu", "--set", "wandb.mode=disabled",
-            "--set", "data.format=wikitext", "--set", "data.test=null",
-            "--set", "tokenizer.vocab_size=1024", "--set", "model.vocab_size=1024", "--set", "model.n_positions=64",
-            "--set", "model.n_embd=64", "--set", "model.n_head=4", "--set", "model.n_layer=2", "--set", "model.dropout=0.0",
-            "--set", &format!("model.share_layers={share}"), "--set", &format!("model.embedding_size={e}"),
-            "--set", "train.seq_len=64", "--set", "train.micro_batch_size=8", "--set", "train.max_steps=60",
-            "--set", "train.log_interval=10", "--set", "train.eval_interval=20", "--set", "train.eval_steps=4",
-            "--set", "train.save_interval=0", "--set", "optim.lr=3e-3", "--set", "optim.warmup_steps=10",
+            "--config",
+            "configs/wikitext103.yaml",
+            "--set",
+            "device=cpu",
+            "--set",
+            "wandb.mode=disabled",
+            "--set",
+            "data.format=wikitext",
+            "--set",
+            "data.test=null",
+            "--set",
+            "tokenizer.vocab_size=1024",
+            "--set",
+            "model.vocab_size=1024",
+            "--set",
+            "model.n_positions=64",
+            "--set",
+            "model.n_embd=64",
+            "--set",
+            "model.n_head=4",
+            "--set",
+            "model.n_layer=2",
+            "--set",
+            "model.dropout=0.0",
+            "--set",
+            &format!("model.share_layers={share}"),
+            "--set",
+            &format!("model.embedding_size={e}"),
+            "--set",
+            "train.seq_len=64",
+            "--set",
+            "train.micro_batch_size=8",
+            "--set",
+            "train.max_steps=60",
+            "--set",
+            "train.log_interval=10",
+            "--set",
+            "train.eval_interval=20",
+            "--set",
+            "train.eval_steps=4",
+            "--set",
+            "train.save_interval=0",
+            "--set",
+            "optim.lr=3e-3",
+            "--set",
+            "optim.warmup_steps=10",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -253,7 +311,8 @@ fn generate_from_a_checkpoint_with_and_without_the_cache() {
 #[test]
 fn a_second_training_on_the_same_run_directory_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let a = args(&dir.path().join("runs"), &dir.path().join("cache"), &["--set", "train.max_steps=100000", "--set", "train.save_interval=0"]);
+    let a =
+        args(&dir.path().join("runs"), &dir.path().join("cache"), &["--set", "train.max_steps=100000", "--set", "train.save_interval=0"]);
     let mut first = Command::new(bin()).args(&a).current_dir(repo()).stderr(std::process::Stdio::null()).spawn().unwrap();
     let metrics = dir.path().join("runs/quickstart/metrics.jsonl");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);

@@ -14,11 +14,29 @@ fn args(dir: &Path, extra: &[&str]) -> Vec<String> {
     let mut a: Vec<String> = ["--config", "configs/quickstart.yaml"]
         .iter()
         .chain(TINY_MODEL.iter())
-        .chain([
-            "--set", "wandb.mode=online", "--set", "train.micro_batch_size=4", "--set", "train.max_steps=8", "--set", "train.log_interval=1",
-            "--set", "train.eval_interval=4", "--set", "train.eval_steps=1", "--set", "train.save_interval=4",
-            "--set", "optim.warmup_steps=2", "--set", "wandb.flush_timeout_s=20",
-        ].iter())
+        .chain(
+            [
+                "--set",
+                "wandb.mode=online",
+                "--set",
+                "train.micro_batch_size=4",
+                "--set",
+                "train.max_steps=8",
+                "--set",
+                "train.log_interval=1",
+                "--set",
+                "train.eval_interval=4",
+                "--set",
+                "train.eval_steps=1",
+                "--set",
+                "train.save_interval=4",
+                "--set",
+                "optim.warmup_steps=2",
+                "--set",
+                "wandb.flush_timeout_s=20",
+            ]
+            .iter(),
+        )
         .map(|s| s.to_string())
         .collect();
     a.push(format!("--set=out_dir={}", dir.join("runs").display()));
@@ -124,7 +142,9 @@ fn a_hanging_server_does_not_hold_training_up() {
     let hanging = FakeServer::start();
     hanging.set_always(Some((Target::Any, Fault::Hang(Duration::from_secs(60)))));
     let ((quiet_out, quiet_elapsed, quiet_train), (slow_out, slow_elapsed, slow_train)) = std::thread::scope(|s| {
-        let q = s.spawn(|| timed_run(args(quiet_dir.path(), &["--set", "run_name=fast", "--set", "train.max_steps=12"]), &quiet, quiet_dir.path()));
+        let q = s.spawn(|| {
+            timed_run(args(quiet_dir.path(), &["--set", "run_name=fast", "--set", "train.max_steps=12"]), &quiet, quiet_dir.path())
+        });
         let h = s.spawn(|| {
             let a = args(slow_dir.path(), &["--set", "run_name=slow", "--set", "train.max_steps=12", "--set", "wandb.flush_timeout_s=2"]);
             timed_run(a, &hanging, slow_dir.path())
@@ -135,11 +155,17 @@ fn a_hanging_server_does_not_hold_training_up() {
     assert!(slow_out.status.success(), "{}", stderr(&slow_out));
     // A request held up by the server costs its HTTP timeout (20 s here); training that
     // waited on one would show it in its own reported time.
-    assert!(slow_train < quiet_train + 10.0, "training took {slow_train:.1} s against a hanging server, {quiet_train:.1} s against a quiet one");
+    assert!(
+        slow_train < quiet_train + 10.0,
+        "training took {slow_train:.1} s against a hanging server, {quiet_train:.1} s against a quiet one"
+    );
     // At exit only the bounded flush (2 s) waits.
     let slow_tail = slow_elapsed.as_secs_f64() - slow_train;
     let quiet_tail = quiet_elapsed.as_secs_f64() - quiet_train;
-    assert!(slow_tail < quiet_tail + 2.0 + 10.0, "start-up and exit took {slow_tail:.1} s against a hanging server, {quiet_tail:.1} s against a quiet one");
+    assert!(
+        slow_tail < quiet_tail + 2.0 + 10.0,
+        "start-up and exit took {slow_tail:.1} s against a hanging server, {quiet_tail:.1} s against a quiet one"
+    );
     // Nothing was lost: the rows wait in the run directory for wandb-sync.
     hanging.set_always(None);
     let mut sync = Command::new(bin());

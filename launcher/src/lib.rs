@@ -247,7 +247,11 @@ mod tests {
         std::fs::write(site.join("torch/lib").join(LIBTORCH_MARKER), b"").unwrap();
         // A regular package: on a path that also holds a real torch, it is found first.
         std::fs::write(site.join("torch/__init__.py"), b"").unwrap();
-        std::fs::write(site.join("torch/version.py"), format!("from typing import Optional\n__version__ = '{version}'\ncuda: Optional[str] = '13.0'\n")).unwrap();
+        std::fs::write(
+            site.join("torch/version.py"),
+            format!("from typing import Optional\n__version__ = '{version}'\ncuda: Optional[str] = '13.0'\n"),
+        )
+        .unwrap();
         for wheel in ["nccl", "cu13", "cudnn"] {
             std::fs::create_dir_all(site.join("nvidia").join(wheel).join("lib")).unwrap();
         }

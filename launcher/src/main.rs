@@ -3,7 +3,9 @@
 //! so mpirun's signals and exit codes pass straight through). See the library for where
 //! it looks.
 
-use algpt2_launch::{cache_root, join_library_path, launcher_rank, library_dirs, locate, nccl_link_dir, trainer_binary, version_matches, LaunchError};
+use algpt2_launch::{
+    cache_root, join_library_path, launcher_rank, library_dirs, locate, nccl_link_dir, trainer_binary, version_matches, LaunchError,
+};
 use std::os::unix::process::CommandExt;
 use std::process::ExitCode;
 

@@ -67,7 +67,8 @@ mod tests {
 
     #[test]
     fn indexes_nested_keys_by_line() {
-        let text = "# comment\nrun_name: x\nmodel:\n  n_layer: 2\n  n_head: 4\ntrain:\n  seq_len: 64\nwandb:\n  tags: [a, b]\n  project: p\n";
+        let text =
+            "# comment\nrun_name: x\nmodel:\n  n_layer: 2\n  n_head: 4\ntrain:\n  seq_len: 64\nwandb:\n  tags: [a, b]\n  project: p\n";
         let lines = key_lines(text);
         assert_eq!(lines["run_name"], 2);
         assert_eq!(lines["model"], 3);

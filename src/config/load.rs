@@ -72,9 +72,8 @@ impl ConfigError {
 /// checks the result. `run_name` left null becomes the file's stem.
 pub fn load(file: &Path, sets: &[String]) -> Result<Config, ConfigError> {
     let name = file.display().to_string();
-    let text = std::fs::read_to_string(file).map_err(|e| {
-        ConfigError::one(Origin::File { file: name.clone(), line: None }, "", format!("cannot read: {e}"))
-    })?;
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| ConfigError::one(Origin::File { file: name.clone(), line: None }, "", format!("cannot read: {e}")))?;
     let mut cfg = parse(&text, &name, sets)?;
     if cfg.run_name.is_none() {
         cfg.run_name = file.file_stem().map(|s| s.to_string_lossy().into_owned());
@@ -96,10 +95,8 @@ pub fn parse(text: &str, name: &str, sets: &[String]) -> Result<Config, ConfigEr
     }
     let schema = schema_tree();
 
-    let unknown: Vec<Problem> = unknown_keys(&doc, &schema, "")
-        .into_iter()
-        .map(|(path, message)| Problem { origin: at(&path), path, message })
-        .collect();
+    let unknown: Vec<Problem> =
+        unknown_keys(&doc, &schema, "").into_iter().map(|(path, message)| Problem { origin: at(&path), path, message }).collect();
     if !unknown.is_empty() {
         return Err(ConfigError { problems: unknown });
     }
@@ -382,11 +379,10 @@ mod tests {
 
     #[test]
     fn set_overrides_file_and_parses_yaml_scalars() {
-        let sets: Vec<String> =
-            ["model.embedding_size=null", "optim.lr=6e-4", "model.share_layers=false", "wandb.tags=[a, b]"]
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
+        let sets: Vec<String> = ["model.embedding_size=null", "optim.lr=6e-4", "model.share_layers=false", "wandb.tags=[a, b]"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         let cfg = parse("model:\n  embedding_size: 64\noptim:\n  lr: 1.0e-3\n", "c.yaml", &sets).unwrap();
         assert_eq!(cfg.model.embedding_size, None);
         assert_eq!(cfg.optim.lr, 6e-4);
@@ -439,7 +435,24 @@ mod tests {
     #[test]
     fn mutated_configs_never_panic() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
-        let junk = ["null", "-1", "1e309", "\"x\"", "[1, 2]", "{a: 1}", "~", "true", "0", "99999999999999999999", ":", "- a", "&x", "*x", "!!binary AAA", "\t"];
+        let junk = [
+            "null",
+            "-1",
+            "1e309",
+            "\"x\"",
+            "[1, 2]",
+            "{a: 1}",
+            "~",
+            "true",
+            "0",
+            "99999999999999999999",
+            ":",
+            "- a",
+            "&x",
+            "*x",
+            "!!binary AAA",
+            "\t",
+        ];
         let mut rng = crate::rng::SplitMix64::new(2024);
         let mut outcomes = (0usize, 0usize);
         for entry in std::fs::read_dir(dir).unwrap() {

@@ -151,13 +151,7 @@ pub struct DataConfig {
 
 impl Default for DataConfig {
     fn default() -> Self {
-        DataConfig {
-            format: DataFormat::Synthetic,
-            train: None,
-            valid: None,
-            test: None,
-            cache_dir: PathBuf::from("data_cache"),
-        }
+        DataConfig { format: DataFormat::Synthetic, train: None, valid: None, test: None, cache_dir: PathBuf::from("data_cache") }
     }
 }
 
@@ -412,6 +406,13 @@ pub enum GradDtype {
 
 impl Default for DistConfig {
     fn default() -> Self {
-        DistConfig { backend: DistBackend::Auto, bucket_mb: 25, timeout_s: 600, stop_grace_s: 10, check_interval: 100, grad_dtype: GradDtype::Fp32 }
+        DistConfig {
+            backend: DistBackend::Auto,
+            bucket_mb: 25,
+            timeout_s: 600,
+            stop_grace_s: 10,
+            check_interval: 100,
+            grad_dtype: GradDtype::Fp32,
+        }
     }
 }

@@ -50,11 +50,7 @@ pub fn violations(cfg: &Config) -> Vec<Violation> {
     check(m.n_embd <= MAX_WIDTH, "model.n_embd", format!("{} exceeds the largest supported, {MAX_WIDTH}", m.n_embd));
     check(m.n_positions <= MAX_POSITIONS, "model.n_positions", format!("{} exceeds the largest supported, {MAX_POSITIONS}", m.n_positions));
     check(m.n_layer <= MAX_LAYERS, "model.n_layer", format!("{} exceeds the largest supported, {MAX_LAYERS}", m.n_layer));
-    check(
-        m.n_head == 0 || m.n_embd % m.n_head == 0,
-        "model.n_head",
-        format!("{} does not divide model.n_embd = {}", m.n_head, m.n_embd),
-    );
+    check(m.n_head == 0 || m.n_embd % m.n_head == 0, "model.n_head", format!("{} does not divide model.n_embd = {}", m.n_head, m.n_embd));
     check(m.embedding_size != Some(0), "model.embedding_size", "must be at least 1 (or null)".into());
     if let Some(e) = m.embedding_size {
         check(
@@ -66,11 +62,7 @@ pub fn violations(cfg: &Config) -> Vec<Violation> {
             ),
         );
     }
-    check(
-        (0.0..1.0).contains(&m.dropout),
-        "model.dropout",
-        format!("{} is out of range [0, 1)", m.dropout),
-    );
+    check((0.0..1.0).contains(&m.dropout), "model.dropout", format!("{} is out of range [0, 1)", m.dropout));
 
     check(
         cfg.tokenizer.vocab_size >= 257,
@@ -84,11 +76,7 @@ pub fn violations(cfg: &Config) -> Vec<Violation> {
     );
 
     check(t.seq_len >= 1, "train.seq_len", "must be at least 1".into());
-    check(
-        t.seq_len <= m.n_positions,
-        "train.seq_len",
-        format!("{} exceeds model.n_positions = {}", t.seq_len, m.n_positions),
-    );
+    check(t.seq_len <= m.n_positions, "train.seq_len", format!("{} exceeds model.n_positions = {}", t.seq_len, m.n_positions));
     check(t.micro_batch_size >= 1, "train.micro_batch_size", "must be at least 1".into());
     check(t.grad_accum_steps >= 1, "train.grad_accum_steps", "must be at least 1".into());
     check(t.max_steps >= 1, "train.max_steps", "must be at least 1".into());
@@ -105,11 +93,7 @@ pub fn violations(cfg: &Config) -> Vec<Violation> {
         "optim.min_lr",
         format!("{} is out of range [0, optim.lr = {}]", o.min_lr, o.lr),
     );
-    check(
-        o.weight_decay >= 0.0 && o.weight_decay.is_finite(),
-        "optim.weight_decay",
-        format!("{} must be non-negative", o.weight_decay),
-    );
+    check(o.weight_decay >= 0.0 && o.weight_decay.is_finite(), "optim.weight_decay", format!("{} must be non-negative", o.weight_decay));
     check((0.0..1.0).contains(&o.beta1), "optim.beta1", format!("{} is out of range [0, 1)", o.beta1));
     check((0.0..1.0).contains(&o.beta2), "optim.beta2", format!("{} is out of range [0, 1)", o.beta2));
     check(o.eps > 0.0 && o.eps.is_finite(), "optim.eps", format!("{} must be positive", o.eps));
@@ -132,11 +116,7 @@ pub fn violations(cfg: &Config) -> Vec<Violation> {
     check(cfg.dist.timeout_s >= 1, "dist.timeout_s", "must be at least 1".into());
     check(cfg.dist.stop_grace_s >= 1, "dist.stop_grace_s", "must be at least 1".into());
     if cfg.dist.backend == DistBackend::Nccl {
-        check(
-            cfg.device != super::schema::DeviceKind::Cpu,
-            "dist.backend",
-            "nccl needs device cuda (or auto); use mpi on CPU".into(),
-        );
+        check(cfg.device != super::schema::DeviceKind::Cpu, "dist.backend", "nccl needs device cuda (or auto); use mpi on CPU".into());
     }
     out
 }

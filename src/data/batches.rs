@@ -49,13 +49,15 @@ impl Sampler {
 
     /// Continues from a saved position; one that cannot be in this data is an error.
     pub fn restore(&mut self, state: SamplerState) -> anyhow::Result<()> {
-        let position = state
-            .epoch
-            .checked_mul(self.windows)
-            .and_then(|p| p.checked_add(state.offset))
-            .filter(|_| state.offset < self.windows.max(1));
+        let position =
+            state.epoch.checked_mul(self.windows).and_then(|p| p.checked_add(state.offset)).filter(|_| state.offset < self.windows.max(1));
         let Some(position) = position else {
-            anyhow::bail!("sampler position (epoch {}, offset {}) does not fit data of {} windows", state.epoch, state.offset, self.windows);
+            anyhow::bail!(
+                "sampler position (epoch {}, offset {}) does not fit data of {} windows",
+                state.epoch,
+                state.offset,
+                self.windows
+            );
         };
         self.position = position;
         Ok(())

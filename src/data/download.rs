@@ -90,23 +90,14 @@ pub enum DownloadError {
          - point it at a mirror serving the same files: --base-url URL (or ALGPT2_DOWNLOAD_URL=URL), or\n  \
          - {by_hand}"
     )]
-    Unreachable {
-        url: String,
-        cause: String,
-        by_hand: String,
-    },
+    Unreachable { url: String, cause: String, by_hand: String },
     #[error("{url}: the server answered HTTP {status}; not retried, since retrying does not change that answer")]
     Status { url: String, status: StatusCode },
     #[error(
         "checksum mismatch for {path}: expected sha256 {expected}, got {actual}. The download was \
          deleted; if this repeats, {url} serves a different file than the one published"
     )]
-    ChecksumMismatch {
-        path: PathBuf,
-        url: String,
-        expected: String,
-        actual: String,
-    },
+    ChecksumMismatch { path: PathBuf, url: String, expected: String, actual: String },
     #[error("{url}: the server reports a file of {actual} bytes, expected {expected}; is this the right URL?")]
     SizeMismatch { url: String, expected: u64, actual: u64 },
     #[error("{url}: gave up after {attempts} attempts; last error: {last}")]
@@ -122,20 +113,9 @@ pub fn download_wikitext103(variant: Wikitext103Variant, opts: &DownloadOptions)
 }
 
 /// One verified, resumable file download (used by the above; also tested directly).
-pub fn download_file(
-    url: &str,
-    dest: &Path,
-    expected_sha256: Option<&str>,
-    opts: &DownloadOptions,
-) -> anyhow::Result<()> {
+pub fn download_file(url: &str, dest: &Path, expected_sha256: Option<&str>, opts: &DownloadOptions) -> anyhow::Result<()> {
     let by_hand = format!("place the file by hand at {}", dest.display());
-    Fetcher::new(opts)?.fetch(&Target {
-        url,
-        dest,
-        sha256: expected_sha256,
-        size: None,
-        by_hand: &by_hand,
-    })
+    Fetcher::new(opts)?.fetch(&Target { url, dest, sha256: expected_sha256, size: None, by_hand: &by_hand })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -183,10 +163,7 @@ impl Archive {
     }
 
     fn member_names(&self) -> Vec<String> {
-        SPLITS
-            .iter()
-            .map(|split| format!("wiki.{split}.{}", self.ext))
-            .collect()
+        SPLITS.iter().map(|split| format!("wiki.{split}.{}", self.ext)).collect()
     }
 }
 
@@ -218,13 +195,7 @@ fn fetch_and_unpack(archive: &Archive, opts: &DownloadOptions, fetcher: &Fetcher
         members.join(", "),
         data_dir.display()
     );
-    let target = Target {
-        url: &url,
-        dest: &zip_path,
-        sha256: Some(&archive.sha256),
-        size: archive.size,
-        by_hand: &by_hand,
-    };
+    let target = Target { url: &url, dest: &zip_path, sha256: Some(&archive.sha256), size: archive.size, by_hand: &by_hand };
     fetcher.fetch(&target)?;
 
     unpack(&zip_path, archive, &data_dir)?;
@@ -272,32 +243,22 @@ fn unpack(zip_path: &Path, archive: &Archive, data_dir: &Path) -> anyhow::Result
 /// Writes the archive's split files into `staging`; returns their names.
 fn extract_members(zip_path: &Path, archive: &Archive, staging: &Path) -> anyhow::Result<Vec<String>> {
     let file = File::open(zip_path).with_context(|| format!("cannot open {}", zip_path.display()))?;
-    let mut zip = zip::ZipArchive::new(io::BufReader::new(file))
-        .with_context(|| format!("{} is not a readable zip archive", zip_path.display()))?;
+    let mut zip =
+        zip::ZipArchive::new(io::BufReader::new(file)).with_context(|| format!("{} is not a readable zip archive", zip_path.display()))?;
     let members = archive.member_names();
     let entries = find_members(&mut zip, zip_path, archive.dir_name, &members)?;
 
     for (member, index) in members.iter().zip(entries) {
-        let mut entry = zip
-            .by_index(index)
-            .with_context(|| format!("cannot read {member} in {}", zip_path.display()))?;
+        let mut entry = zip.by_index(index).with_context(|| format!("cannot read {member} in {}", zip_path.display()))?;
         let staged = staging.join(member);
         let mut out = File::create(&staged).with_context(|| format!("cannot create {}", staged.display()))?;
         let written = io::copy(&mut entry, &mut out).with_context(|| {
-            format!(
-                "extracting {member} from {} failed (a checksum error means the archive is damaged)",
-                zip_path.display()
-            )
+            format!("extracting {member} from {} failed (a checksum error means the archive is damaged)", zip_path.display())
         })?;
         if written != entry.size() {
-            bail!(
-                "{member} in {}: extracted {written} bytes, the archive says {}",
-                zip_path.display(),
-                entry.size()
-            );
+            bail!("{member} in {}: extracted {written} bytes, the archive says {}", zip_path.display(), entry.size());
         }
-        out.sync_all()
-            .with_context(|| format!("cannot flush {}", staged.display()))?;
+        out.sync_all().with_context(|| format!("cannot flush {}", staged.display()))?;
     }
     Ok(members)
 }
@@ -314,9 +275,7 @@ fn find_members<R: Read + io::Seek>(
 ) -> anyhow::Result<Vec<usize>> {
     let mut found: Vec<Option<usize>> = vec![None; members.len()];
     for index in 0..zip.len() {
-        let entry = zip
-            .by_index(index)
-            .with_context(|| format!("cannot read entry {index} of {}", zip_path.display()))?;
+        let entry = zip.by_index(index).with_context(|| format!("cannot read entry {index} of {}", zip_path.display()))?;
         let Some(path) = entry.enclosed_name() else {
             bail!(
                 "{} holds an entry named {:?}, which would be written outside the destination directory; \
@@ -338,12 +297,7 @@ fn find_members<R: Read + io::Seek>(
         .iter()
         .zip(found)
         .map(|(member, slot)| {
-            slot.with_context(|| {
-                format!(
-                    "{} has no {dir_name}/{member}; it is not the expected WikiText-103 archive",
-                    zip_path.display()
-                )
-            })
+            slot.with_context(|| format!("{} has no {dir_name}/{member}; it is not the expected WikiText-103 archive", zip_path.display()))
         })
         .collect()
 }
@@ -375,11 +329,7 @@ struct RetryPolicy {
 
 impl RetryPolicy {
     fn for_options(opts: &DownloadOptions) -> RetryPolicy {
-        RetryPolicy {
-            retries: opts.retries,
-            base_delay: Duration::from_secs(1),
-            max_delay: Duration::from_secs(60),
-        }
+        RetryPolicy { retries: opts.retries, base_delay: Duration::from_secs(1), max_delay: Duration::from_secs(60) }
     }
 
     /// Wait before retry number `retry` (0-based). A server's Retry-After is honoured as
@@ -420,11 +370,7 @@ enum AttemptError {
 
 impl AttemptError {
     fn retry(reason: String) -> AttemptError {
-        AttemptError::Retry {
-            reason,
-            wait: None,
-            unreachable: false,
-        }
+        AttemptError::Retry { reason, wait: None, unreachable: false }
     }
 }
 
@@ -443,11 +389,7 @@ struct Fetcher {
 
 impl Fetcher {
     fn new(opts: &DownloadOptions) -> anyhow::Result<Fetcher> {
-        Ok(Fetcher {
-            client: build_client(opts.timeout, true)?,
-            retry: RetryPolicy::for_options(opts),
-            progress: opts.progress,
-        })
+        Ok(Fetcher { client: build_client(opts.timeout, true)?, retry: RetryPolicy::for_options(opts), progress: opts.progress })
     }
 
     /// Makes `target.dest` hold the verified file, downloading only what is missing.
@@ -462,16 +404,10 @@ impl Fetcher {
                 Some(expected) => {
                     let actual = crate::run_dir::sha256_file(dest)?;
                     if actual.eq_ignore_ascii_case(expected) {
-                        info!(
-                            "{} is already present and its sha256 matches; not downloaded again",
-                            dest.display()
-                        );
+                        info!("{} is already present and its sha256 matches; not downloaded again", dest.display());
                         return Ok(());
                     }
-                    warn!(
-                        "{} has sha256 {actual}, expected {expected}; downloading it again",
-                        dest.display()
-                    );
+                    warn!("{} has sha256 {actual}, expected {expected}; downloading it again", dest.display());
                     fs::remove_file(dest).with_context(|| format!("cannot delete {}", dest.display()))?;
                 }
             }
@@ -493,41 +429,20 @@ impl Fetcher {
                     restarted = true;
                 }
                 Err(AttemptError::Restart(reason)) => {
-                    return Err(DownloadError::GaveUp {
-                        url: url.to_string(),
-                        attempts,
-                        last: reason,
-                    }
-                    .into())
+                    return Err(DownloadError::GaveUp { url: url.to_string(), attempts, last: reason }.into())
                 }
-                Err(AttemptError::Retry {
-                    reason,
-                    wait,
-                    unreachable,
-                }) => {
+                Err(AttemptError::Retry { reason, wait, unreachable }) => {
                     if retries_done >= self.retry.retries {
                         return Err(if unreachable {
-                            DownloadError::Unreachable {
-                                url: url.to_string(),
-                                cause: reason,
-                                by_hand: target.by_hand.to_string(),
-                            }
+                            DownloadError::Unreachable { url: url.to_string(), cause: reason, by_hand: target.by_hand.to_string() }
                         } else {
-                            DownloadError::GaveUp {
-                                url: url.to_string(),
-                                attempts,
-                                last: reason,
-                            }
+                            DownloadError::GaveUp { url: url.to_string(), attempts, last: reason }
                         }
                         .into());
                     }
                     let delay = self.retry.delay(retries_done, wait);
                     retries_done += 1;
-                    warn!(
-                        "{url}: {reason}; retry {retries_done} of {} in {:.1} s",
-                        self.retry.retries,
-                        delay.as_secs_f64()
-                    );
+                    warn!("{url}: {reason}; retry {retries_done} of {} in {:.1} s", self.retry.retries, delay.as_secs_f64());
                     std::thread::sleep(delay);
                 }
             }
@@ -538,11 +453,7 @@ impl Fetcher {
         if let Some(dir) = dest.parent() {
             sync_dir(dir);
         }
-        info!(
-            "{} downloaded{}",
-            dest.display(),
-            if target.sha256.is_some() { " and verified" } else { "" }
-        );
+        info!("{} downloaded{}", dest.display(), if target.sha256.is_some() { " and verified" } else { "" });
         Ok(())
     }
 
@@ -556,10 +467,7 @@ impl Fetcher {
                 return Ok(()); // complete already; verification decides whether it is right
             }
             if have > size {
-                warn!(
-                    "{} is longer than the expected {size} bytes; starting over",
-                    part.display()
-                );
+                warn!("{} is longer than the expected {size} bytes; starting over", part.display());
                 have = 0;
             }
         }
@@ -605,45 +513,19 @@ impl Fetcher {
             }
             s if s == StatusCode::TOO_MANY_REQUESTS || s.is_server_error() => {
                 let wait = header_u64(&response, RETRY_AFTER.as_str()).map(Duration::from_secs);
-                return Err(AttemptError::Retry {
-                    reason: format!("HTTP {s}"),
-                    wait,
-                    unreachable: false,
-                });
+                return Err(AttemptError::Retry { reason: format!("HTTP {s}"), wait, unreachable: false });
             }
-            s => {
-                return Err(AttemptError::Fatal(
-                    DownloadError::Status {
-                        url: url.to_string(),
-                        status: s,
-                    }
-                    .into(),
-                ))
-            }
+            s => return Err(AttemptError::Fatal(DownloadError::Status { url: url.to_string(), status: s }.into())),
         };
         if let (Some(expected), Some(actual)) = (target.size, total) {
             if expected != actual {
-                return Err(AttemptError::Fatal(
-                    DownloadError::SizeMismatch {
-                        url: url.to_string(),
-                        expected,
-                        actual,
-                    }
-                    .into(),
-                ));
+                return Err(AttemptError::Fatal(DownloadError::SizeMismatch { url: url.to_string(), expected, actual }.into()));
             }
         }
 
-        let mut file = if start == 0 {
-            File::create(part)
-        } else {
-            OpenOptions::new().append(true).open(part)
-        }
-        .with_context(|| format!("cannot open {} for writing", part.display()))?;
-        let label = target
-            .dest
-            .file_name()
-            .map_or_else(|| url.to_string(), |n| n.to_string_lossy().into_owned());
+        let mut file = if start == 0 { File::create(part) } else { OpenOptions::new().append(true).open(part) }
+            .with_context(|| format!("cannot open {} for writing", part.display()))?;
+        let label = target.dest.file_name().map_or_else(|| url.to_string(), |n| n.to_string_lossy().into_owned());
         if start > 0 {
             info!("{url}: resuming at byte {start}");
         } else {
@@ -651,21 +533,16 @@ impl Fetcher {
         }
         let mut progress = Progress::start(self.progress, label, start, total.or(target.size));
         let received = copy_body(&mut response, &mut file, part, start, &mut progress);
-        file.sync_all()
-            .with_context(|| format!("cannot flush {}", part.display()))?;
+        file.sync_all().with_context(|| format!("cannot flush {}", part.display()))?;
         progress.finish();
         let written = received?;
         match total {
             // Normally reported as a read error already; checked here so that a lenient
             // transport cannot pass a short body off as a whole one.
-            Some(total) if written < total => Err(AttemptError::retry(format!(
-                "the body ended at byte {written} of {total}"
-            ))),
+            Some(total) if written < total => Err(AttemptError::retry(format!("the body ended at byte {written} of {total}"))),
             Some(total) if written > total => {
                 discard(part)?;
-                Err(AttemptError::retry(format!(
-                    "received {written} bytes, more than the announced {total}; starting over"
-                )))
+                Err(AttemptError::retry(format!("received {written} bytes, more than the announced {total}; starting over")))
             }
             _ => Ok(()),
         }
@@ -687,13 +564,7 @@ fn build_client(timeout: Duration, use_system_proxy: bool) -> anyhow::Result<Cli
 
 /// Streams the body into `file`; returns the length `part` then has. A read error is a
 /// dropped connection (retry, keeping what arrived); a write error is ours (no retry).
-fn copy_body(
-    response: &mut Response,
-    file: &mut File,
-    part: &Path,
-    start: u64,
-    progress: &mut Progress,
-) -> Result<u64, AttemptError> {
+fn copy_body(response: &mut Response, file: &mut File, part: &Path, start: u64, progress: &mut Progress) -> Result<u64, AttemptError> {
     let mut buf = vec![0u8; 256 * 1024];
     let mut written = start;
     loop {
@@ -701,15 +572,9 @@ fn copy_body(
             Ok(0) => return Ok(written),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                return Err(AttemptError::retry(format!(
-                    "connection lost at byte {written}: {}",
-                    error_chain(&e)
-                )))
-            }
+            Err(e) => return Err(AttemptError::retry(format!("connection lost at byte {written}: {}", error_chain(&e)))),
         };
-        file.write_all(&buf[..n])
-            .with_context(|| format!("cannot write to {}", part.display()))?;
+        file.write_all(&buf[..n]).with_context(|| format!("cannot write to {}", part.display()))?;
         written += n as u64;
         progress.update(written);
     }
@@ -743,9 +608,7 @@ fn part_path(dest: &Path) -> PathBuf {
 
 fn discard(part: &Path) -> anyhow::Result<()> {
     match fs::remove_file(part) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => {
-            Err(e).with_context(|| format!("cannot delete {}", part.display()))
-        }
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e).with_context(|| format!("cannot delete {}", part.display())),
         _ => Ok(()),
     }
 }
@@ -795,11 +658,7 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 /// A bar on a terminal; elsewhere (logs, batch jobs) a line every few seconds.
 enum Progress {
     Bar(ProgressBar),
-    Lines {
-        label: String,
-        total: Option<u64>,
-        last_line: Instant,
-    },
+    Lines { label: String, total: Option<u64>, last_line: Instant },
 }
 
 const LINE_INTERVAL: Duration = Duration::from_secs(10);
@@ -807,24 +666,16 @@ const LINE_INTERVAL: Duration = Duration::from_secs(10);
 impl Progress {
     fn start(bar: bool, label: String, position: u64, total: Option<u64>) -> Progress {
         if !bar {
-            return Progress::Lines {
-                label,
-                total,
-                last_line: Instant::now(),
-            };
+            return Progress::Lines { label, total, last_line: Instant::now() };
         }
         let bar = match total {
             Some(total) => ProgressBar::new(total).with_style(
-                ProgressStyle::with_template(
-                    "{msg} [{bar:40.cyan/blue}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-                )
-                .expect("valid progress template")
-                .progress_chars("=> "),
+                ProgressStyle::with_template("{msg} [{bar:40.cyan/blue}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+                    .expect("valid progress template")
+                    .progress_chars("=> "),
             ),
-            None => ProgressBar::new_spinner().with_style(
-                ProgressStyle::with_template("{spinner} {msg} {bytes} {bytes_per_sec}")
-                    .expect("valid progress template"),
-            ),
+            None => ProgressBar::new_spinner()
+                .with_style(ProgressStyle::with_template("{spinner} {msg} {bytes} {bytes_per_sec}").expect("valid progress template")),
         };
         bar.set_message(label);
         bar.set_position(position);
@@ -834,20 +685,13 @@ impl Progress {
     fn update(&mut self, position: u64) {
         match self {
             Progress::Bar(bar) => bar.set_position(position),
-            Progress::Lines {
-                label,
-                total,
-                last_line,
-            } => {
+            Progress::Lines { label, total, last_line } => {
                 if last_line.elapsed() >= LINE_INTERVAL {
                     *last_line = Instant::now();
                     match total {
-                        Some(total) if *total > 0 => info!(
-                            "{label}: {} of {} MiB ({:.0}%)",
-                            position >> 20,
-                            *total >> 20,
-                            100.0 * position as f64 / *total as f64
-                        ),
+                        Some(total) if *total > 0 => {
+                            info!("{label}: {} of {} MiB ({:.0}%)", position >> 20, *total >> 20, 100.0 * position as f64 / *total as f64)
+                        }
                         _ => info!("{label}: {} MiB", position >> 20),
                     }
                 }
@@ -871,11 +715,7 @@ mod tests {
     fn fetcher(retries: u32) -> Fetcher {
         Fetcher {
             client: build_client(Duration::from_millis(500), false).unwrap(),
-            retry: RetryPolicy {
-                retries,
-                base_delay: Duration::from_millis(10),
-                max_delay: Duration::from_secs(2),
-            },
+            retry: RetryPolicy { retries, base_delay: Duration::from_millis(10), max_delay: Duration::from_secs(2) },
             progress: false,
         }
     }
@@ -889,13 +729,7 @@ mod tests {
     }
 
     fn fetch(fetcher: &Fetcher, url: &str, dest: &Path, sha256: Option<&str>) -> anyhow::Result<()> {
-        fetcher.fetch(&Target {
-            url,
-            dest,
-            sha256,
-            size: None,
-            by_hand: "place it by hand",
-        })
+        fetcher.fetch(&Target { url, dest, sha256, size: None, by_hand: "place it by hand" })
     }
 
     #[test]
@@ -977,19 +811,12 @@ mod tests {
     #[test]
     fn honours_retry_after_on_429() {
         let body = sample(5_000);
-        let server = FakeServer::start(
-            vec![("/f.bin", body.clone())],
-            vec![Reply::TooManyRequests { retry_after_s: 1 }],
-        );
+        let server = FakeServer::start(vec![("/f.bin", body.clone())], vec![Reply::TooManyRequests { retry_after_s: 1 }]);
         let dir = tempfile::tempdir().unwrap();
         let dest = dir.path().join("f.bin");
         let started = Instant::now();
         fetch(&fetcher(2), &server.url("f.bin"), &dest, Some(&sha256_hex(&body))).unwrap();
-        assert!(
-            started.elapsed() >= Duration::from_secs(1),
-            "waited only {:?}",
-            started.elapsed()
-        );
+        assert!(started.elapsed() >= Duration::from_secs(1), "waited only {:?}", started.elapsed());
         assert_eq!(fs::read(&dest).unwrap(), body);
         assert_eq!(server.requests().len(), 2);
     }
@@ -997,10 +824,7 @@ mod tests {
     #[test]
     fn retries_a_timeout() {
         let body = sample(5_000);
-        let server = FakeServer::start(
-            vec![("/f.bin", body.clone())],
-            vec![Reply::Stall(Duration::from_millis(900))],
-        );
+        let server = FakeServer::start(vec![("/f.bin", body.clone())], vec![Reply::Stall(Duration::from_millis(900))]);
         let dir = tempfile::tempdir().unwrap();
         let dest = dir.path().join("f.bin");
         fetch(&fetcher(2), &server.url("f.bin"), &dest, Some(&sha256_hex(&body))).unwrap();
@@ -1038,10 +862,7 @@ mod tests {
         let wrong = sha256_hex(b"something else");
         let err = fetch(&fetcher(0), &server.url("f.bin"), &dest, Some(&wrong)).unwrap_err();
         let message = format!("{err:#}");
-        assert!(
-            message.contains(&wrong) && message.contains(&sha256_hex(&body)),
-            "{message}"
-        );
+        assert!(message.contains(&wrong) && message.contains(&sha256_hex(&body)), "{message}");
         assert!(message.contains(&dest.display().to_string()), "{message}");
         assert!(!dest.exists() && !part_path(&dest).exists());
     }
@@ -1053,11 +874,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let dest = dir.path().join("f.bin");
         fs::write(&dest, &body).unwrap();
-        let opts = DownloadOptions {
-            dest_dir: dir.path().to_path_buf(),
-            progress: false,
-            ..DownloadOptions::default()
-        };
+        let opts = DownloadOptions { dest_dir: dir.path().to_path_buf(), progress: false, ..DownloadOptions::default() };
         download_file(&server.url("f.bin"), &dest, Some(&sha256_hex(&body)), &opts).unwrap();
         assert_eq!(server.requests().len(), 0);
     }
@@ -1091,22 +908,12 @@ mod tests {
 
     #[test]
     fn unreachable_host_explains_how_to_work_offline() {
-        let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let closed_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let dir = tempfile::tempdir().unwrap();
         let url = format!("http://127.0.0.1:{closed_port}/wikitext-103-v1.zip");
         let err = fetch(&fetcher(1), &url, &dir.path().join("w.zip"), None).unwrap_err();
         let message = format!("{err:#}");
-        for needle in [
-            "could not reach",
-            &url,
-            "needs internet access",
-            "--base-url",
-            "by hand",
-        ] {
+        for needle in ["could not reach", &url, "needs internet access", "--base-url", "by hand"] {
             assert!(message.contains(needle), "missing {needle:?} in: {message}");
         }
         assert!(matches!(err.downcast_ref(), Some(DownloadError::Unreachable { .. })));
@@ -1117,12 +924,7 @@ mod tests {
         use zip::write::SimpleFileOptions;
         let files: Vec<(String, Vec<u8>)> = SPLITS
             .iter()
-            .map(|split| {
-                (
-                    format!("wiki.{split}.tokens"),
-                    format!(" = {split} = \n some text for {split} \n").into_bytes(),
-                )
-            })
+            .map(|split| (format!("wiki.{split}.tokens"), format!(" = {split} = \n some text for {split} \n").into_bytes()))
             .collect();
         let mut writer = zip::ZipWriter::new(io::Cursor::new(Vec::new()));
         let options = SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
@@ -1139,11 +941,7 @@ mod tests {
     }
 
     fn test_archive(zip_bytes: &[u8]) -> Archive {
-        Archive {
-            sha256: sha256_hex(zip_bytes),
-            size: Some(zip_bytes.len() as u64),
-            ..Archive::published(Wikitext103Variant::Tokens)
-        }
+        Archive { sha256: sha256_hex(zip_bytes), size: Some(zip_bytes.len() as u64), ..Archive::published(Wikitext103Variant::Tokens) }
     }
 
     #[test]
@@ -1164,17 +962,10 @@ mod tests {
         for (name, bytes) in &files {
             assert_eq!(&fs::read(data_dir.join(name)).unwrap(), bytes);
         }
-        let mut left: Vec<_> = fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        let mut left: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         left.sort();
         assert_eq!(left, ["wikitext-103"], "archive, part and staging dir are gone");
-        assert_eq!(
-            fs::read_dir(&data_dir).unwrap().count(),
-            3,
-            "only the three split files"
-        );
+        assert_eq!(fs::read_dir(&data_dir).unwrap().count(), 3, "only the three split files");
         let requests = server.requests();
         assert_eq!(requests.len(), 1);
         assert_eq!(requests[0].path, "/mirror/wikitext-103-v1.zip");
@@ -1241,24 +1032,14 @@ mod tests {
     #[test]
     fn published_archives_name_their_files() {
         let raw = Archive::published(Wikitext103Variant::Raw);
-        assert_eq!(
-            raw.member_names(),
-            ["wiki.train.raw", "wiki.valid.raw", "wiki.test.raw"]
-        );
-        assert_eq!(
-            join_url(DEFAULT_BASE_URL, raw.file_name),
-            format!("{DEFAULT_BASE_URL}wikitext-103-raw-v1.zip")
-        );
+        assert_eq!(raw.member_names(), ["wiki.train.raw", "wiki.valid.raw", "wiki.test.raw"]);
+        assert_eq!(join_url(DEFAULT_BASE_URL, raw.file_name), format!("{DEFAULT_BASE_URL}wikitext-103-raw-v1.zip"));
         assert_eq!(join_url("http://m/x", "a.zip"), "http://m/x/a.zip");
     }
 
     #[test]
     fn backoff_grows_is_capped_and_yields_to_retry_after() {
-        let policy = RetryPolicy {
-            retries: 9,
-            base_delay: Duration::from_secs(1),
-            max_delay: Duration::from_secs(8),
-        };
+        let policy = RetryPolicy { retries: 9, base_delay: Duration::from_secs(1), max_delay: Duration::from_secs(8) };
         for retry in 0..8 {
             let ceiling = Duration::from_secs(1 << retry.min(3));
             let delay = policy.delay(retry, None);
@@ -1335,12 +1116,7 @@ mod tests {
                     let (shared, stop) = (shared.clone(), stop.clone());
                     thread::spawn(move || accept_loop(listener, shared, stop))
                 };
-                FakeServer {
-                    port,
-                    shared,
-                    stop,
-                    acceptor: Some(acceptor),
-                }
+                FakeServer { port, shared, stop, acceptor: Some(acceptor) }
             }
 
             pub fn url(&self, path: &str) -> String {
@@ -1384,40 +1160,25 @@ mod tests {
             stream.set_nonblocking(false)?;
             stream.set_read_timeout(Some(Duration::from_secs(2)))?;
             let head = read_head(&mut stream)?;
-            let path = head
-                .lines()
-                .next()
-                .and_then(|l| l.split_whitespace().nth(1))
-                .unwrap_or("/")
-                .to_string();
+            let path = head.lines().next().and_then(|l| l.split_whitespace().nth(1)).unwrap_or("/").to_string();
             let range = head.lines().find_map(|line| {
                 let (name, value) = line.split_once(':')?;
-                name.trim()
-                    .eq_ignore_ascii_case("range")
-                    .then(|| value.trim().to_string())
+                name.trim().eq_ignore_ascii_case("range").then(|| value.trim().to_string())
             });
             let reply = {
                 let mut requests = shared.requests.lock().unwrap();
-                requests.push(Recorded {
-                    path: path.clone(),
-                    range: range.clone(),
-                });
+                requests.push(Recorded { path: path.clone(), range: range.clone() });
                 shared.script.get(requests.len() - 1).cloned().unwrap_or(Reply::Normal)
             };
             let Some(body) = shared.files.get(&path) else {
                 return respond(&mut stream, "404 Not Found", &[], b"not found");
             };
-            let from = range
-                .as_deref()
-                .and_then(|r| r.strip_prefix("bytes=")?.strip_suffix('-')?.parse::<usize>().ok());
+            let from = range.as_deref().and_then(|r| r.strip_prefix("bytes=")?.strip_suffix('-')?.parse::<usize>().ok());
             match reply {
                 Reply::Status500 => respond(&mut stream, "500 Internal Server Error", &[], b"oops"),
-                Reply::TooManyRequests { retry_after_s } => respond(
-                    &mut stream,
-                    "429 Too Many Requests",
-                    &[("Retry-After", retry_after_s.to_string())],
-                    b"slow down",
-                ),
+                Reply::TooManyRequests { retry_after_s } => {
+                    respond(&mut stream, "429 Too Many Requests", &[("Retry-After", retry_after_s.to_string())], b"slow down")
+                }
                 Reply::IgnoreRange => respond(&mut stream, "200 OK", &[], body),
                 Reply::Stall(wait) => {
                     thread::sleep(wait);
@@ -1434,18 +1195,11 @@ mod tests {
             let (status, headers, slice) = match from {
                 None => ("200 OK", vec![], body),
                 Some(first) if first >= total => {
-                    return respond(
-                        stream,
-                        "416 Range Not Satisfiable",
-                        &[("Content-Range", format!("bytes */{total}"))],
-                        b"",
-                    );
+                    return respond(stream, "416 Range Not Satisfiable", &[("Content-Range", format!("bytes */{total}"))], b"");
                 }
-                Some(first) => (
-                    "206 Partial Content",
-                    vec![("Content-Range", format!("bytes {first}-{}/{total}", total - 1))],
-                    &body[first..],
-                ),
+                Some(first) => {
+                    ("206 Partial Content", vec![("Content-Range", format!("bytes {first}-{}/{total}", total - 1))], &body[first..])
+                }
             };
             match cut {
                 None => respond(stream, status, &headers, slice),
@@ -1458,23 +1212,13 @@ mod tests {
             }
         }
 
-        fn respond(
-            stream: &mut TcpStream,
-            status: &str,
-            headers: &[(&str, String)],
-            body: &[u8],
-        ) -> std::io::Result<()> {
+        fn respond(stream: &mut TcpStream, status: &str, headers: &[(&str, String)], body: &[u8]) -> std::io::Result<()> {
             write_head(stream, status, headers, body.len())?;
             stream.write_all(body)?;
             stream.flush()
         }
 
-        fn write_head(
-            stream: &mut TcpStream,
-            status: &str,
-            headers: &[(&str, String)],
-            len: usize,
-        ) -> std::io::Result<()> {
+        fn write_head(stream: &mut TcpStream, status: &str, headers: &[(&str, String)], len: usize) -> std::io::Result<()> {
             let mut head = format!("HTTP/1.1 {status}\r\nContent-Length: {len}\r\nConnection: close\r\n");
             for (name, value) in headers {
                 head.push_str(&format!("{name}: {value}\r\n"));

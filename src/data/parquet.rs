@@ -40,12 +40,8 @@ const MAGIC_ENCRYPTED: &[u8; 4] = b"PARE";
 pub fn open_text_column(path: &Path) -> anyhow::Result<TextRows> {
     let mut file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     check_magic(path, &mut file)?;
-    let reader = SerializedFileReader::new(file).map_err(|e| {
-        anyhow!(
-            "{}: the parquet footer cannot be read ({e}): the file is damaged; download it again",
-            path.display()
-        )
-    })?;
+    let reader = SerializedFileReader::new(file)
+        .map_err(|e| anyhow!("{}: the parquet footer cannot be read ({e}): the file is damaged; download it again", path.display()))?;
     let metadata = reader.metadata();
     let (column, max_def_level) = find_text_column(path, metadata.file_metadata().schema_descr())?;
     for (g, group) in metadata.row_groups().iter().enumerate() {
@@ -153,9 +149,8 @@ impl TextRows {
             let def_levels = (self.max_def_level > 0).then_some(&mut b.def_levels);
             let reader = &mut group.reader;
             let read = guarded(|| reader.read_records(want, def_levels, None, &mut b.values));
-            let (rows, values, _levels) = read.map_err(|e| {
-                corrupt(&self.path, group.index, self.file.num_row_groups(), self.next_row, &e)
-            })?;
+            let (rows, values, _levels) =
+                read.map_err(|e| corrupt(&self.path, group.index, self.file.num_row_groups(), self.next_row, &e))?;
             let rows_read = group.rows - group.rows_left;
             if rows == 0 {
                 bail!(
@@ -290,24 +285,15 @@ fn guarded<T>(call: impl FnOnce() -> ::parquet::errors::Result<T>) -> Result<T, 
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(call)) {
         Ok(result) => result.map_err(|e| e.to_string()),
         Err(panic) => {
-            let message = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
+            let message =
+                panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_default();
             Err(format!("the parquet decoder failed ({message})"))
         }
     }
 }
 
 /// A failure to decode row group `group`, met at file-wide row `row`.
-fn corrupt(
-    path: &Path,
-    group: usize,
-    groups: usize,
-    row: u64,
-    e: &dyn std::fmt::Display,
-) -> anyhow::Error {
+fn corrupt(path: &Path, group: usize, groups: usize, row: u64, e: &dyn std::fmt::Display) -> anyhow::Error {
     anyhow!(
         "{}: row group {group} (of {groups}) is damaged, reading from row {row}: {e}; download the \
          file again",
@@ -338,10 +324,7 @@ fn check_magic(path: &Path, file: &mut File) -> anyhow::Result<()> {
         file.seek(SeekFrom::Start(0)).with_context(cannot_read)?;
     }
     if tail == *MAGIC_ENCRYPTED {
-        bail!(
-            "{}: the parquet footer is encrypted, which is not supported: decrypt the file first",
-            path.display()
-        );
+        bail!("{}: the parquet footer is encrypted, which is not supported: decrypt the file first", path.display());
     }
     if tail != *MAGIC {
         bail!(
@@ -456,12 +439,7 @@ mod tests {
         write_rows_with(path, rows, group_rows, props(codec));
     }
 
-    fn write_rows_with(
-        path: &Path,
-        rows: &[Option<Vec<u8>>],
-        group_rows: usize,
-        props: Arc<WriterProperties>,
-    ) {
+    fn write_rows_with(path: &Path, rows: &[Option<Vec<u8>>], group_rows: usize, props: Arc<WriterProperties>) {
         let schema = Arc::new(parse_message_type(STRING_SCHEMA).unwrap());
         let file = File::create(path).unwrap();
         let mut writer = SerializedFileWriter::new(file, schema, props).unwrap();
@@ -674,14 +652,9 @@ mod tests {
     fn a_page_the_decoder_panics_on_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("overrun.parquet");
-        let rows: Vec<Option<Vec<u8>>> = ["a", "b", "c", "first value", "second value"]
-            .iter()
-            .map(|r| Some(r.as_bytes().to_vec()))
-            .collect();
-        let plain = WriterProperties::builder()
-            .set_compression(Compression::UNCOMPRESSED)
-            .set_dictionary_enabled(false)
-            .build();
+        let rows: Vec<Option<Vec<u8>>> =
+            ["a", "b", "c", "first value", "second value"].iter().map(|r| Some(r.as_bytes().to_vec())).collect();
+        let plain = WriterProperties::builder().set_compression(Compression::UNCOMPRESSED).set_dictionary_enabled(false).build();
         write_rows_with(&path, &rows, 3, Arc::new(plain));
         // In the page the values are laid out as 4-byte little-endian length, bytes.
         let mut bytes = std::fs::read(&path).unwrap();

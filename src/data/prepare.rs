@@ -360,5 +360,3 @@ pub fn open_on_every_rank(cfg: &Config, world: &crate::dist::World) -> anyhow::R
         open(cfg)
     }
 }
-
-

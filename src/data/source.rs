@@ -85,11 +85,8 @@ fn expand(pattern: &str) -> anyhow::Result<Vec<PathBuf>> {
         }
         return Ok(vec![path]);
     }
-    let mut files: Vec<PathBuf> = glob::glob(pattern)
-        .map_err(|e| anyhow!("bad glob pattern: {e}"))?
-        .filter_map(Result::ok)
-        .filter(|p| p.is_file())
-        .collect();
+    let mut files: Vec<PathBuf> =
+        glob::glob(pattern).map_err(|e| anyhow!("bad glob pattern: {e}"))?.filter_map(Result::ok).filter(|p| p.is_file()).collect();
     files.sort();
     if files.is_empty() {
         bail!("the glob matches no files");

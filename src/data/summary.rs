@@ -10,10 +10,7 @@ pub fn print(cfg: &Config, data: &Prepared, world_size: usize) {
     let seq_len = cfg.train.seq_len;
     info!("token cache: {} (tokenizer: {} tokens)", data.dir.display(), data.tokenizer.vocab_size());
     for (name, split) in &data.splits {
-        let best = split
-            .best_loss()
-            .map(|l| format!(", best achievable loss {l:.4} (ppl {:.3})", l.exp()))
-            .unwrap_or_default();
+        let best = split.best_loss().map(|l| format!(", best achievable loss {l:.4} (ppl {:.3})", l.exp())).unwrap_or_default();
         info!("  {name}: {} tokens, {} windows of {seq_len}{best}", split.tokens.len(), split.windows(seq_len));
     }
     if let Some(train) = data.splits.get("train") {

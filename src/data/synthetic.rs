@@ -50,8 +50,7 @@ const MAX_ZIPF_OFFSET: usize = 4;
 /// common and many are rare.
 const POPULARITY_OFFSET: usize = 8;
 
-const ONSETS: [&str; 20] =
-    ["b", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "sh", "th", "kr", "pl", "st"];
+const ONSETS: [&str; 20] = ["b", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "sh", "th", "kr", "pl", "st"];
 const VOWELS: [&str; 7] = ["a", "e", "i", "o", "u", "ai", "ou"];
 const CODAS: [&str; 5] = ["n", "r", "s", "l", "k"];
 
@@ -330,8 +329,7 @@ fn choose_sentence_final(rng: &mut SplitMix64) -> Vec<bool> {
 
 /// One row per word, then the boundary's row.
 fn make_transitions(rng: &mut SplitMix64, sentence_final: &[bool]) -> Vec<Transitions> {
-    let by_popularity: Vec<(usize, u64)> =
-        (0..VOCABULARY_SIZE).map(|word| (word, zipf_weight(word, POPULARITY_OFFSET))).collect();
+    let by_popularity: Vec<(usize, u64)> = (0..VOCABULARY_SIZE).map(|word| (word, zipf_weight(word, POPULARITY_OFFSET))).collect();
     let popularity = Transitions::from_weights(&by_popularity);
 
     // Each word's successors include its next word on one random cycle through the
@@ -366,13 +364,7 @@ fn make_transitions(rng: &mut SplitMix64, sentence_final: &[bool]) -> Vec<Transi
 }
 
 /// Adds words drawn by popularity to `words` until it holds `count` distinct ones.
-fn draw_distinct(
-    rng: &mut SplitMix64,
-    popularity: &Transitions,
-    words: &mut Vec<usize>,
-    count: usize,
-    excluded: Option<usize>,
-) {
+fn draw_distinct(rng: &mut SplitMix64, popularity: &Transitions, words: &mut Vec<usize>, count: usize, excluded: Option<usize>) {
     while words.len() < count {
         let (word, _) = popularity.sample(rng);
         if Some(word) != excluded && !words.contains(&word) {
@@ -390,7 +382,6 @@ fn zipf_weighted(rng: &mut SplitMix64, words: &[usize]) -> Vec<(usize, u64)> {
 fn zipf_weight(rank: usize, offset: usize) -> u64 {
     ZIPF_SCALE / (rank + offset) as u64
 }
-
 
 /// The π with π = πP, by power iteration from the uniform distribution. Each step
 /// goes half way, π ← (π + πP) / 2: the same fixed point, but convergence no longer
@@ -458,9 +449,7 @@ mod tests {
         // deliberate, and should come with a new DEFAULT_SEED or a cache version bump.
         let language = default_language();
         let train: Vec<Document> = language.documents(Split::Train, DEFAULT_TRAIN_BYTES).collect();
-        assert!(train[0]
-            .text
-            .starts_with("Staibel koku lostai timi zaika kohi kaistouri zoustu.\nNishou rufilgi bapir.\n"));
+        assert!(train[0].text.starts_with("Staibel koku lostai timi zaika kohi kaistouri zoustu.\nNishou rufilgi bapir.\n"));
         assert_eq!(train.len(), 7541);
         assert_eq!(train.iter().map(|d| d.text.len()).sum::<usize>(), 4195022);
         assert!((train[0].nll_nats - 96.3798478856087).abs() < 1e-9);
@@ -556,9 +545,7 @@ mod tests {
     #[test]
     fn documents_are_clean_and_never_hold_the_separator() {
         let language = default_language();
-        for (split, bytes) in
-            [(Split::Train, DEFAULT_TRAIN_BYTES), (Split::Valid, DEFAULT_EVAL_BYTES), (Split::Test, DEFAULT_EVAL_BYTES)]
-        {
+        for (split, bytes) in [(Split::Train, DEFAULT_TRAIN_BYTES), (Split::Valid, DEFAULT_EVAL_BYTES), (Split::Test, DEFAULT_EVAL_BYTES)] {
             for document in language.documents(split, bytes) {
                 let text = &document.text;
                 assert!(!text.contains("<|endoftext|>"));
@@ -600,10 +587,8 @@ mod tests {
     #[test]
     fn mean_nll_per_word_event_matches_the_entropy_rate() {
         let language = default_language();
-        let documents: Vec<(f64, f64, f64)> = language
-            .documents(Split::Train, DEFAULT_TRAIN_BYTES)
-            .map(|d| (d.nll_nats, d.events() as f64, d.words as f64))
-            .collect();
+        let documents: Vec<(f64, f64, f64)> =
+            language.documents(Split::Train, DEFAULT_TRAIN_BYTES).map(|d| (d.nll_nats, d.events() as f64, d.words as f64)).collect();
         let per_event: Vec<(f64, f64)> = documents.iter().map(|d| (d.0, d.1)).collect();
         let (nll_per_event, standard_error) = ratio_with_standard_error(&per_event);
         // Documents are independent cycles of the chain through END, so the spread
@@ -615,21 +600,13 @@ mod tests {
         // the first-word row's entropy by 0.04.
         assert!(standard_error < 0.005, "{standard_error}");
         let gap = nll_per_event - language.entropy_rate();
-        assert!(
-            gap.abs() < 5.0 * standard_error,
-            "{nll_per_event} vs {}: gap {gap}, se {standard_error}",
-            language.entropy_rate()
-        );
+        assert!(gap.abs() < 5.0 * standard_error, "{nll_per_event} vs {}: gap {gap}, se {standard_error}", language.entropy_rate());
 
         // The same for document length: END recurs every 1/π(END) events.
         let per_document: Vec<(f64, f64)> = documents.iter().map(|d| (d.2, 1.0)).collect();
         let (mean_words, standard_error) = ratio_with_standard_error(&per_document);
         let gap = mean_words - language.mean_words_per_document();
-        assert!(
-            gap.abs() < 5.0 * standard_error,
-            "{mean_words} vs {}: se {standard_error}",
-            language.mean_words_per_document()
-        );
+        assert!(gap.abs() < 5.0 * standard_error, "{mean_words} vs {}: se {standard_error}", language.mean_words_per_document());
     }
 
     #[test]
@@ -643,8 +620,7 @@ mod tests {
             }
         }
         let from_counts: Vec<u64> = pair_counts.chunks(states).map(|row| row.iter().sum()).collect();
-        let to_counts: Vec<u64> =
-            (0..states).map(|to| (0..states).map(|from| pair_counts[from * states + to]).sum()).collect();
+        let to_counts: Vec<u64> = (0..states).map(|to| (0..states).map(|from| pair_counts[from * states + to]).sum()).collect();
         let all_events: u64 = from_counts.iter().sum();
 
         // Add-k smoothing over all 321 outcomes; a small k because every context is

@@ -16,10 +16,7 @@ fn split_of(split: Split) -> (synthetic::Split, usize) {
 pub fn pieces(split: Split) -> impl Iterator<Item = Piece> + Send {
     let (which, bytes) = split_of(split);
     let language = SyntheticLanguage::new(synthetic::DEFAULT_SEED);
-    let documents: Vec<Piece> = language
-        .documents(which, bytes)
-        .map(|d| Piece { text: d.text, starts_document: true })
-        .collect();
+    let documents: Vec<Piece> = language.documents(which, bytes).map(|d| Piece { text: d.text, starts_document: true }).collect();
     documents.into_iter()
 }
 

@@ -47,9 +47,7 @@ impl TextTokenizer {
             .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
             .build();
         let mut trainer = TrainerWrapper::BpeTrainer(trainer);
-        tokenizer
-            .train(&mut trainer, documents)
-            .map_err(|e| anyhow!("BPE training failed: {e}"))?;
+        tokenizer.train(&mut trainer, documents).map_err(|e| anyhow!("BPE training failed: {e}"))?;
         TextTokenizer::from_tokenizer(tokenizer, "the trained tokenizer")
     }
 
@@ -64,8 +62,8 @@ impl TextTokenizer {
         } else if path.file_name().is_some_and(|n| n == "vocab.json") {
             (path.to_path_buf(), path.with_file_name("merges.txt"))
         } else {
-            let tokenizer = Tokenizer::from_file(path)
-                .map_err(|e| anyhow!("tokenizer.path {}: cannot load a tokenizer.json: {e}", path.display()))?;
+            let tokenizer =
+                Tokenizer::from_file(path).map_err(|e| anyhow!("tokenizer.path {}: cannot load a tokenizer.json: {e}", path.display()))?;
             return TextTokenizer::from_tokenizer(tokenizer, &path.display().to_string());
         };
         for file in [&vocab, &merges] {
@@ -90,9 +88,8 @@ impl TextTokenizer {
     }
 
     fn from_tokenizer(inner: Tokenizer, origin: &str) -> anyhow::Result<TextTokenizer> {
-        let end_of_text = inner
-            .token_to_id(END_OF_TEXT)
-            .ok_or_else(|| anyhow!("{origin}: has no {END_OF_TEXT} token, which separates documents"))?;
+        let end_of_text =
+            inner.token_to_id(END_OF_TEXT).ok_or_else(|| anyhow!("{origin}: has no {END_OF_TEXT} token, which separates documents"))?;
         let json = inner.to_string(false).map_err(|e| anyhow!("{origin}: cannot serialize: {e}"))?;
         let hash = Sha256::digest(json.as_bytes()).into();
         Ok(TextTokenizer { inner, end_of_text, hash })
@@ -140,13 +137,9 @@ mod tests {
     #[test]
     fn round_trip_holds_for_seen_and_unseen_text() {
         let tok = TextTokenizer::train(corpus().into_iter(), 400).unwrap();
-        for text in [
-            "The quick brown fox",
-            " leading space and trailing space ",
-            "unseen: Ωμέγα ∑ x² — \u{0}\r\n\r\n",
-            "  = Title = \n",
-            "",
-        ] {
+        for text in
+            ["The quick brown fox", " leading space and trailing space ", "unseen: Ωμέγα ∑ x² — \u{0}\r\n\r\n", "  = Title = \n", ""]
+        {
             let ids = tok.encode(text).unwrap();
             assert_eq!(tok.decode(&ids).unwrap(), text, "ids {ids:?}");
         }

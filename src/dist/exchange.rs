@@ -21,8 +21,14 @@ use tch::{Device, Kind, Tensor};
 pub enum GradientExchange {
     /// A world of one: nothing to exchange.
     Single,
-    Mpi { bucket_bytes: usize, wire: GradDtype },
-    Nccl { comm: NcclComm, wire: GradDtype },
+    Mpi {
+        bucket_bytes: usize,
+        wire: GradDtype,
+    },
+    Nccl {
+        comm: NcclComm,
+        wire: GradDtype,
+    },
 }
 
 impl GradientExchange {

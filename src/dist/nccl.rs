@@ -129,9 +129,8 @@ pub fn check_available() -> anyhow::Result<()> {
 /// later. Never panics.
 pub fn probe() -> Result<NcclInfo, Unavailable> {
     // SAFETY: is_culib_present only dlopens and closes the candidate names.
-    let driver_lib =
-        guarded("looking for the CUDA driver library", || unsafe { driver::sys::is_culib_present() })
-            .map_err(|e| Unavailable::Failed(format!("{e:#}")))?;
+    let driver_lib = guarded("looking for the CUDA driver library", || unsafe { driver::sys::is_culib_present() })
+        .map_err(|e| Unavailable::Failed(format!("{e:#}")))?;
     if !driver_lib {
         return Err(Unavailable::NoDriver);
     }
@@ -141,8 +140,7 @@ pub fn probe() -> Result<NcclInfo, Unavailable> {
     if !nccl_lib {
         return Err(Unavailable::NoNccl);
     }
-    guarded("probing the CUDA driver and NCCL", probe_loaded)
-        .map_err(|e| Unavailable::Failed(format!("{e:#}")))?
+    guarded("probing the CUDA driver and NCCL", probe_loaded).map_err(|e| Unavailable::Failed(format!("{e:#}")))?
 }
 
 /// The part of [`probe`] that calls into libraries known to be loadable.
@@ -155,16 +153,13 @@ fn probe_loaded() -> Result<NcclInfo, Unavailable> {
     }
     match driver::result::init() {
         Ok(()) => {}
-        Err(e) if e.0 == driver::sys::CUresult::CUDA_ERROR_NO_DEVICE => {
-            return Err(Unavailable::NoGpu { visible: visible_devices() })
-        }
+        Err(e) if e.0 == driver::sys::CUresult::CUDA_ERROR_NO_DEVICE => return Err(Unavailable::NoGpu { visible: visible_devices() }),
         Err(e) => return Err(Unavailable::DriverInit(format!("cuInit: {}", cuda_error(&e)))),
     }
     if version < MIN_DRIVER_CUDA {
         return Err(Unavailable::OldDriver { major: version / 1000, minor: version % 1000 / 10 });
     }
-    let gpus = driver::result::device::get_count()
-        .map_err(|e| Unavailable::DriverInit(format!("cuDeviceGetCount: {}", cuda_error(&e))))?;
+    let gpus = driver::result::device::get_count().map_err(|e| Unavailable::DriverInit(format!("cuDeviceGetCount: {}", cuda_error(&e))))?;
     if gpus <= 0 {
         return Err(Unavailable::NoGpu { visible: visible_devices() });
     }
@@ -173,11 +168,7 @@ fn probe_loaded() -> Result<NcclInfo, Unavailable> {
         let (a, b, c) = nccl_version;
         return Err(Unavailable::OldNccl(format!("{a}.{b}.{c}")));
     }
-    Ok(NcclInfo {
-        nccl_version,
-        driver_cuda_version: (version / 1000, version % 1000 / 10),
-        gpus: gpus as usize,
-    })
+    Ok(NcclInfo { nccl_version, driver_cuda_version: (version / 1000, version % 1000 / 10), gpus: gpus as usize })
 }
 
 /// `major.minor.patch` of the NCCL library cudarc loads. Needs only that library, not a driver.
@@ -262,27 +253,21 @@ impl NcclComm {
     /// would) and blocks, with no time limit, until all `world` ranks have called it with the
     /// same id. `device` is an ordinal among the GPUs CUDA_VISIBLE_DEVICES leaves visible.
     pub fn new(id: [u8; 128], rank: usize, world: usize, device: usize) -> anyhow::Result<NcclComm> {
-        Self::join(id, rank, world, device).with_context(|| {
-            format!("NCCL rank {rank} of {world} on GPU {device} could not join the communicator")
-        })
+        Self::join(id, rank, world, device)
+            .with_context(|| format!("NCCL rank {rank} of {world} on GPU {device} could not join the communicator"))
     }
 
     fn join(id: [u8; 128], rank: usize, world: usize, device: usize) -> anyhow::Result<NcclComm> {
         if world == 0 || rank >= world {
             bail!("rank {rank} is not in a world of {world}");
         }
-        let nranks = c_int::try_from(world)
-            .map_err(|_| anyhow!("a world of {world} ranks is more than NCCL takes"))?;
+        let nranks = c_int::try_from(world).map_err(|_| anyhow!("a world of {world} ranks is more than NCCL takes"))?;
         if id.iter().all(|&b| b == 0) {
             bail!("the NCCL unique id is all zeros: it must be created by unique_id() on rank 0 and broadcast to every rank");
         }
         let info = probe()?;
         if device >= info.gpus {
-            bail!(
-                "GPU {device} does not exist: the driver shows {} GPU(s) (CUDA_VISIBLE_DEVICES={})",
-                info.gpus,
-                visible_devices()
-            );
+            bail!("GPU {device} does not exist: the driver shows {} GPU(s) (CUDA_VISIBLE_DEVICES={})", info.gpus, visible_devices());
         }
         let ctx = guarded("creating the CUDA context", || CudaContext::new(device))?
             .map_err(|e| anyhow!("the primary CUDA context of GPU {device} failed: {}", cuda_error(&e)))?;
@@ -290,9 +275,7 @@ impl NcclComm {
         let mut comm: nccl::ncclComm_t = std::ptr::null_mut();
         // SAFETY: `comm` is a valid out pointer; NCCL uses the device current on this thread,
         // which CudaContext::new just made `device`.
-        let res = guarded("calling ncclCommInitRank", || unsafe {
-            nccl::ncclCommInitRank(&mut comm, nranks, uid, rank as c_int)
-        })?;
+        let res = guarded("calling ncclCommInitRank", || unsafe { nccl::ncclCommInitRank(&mut comm, nranks, uid, rank as c_int) })?;
         nccl_check(res, "ncclCommInitRank", std::ptr::null_mut())?;
         if comm.is_null() {
             bail!("ncclCommInitRank succeeded but returned no communicator");
@@ -315,12 +298,7 @@ impl NcclComm {
             Ok(())
         })??;
         if (n as usize, r as usize, d as usize) != (self.world, self.rank, self.device) {
-            bail!(
-                "NCCL made rank {r} of {n} on GPU {d} where rank {} of {} on GPU {} was asked for",
-                self.rank,
-                self.world,
-                self.device
-            );
+            bail!("NCCL made rank {r} of {n} on GPU {d} where rank {} of {} on GPU {} was asked for", self.rank, self.world, self.device);
         }
         Ok(())
     }
@@ -359,15 +337,7 @@ impl NcclComm {
         self.collective("ncclAllReduce (f32 average)", ptr, count, 4, |comm, buf| {
             // SAFETY: the caller's contract; send and receive buffers alias (in place).
             unsafe {
-                nccl::ncclAllReduce(
-                    buf,
-                    buf,
-                    count,
-                    nccl::ncclDataType_t::ncclFloat32,
-                    nccl::ncclRedOp_t::ncclAvg,
-                    comm,
-                    DEFAULT_STREAM,
-                )
+                nccl::ncclAllReduce(buf, buf, count, nccl::ncclDataType_t::ncclFloat32, nccl::ncclRedOp_t::ncclAvg, comm, DEFAULT_STREAM)
             }
         })
     }
@@ -381,15 +351,7 @@ impl NcclComm {
         self.collective("ncclAllReduce (bf16 sum)", ptr, count, 2, |comm, buf| {
             // SAFETY: the caller's contract; send and receive buffers alias (in place).
             unsafe {
-                nccl::ncclAllReduce(
-                    buf,
-                    buf,
-                    count,
-                    nccl::ncclDataType_t::ncclBfloat16,
-                    nccl::ncclRedOp_t::ncclSum,
-                    comm,
-                    DEFAULT_STREAM,
-                )
+                nccl::ncclAllReduce(buf, buf, count, nccl::ncclDataType_t::ncclBfloat16, nccl::ncclRedOp_t::ncclSum, comm, DEFAULT_STREAM)
             }
         })
     }
@@ -404,17 +366,7 @@ impl NcclComm {
         }
         self.collective("ncclBroadcast (f32)", ptr, count, 4, |comm, buf| {
             // SAFETY: the caller's contract; root < world fits in c_int as world does.
-            unsafe {
-                nccl::ncclBroadcast(
-                    buf,
-                    buf,
-                    count,
-                    nccl::ncclDataType_t::ncclFloat32,
-                    root as c_int,
-                    comm,
-                    DEFAULT_STREAM,
-                )
-            }
+            unsafe { nccl::ncclBroadcast(buf, buf, count, nccl::ncclDataType_t::ncclFloat32, root as c_int, comm, DEFAULT_STREAM) }
         })
     }
 
@@ -426,15 +378,7 @@ impl NcclComm {
         self.collective("ncclAllReduce (f64 sum)", ptr, count, 8, |comm, buf| {
             // SAFETY: the caller's contract.
             unsafe {
-                nccl::ncclAllReduce(
-                    buf,
-                    buf,
-                    count,
-                    nccl::ncclDataType_t::ncclFloat64,
-                    nccl::ncclRedOp_t::ncclSum,
-                    comm,
-                    DEFAULT_STREAM,
-                )
+                nccl::ncclAllReduce(buf, buf, count, nccl::ncclDataType_t::ncclFloat64, nccl::ncclRedOp_t::ncclSum, comm, DEFAULT_STREAM)
             }
         })
     }
@@ -444,12 +388,8 @@ impl NcclComm {
     pub fn synchronize(&self) -> anyhow::Result<()> {
         self.bind()?;
         // SAFETY: synchronizing the null stream of the current (our) context.
-        let res = guarded("synchronizing the default stream", || unsafe {
-            driver::sys::cuStreamSynchronize(std::ptr::null_mut())
-        })?;
-        res.result().map_err(|e| {
-            anyhow!("{}: waiting for the default stream failed: {}", self.who(), cuda_error(&e))
-        })?;
+        let res = guarded("synchronizing the default stream", || unsafe { driver::sys::cuStreamSynchronize(std::ptr::null_mut()) })?;
+        res.result().map_err(|e| anyhow!("{}: waiting for the default stream failed: {}", self.who(), cuda_error(&e)))?;
         self.check_async_error()
     }
 
@@ -461,14 +401,12 @@ impl NcclComm {
         let mut raw: u32 = 0;
         // SAFETY: NCCL writes one ncclResult_t (a C enum, 4 bytes) which we read as u32, so that
         // a value this binding does not know cannot become an invalid Rust enum.
-        let res = guarded("calling ncclCommGetAsyncError", || unsafe {
-            nccl::ncclCommGetAsyncError(self.comm, (&mut raw as *mut u32).cast())
-        })?;
+        let res =
+            guarded("calling ncclCommGetAsyncError", || unsafe { nccl::ncclCommGetAsyncError(self.comm, (&mut raw as *mut u32).cast()) })?;
         nccl_check(res, "ncclCommGetAsyncError", self.comm).with_context(|| self.who())?;
         match nccl_result_from_raw(raw) {
             Some(nccl::ncclResult_t::ncclSuccess) | Some(nccl::ncclResult_t::ncclInProgress) => Ok(()),
-            Some(code) => nccl_check(code, "an earlier collective (ncclCommGetAsyncError)", self.comm)
-                .with_context(|| self.who()),
+            Some(code) => nccl_check(code, "an earlier collective (ncclCommGetAsyncError)", self.comm).with_context(|| self.who()),
             None => bail!("{}: NCCL reports asynchronous error code {raw}", self.who()),
         }
     }
@@ -492,9 +430,8 @@ impl NcclComm {
     /// Makes this GPU's primary context current on the calling thread, so that stream 0 is
     /// this GPU's legacy default stream.
     fn bind(&self) -> anyhow::Result<()> {
-        guarded("binding the CUDA context", || self.ctx.bind_to_thread())?.map_err(|e| {
-            anyhow!("{}: making GPU {}'s context current failed: {}", self.who(), self.device, cuda_error(&e))
-        })
+        guarded("binding the CUDA context", || self.ctx.bind_to_thread())?
+            .map_err(|e| anyhow!("{}: making GPU {}'s context current failed: {}", self.who(), self.device, cuda_error(&e)))
     }
 
     /// Checks the arguments common to all collectives, binds the context, runs `call` on the
@@ -517,15 +454,11 @@ impl NcclComm {
             bail!("{}: {what} of {count} values was given a null device pointer", self.who());
         }
         if !ptr.is_multiple_of(elem_size) {
-            bail!(
-                "{}: {what} was given device pointer {ptr:#x}, not aligned to {elem_size} bytes",
-                self.who()
-            );
+            bail!("{}: {what} was given device pointer {ptr:#x}, not aligned to {elem_size} bytes", self.who());
         }
         self.bind()?;
         let res = guarded(what, || call(self.comm, ptr as usize as *mut c_void))?;
-        nccl_check(res, what, self.comm)
-            .with_context(|| format!("{}: {what} of {count} values failed", self.who()))
+        nccl_check(res, what, self.comm).with_context(|| format!("{}: {what} of {count} values failed", self.who()))
     }
 }
 
@@ -602,8 +535,7 @@ fn visible_devices() -> String {
 /// Runs `f`, turning a panic (cudarc's answer to a library or symbol it cannot load) into an
 /// error that says what was being done.
 fn guarded<T>(what: &str, f: impl FnOnce() -> T) -> anyhow::Result<T> {
-    catch_unwind(AssertUnwindSafe(f))
-        .map_err(|payload| anyhow!("cudarc panicked while {what}: {}", panic_text(&*payload)))
+    catch_unwind(AssertUnwindSafe(f)).map_err(|payload| anyhow!("cudarc panicked while {what}: {}", panic_text(&*payload)))
 }
 
 fn panic_text(payload: &(dyn Any + Send)) -> String {
@@ -765,8 +697,7 @@ mod tests {
             .env("ALGPT2_NCCL_TEST_CHILD", "1")
             .output()
             .unwrap();
-        let text =
-            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         eprintln!("{text}");
         assert!(out.status.success(), "child failed:\n{text}");
         assert!(text.contains("1 passed"), "the child test did not run:\n{text}");
@@ -857,8 +788,7 @@ int cuGetErrorName(int e, const char **s) { (void)e; *s = "STUB"; return 0; }
             }
             let dir = root.join(format!("case{i}"));
             std::fs::create_dir_all(&dir).unwrap();
-            std::os::unix::fs::symlink(root.join(format!("libcuda-{stub}.so")), dir.join("libcuda.so.1"))
-                .unwrap();
+            std::os::unix::fs::symlink(root.join(format!("libcuda-{stub}.so")), dir.join("libcuda.so.1")).unwrap();
             if *with_nccl {
                 std::os::unix::fs::symlink(&lib, dir.join("libnccl.so")).unwrap();
             }
@@ -870,8 +800,7 @@ int cuGetErrorName(int e, const char **s) { (void)e; *s = "STUB"; return 0; }
                 .envs(vars.iter().copied())
                 .output()
                 .unwrap();
-            let text =
-                format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
             eprintln!("--- case {i}: {stub} stub, nccl {with_nccl}, {vars:?}\n{text}");
             assert!(out.status.success() && text.contains("1 passed"), "case {i} failed:\n{text}");
         }

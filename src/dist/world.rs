@@ -31,8 +31,7 @@ pub struct World {
 impl World {
     /// Joins the MPI world (a singleton world when not started by mpirun).
     pub fn init() -> anyhow::Result<World> {
-        let universe = mpi::initialize()
-            .ok_or_else(|| anyhow::anyhow!("MPI was already initialized in this process"))?;
+        let universe = mpi::initialize().ok_or_else(|| anyhow::anyhow!("MPI was already initialized in this process"))?;
         let comm = universe.world();
         // Ranks sharing a node (shared memory) give the local rank, which picks the GPU.
         let node = comm.split_shared(comm.rank());
@@ -152,10 +151,7 @@ impl World {
         mine.resize(width, 0);
         let mut all = vec![0u8; width * self.size];
         self.comm.all_gather_into(&mine[..], &mut all[..]);
-        all.chunks(width.max(1))
-            .zip(lengths)
-            .map(|(chunk, len)| String::from_utf8_lossy(&chunk[..len as usize]).into_owned())
-            .collect()
+        all.chunks(width.max(1)).zip(lengths).map(|(chunk, len)| String::from_utf8_lossy(&chunk[..len as usize]).into_owned()).collect()
     }
 
     /// The MPI library and its version (e.g. "Open MPI v4.1.4"), without the build

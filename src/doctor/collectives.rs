@@ -32,13 +32,22 @@ fn exact(t: &Tensor, ranks: usize) -> anyhow::Result<()> {
     let want = Tensor::arange(n, (Kind::Int64, Device::Cpu)).remainder(1021).to_kind(Kind::Double) * ranks as f64
         + (ranks * (ranks - 1) / 2) as f64;
     let wrong = got.ne_tensor(&want).sum(Kind::Int64).int64_value(&[]);
-    ensure!(wrong == 0, "{wrong} of {n} sums are wrong (element 1 is {}, expected {})", got.double_value(&[1.min(n - 1)]), expected_sum(1.min(n - 1), ranks));
+    ensure!(
+        wrong == 0,
+        "{wrong} of {n} sums are wrong (element 1 is {}, expected {})",
+        got.double_value(&[1.min(n - 1)]),
+        expected_sum(1.min(n - 1), ranks)
+    );
     Ok(())
 }
 
 /// Iterations timed per size: more for small buffers, whose time is mostly latency.
 fn iterations(mb: usize) -> usize {
-    if mb <= 16 { 10 } else { 3 }
+    if mb <= 16 {
+        10
+    } else {
+        3
+    }
 }
 
 fn mpi_checks(r: &mut Report, world: &World, sizes_mb: &[usize]) {
@@ -62,7 +71,11 @@ fn mpi_checks(r: &mut Report, world: &World, sizes_mb: &[usize]) {
             rows.push(row(mb, seconds, world.size()));
         }
         r.fact("MPI bandwidth", rows.join("; "));
-        Ok(format!("exact sums across {} ranks for {} MB", world.size(), sizes_mb.iter().map(|s| s.to_string()).collect::<Vec<_>>().join("/")))
+        Ok(format!(
+            "exact sums across {} ranks for {} MB",
+            world.size(),
+            sizes_mb.iter().map(|s| s.to_string()).collect::<Vec<_>>().join("/")
+        ))
     })();
     r.outcome("MPI all-reduce", result);
 }
@@ -109,7 +122,11 @@ fn nccl_checks(r: &mut Report, world: &World, device: Device, sizes_mb: &[usize]
             }
         };
         r.fact(format!("NCCL bandwidth (cuda:{ordinal})"), rows.join("; "));
-        Ok(format!("exact sums across {} rank(s) for {} MB", world.size(), sizes_mb.iter().map(|s| s.to_string()).collect::<Vec<_>>().join("/")))
+        Ok(format!(
+            "exact sums across {} rank(s) for {} MB",
+            world.size(),
+            sizes_mb.iter().map(|s| s.to_string()).collect::<Vec<_>>().join("/")
+        ))
     })();
     r.outcome("NCCL all-reduce", result);
 }

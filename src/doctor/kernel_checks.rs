@@ -81,7 +81,11 @@ fn grad_norm(k: &Kernels, device: Device) -> anyhow::Result<String> {
     let expected = grads.to_kind(Kind::Double).square().sum(Kind::Double).double_value(&[]);
     let got = sum_sq.double_value(&[0]);
     let rel = (got - expected).abs() / expected;
-    ensure!(rel <= 1e-12 && nonfinite.int64_value(&[0]) == 0, "sum of squares {got} vs libtorch {expected} (relative {rel:.1e}), non-finite {}", nonfinite.int64_value(&[0]));
+    ensure!(
+        rel <= 1e-12 && nonfinite.int64_value(&[0]) == 0,
+        "sum of squares {got} vs libtorch {expected} (relative {rel:.1e}), non-finite {}",
+        nonfinite.int64_value(&[0])
+    );
     let planted = [(5, f64::NAN), (N / 3, f64::INFINITY), (N - 1, f64::NEG_INFINITY), (N / 2, f64::NAN)];
     for (i, v) in planted {
         let _ = grads.get(i).fill_(v);

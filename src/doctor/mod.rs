@@ -101,11 +101,8 @@ pub fn run(opts: &Options) -> anyhow::Result<bool> {
     collectives::run(&mut report, &world, device, &opts.sizes_mb);
     train_step::run(&mut report, &world, device);
 
-    let reports: Vec<Report> = world
-        .all_gather_text(&serde_json::to_string(&report)?)
-        .iter()
-        .map(|text| serde_json::from_str(text))
-        .collect::<Result<_, _>>()?;
+    let reports: Vec<Report> =
+        world.all_gather_text(&serde_json::to_string(&report)?).iter().map(|text| serde_json::from_str(text)).collect::<Result<_, _>>()?;
     let failures: usize = reports.iter().map(Report::failures).sum();
     if world.is_main() {
         if opts.json {

@@ -42,7 +42,12 @@ fn step(world: &World, device: Device) -> anyhow::Result<String> {
     let first = trainer.train_step(&train, &replicas, cfg.optim.lr)?;
     let second = trainer.train_step(&train, &replicas, cfg.optim.lr)?;
     let _ = std::fs::remove_dir_all(&dir);
-    ensure!(!first.skipped && !second.skipped && first.loss.is_finite() && second.loss.is_finite(), "non-finite loss: {} then {}", first.loss, second.loss);
+    ensure!(
+        !first.skipped && !second.skipped && first.loss.is_finite() && second.loss.is_finite(),
+        "non-finite loss: {} then {}",
+        first.loss,
+        second.loss
+    );
     ensure!(first.grad_norm.is_finite() && first.grad_norm > 0.0, "gradient norm {}", first.grad_norm);
     trainer.check_ranks_agree(world).context("after two steps")?;
     Ok(format!(
@@ -57,7 +62,11 @@ fn step(world: &World, device: Device) -> anyhow::Result<String> {
 
 /// A private scratch directory (the token file of the tiny run).
 fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
-    let dir = std::env::temp_dir().join(format!("algpt2-doctor-{}-{}", std::process::id(), SplitMix64::new(std::process::id() as u64).next_u64()));
+    let dir = std::env::temp_dir().join(format!(
+        "algpt2-doctor-{}-{}",
+        std::process::id(),
+        SplitMix64::new(std::process::id() as u64).next_u64()
+    ));
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     Ok(dir)
 }

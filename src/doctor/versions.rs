@@ -14,7 +14,10 @@ pub fn collect(r: &mut Report, world: &World) {
             if algpt2_launch::version_matches(&version) {
                 r.pass("libtorch version", format!("{version} (this binary binds {}.x)", algpt2_launch::EXPECTED_TORCH));
             } else {
-                r.fail("libtorch version", format!("{version} at {}, but this binary binds PyTorch {}.x", dir.display(), algpt2_launch::EXPECTED_TORCH));
+                r.fail(
+                    "libtorch version",
+                    format!("{version} at {}, but this binary binds PyTorch {}.x", dir.display(), algpt2_launch::EXPECTED_TORCH),
+                );
             }
         }
         None => r.fail("libtorch version", "cannot tell which libtorch this process loaded"),
@@ -87,7 +90,8 @@ fn cudnn_version() -> String {
             let get: extern "C" fn() -> usize = std::mem::transmute(sym);
             let v = get();
             // cuDNN 9 encodes major*10000 + minor*100 + patch; 8 used major*1000 + minor*100 + patch.
-            let (major, minor, patch) = if v >= 90000 { (v / 10000, (v % 10000) / 100, v % 100) } else { (v / 1000, (v % 1000) / 100, v % 100) };
+            let (major, minor, patch) =
+                if v >= 90000 { (v / 10000, (v % 10000) / 100, v % 100) } else { (v / 1000, (v % 1000) / 100, v % 100) };
             return format!("{major}.{minor}.{patch}");
         }
     }

@@ -117,7 +117,16 @@ mod tests {
     use tch::Device;
 
     fn cfg() -> ModelConfig {
-        ModelConfig { vocab_size: 50, n_positions: 8, n_embd: 16, embedding_size: Some(4), n_layer: 2, n_head: 2, share_layers: true, dropout: 0.0 }
+        ModelConfig {
+            vocab_size: 50,
+            n_positions: 8,
+            n_embd: 16,
+            embedding_size: Some(4),
+            n_layer: 2,
+            n_head: 2,
+            share_layers: true,
+            dropout: 0.0,
+        }
     }
 
     #[test]

@@ -24,11 +24,7 @@ struct Block {
 }
 
 fn linear(p: nn::Path, inputs: i64, outputs: i64, std: f64) -> nn::Linear {
-    let config = nn::LinearConfig {
-        ws_init: nn::Init::Randn { mean: 0.0, stdev: std },
-        bs_init: Some(nn::Init::Const(0.0)),
-        bias: true,
-    };
+    let config = nn::LinearConfig { ws_init: nn::Init::Randn { mean: 0.0, stdev: std }, bs_init: Some(nn::Init::Const(0.0)), bias: true };
     nn::linear(p, inputs, outputs, config)
 }
 
@@ -259,16 +255,7 @@ mod tests {
     use tch::{nn::VarStore, Device};
 
     fn tiny(share_layers: bool, embedding_size: Option<usize>) -> ModelConfig {
-        ModelConfig {
-            vocab_size: 61,
-            n_positions: 16,
-            n_embd: 24,
-            embedding_size,
-            n_layer: 3,
-            n_head: 4,
-            share_layers,
-            dropout: 0.0,
-        }
+        ModelConfig { vocab_size: 61, n_positions: 16, n_embd: 24, embedding_size, n_layer: 3, n_head: 4, share_layers, dropout: 0.0 }
     }
 
     #[test]

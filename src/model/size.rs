@@ -33,15 +33,7 @@ pub fn param_count(m: &ModelConfig) -> ParamCount {
     let token_embedding = v * e;
     let position_embedding = p * e;
     let total = token_embedding + position_embedding + projections + stored_blocks * per_block + layer_norm;
-    ParamCount {
-        token_embedding,
-        position_embedding,
-        projections,
-        per_block,
-        stored_blocks,
-        final_norm: layer_norm,
-        total,
-    }
+    ParamCount { token_embedding, position_embedding, projections, per_block, stored_blocks, final_norm: layer_norm, total }
 }
 
 /// Training FLOPs per token (forward + backward = 3× forward) at sequence length `seq_len`.

@@ -59,4 +59,3 @@ pub fn stderr_line(text: &str) {
     line.push('\n');
     let _ = std::io::stderr().lock().write_all(line.as_bytes());
 }
-

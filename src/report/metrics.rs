@@ -36,9 +36,7 @@ impl MetricsLog {
         let Ok(text) = std::fs::read_to_string(&self.path) else { return Ok(()) };
         let kept: String = text
             .lines()
-            .filter(|line| {
-                serde_json::from_str::<Value>(line).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s <= step)
-            })
+            .filter(|line| serde_json::from_str::<Value>(line).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s <= step))
             .map(|line| format!("{line}\n"))
             .collect();
         crate::run_dir::write_atomic(&self.path, kept.as_bytes())

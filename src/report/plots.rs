@@ -47,11 +47,7 @@ fn read_run(dir: &Path) -> anyhow::Result<Run> {
 }
 
 fn series(run: &Run, metric: &str) -> Vec<(f64, f64)> {
-    run.rows
-        .iter()
-        .filter_map(|r| Some((r["step"].as_f64()?, r[metric].as_f64()?)))
-        .filter(|(_, y)| y.is_finite())
-        .collect()
+    run.rows.iter().filter_map(|r| Some((r["step"].as_f64()?, r[metric].as_f64()?))).filter(|(_, y)| y.is_finite()).collect()
 }
 
 fn register_font() -> anyhow::Result<()> {

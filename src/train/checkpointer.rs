@@ -20,17 +20,31 @@ pub struct Checkpointer<'a> {
 
 impl<'a> Checkpointer<'a> {
     pub fn new(cfg: &Config, run: &'a RunDir, tokenizer_hash: String) -> Checkpointer<'a> {
-        Checkpointer { run, save_interval: cfg.train.save_interval, max_steps: cfg.train.max_steps, on_error: cfg.checkpoint.on_save_error, tokenizer_hash }
+        Checkpointer {
+            run,
+            save_interval: cfg.train.save_interval,
+            max_steps: cfg.train.max_steps,
+            on_error: cfg.checkpoint.on_save_error,
+            tokenizer_hash,
+        }
     }
 
     /// Saves at every `save_interval`-th step, at the last step and when stopping.
-    pub fn save_if_due(&self, trainer: &Trainer, others: &OtherParts, world: &World, progress: &Progress, stopping: bool) -> anyhow::Result<()> {
+    pub fn save_if_due(
+        &self,
+        trainer: &Trainer,
+        others: &OtherParts,
+        world: &World,
+        progress: &Progress,
+        stopping: bool,
+    ) -> anyhow::Result<()> {
         let step = trainer.step;
         let last = step == self.max_steps;
         if !((self.save_interval > 0 && step % self.save_interval == 0) || last || stopping) {
             return Ok(());
         }
-        let saved = if world.is_main() { trainer.save(&self.run.checkpoints(), world, &self.tokenizer_hash, others) } else { Ok(PathBuf::new()) };
+        let saved =
+            if world.is_main() { trainer.save(&self.run.checkpoints(), world, &self.tokenizer_hash, others) } else { Ok(PathBuf::new()) };
         // Every rank learns whether rank 0's save worked, so that all stop together
         // (or all go on) instead of the others waiting on a rank that left.
         let mut failed = [saved.is_err() as u8 as f64];

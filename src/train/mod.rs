@@ -3,8 +3,8 @@
 
 mod checkpointer;
 mod metrics;
-mod sinks;
 mod run_summary;
+mod sinks;
 mod validation;
 
 use crate::checkpoint::{self, Found, OtherParts};
@@ -17,13 +17,14 @@ use crate::dist::signals::StopRequest;
 use crate::dist::watchdog::Watchdog;
 use crate::dist::{Replicas, World};
 use crate::model::size::param_count;
-use crate::report::format::group;
 use crate::optim::learning_rate;
+use crate::report::format::group;
 use crate::report::log;
 use crate::report::metrics::MetricsLog;
 use crate::report::progress::Progress;
 use crate::report::wandb_run::WandbRun;
 use crate::run_dir::{RunDir, RunLock};
+use crate::runtime::Runtime;
 use crate::trainer::Trainer;
 use anyhow::bail;
 use checkpointer::Checkpointer;
@@ -31,9 +32,8 @@ use metrics::TrainMetrics;
 use serde_json::{json, Map};
 use sinks::{Charts, MetricSink};
 use std::time::{Duration, Instant};
-use validation::Validator;
-use crate::runtime::Runtime;
 use tracing::info;
+use validation::Validator;
 
 pub fn run(cfg: Config) -> anyhow::Result<()> {
     let rt = Runtime::start(&cfg)?;

@@ -44,7 +44,8 @@ pub(super) fn write(
 ) -> anyhow::Result<()> {
     let t = &cfg.train;
     // Every rank takes part in the test evaluation; rank 0 alone reports it.
-    let test = data.split(Split::Test).map(|split| evaluate(&trainer.model, split, t.seq_len, t.micro_batch_size, None, world, trainer.device()));
+    let test =
+        data.split(Split::Test).map(|split| evaluate(&trainer.model, split, t.seq_len, t.micro_batch_size, None, world, trainer.device()));
     if !world.is_main() {
         return Ok(());
     }

@@ -32,13 +32,20 @@ pub fn stdout(out: &Output) -> String {
 /// The tiny ALGPT2 most end-to-end tests train (H=32, 2 layers, E=16, 32 positions), on
 /// the CPU, as `--set` arguments for configs/quickstart.yaml.
 pub const TINY_MODEL: [&str; 14] = [
-    "--set", "device=cpu",
-    "--set", "model.n_embd=32",
-    "--set", "model.n_head=2",
-    "--set", "model.n_layer=2",
-    "--set", "model.embedding_size=16",
-    "--set", "model.n_positions=32",
-    "--set", "train.seq_len=32",
+    "--set",
+    "device=cpu",
+    "--set",
+    "model.n_embd=32",
+    "--set",
+    "model.n_head=2",
+    "--set",
+    "model.n_layer=2",
+    "--set",
+    "model.embedding_size=16",
+    "--set",
+    "model.n_positions=32",
+    "--set",
+    "train.seq_len=32",
 ];
 
 /// `mpirun` with the switches this machine needs (root, more ranks than cores).
@@ -103,7 +110,8 @@ pub fn rows_without_machine_metrics(run_dir: &Path) -> Vec<serde_json::Value> {
 /// of `--set`, `key=value`), its output under `dir` (`runs/`, `cache/`), named `run`, then
 /// `extra`.
 pub fn tiny_run_args(sets: &[&str], dir: &Path, run: &str, extra: &[&str]) -> Vec<String> {
-    let mut a: Vec<String> = ["--config", "configs/quickstart.yaml"].iter().chain(TINY_MODEL.iter()).chain(sets.iter()).map(|s| s.to_string()).collect();
+    let mut a: Vec<String> =
+        ["--config", "configs/quickstart.yaml"].iter().chain(TINY_MODEL.iter()).chain(sets.iter()).map(|s| s.to_string()).collect();
     a.push(format!("--set=out_dir={}", dir.join("runs").display()));
     a.push(format!("--set=data.cache_dir={}", dir.join("cache").display()));
     a.push(format!("--set=run_name={run}"));

@@ -8,8 +8,7 @@ use std::time::{Duration, SystemTime};
 pub(super) const USER_AGENT: &str = concat!("algpt2-ddp-wandb/", env!("CARGO_PKG_VERSION"));
 
 /// The official client's text (protocol notes §4.2).
-pub(super) const UPSERT_BUCKET: &str =
-    "mutation UpsertBucket($id: String, $name: String, $project: String, $entity: String, \
+pub(super) const UPSERT_BUCKET: &str = "mutation UpsertBucket($id: String, $name: String, $project: String, $entity: String, \
 $groupName: String, $description: String, $displayName: String, $notes: String, $commit: String, $config: JSONString, \
 $host: String, $debug: Boolean, $program: String, $repo: String, $jobType: String, $state: String, $sweep: String, \
 $tags: [String!], $summaryMetrics: JSONString) {
@@ -72,9 +71,7 @@ pub(super) fn classify(status: u16, op: Op) -> Option<Failure> {
         200..=299 => None,
         401 | 403 => Some(Failure::Auth { status }),
         409 if op == Op::Upsert => Some(Failure::Transient { why: format!("HTTP {status}"), retry_after: None }),
-        300..=399 | 400 | 404 | 409 | 410 | 413 | 422 | 501 => {
-            Some(Failure::Permanent { status, why: reason(status).to_string() })
-        }
+        300..=399 | 400 | 404 | 409 | 410 | 413 | 422 | 501 => Some(Failure::Permanent { status, why: reason(status).to_string() }),
         _ => Some(Failure::Transient { why: format!("HTTP {status}"), retry_after: None }),
     }
 }
@@ -193,11 +190,8 @@ impl Api {
         }
         let response = request.send().map_err(|e| Failure::Transient { why: describe(&e), retry_after: None })?;
         let status = response.status().as_u16();
-        let retry_after = response
-            .headers()
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| parse_retry_after(v, SystemTime::now()));
+        let retry_after =
+            response.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(|v| parse_retry_after(v, SystemTime::now()));
         match classify(status, op) {
             None => {}
             Some(Failure::Transient { why, .. }) => return Err(Failure::Transient { why, retry_after }),
@@ -224,21 +218,8 @@ impl Api {
     }
 
     /// One file_stream request (`body` is already JSON).
-    pub fn file_stream(
-        &self,
-        entity: &str,
-        project: &str,
-        run: &str,
-        body: Vec<u8>,
-        timeout: Duration,
-    ) -> Result<Value, Failure> {
-        let url = format!(
-            "{}/files/{}/{}/{}/file_stream",
-            self.base_url,
-            path_segment(entity),
-            path_segment(project),
-            path_segment(run)
-        );
+    pub fn file_stream(&self, entity: &str, project: &str, run: &str, body: Vec<u8>, timeout: Duration) -> Result<Value, Failure> {
+        let url = format!("{}/files/{}/{}/{}/file_stream", self.base_url, path_segment(entity), path_segment(project), path_segment(run));
         self.post(&url, body, timeout, Op::FileStream)
     }
 }
@@ -306,8 +287,7 @@ pub(super) fn parse_resume_status(data: &Value) -> Option<Existing> {
         Some(Value::String(text)) => serde_json::from_str(text).unwrap_or_default(),
         _ => Vec::new(),
     };
-    let tail_step =
-        tail.iter().filter_map(|line| serde_json::from_str::<Value>(line).ok()).filter_map(|v| step_of(&v)).max();
+    let tail_step = tail.iter().filter_map(|line| serde_json::from_str::<Value>(line).ok()).filter_map(|v| step_of(&v)).max();
     let summary_step = step_of(&Value::Object(summary.clone()));
     let last_step = if history_lines > 0 { tail_step.max(summary_step) } else { None };
     Some(Existing {

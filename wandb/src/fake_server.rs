@@ -155,9 +155,7 @@ impl FakeServer {
 
     pub fn steps(&self, name: &str) -> Vec<u64> {
         self.run(name)
-            .map(|r| {
-                r.history.iter().map(|l| serde_json::from_str::<Value>(l).unwrap()["_step"].as_u64().unwrap()).collect()
-            })
+            .map(|r| r.history.iter().map(|l| serde_json::from_str::<Value>(l).unwrap()["_step"].as_u64().unwrap()).collect())
             .unwrap_or_default()
     }
 
@@ -212,10 +210,7 @@ fn read_request(reader: &mut BufReader<TcpStream>) -> Option<Raw> {
 fn respond(stream: &mut TcpStream, status: u16, body: &Value, retry_after: Option<&str>) {
     let text = body.to_string();
     let extra = retry_after.map_or(String::new(), |r| format!("Retry-After: {r}\r\n"));
-    let head = format!(
-        "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}\r\n",
-        text.len()
-    );
+    let head = format!("HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}\r\n", text.len());
     let _ = stream.write_all(head.as_bytes());
     let _ = stream.write_all(text.as_bytes());
     let _ = stream.flush();
@@ -271,9 +266,7 @@ fn serve(stream: TcpStream, state: Arc<Mutex<State>>, stop: Arc<AtomicBool>) {
             s.handle(&raw, &body)
         };
         match fault {
-            Some(Fault::Status(code, retry_after)) => {
-                respond(&mut writer, code, &json!({"error": "injected"}), retry_after)
-            }
+            Some(Fault::Status(code, retry_after)) => respond(&mut writer, code, &json!({"error": "injected"}), retry_after),
             Some(Fault::Hang(d)) => {
                 std::thread::sleep(d);
                 return;
@@ -416,8 +409,7 @@ impl State {
         }
         if let Some(h) = body.pointer("/files/wandb-history.jsonl") {
             let offset = h["offset"].as_u64().unwrap_or(0) as usize;
-            let content: Vec<String> =
-                h["content"].as_array().unwrap().iter().map(|l| l.as_str().unwrap().to_string()).collect();
+            let content: Vec<String> = h["content"].as_array().unwrap().iter().map(|l| l.as_str().unwrap().to_string()).collect();
             if offset > run.history.len() {
                 let e = format!("history offset {offset} past the end ({})", run.history.len());
                 self.errors.push(e);

@@ -81,8 +81,7 @@ impl Reporter {
             return Ok(Reporter { run_id, mode: Mode::Disabled, live: None });
         }
         let spool = Spool::for_run(&settings.dir, &run_id);
-        std::fs::create_dir_all(&spool.dir)
-            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", spool.dir.display()))?;
+        std::fs::create_dir_all(&spool.dir).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", spool.dir.display()))?;
         // A reporter of this run dropped in this process may take a moment to let go.
         let lock = Arc::new(spool.lock(Duration::from_secs(2))?);
         let hint = format!("{SYNC_HINT} {}", settings.dir.display());
@@ -99,8 +98,7 @@ impl Reporter {
                     mode = Mode::Offline;
                 }
                 Some(key) if !api_key_looks_valid(key) => {
-                    warnings
-                        .push(format!("W&B: the API key is malformed (expected 40 or more of [A-Za-z0-9_-]); {later}"));
+                    warnings.push(format!("W&B: the API key is malformed (expected 40 or more of [A-Za-z0-9_-]); {later}"));
                     mode = Mode::Offline;
                 }
                 Some(_) => {}
@@ -146,10 +144,7 @@ impl Reporter {
             state.acked_bytes = 0;
         }
         if journal.dropped > 0 {
-            info!(
-                "W&B: dropped {} spooled rows logged after the checkpoint's step and never uploaded",
-                journal.dropped
-            );
+            info!("W&B: dropped {} spooled rows logged after the checkpoint's step and never uploaded", journal.dropped);
         }
         let explicit: Map<String, Value> = spool::read_json(&spool.summary()).ok().flatten().unwrap_or_default();
         let check_existing = resume.is_some() || settings.run_id.is_some() || state.created || journal.lines > 0;
@@ -191,10 +186,7 @@ impl Reporter {
             ) {
                 Ok(api) => Some(api),
                 Err(e) => {
-                    shared.warn_once(
-                        "client",
-                        format!("W&B: cannot set up HTTP ({e:#}); reporting offline, upload later with `{hint}`"),
-                    );
+                    shared.warn_once("client", format!("W&B: cannot set up HTTP ({e:#}); reporting offline, upload later with `{hint}`"));
                     mode = Mode::Offline;
                     None
                 }
@@ -258,12 +250,7 @@ impl Reporter {
     /// previous row's is dropped with a warning, as W&B itself would ignore it.
     pub fn log(&self, step: u64, metrics: &Map<String, Value>) {
         let Some(live) = &self.live else { return };
-        let msg = Msg::Row {
-            step,
-            metrics: metrics.clone(),
-            timestamp: spool::now_epoch(),
-            elapsed: live.started.elapsed().as_secs_f64(),
-        };
+        let msg = Msg::Row { step, metrics: metrics.clone(), timestamp: spool::now_epoch(), elapsed: live.started.elapsed().as_secs_f64() };
         live.send(msg);
     }
 
@@ -366,14 +353,12 @@ impl Live {
         let Some(tx) = &self.tx else { return };
         match tx.try_send(msg) {
             Ok(()) => {}
-            Err(TrySendError::Full(_)) => self.shared.warn_once(
-                "channel_full",
-                "W&B: the spool writer is stalled (disk?); rows logged meanwhile are dropped".to_string(),
-            ),
-            Err(TrySendError::Disconnected(_)) => self.shared.warn_once(
-                "writer_gone",
-                "W&B: the spool writer stopped; rows logged from now on are not reported".to_string(),
-            ),
+            Err(TrySendError::Full(_)) => self
+                .shared
+                .warn_once("channel_full", "W&B: the spool writer is stalled (disk?); rows logged meanwhile are dropped".to_string()),
+            Err(TrySendError::Disconnected(_)) => {
+                self.shared.warn_once("writer_gone", "W&B: the spool writer stopped; rows logged from now on are not reported".to_string())
+            }
         }
     }
 }
@@ -422,10 +407,7 @@ fn writer(
         Err(e) => {
             let mut g = shared.lock();
             g.journal_failed = true;
-            g.warn_once(
-                "journal",
-                format!("W&B: cannot open {}: {e}; rows are kept in memory only", spool.history().display()),
-            );
+            g.warn_once("journal", format!("W&B: cannot open {}: {e}; rows are kept in memory only", spool.history().display()));
             None
         }
     };
@@ -454,10 +436,7 @@ fn writer(
                         g.journal_failed = true;
                         g.warn_once(
                             "journal_write",
-                            format!(
-                                "W&B: cannot write {}: {e}; rows are kept in memory only",
-                                spool.history().display()
-                            ),
+                            format!("W&B: cannot write {}: {e}; rows are kept in memory only", spool.history().display()),
                         );
                         drop(g);
                         journal = None;

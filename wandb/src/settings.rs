@@ -104,8 +104,7 @@ impl Tuning {
     pub fn from_env(env: &dyn Fn(&str) -> Option<String>) -> Tuning {
         let mut t = Tuning::default();
         let knob = |name: &str| -> Option<f64> {
-            let value =
-                env(&format!("WANDB_X_FILE_STREAM_{name}")).or_else(|| env(&format!("WANDB__FILE_STREAM_{name}")))?;
+            let value = env(&format!("WANDB_X_FILE_STREAM_{name}")).or_else(|| env(&format!("WANDB__FILE_STREAM_{name}")))?;
             value.trim().parse::<f64>().ok().filter(|v| v.is_finite() && *v >= 0.0)
         };
         let secs = |v: f64| Duration::from_secs_f64(v);
@@ -127,9 +126,7 @@ impl Tuning {
         if let Some(v) = knob("MAX_LINE_BYTES").filter(|v| *v > 0.0) {
             t.max_line_bytes = v as usize;
         }
-        if let Some(v) =
-            env("WANDB_HTTP_TIMEOUT").and_then(|v| v.trim().parse::<f64>().ok()).filter(|v| v.is_finite() && *v > 0.0)
-        {
+        if let Some(v) = env("WANDB_HTTP_TIMEOUT").and_then(|v| v.trim().parse::<f64>().ok()).filter(|v| v.is_finite() && *v > 0.0) {
             t.graphql_timeout = secs(v);
         }
         t
@@ -231,8 +228,7 @@ impl Settings {
             Some(list) => split_tags(&list),
             None => tags.iter().map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect(),
         };
-        let project =
-            var("WANDB_PROJECT").or_else(|| given(Some(project))).unwrap_or_else(|| DEFAULT_PROJECT.to_string());
+        let project = var("WANDB_PROJECT").or_else(|| given(Some(project))).unwrap_or_else(|| DEFAULT_PROJECT.to_string());
         if project.contains('/') {
             bail!("W&B project {project:?} must not contain '/'");
         }
@@ -266,9 +262,7 @@ pub(super) fn split_tags(list: &str) -> Vec<String> {
 /// (as the SDK does: the key would travel in clear).
 pub(super) fn normalize_base_url(url: &str) -> anyhow::Result<String> {
     let url = url.trim().trim_end_matches('/').to_string();
-    let Some((scheme, _)) = url.split_once("://") else {
-        bail!("W&B base URL {url:?} must start with https:// or http://")
-    };
+    let Some((scheme, _)) = url.split_once("://") else { bail!("W&B base URL {url:?} must start with https:// or http://") };
     let scheme = scheme.to_ascii_lowercase();
     if scheme != "https" && scheme != "http" {
         bail!("W&B base URL {url:?} must start with https:// or http://");
@@ -320,11 +314,7 @@ pub(super) fn host_of(url: &str) -> String {
 /// The password of the netrc entry for the base URL's `host[:port]` (for the Forge
 /// front, then `api.wandb.ai`), else of a `default` entry. The file is `$NETRC`, else
 /// `~/.netrc`, else `~/_netrc`. Unreadable files count as absent.
-pub(super) fn netrc_api_key(
-    base_url: &str,
-    env: &dyn Fn(&str) -> Option<String>,
-    home: Option<&Path>,
-) -> Option<String> {
+pub(super) fn netrc_api_key(base_url: &str, env: &dyn Fn(&str) -> Option<String>, home: Option<&Path>) -> Option<String> {
     let path = match env("NETRC").filter(|p| !p.trim().is_empty()) {
         Some(p) => PathBuf::from(p.trim()),
         None => {
@@ -406,17 +396,13 @@ pub fn api_key_looks_valid(key: &str) -> bool {
         return true;
     }
     let parts: Vec<&str> = key.split('.').collect();
-    parts.len() == 3
-        && parts.iter().all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "_-=".contains(c)))
+    parts.len() == 3 && parts.iter().all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "_-=".contains(c)))
 }
 
 /// A run id goes into URLs and a directory name: 1 to 128 of `[A-Za-z0-9_.-]`, not `.`/`..`.
 pub(super) fn check_run_id(id: &str) -> anyhow::Result<()> {
-    let ok = !id.is_empty()
-        && id.len() <= 128
-        && id != "."
-        && id != ".."
-        && id.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+    let ok =
+        !id.is_empty() && id.len() <= 128 && id != "." && id != ".." && id.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
     if !ok {
         bail!("W&B run id {id:?}: use 1 to 128 letters, digits, '_', '.' or '-'");
     }

@@ -92,15 +92,11 @@ impl Spool {
         loop {
             match file.try_lock() {
                 Ok(()) => return Ok(file),
-                Err(std::fs::TryLockError::WouldBlock) if Instant::now() < until => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
+                Err(std::fs::TryLockError::WouldBlock) if Instant::now() < until => std::thread::sleep(Duration::from_millis(20)),
                 Err(std::fs::TryLockError::WouldBlock) => {
                     bail!("another process is reporting this W&B run ({} is locked)", self.dir.display())
                 }
-                Err(std::fs::TryLockError::Error(e)) => {
-                    return Err(e).with_context(|| format!("cannot lock {}", path.display()))
-                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(e).with_context(|| format!("cannot lock {}", path.display())),
             }
         }
     }
@@ -201,9 +197,7 @@ pub(super) fn write_json<T: Serialize>(path: &Path, value: &T, sync_data: bool) 
 /// `None` when the file does not exist.
 pub(super) fn read_json<T: DeserializeOwned>(path: &Path) -> anyhow::Result<Option<T>> {
     match std::fs::read(path) {
-        Ok(bytes) => {
-            serde_json::from_slice(&bytes).map(Some).with_context(|| format!("cannot parse {}", path.display()))
-        }
+        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).with_context(|| format!("cannot parse {}", path.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
     }

@@ -96,10 +96,7 @@ fn sync_one(
     let exit_code = match &finish {
         Some(f) => f.exit_code,
         None => {
-            info!(
-                "W&B: run {} has no finish record (cut off): it is marked failed (exit code {CRASHED_EXIT_CODE})",
-                record.run_id
-            );
+            info!("W&B: run {} has no finish record (cut off): it is marked failed (exit code {CRASHED_EXIT_CODE})", record.run_id);
             CRASHED_EXIT_CODE
         }
     };
@@ -128,8 +125,7 @@ fn sync_one(
     let run_id = record.run_id.clone();
     let hint = format!("{SYNC_HINT} {}", s.dir.display());
     info!("W&B: syncing run {run_id}: {} rows spooled, {} already done", journal.lines, state.acked_lines);
-    let uploader =
-        Uploader::new(api, shared.clone(), s.clone(), record, config, tuning, state, false, true, hint, Some(lock));
+    let uploader = Uploader::new(api, shared.clone(), s.clone(), record, config, tuning, state, false, true, hint, Some(lock));
     match uploader.run() {
         End::Completed => {
             let g = shared.lock();

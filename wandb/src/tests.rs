@@ -118,13 +118,7 @@ fn history_offsets(server: &FakeServer) -> Vec<(u64, usize)> {
 }
 
 fn normalized(text: &str) -> String {
-    text.split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ")
-        .replace("{ ", "{")
-        .replace(" }", "}")
-        .replace(", ", ",")
-        .replace(": ", ":")
+    text.split_whitespace().collect::<Vec<_>>().join(" ").replace("{ ", "{").replace(" }", "}").replace(", ", ",").replace(": ", ":")
 }
 
 #[test]
@@ -292,10 +286,7 @@ fn retry_after_is_honoured() {
     let streams = server.ops("file_stream");
     assert!(streams[0].fault.is_some());
     let gap = streams[1].at - streams[0].at;
-    assert!(
-        gap >= Duration::from_millis(400),
-        "waited {gap:?}, Retry-After said 0.4 s (over the 20 ms cap: not capped)"
-    );
+    assert!(gap >= Duration::from_millis(400), "waited {gap:?}, Retry-After said 0.4 s (over the 20 ms cap: not capped)");
 }
 
 #[test]
@@ -325,10 +316,7 @@ fn log_never_blocks_while_the_server_hangs_and_finish_is_bounded() {
     let p99 = times[989];
     eprintln!("log(): p50 {:?}, p99 {:?}, max {:?}", times[500], p99, times[999]);
     assert!(p99 < Duration::from_millis(1), "p99 {p99:?}");
-    assert!(wait_until(Duration::from_secs(2), || reporter
-        .warnings()
-        .iter()
-        .any(|w| w.contains("wait in the spool file"))));
+    assert!(wait_until(Duration::from_secs(2), || reporter.warnings().iter().any(|w| w.contains("wait in the spool file"))));
     let t = Instant::now();
     let report = reporter.finish(0);
     let took = t.elapsed();
@@ -376,10 +364,7 @@ fn finish_respects_its_timeout_when_the_server_is_down() {
     assert!(!report.completed && report.pending_rows == 10, "{report:?}");
     assert!(report.warnings.iter().any(|w| w.contains("did not finish within")), "{:?}", report.warnings);
     let finish: Value = serde_json::from_slice(
-        &std::fs::read(
-            dir.path().join("wandb").read_dir().unwrap().next().unwrap().unwrap().path().join("finish.json"),
-        )
-        .unwrap(),
+        &std::fs::read(dir.path().join("wandb").read_dir().unwrap().next().unwrap().unwrap().path().join("finish.json")).unwrap(),
     )
     .unwrap();
     assert_eq!(finish["exit_code"], 3, "the exit code waits in the spool for sync");
@@ -442,8 +427,7 @@ fn resume_after_a_crash_continues_the_run_without_duplicates_or_gaps() {
     assert_eq!(summary["_step"], 15);
     assert!(server.errors().is_empty(), "{:?}", server.errors());
     // History lines keep _runtime going forward.
-    let runtimes: Vec<f64> =
-        run.history.iter().map(|l| serde_json::from_str::<Value>(l).unwrap()["_runtime"].as_f64().unwrap()).collect();
+    let runtimes: Vec<f64> = run.history.iter().map(|l| serde_json::from_str::<Value>(l).unwrap()["_runtime"].as_f64().unwrap()).collect();
     assert!(runtimes.windows(2).all(|w| w[1] >= w[0]), "{runtimes:?}");
 }
 
@@ -532,8 +516,7 @@ fn sync_finishes_a_run_cut_off_by_a_crash() {
     std::thread::sleep(Duration::from_millis(50));
     drop(reporter);
     server.set_always(None);
-    let upload: Value =
-        serde_json::from_slice(&std::fs::read(spool_dir(dir.path(), &id).join("upload.json")).unwrap()).unwrap();
+    let upload: Value = serde_json::from_slice(&std::fs::read(spool_dir(dir.path(), &id).join("upload.json")).unwrap()).unwrap();
     assert_eq!(upload["acked_lines"], 20, "the spool says how far uploads got");
 
     sync(dir.path(), &sync_env(&server.url, KEY), None).unwrap();
@@ -743,17 +726,7 @@ fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
 }
 
 fn resolve(env: &dyn Fn(&str) -> Option<String>, home: Option<&Path>) -> anyhow::Result<Settings> {
-    Settings::resolve(
-        "online",
-        "algpt2-ddp",
-        Some("team"),
-        Some("display"),
-        None,
-        &["cfg".to_string()],
-        Path::new("runs/x"),
-        env,
-        home,
-    )
+    Settings::resolve("online", "algpt2-ddp", Some("team"), Some("display"), None, &["cfg".to_string()], Path::new("runs/x"), env, home)
 }
 
 #[test]
@@ -762,10 +735,7 @@ fn settings_come_from_the_config_then_the_environment() {
     assert_eq!(s.mode, Mode::Online);
     assert_eq!(s.base_url, DEFAULT_BASE_URL);
     assert_eq!(s.api_key, None);
-    assert_eq!(
-        (s.project.as_str(), s.entity.as_deref(), s.name.as_deref()),
-        ("algpt2-ddp", Some("team"), Some("display"))
-    );
+    assert_eq!((s.project.as_str(), s.entity.as_deref(), s.name.as_deref()), ("algpt2-ddp", Some("team"), Some("display")));
     assert_eq!(s.tags, vec!["cfg"]);
     assert_eq!(s.dir, Path::new("runs/x"));
     assert_eq!(s.tuning.transmit_interval, Duration::from_secs(15));
@@ -822,14 +792,10 @@ fn the_key_comes_from_netrc_by_host_and_port() {
     assert_eq!(with_url("http://127.0.0.1:8080").as_deref(), Some("portportportportportportportportportport"));
     assert_eq!(with_url("http://127.0.0.1").as_deref(), Some("wrongwrongwrongwrongwrongwrongwrongwrong"));
     assert_eq!(with_url("https://api.wandb.ai").as_deref(), Some("cloudcloudcloudcloudcloudcloudcloudcloud"));
-    assert_eq!(
-        with_url("https://api.forge.coreweave.com").as_deref(),
-        Some("cloudcloudcloudcloudcloudcloudcloudcloud")
-    );
+    assert_eq!(with_url("https://api.forge.coreweave.com").as_deref(), Some("cloudcloudcloudcloudcloudcloudcloudcloud"));
     assert_eq!(with_url("http://127.0.0.1:9999"), None);
     // The env key wins over netrc.
-    let s = resolve(&env_of(&[("WANDB_BASE_URL", "http://127.0.0.1:8080"), ("WANDB_API_KEY", KEY)]), Some(home.path()))
-        .unwrap();
+    let s = resolve(&env_of(&[("WANDB_BASE_URL", "http://127.0.0.1:8080"), ("WANDB_API_KEY", KEY)]), Some(home.path())).unwrap();
     assert_eq!(s.api_key.as_deref(), Some(KEY));
     // $NETRC names another file; `default` applies when no machine matches.
     let other = home.path().join("other-netrc");
@@ -859,10 +825,7 @@ fn backoff_and_retry_after() {
     let now = std::time::UNIX_EPOCH + Duration::from_secs(784_111_770);
     assert_eq!(parse_retry_after("4", now), Some(Duration::from_secs(4)));
     assert_eq!(parse_retry_after("0.25", now), Some(Duration::from_millis(250)));
-    assert_eq!(
-        parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT"),
-        Some(std::time::UNIX_EPOCH + Duration::from_secs(784_111_777))
-    );
+    assert_eq!(parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT"), Some(std::time::UNIX_EPOCH + Duration::from_secs(784_111_777)));
     assert_eq!(parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT", now), Some(Duration::from_secs(7)));
     assert_eq!(parse_retry_after("soon", now), None);
 }
@@ -912,8 +875,7 @@ fn resume_status_reads_tails_of_json_strings() {
 fn upsert_config_keeps_old_keys_and_an_existing_wandb_entry() {
     use super::api::upsert_config;
     let old: Map<String, Value> =
-        serde_json::from_str(r#"{"old":{"value":1},"lr":{"value":9},"_wandb":{"value":{"t":{"5":"0.31.0"},"e":{}}}}"#)
-            .unwrap();
+        serde_json::from_str(r#"{"old":{"value":1},"lr":{"value":9},"_wandb":{"value":{"t":{"5":"0.31.0"},"e":{}}}}"#).unwrap();
     let cfg: Value = serde_json::from_str(&upsert_config(&json!({"lr": 0.1}), &old)).unwrap();
     assert_eq!(cfg["old"]["value"], 1);
     assert_eq!(cfg["lr"]["value"], 0.1);
@@ -933,10 +895,7 @@ fn no_entity_lets_the_server_choose_one() {
     reporter.log(1, &row(1));
     reporter.finish(0);
     assert_eq!(server.ops("UpsertBucket")[0].body["variables"]["entity"], Value::Null);
-    assert!(server
-        .ops("file_stream")
-        .iter()
-        .all(|r| r.path == format!("/files/{DEFAULT_ENTITY}/proj/{id}/file_stream")));
+    assert!(server.ops("file_stream").iter().all(|r| r.path == format!("/files/{DEFAULT_ENTITY}/proj/{id}/file_stream")));
     assert_eq!(server.steps(&id), vec![1]);
 }
 
@@ -961,10 +920,7 @@ fn rows_spilled_to_disk_during_an_outage_go_up_in_order_when_it_ends() {
     for step in 2..=100 {
         reporter.log(step, &row(step));
     }
-    assert!(wait_until(Duration::from_secs(2), || reporter
-        .warnings()
-        .iter()
-        .any(|w| w.contains("wait in the spool file"))));
+    assert!(wait_until(Duration::from_secs(2), || reporter.warnings().iter().any(|w| w.contains("wait in the spool file"))));
     server.set_always(None);
     // Rows keep coming while the backlog drains from disk, then from memory again.
     for step in 101..=250 {

@@ -106,9 +106,7 @@ impl Inner {
             self.disk_only = true;
             self.warn_once(
                 "spill",
-                format!(
-                    "W&B: {rows} rows wait for the server; further rows wait in the spool file until it catches up"
-                ),
+                format!("W&B: {rows} rows wait for the server; further rows wait in the spool file until it catches up"),
             );
         }
     }
@@ -233,9 +231,7 @@ impl Uploader {
     fn end_of(&mut self, stop: Stop) -> End {
         let spool = self.spool.dir.display().to_string();
         match stop {
-            Stop::Auth(status) if !self.live => {
-                End::Parked(format!("{} refused the API key (HTTP {status})", self.record.base_url))
-            }
+            Stop::Auth(status) if !self.live => End::Parked(format!("{} refused the API key (HTTP {status})", self.record.base_url)),
             Stop::Permanent(status, why) if !self.live => End::Parked(format!(
                 "{} refused run {}/{} (HTTP {status}: {why})",
                 self.record.base_url, self.record.project, self.record.run_id
@@ -322,15 +318,7 @@ impl Uploader {
                         Some(wait) => (wait, false),
                         None => {
                             let unit = (random_u64() >> 11) as f64 / (1u64 << 53) as f64;
-                            (
-                                api::backoff(
-                                    failures - 1,
-                                    self.tuning.retry_wait_min,
-                                    self.tuning.retry_wait_max,
-                                    unit,
-                                ),
-                                true,
-                            )
+                            (api::backoff(failures - 1, self.tuning.retry_wait_min, self.tuning.retry_wait_max, unit), true)
                         }
                     };
                     debug!("W&B {} failed ({why}); retry {failures} in {wait:?}", op.name());
@@ -357,9 +345,7 @@ impl Uploader {
         let mut old_config = Map::new();
         if self.check_existing {
             let vars = json!({"project": r.project, "entity": r.entity, "name": r.run_id});
-            let data = self.call(Op::ResumeStatus, &|api, t| {
-                api.graphql(Op::ResumeStatus, api::RUN_RESUME_STATUS, vars.clone(), t)
-            })?;
+            let data = self.call(Op::ResumeStatus, &|api, t| api.graphql(Op::ResumeStatus, api::RUN_RESUME_STATUS, vars.clone(), t))?;
             match api::parse_resume_status(&data) {
                 Some(existing) => {
                     info!(
@@ -587,10 +573,8 @@ impl Uploader {
             let summary = if summary_due || is_final {
                 let (text, version) = self.summary_text();
                 if text.len() > self.tuning.max_line_bytes {
-                    self.shared.warn_once(
-                        "long_summary",
-                        format!("W&B: the summary is {} bytes, over the line limit: not sent", text.len()),
-                    );
+                    self.shared
+                        .warn_once("long_summary", format!("W&B: the summary is {} bytes, over the line limit: not sent", text.len()));
                     self.summary_sent = self.summary_sent.max(version);
                     None
                 } else {
@@ -604,10 +588,8 @@ impl Uploader {
                 if batch.consumed_lines == 0 && lines_pending {
                     // Rows are pending but none could be read back (the spool file was
                     // cut short, or a write to it failed): do not spin.
-                    let message = format!(
-                        "W&B: rows waiting in {} cannot be read back; they are not uploaded",
-                        self.spool.history().display()
-                    );
+                    let message =
+                        format!("W&B: rows waiting in {} cannot be read back; they are not uploaded", self.spool.history().display());
                     if !self.live {
                         return Err(Stop::GaveUp(message));
                     }
@@ -621,10 +603,7 @@ impl Uploader {
             }
             let mut files = Map::new();
             if !batch.lines.is_empty() {
-                files.insert(
-                    "wandb-history.jsonl".into(),
-                    json!({"offset": self.state.server_lines, "content": batch.lines}),
-                );
+                files.insert("wandb-history.jsonl".into(), json!({"offset": self.state.server_lines, "content": batch.lines}));
             }
             if let Some((text, _)) = &summary {
                 files.insert("wandb-summary.json".into(), json!({"offset": 0, "content": [text]}));
@@ -649,8 +628,7 @@ impl Uploader {
                     if response.get("stopped").and_then(Value::as_bool) == Some(true) {
                         self.shared.warn_once(
                             "stopped",
-                            "W&B: the run was stopped from the W&B interface; training goes on (stop it with a signal)"
-                                .to_string(),
+                            "W&B: the run was stopped from the W&B interface; training goes on (stop it with a signal)".to_string(),
                         );
                     }
                     if is_final {
