@@ -11,10 +11,10 @@ pub enum DeviceError {
     NoCuda,
     #[error("local rank {local_rank} has no GPU of its own: this node has {gpus}; start at most {gpus} ranks per node")]
     TooFewGpus { local_rank: usize, gpus: usize },
-    #[error(
-        "this config needs about {need} of memory per rank to train (parameters and gradients {parameters}, AdamW {optimizer}, activations {activations}, logits {logits}), but {place} has {have}: reduce train.micro_batch_size (use train.grad_accum_steps for the same batch), train.seq_len or the model (train.memory_check: false skips this estimate)"
-    )]
-    TooLarge { need: String, parameters: String, optimizer: String, activations: String, logits: String, place: String, have: String },
+    /// The estimate against what the device has, already worded: seven fields here would
+    /// make every `Result` of this module that large.
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 /// Refuses, before anything is allocated or written, a config whose estimated memory per
@@ -47,15 +47,15 @@ pub fn check_memory(cfg: &crate::config::Config, device: Device, ranks_on_node: 
         return Ok(());
     }
     let h = crate::model::memory::human;
-    Err(DeviceError::TooLarge {
-        need: h(estimate.total()),
-        parameters: h(estimate.parameters),
-        optimizer: h(estimate.optimizer),
-        activations: h(estimate.activations),
-        logits: h(estimate.logits),
-        place,
-        have: h(have),
-    })
+    Err(DeviceError::TooLarge(format!(
+        "this config needs about {} of memory per rank to train (parameters and gradients {}, AdamW {}, activations {}, logits {}), but {place} has {}: reduce train.micro_batch_size (use train.grad_accum_steps for the same batch), train.seq_len or the model (train.memory_check: false skips this estimate)",
+        h(estimate.total()),
+        h(estimate.parameters),
+        h(estimate.optimizer),
+        h(estimate.activations),
+        h(estimate.logits),
+        h(have),
+    )))
 }
 
 /// MemAvailable of /proc/meminfo, in bytes.

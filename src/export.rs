@@ -9,6 +9,7 @@
 //!   per-token bias wte·b_out equals lm_head·u for any u with W_out·u = b_out (W_out is
 //!   E×H with E < H, so such u exists when W_out has full row rank), and adding u to
 //!   ln_f's bias adds exactly lm_head·u to every logit.
+//!
 //! The only error is fp32 rounding of those products and of solving for u.
 
 use crate::checkpoint::{self, MODEL_FILE};

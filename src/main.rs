@@ -140,6 +140,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
 ///   mode, and in strict mode its GEMMs give the same bits on any thread count. It cost
 ///   nothing measurable on the quickstart model. (It did not remove a rarer divergence,
 ///   about one two-thread run in 30 to 100 on a crowded machine; see README.)
+///
 /// A value the user set is left alone.
 fn pin_cpu_math_threads() {
     for (key, value) in [("MKL_DYNAMIC", "FALSE"), ("OMP_DYNAMIC", "FALSE"), ("MKL_CBWR", "AUTO,STRICT")] {

@@ -61,7 +61,7 @@ fn mutate(original: &Path, to: &Path, rng: &mut SplitMix64) -> String {
     let trainer = to.join("trainer.json");
     let mut bytes = std::fs::read(&trainer).unwrap();
     let what = match rng.below(6) {
-        0 | 1 | 2 => {
+        0..=2 => {
             let mut v: Value = serde_json::from_slice(&bytes).unwrap();
             let mut paths = Vec::new();
             leaves(&v, vec![], &mut paths);

@@ -61,7 +61,7 @@ fn final_state(dir: &Path, run: &str) -> (Vec<u8>, Vec<u8>) {
 fn saved_steps(root: &Path) -> (Vec<u64>, bool) {
     let steps = checkpoint::list_valid(root).iter().map(|f| f.state.step).collect();
     let partial =
-        std::fs::read_dir(root).map_or(false, |d| d.filter_map(Result::ok).any(|e| e.file_name().to_string_lossy().starts_with(".tmp-")));
+        std::fs::read_dir(root).is_ok_and(|d| d.filter_map(Result::ok).any(|e| e.file_name().to_string_lossy().starts_with(".tmp-")));
     (steps, partial)
 }
 
@@ -298,7 +298,7 @@ fn wandb_faults_for_a_whole_run_cost_no_throughput_and_lose_no_row() {
         // the ratios measured on a quiet machine.
         let mut ratios = Vec::new();
         let mut run_dir = PathBuf::new();
-        while ratios.len() < 3 && ratios.last().map_or(true, |&r| r <= 0.25) {
+        while ratios.len() < 3 && ratios.last().is_none_or(|&r| r <= 0.25) {
             // Each try is its own W&B run; only the last one's rows are checked.
             server.state().runs.clear();
             let without = steps_per_sec_without();

@@ -50,7 +50,11 @@ pub fn violations(cfg: &Config) -> Vec<Violation> {
     check(m.n_embd <= MAX_WIDTH, "model.n_embd", format!("{} exceeds the largest supported, {MAX_WIDTH}", m.n_embd));
     check(m.n_positions <= MAX_POSITIONS, "model.n_positions", format!("{} exceeds the largest supported, {MAX_POSITIONS}", m.n_positions));
     check(m.n_layer <= MAX_LAYERS, "model.n_layer", format!("{} exceeds the largest supported, {MAX_LAYERS}", m.n_layer));
-    check(m.n_head == 0 || m.n_embd % m.n_head == 0, "model.n_head", format!("{} does not divide model.n_embd = {}", m.n_head, m.n_embd));
+    check(
+        m.n_head == 0 || m.n_embd.is_multiple_of(m.n_head),
+        "model.n_head",
+        format!("{} does not divide model.n_embd = {}", m.n_head, m.n_embd),
+    );
     check(m.embedding_size != Some(0), "model.embedding_size", "must be at least 1 (or null)".into());
     if let Some(e) = m.embedding_size {
         check(
@@ -154,8 +158,7 @@ mod tests {
 
     #[test]
     fn nccl_on_cpu_is_refused() {
-        let mut cfg = Config::default();
-        cfg.device = super::super::schema::DeviceKind::Cpu;
+        let mut cfg = Config { device: super::super::schema::DeviceKind::Cpu, ..Config::default() };
         cfg.dist.backend = DistBackend::Nccl;
         assert_eq!(violations(&cfg)[0].path, "dist.backend");
     }

@@ -60,6 +60,9 @@ fn register_font() -> anyhow::Result<()> {
     }
 }
 
+/// One line of a panel: its legend, (run, metric) for its colour, its (step, value) points.
+type Line = (String, (usize, usize), Vec<(f64, f64)>);
+
 /// Draws the runs in `dirs` over each other into `out`.
 pub fn render(dirs: &[PathBuf], out: &Path) -> anyhow::Result<()> {
     register_font()?;
@@ -70,7 +73,7 @@ pub fn render(dirs: &[PathBuf], out: &Path) -> anyhow::Result<()> {
     let several = runs.len() > 1;
     for (area, panel) in root.split_evenly((2, 2)).iter().zip(PANELS.iter()) {
         // A run keeps its colour in every panel; its second metric (val) is paler.
-        let lines: Vec<(String, (usize, usize), Vec<(f64, f64)>)> = runs
+        let lines: Vec<Line> = runs
             .iter()
             .enumerate()
             .flat_map(|(i, run)| {

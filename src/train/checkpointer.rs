@@ -40,7 +40,7 @@ impl<'a> Checkpointer<'a> {
     ) -> anyhow::Result<()> {
         let step = trainer.step;
         let last = step == self.max_steps;
-        if !((self.save_interval > 0 && step % self.save_interval == 0) || last || stopping) {
+        if !((self.save_interval > 0 && step.is_multiple_of(self.save_interval)) || last || stopping) {
             return Ok(());
         }
         let saved =

@@ -42,7 +42,7 @@ impl TrainMetrics {
     pub fn row(&mut self, report: &StepReport, lr: f64, trainer: &Trainer) -> Map<String, Value> {
         let step = trainer.step;
         let mut row = Map::new();
-        if step % self.log_interval != 0 && step != self.max_steps {
+        if !step.is_multiple_of(self.log_interval) && step != self.max_steps {
             return row;
         }
         let tokens_per_sec = self.tokens as f64 / self.seconds.max(1e-9);

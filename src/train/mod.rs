@@ -182,7 +182,7 @@ fn train_loop(
         }
 
         // Ranks must hold identical weights; a stop signal on any rank stops all.
-        if cfg.dist.check_interval > 0 && trainer.step % cfg.dist.check_interval == 0 {
+        if cfg.dist.check_interval > 0 && trainer.step.is_multiple_of(cfg.dist.check_interval) {
             trainer.check_ranks_agree(world)?;
         }
         let mut stopping = [env.stop.requested() as u8 as f64];

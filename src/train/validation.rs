@@ -56,7 +56,7 @@ impl<'a> Validator<'a> {
         // A new step has no validation loss until it is evaluated.
         self.now = None;
         let Some(split) = self.split else { return false };
-        if !((self.interval > 0 && step % self.interval == 0) || step == self.max_steps) {
+        if !((self.interval > 0 && step.is_multiple_of(self.interval)) || step == self.max_steps) {
             return false;
         }
         let e = evaluate(&trainer.model, split, self.seq_len, self.batch, self.limit, world, trainer.device());

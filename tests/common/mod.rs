@@ -53,7 +53,7 @@ pub fn mpirun(n: usize) -> Command {
     let mut cmd = Command::new("mpirun");
     cmd.arg("--oversubscribe");
     let uid = Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
-    if uid.map_or(false, |u| u == "0") {
+    if uid.is_ok_and(|u| u == "0") {
         cmd.arg("--allow-run-as-root");
     }
     cmd.args(["-n", &n.to_string()]);
