@@ -42,14 +42,8 @@ fn the_unpacked_bundle_trains_with_the_hosts_torch() {
     assert!(untar.success());
     let root = host.join("bundle");
     for f in [
-        "bin/algpt2-ddp",
-        "libexec/algpt2-ddp",
-        "launch/single-node.sh",
-        "launch/env.sh",
-        "launch/gpu-checks.sh",
-        "configs/quickstart.yaml",
-        "README.md",
-        "BUNDLE",
+        "bin/algpt2-ddp", "libexec/algpt2-ddp", "launch/single-node.sh", "launch/env.sh", "launch/gpu-checks.sh",
+        "configs/quickstart.yaml", "README.md", "BUNDLE",
     ] {
         assert!(root.join(f).is_file(), "the bundle lacks {f}");
     }
@@ -86,18 +80,8 @@ fn the_unpacked_bundle_trains_with_the_hosts_torch() {
 
     // single-node.sh trains two ranks from the bundle, as on a GPU host without cargo.
     let mut sets = vec![
-        "--set",
-        "train.max_steps=3",
-        "--set",
-        "train.log_interval=1",
-        "--set",
-        "train.eval_interval=3",
-        "--set",
-        "train.save_interval=3",
-        "--set",
-        "optim.warmup_steps=1",
-        "--set",
-        "wandb.mode=disabled",
+        "--set", "train.max_steps=3", "--set", "train.log_interval=1", "--set", "train.eval_interval=3", "--set", "train.save_interval=3",
+        "--set", "optim.warmup_steps=1", "--set", "wandb.mode=disabled",
     ];
     sets.extend(TINY_MODEL);
     let trained = Command::new("bash")

@@ -10,20 +10,7 @@ use std::process::Command;
 /// Values that break assumptions: empty, negative, zero, huge, not a number, a directory,
 /// a path that does not exist, a file of the wrong kind, control characters.
 const VALUES: [&str; 14] = [
-    "",
-    "-1",
-    "0",
-    "18446744073709551616",
-    "1e400",
-    "NaN",
-    "abc",
-    "/",
-    "/no/such/path",
-    "Cargo.toml",
-    "configs",
-    "\n",
-    "1,0,-3",
-    "9999999",
+    "", "-1", "0", "18446744073709551616", "1e400", "NaN", "abc", "/", "/no/such/path", "Cargo.toml", "configs", "\n", "1,0,-3", "9999999",
 ];
 
 /// (subcommand and fixed arguments, flags that take a value).

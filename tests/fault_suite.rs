@@ -223,15 +223,7 @@ fn wandb_run(d: &Path, run: &str, url: Option<&str>, steps: u64) -> (f64, PathBu
         d,
         run,
         &[
-            "--set",
-            mode,
-            "--set",
-            &max_steps,
-            "--set",
-            "train.save_interval=0",
-            "--set",
-            "train.eval_interval=0",
-            "--set",
+            "--set", mode, "--set", &max_steps, "--set", "train.save_interval=0", "--set", "train.eval_interval=0", "--set",
             "wandb.flush_timeout_s=2",
         ],
     );

@@ -18,20 +18,9 @@ fn args(out_dir: &Path, cache: &Path) -> Vec<String> {
     let config = repo().join("configs/quickstart.yaml");
     let mut a: Vec<String> = vec!["--config".into(), config.to_string_lossy().into_owned()];
     for set in [
-        "device=cpu",
-        "wandb.mode=disabled",
-        "model.n_embd=32",
-        "model.n_head=2",
-        "model.n_layer=2",
-        "model.embedding_size=16",
-        "model.n_positions=32",
-        "train.seq_len=32",
-        "train.micro_batch_size=4",
-        "train.max_steps=6",
-        "optim.warmup_steps=1",
-        "train.log_interval=1",
-        "train.eval_interval=0",
-        "train.save_interval=0",
+        "device=cpu", "wandb.mode=disabled", "model.n_embd=32", "model.n_head=2", "model.n_layer=2", "model.embedding_size=16",
+        "model.n_positions=32", "train.seq_len=32", "train.micro_batch_size=4", "train.max_steps=6", "optim.warmup_steps=1",
+        "train.log_interval=1", "train.eval_interval=0", "train.save_interval=0",
     ] {
         a.push("--set".into());
         a.push(set.into());

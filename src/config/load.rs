@@ -436,22 +436,8 @@ mod tests {
     fn mutated_configs_never_panic() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
         let junk = [
-            "null",
-            "-1",
-            "1e309",
-            "\"x\"",
-            "[1, 2]",
-            "{a: 1}",
-            "~",
-            "true",
-            "0",
-            "99999999999999999999",
-            ":",
-            "- a",
-            "&x",
-            "*x",
-            "!!binary AAA",
-            "\t",
+            "null", "-1", "1e309", "\"x\"", "[1, 2]", "{a: 1}", "~", "true", "0", "99999999999999999999", ":", "- a", "&x", "*x",
+            "!!binary AAA", "\t",
         ];
         let mut rng = crate::rng::SplitMix64::new(2024);
         let mut outcomes = (0usize, 0usize);

@@ -32,20 +32,8 @@ pub fn stdout(out: &Output) -> String {
 /// The tiny ALGPT2 most end-to-end tests train (H=32, 2 layers, E=16, 32 positions), on
 /// the CPU, as `--set` arguments for configs/quickstart.yaml.
 pub const TINY_MODEL: [&str; 14] = [
-    "--set",
-    "device=cpu",
-    "--set",
-    "model.n_embd=32",
-    "--set",
-    "model.n_head=2",
-    "--set",
-    "model.n_layer=2",
-    "--set",
-    "model.embedding_size=16",
-    "--set",
-    "model.n_positions=32",
-    "--set",
-    "train.seq_len=32",
+    "--set", "device=cpu", "--set", "model.n_embd=32", "--set", "model.n_head=2", "--set", "model.n_layer=2", "--set",
+    "model.embedding_size=16", "--set", "model.n_positions=32", "--set", "train.seq_len=32",
 ];
 
 /// `mpirun` with the switches this machine needs (root, more ranks than cores).

@@ -164,25 +164,8 @@ fn fresh_run_sends_the_documented_requests() {
     let mut names: Vec<&str> = vars.keys().map(String::as_str).collect();
     names.sort();
     let mut expected = vec![
-        "id",
-        "name",
-        "project",
-        "entity",
-        "groupName",
-        "description",
-        "displayName",
-        "notes",
-        "commit",
-        "config",
-        "host",
-        "debug",
-        "program",
-        "repo",
-        "jobType",
-        "state",
-        "sweep",
-        "tags",
-        "summaryMetrics",
+        "id", "name", "project", "entity", "groupName", "description", "displayName", "notes", "commit", "config", "host", "debug",
+        "program", "repo", "jobType", "state", "sweep", "tags", "summaryMetrics",
     ];
     expected.sort();
     assert_eq!(names, expected, "every variable present");
