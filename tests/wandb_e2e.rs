@@ -10,39 +10,14 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-fn args(dir: &Path, extra: &[&str]) -> Vec<String> {
-    let mut a: Vec<String> = ["--config", "configs/quickstart.yaml"]
-        .iter()
-        .chain(TINY_MODEL.iter())
-        .chain(
-            [
-                "--set",
-                "wandb.mode=online",
-                "--set",
-                "train.micro_batch_size=4",
-                "--set",
-                "train.max_steps=8",
-                "--set",
-                "train.log_interval=1",
-                "--set",
-                "train.eval_interval=4",
-                "--set",
-                "train.eval_steps=1",
-                "--set",
-                "train.save_interval=4",
-                "--set",
-                "optim.warmup_steps=2",
-                "--set",
-                "wandb.flush_timeout_s=20",
-            ]
-            .iter(),
-        )
-        .map(|s| s.to_string())
-        .collect();
-    a.push(format!("--set=out_dir={}", dir.join("runs").display()));
-    a.push(format!("--set=data.cache_dir={}", dir.join("cache").display()));
-    a.extend(extra.iter().map(|s| s.to_string()));
-    a
+/// A tiny run named `run` that logs every step to W&B, under `dir`.
+fn args(dir: &Path, run: &str, extra: &[&str]) -> Vec<String> {
+    let sets = [
+        "--set", "wandb.mode=online", "--set", "train.micro_batch_size=4", "--set", "train.max_steps=8", "--set", "train.log_interval=1",
+        "--set", "train.eval_interval=4", "--set", "train.eval_steps=1", "--set", "train.save_interval=4", "--set", "optim.warmup_steps=2",
+        "--set", "wandb.flush_timeout_s=20",
+    ];
+    tiny_run_args(&sets, dir, run, extra)
 }
 
 /// The environment a user with a W&B key and a self-hosted server would have.
@@ -71,7 +46,7 @@ fn only_run(server: &FakeServer) -> String {
 fn a_run_reports_every_row_once_config_summary_and_finish() {
     let server = FakeServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let out = train(&args(dir.path(), &[]), &server, dir.path(), None);
+    let out = train(&args(dir.path(), "quickstart", &[]), &server, dir.path(), None);
     assert!(out.status.success(), "{}", stderr(&out));
     let id = only_run(&server);
     assert_eq!(server.steps(&id), (1..=8).collect::<Vec<u64>>());
@@ -95,7 +70,7 @@ fn only_rank_0_reports_under_mpirun() {
     for var in ["WANDB_API_KEY", "WANDB_BASE_URL", "HOME"] {
         cmd.args(["-x", var]);
     }
-    cmd.arg(bin()).args(args(dir.path(), &[])).current_dir(repo());
+    cmd.arg(bin()).args(args(dir.path(), "quickstart", &[])).current_dir(repo());
     with_wandb(&mut cmd, &server, dir.path(), None);
     let out = cmd.output().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
@@ -108,7 +83,7 @@ fn only_rank_0_reports_under_mpirun() {
 fn a_resumed_run_continues_the_same_wandb_run() {
     let server = FakeServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let a = args(dir.path(), &[]);
+    let a = args(dir.path(), "quickstart", &[]);
     let killed = train(&a, &server, dir.path(), Some("kill@6"));
     assert!(!killed.status.success());
     let resumed = train(&a, &server, dir.path(), None);
@@ -120,17 +95,21 @@ fn a_resumed_run_continues_the_same_wandb_run() {
 }
 
 /// Wall time of the whole process and the training time it reported in `summary.json`.
-fn timed_run(a: Vec<String>, server: &FakeServer, dir: &Path) -> (Output, Duration, f64) {
-    let mut cmd = Command::new(bin());
-    cmd.args(&a).current_dir(repo());
-    with_wandb(&mut cmd, server, dir, None);
+fn timed_run(dir: &Path, run: &str, extra: &[&str], server: &FakeServer) -> (Output, Duration, f64) {
     let started = Instant::now();
-    let out = cmd.output().unwrap();
+    let out = train(&args(dir, run, extra), server, dir, None);
     let elapsed = started.elapsed();
-    let run_name = a.iter().rev().find_map(|s| s.strip_prefix("run_name=")).unwrap();
-    let summary = std::fs::read_to_string(dir.join("runs").join(run_name).join("summary.json")).unwrap_or_default();
+    let summary = std::fs::read_to_string(dir.join("runs").join(run).join("summary.json")).unwrap_or_default();
     let wall = serde_json::from_str::<serde_json::Value>(&summary).ok().and_then(|v| v["wall_seconds"].as_f64()).unwrap_or(f64::NAN);
     (out, elapsed, wall)
+}
+
+/// `wandb-sync` of `run_dir` to `server`, which answers.
+fn sync(run_dir: &Path, server: &FakeServer, home: &Path) -> Output {
+    let mut cmd = Command::new(bin());
+    cmd.args(["wandb-sync", run_dir.to_str().unwrap()]).current_dir(repo());
+    with_wandb(&mut cmd, server, home, None);
+    cmd.output().unwrap()
 }
 
 #[test]
@@ -142,13 +121,9 @@ fn a_hanging_server_does_not_hold_training_up() {
     let hanging = FakeServer::start();
     hanging.set_always(Some((Target::Any, Fault::Hang(Duration::from_secs(60)))));
     let ((quiet_out, quiet_elapsed, quiet_train), (slow_out, slow_elapsed, slow_train)) = std::thread::scope(|s| {
-        let q = s.spawn(|| {
-            timed_run(args(quiet_dir.path(), &["--set", "run_name=fast", "--set", "train.max_steps=12"]), &quiet, quiet_dir.path())
-        });
-        let h = s.spawn(|| {
-            let a = args(slow_dir.path(), &["--set", "run_name=slow", "--set", "train.max_steps=12", "--set", "wandb.flush_timeout_s=2"]);
-            timed_run(a, &hanging, slow_dir.path())
-        });
+        let q = s.spawn(|| timed_run(quiet_dir.path(), "fast", &["--set", "train.max_steps=12"], &quiet));
+        let h =
+            s.spawn(|| timed_run(slow_dir.path(), "slow", &["--set", "train.max_steps=12", "--set", "wandb.flush_timeout_s=2"], &hanging));
         (q.join().unwrap(), h.join().unwrap())
     });
     assert!(quiet_out.status.success(), "{}", stderr(&quiet_out));
@@ -168,10 +143,7 @@ fn a_hanging_server_does_not_hold_training_up() {
     );
     // Nothing was lost: the rows wait in the run directory for wandb-sync.
     hanging.set_always(None);
-    let mut sync = Command::new(bin());
-    sync.args(["wandb-sync", slow_dir.path().join("runs/slow").to_str().unwrap()]).current_dir(repo());
-    with_wandb(&mut sync, &hanging, slow_dir.path(), None);
-    let out = sync.output().unwrap();
+    let out = sync(&slow_dir.path().join("runs/slow"), &hanging, slow_dir.path());
     assert!(out.status.success(), "{}", stderr(&out));
     let id = only_run(&hanging);
     assert_eq!(hanging.steps(&id), (1..=12).collect::<Vec<u64>>());
@@ -182,13 +154,10 @@ fn a_hanging_server_does_not_hold_training_up() {
 fn an_offline_run_syncs_later() {
     let server = FakeServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let out = train(&args(dir.path(), &["--set", "wandb.mode=offline"]), &server, dir.path(), None);
+    let out = train(&args(dir.path(), "quickstart", &["--set", "wandb.mode=offline"]), &server, dir.path(), None);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(server.requests().is_empty(), "offline sends nothing");
-    let mut sync = Command::new(bin());
-    sync.args(["wandb-sync", dir.path().join("runs/quickstart").to_str().unwrap()]).current_dir(repo());
-    with_wandb(&mut sync, &server, dir.path(), None);
-    let out = sync.output().unwrap();
+    let out = sync(&dir.path().join("runs/quickstart"), &server, dir.path());
     assert!(out.status.success(), "{}", stderr(&out));
     let id = only_run(&server);
     assert_eq!(server.steps(&id), (1..=8).collect::<Vec<u64>>());
@@ -201,15 +170,15 @@ fn an_offline_run_syncs_later() {
 fn wandb_sync_gives_up_after_its_timeout_and_loses_nothing() {
     let server = FakeServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let out = train(&args(dir.path(), &["--set", "wandb.mode=offline"]), &server, dir.path(), None);
+    let out = train(&args(dir.path(), "quickstart", &["--set", "wandb.mode=offline"]), &server, dir.path(), None);
     assert!(out.status.success(), "{}", stderr(&out));
     let run_dir = dir.path().join("runs/quickstart");
-    let mut sync = Command::new(bin());
-    sync.args(["wandb-sync", run_dir.to_str().unwrap(), "--timeout", "3"]).current_dir(repo());
-    with_wandb_env(&mut sync, Some("http://127.0.0.1:9"), dir.path());
-    sync.env("WANDB_X_FILE_STREAM_RETRY_WAIT_MIN_SECONDS", "0.05").env("WANDB_X_FILE_STREAM_RETRY_WAIT_MAX_SECONDS", "0.2");
+    let mut cmd = Command::new(bin());
+    cmd.args(["wandb-sync", run_dir.to_str().unwrap(), "--timeout", "3"]).current_dir(repo());
+    with_wandb_env(&mut cmd, Some("http://127.0.0.1:9"), dir.path());
+    cmd.env("WANDB_X_FILE_STREAM_RETRY_WAIT_MIN_SECONDS", "0.05").env("WANDB_X_FILE_STREAM_RETRY_WAIT_MAX_SECONDS", "0.2");
     let started = Instant::now();
-    let out = sync.output().unwrap();
+    let out = cmd.output().unwrap();
     let took = started.elapsed();
     let err = stderr(&out);
     eprintln!("FIGURE wandb-sync to no server, --timeout 3: exit {:?} after {:.1} s", out.status.code(), took.as_secs_f64());
@@ -218,10 +187,7 @@ fn wandb_sync_gives_up_after_its_timeout_and_loses_nothing() {
     assert!(err.contains("keeps failing"), "no retry warning:\n{err}");
     assert!(err.contains("gave up after 3 s") && err.contains("8 of 8 rows") && err.contains("still unsent"), "{err}");
     // A later sync to a server that answers sends every row.
-    let mut sync = Command::new(bin());
-    sync.args(["wandb-sync", run_dir.to_str().unwrap()]).current_dir(repo());
-    with_wandb(&mut sync, &server, dir.path(), None);
-    let out = sync.output().unwrap();
+    let out = sync(&run_dir, &server, dir.path());
     assert!(out.status.success(), "{}", stderr(&out));
     let id = only_run(&server);
     assert_eq!(server.steps(&id), (1..=8).collect::<Vec<u64>>());
