@@ -63,10 +63,6 @@ impl TokenFile {
         self.len
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     pub fn get(&self, index: u64) -> u32 {
         let at = HEADER_BYTES + (index * self.width as u64) as usize;
         match self.width {
@@ -121,10 +117,6 @@ impl TokenWriter {
 
     pub fn len(&self) -> u64 {
         self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 
     /// Writes the count into the header, syncs, and renames the file into place.

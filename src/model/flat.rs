@@ -73,10 +73,6 @@ impl FlatParams {
         self.values.numel() as i64
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     pub fn zero_grads(&mut self) {
         let _ = self.grads.zero_();
     }
