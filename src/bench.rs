@@ -26,7 +26,8 @@ pub fn run(cfg: Config, steps: u64, as_json: bool) -> anyhow::Result<()> {
     let mut step_seconds = Vec::new();
     for step in 0..WARMUP_STEPS + steps {
         let started = Instant::now();
-        trainer.train_step(train, &replicas, cfg.optim.lr)?;
+        // Read every step so that each step's time includes the device finishing it.
+        trainer.train_step(train, &replicas, cfg.optim.lr)?.read(&world);
         if step >= WARMUP_STEPS {
             step_seconds.push(started.elapsed().as_secs_f64());
         }
@@ -55,6 +56,7 @@ pub fn run(cfg: Config, steps: u64, as_json: bool) -> anyhow::Result<()> {
         "mfu": mfu,
         "training_flops_per_token": flops,
         "peak_rss_mb": peak_rss_mb,
+        "precision": trainer.precision.name(),
     });
     if as_json {
         println!("{report}");

@@ -30,10 +30,12 @@ pub fn evaluate(
 ) -> Evaluation {
     let mine: Vec<u64> = eval_windows(split.windows(seq_len), limit, world.size(), world.rank()).collect();
     let mut totals = [0f64, 0f64, 0f64]; // loss sum, tokens, windows
+    // Summed on the device and read once.
+    let mut loss_sum = tch::Tensor::zeros([], (Kind::Double, device));
     tch::no_grad(|| {
         for chunk in mine.chunks(batch.max(1)) {
             let (inputs, targets) = batch_tensors(&split.tokens, chunk, seq_len, device);
-            let logits = model.forward(&inputs, false);
+            let logits = model.forward(&inputs, None);
             let v = logits.size()[2];
             // Per-token losses summed in f64: the total then hardly depends on how the
             // windows were batched, i.e. on the world size.
@@ -44,11 +46,12 @@ pub fn evaluate(
                 -100,
                 0.0,
             );
-            totals[0] += per_token.to_kind(Kind::Double).sum(Kind::Double).double_value(&[]);
+            loss_sum += per_token.to_kind(Kind::Double).sum(Kind::Double);
             totals[1] += targets.numel() as f64;
             totals[2] += chunk.len() as f64;
         }
     });
+    totals[0] = crate::device_reads::read(&loss_sum)[0];
     world.all_reduce_sum(&mut totals);
     let loss = totals[0] / totals[1].max(1.0);
     Evaluation { loss, ppl: loss.exp(), tokens: totals[1] as u64, windows: totals[2] as u64 }

@@ -83,7 +83,7 @@ pub fn generate(model: &Algpt2, prompt: &[i64], end_of_text: i64, s: &Sampling, 
                 model.forward_cached(&idx, &mut cache)
             } else {
                 let context = &tokens[tokens.len().saturating_sub(window)..];
-                model.forward(&Tensor::from_slice(context).view([1, -1]).to_device(device), false)
+                model.forward(&Tensor::from_slice(context).view([1, -1]).to_device(device), None)
             };
             let last = logits.get(0).get(logits.size()[1] - 1);
             let next = pick(&last, s, &mut rng);
@@ -143,7 +143,7 @@ mod tests {
 
     fn model(share_layers: bool, embedding_size: Option<usize>, vs: &VarStore) -> Algpt2 {
         let cfg =
-            ModelConfig { vocab_size: 71, n_positions: 64, n_embd: 32, embedding_size, n_layer: 3, n_head: 4, share_layers, dropout: 0.1 };
+            ModelConfig { vocab_size: 71, n_positions: 64, n_embd: 32, embedding_size, n_layer: 3, n_head: 4, share_layers, dropout: 0.1, ..ModelConfig::default() };
         Algpt2::new(&vs.root(), &cfg)
     }
 
@@ -168,7 +168,7 @@ mod tests {
             }
             // The cached logits themselves agree with a full forward pass.
             let ids = Tensor::from_slice(&[1i64, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]).view([1, 20]);
-            let full = tch::no_grad(|| m.forward(&ids, false));
+            let full = tch::no_grad(|| m.forward(&ids, None));
             let mut cache = KvCache::new(3, 4);
             let mut parts = Vec::new();
             tch::no_grad(|| {

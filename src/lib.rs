@@ -11,6 +11,7 @@ pub mod config;
 pub mod cuda;
 pub mod data;
 pub mod device;
+pub mod device_reads;
 pub mod dist;
 pub mod doctor;
 pub mod eval;

@@ -6,16 +6,19 @@ use crate::config::{Config, NonFinite};
 use crate::data::batches::{batch_tensors, rank_slice, Sampler};
 use crate::data::prepare::SplitData;
 use crate::dist::{Replicas, World};
-use crate::model::flat::FlatParams;
+use crate::device_reads;
+use crate::model::objective::Objective;
+use crate::model::dropout::Dropout;
+use crate::model::flat::{FlatParams, Padding};
+use crate::model::precision::{self, Bf16Weights, Resolved};
 use crate::model::Algpt2;
-use crate::optim::adamw::{clip_grad_norm, grads_are_finite};
+use crate::optim::adamw::norm_clip_and_skip;
 use crate::optim::AdamW;
-use crate::rng::SplitMix64;
 use anyhow::{anyhow, bail};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use tch::nn::VarStore;
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 pub struct Trainer {
     cfg: Config,
@@ -23,14 +26,20 @@ pub struct Trainer {
     _vs: VarStore,
     pub model: Algpt2,
     pub params: FlatParams,
+    /// The precision in use, and in bf16 the compute copies of the weights.
+    pub precision: Resolved,
+    bf16: Option<Bf16Weights>,
+    objective: Objective,
     opt: AdamW,
     sampler: Sampler,
+    /// Non-finite steps not yet reported, kept on the device: [count, first step, its loss].
+    nonfinite: Tensor,
     /// Optimizer steps completed (skipped non-finite steps included).
     pub step: u64,
     pub tokens_seen: u64,
 }
 
-/// What one optimizer step did.
+/// What one optimizer step did, read back from the device (`StepOutcome::read`).
 pub struct StepReport {
     /// Mean loss over the step's micro-batches and ranks.
     pub loss: f64,
@@ -40,14 +49,27 @@ pub struct StepReport {
     pub skipped: bool,
 }
 
-/// Dropout's seed for one micro-step of one rank: a pure function of the run's seed and
-/// the position, so a resumed run draws the same masks without saved generator state.
-fn dropout_seed(seed: u64, step: u64, micro_step: usize, rank: usize) -> i64 {
-    let mixed = seed
-        ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        ^ (micro_step as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
-        ^ (rank as u64).wrapping_mul(0x1656_67B1_9E37_79F9);
-    (SplitMix64::new(mixed).next_u64() >> 1) as i64
+/// What one optimizer step did, still on the device: nothing is read until a log row,
+/// a save or the end asks (`read`), so the step never waits for the device.
+pub struct StepOutcome {
+    /// This rank's mean loss over its micro-batches.
+    local_loss: Tensor,
+    grad_norm: Tensor,
+    skipped: Tensor,
+}
+
+impl StepOutcome {
+    /// The step's values on the host: one read, and the ranks' losses averaged (every
+    /// rank must call it at the same step).
+    pub fn read(&self, world: &World) -> StepReport {
+        let values = device_reads::read(&Tensor::stack(
+            &[self.local_loss.to_kind(Kind::Double), self.grad_norm.to_kind(Kind::Double), self.skipped.to_kind(Kind::Double)],
+            0,
+        ));
+        let mut loss = [values[0]];
+        world.all_reduce_sum(&mut loss);
+        StepReport { loss: loss[0] / world.size() as f64, grad_norm: values[1], skipped: values[2] != 0.0 }
+    }
 }
 
 impl Trainer {
@@ -55,8 +77,14 @@ impl Trainer {
     pub fn new(cfg: &Config, device: Device, train_windows: u64) -> Trainer {
         tch::manual_seed(cfg.train.seed as i64);
         let vs = VarStore::new(device);
-        let model = Algpt2::new(&vs.root(), &cfg.model);
-        let params = FlatParams::new(&vs);
+        let mut model = Algpt2::new(&vs.root(), &cfg.model);
+        let padded_rows = cfg.model.vocab_size.div_ceil(cfg.train.pad_vocab_multiple) * cfg.train.pad_vocab_multiple;
+        let params = FlatParams::new_padded(&vs, Some(Padding { name: "wte", rows: padded_rows as i64 }));
+        let precision = precision::resolve(cfg.train.precision, device);
+        let bf16 = precision.bf16.then(|| Bf16Weights::new(&params));
+        if let Some(weights) = &bf16 {
+            model.use_compute_weights(&|name| weights.get(name));
+        }
         let opt = AdamW::new(&params, &cfg.optim);
         Trainer {
             cfg: cfg.clone(),
@@ -64,10 +92,26 @@ impl Trainer {
             _vs: vs,
             model,
             params,
+            precision,
+            bf16,
+            objective: Objective {
+                vocab: cfg.model.vocab_size as i64,
+                chunk_rows: cfg.train.classifier_chunk_rows,
+                grad_accum_steps: cfg.train.grad_accum_steps,
+            },
             opt,
             sampler: Sampler::new(train_windows, cfg.train.seed),
+            nonfinite: Tensor::from_slice(&[0f64, -1.0, 0.0]).to_device(device),
             step: 0,
             tokens_seen: 0,
+        }
+    }
+
+    /// Casts the master weights into the compute copies (bf16 only): after every change
+    /// of the fp32 weights (update, load, broadcast), once.
+    fn refresh_compute_weights(&mut self) {
+        if let Some(weights) = &mut self.bf16 {
+            weights.refresh(&self.params);
         }
     }
 
@@ -88,7 +132,9 @@ impl Trainer {
 
     /// Makes every rank hold rank 0's weights.
     pub fn broadcast_weights(&mut self, replicas: &Replicas) -> anyhow::Result<()> {
-        replicas.broadcast(&mut self.params.values)
+        replicas.broadcast(&mut self.params.values)?;
+        self.refresh_compute_weights();
+        Ok(())
     }
 
     /// Stops the run when the ranks' parameters are no longer identical (they must be:
@@ -109,52 +155,84 @@ impl Trainer {
         Ok(())
     }
 
-    /// One optimizer step at learning rate `lr`: micro-steps, gradient averaging across
-    /// ranks, the non-finite check, clipping, the update.
-    pub fn train_step(&mut self, train: &SplitData, replicas: &Replicas, lr: f64) -> anyhow::Result<StepReport> {
+    /// One optimizer step at learning rate `lr`: micro-steps (forward, fused loss,
+    /// backward), gradient averaging across ranks, the non-finite check, clipping and the
+    /// update, all on the device: nothing here reads a device value.
+    pub fn train_step(&mut self, train: &SplitData, replicas: &Replicas, lr: f64) -> anyhow::Result<StepOutcome> {
         let world = replicas.world;
         let t = &self.cfg.train;
         let batch = self.sampler.next_batch(self.global_batch(world));
         self.params.zero_grads();
-        let mut loss_sum = 0.0;
+        let mut loss_sum = Tensor::zeros([], (Kind::Float, self.device));
         for micro in 0..t.grad_accum_steps {
-            tch::manual_seed(dropout_seed(t.seed, self.step, micro, world.rank()));
+            let dropout = Dropout::new(self.cfg.model.dropout, t.seed, self.step, micro, world.rank());
             let windows = rank_slice(&batch, micro, t.micro_batch_size, world.size(), world.rank());
             let (inputs, targets) = batch_tensors(&train.tokens, windows, t.seq_len, self.device);
-            let loss = Algpt2::loss(&self.model.forward(&inputs, true), &targets);
-            (&loss / t.grad_accum_steps as f64).backward();
-            loss_sum += loss.double_value(&[]);
+            loss_sum += self.objective.forward_backward(&self.model, &mut self.params, self.bf16.as_mut(), &inputs, &targets, Some(&dropout));
         }
-        replicas.average(&mut self.params.grads)?;
-        let mut loss = [loss_sum / t.grad_accum_steps as f64];
-        world.all_reduce_sum(&mut loss);
-        let mut loss = loss[0] / world.size() as f64;
-        self.step += 1;
-        self.tokens_seen += (batch.len() * t.seq_len) as u64;
-        if crate::faults::nan_loss_at(self.step, world.rank()) {
-            loss = f64::NAN;
+        let mut local_loss = loss_sum / t.grad_accum_steps as f64;
+        if crate::faults::nan_loss_at(self.step + 1, world.rank()) {
+            local_loss = local_loss.full_like(f64::NAN);
             let _ = self.params.grads.fill_(f64::NAN);
         }
+        // A non-finite loss on any rank poisons its gradients (loss · 0 is NaN), so the
+        // averaged norm, and with it every rank's skip decision, sees it.
+        tch::no_grad(|| {
+            let _ = self.params.grads.narrow(0, 0, 1).g_add_(&(&local_loss * 0.0));
+        });
+        replicas.average(&mut self.params.grads)?;
+        self.step += 1;
+        self.tokens_seen += (batch.len() * t.seq_len) as u64;
 
-        if !loss.is_finite() || !grads_are_finite(&self.params) {
-            let what = if loss.is_finite() { "gradient".to_string() } else { format!("loss ({loss})") };
-            match t.nonfinite {
-                NonFinite::Stop => bail!(
-                    "non-finite {what} at step {}: stopping (the last checkpoint is untouched; set train.nonfinite: skip to drop such steps)",
-                    self.step
-                ),
-                NonFinite::Skip => {
-                    tracing::warn!("non-finite {what} at step {}: update skipped (train.nonfinite: skip)", self.step);
-                    return Ok(StepReport { loss, grad_norm: f64::NAN, skipped: true });
-                }
-            }
-        }
-        let grad_norm = clip_grad_norm(&mut self.params, self.cfg.optim.grad_clip);
-        self.opt.step(&mut self.params, lr);
+        let (grad_norm, clip_coef, skipped) = norm_clip_and_skip(&self.params.grads, self.cfg.optim.grad_clip);
+        self.record_nonfinite(&skipped, &local_loss);
+        self.opt.step_guarded(&mut self.params, lr, &clip_coef, &skipped);
         if crate::faults::diverge_at(self.step, world.rank()) {
             let _ = self.params.values.narrow(0, 0, 1).g_add_scalar_(1e-3);
         }
-        Ok(StepReport { loss, grad_norm, skipped: false })
+        self.refresh_compute_weights();
+        Ok(StepOutcome { local_loss, grad_norm, skipped })
+    }
+
+    /// Adds this step to the device-side record of non-finite steps.
+    fn record_nonfinite(&mut self, skipped: &Tensor, loss: &Tensor) {
+        tch::no_grad(|| {
+            let skip = skipped.to_kind(Kind::Double);
+            let (count, first_step, first_loss) = (self.nonfinite.get(0), self.nonfinite.get(1), self.nonfinite.get(2));
+            let is_first = count.eq(0.0).logical_and(&skip.ne(0.0));
+            let step = Tensor::full([], self.step as f64, (Kind::Double, self.device));
+            let update = Tensor::stack(
+                &[&count + &skip, step.where_self(&is_first, &first_step), loss.to_kind(Kind::Double).where_self(&is_first, &first_loss)],
+                0,
+            );
+            let _ = self.nonfinite.copy_(&update);
+        });
+    }
+
+    /// Reports the non-finite steps since the last call (one read): with
+    /// `train.nonfinite: stop` the first one ends the run (the last checkpoint is untouched:
+    /// the loop calls this before every save); with `skip` each is a warning. Every rank
+    /// reaches the same verdict (the norm it is decided on is averaged).
+    pub fn settle(&mut self) -> anyhow::Result<()> {
+        let values = device_reads::read(&self.nonfinite);
+        let (count, first, loss) = (values[0], values[1] as u64, values[2]);
+        if count == 0.0 {
+            return Ok(());
+        }
+        let _ = self.nonfinite.copy_(&Tensor::from_slice(&[0f64, -1.0, 0.0]));
+        let what = if loss.is_finite() { "gradient".to_string() } else { format!("loss ({loss})") };
+        match self.cfg.train.nonfinite {
+            NonFinite::Stop => bail!(
+                "non-finite {what} at step {first}: stopping (the last checkpoint is untouched; set train.nonfinite: skip to drop such steps)"
+            ),
+            NonFinite::Skip => {
+                tracing::warn!("non-finite {what} at step {first}: update skipped (train.nonfinite: skip)");
+                if count > 1.0 {
+                    tracing::warn!("{} more non-finite steps skipped up to step {}", count - 1.0, self.step);
+                }
+                Ok(())
+            }
+        }
     }
 
     /// The model's tensors by name, as checkpoints and exports store them.
@@ -228,6 +306,7 @@ impl Trainer {
         self.sampler.restore(state.sampler).map_err(|e| anyhow!("checkpoint {dir}: {e}"))?;
         self.step = state.step;
         self.tokens_seen = state.tokens_seen;
+        self.refresh_compute_weights();
         Ok(())
     }
 }

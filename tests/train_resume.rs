@@ -46,14 +46,24 @@ fn rows(run_dir: &Path) -> Vec<Value> {
 
 #[test]
 fn killed_and_resumed_run_matches_an_uninterrupted_one_exactly() {
+    kill_and_resume(&["--set", "train.precision=fp32"]);
+}
+
+/// The same in bf16: the compute copies are rebuilt from the fp32 checkpoint on resume.
+#[test]
+fn killed_and_resumed_bf16_run_matches_an_uninterrupted_one_exactly() {
+    kill_and_resume(&["--set", "train.precision=bf16"]);
+}
+
+fn kill_and_resume(extra: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
-    let whole = train(&args(&dir.path().join("a"), &cache, &[]), None);
+    let whole = train(&args(&dir.path().join("a"), &cache, extra), None);
     assert!(whole.status.success(), "{}", stderr(&whole));
 
     // Killed by SIGKILL right after step 6's update: the checkpoint of step 4 is the last
     // good one, and row 5 was already logged past it.
-    let b_args = args(&dir.path().join("b"), &cache, &[]);
+    let b_args = args(&dir.path().join("b"), &cache, extra);
     let killed = train(&b_args, Some("kill@6"));
     assert!(!killed.status.success(), "the fault must kill the run");
     let b = dir.path().join("b/quickstart");

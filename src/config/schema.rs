@@ -75,6 +75,18 @@ pub struct ModelConfig {
     pub share_layers: bool,
     /// Dropout probability on embeddings, attention and residual outputs.
     pub dropout: f64,
+    /// Where the embedding dropout sits when factorized: `after_projection` (the studies'
+    /// ALGPT2: token + position, E→H projection, then dropout) or `before_projection`
+    /// (dropout on the E-wide sum, then the projection). Without factorization both are
+    /// dropout on the token + position sum.
+    pub embedding_dropout: EmbeddingDropout,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EmbeddingDropout {
+    AfterProjection,
+    BeforeProjection,
 }
 
 impl Default for ModelConfig {
@@ -88,6 +100,7 @@ impl Default for ModelConfig {
             n_head: 12,
             share_layers: true,
             dropout: 0.1,
+            embedding_dropout: EmbeddingDropout::AfterProjection,
         }
     }
 }
@@ -208,6 +221,27 @@ pub struct TrainConfig {
     /// gradients, AdamW state, activations, logits) and refuse a config that cannot fit
     /// the device (GPU memory, or this rank's share of the available RAM).
     pub memory_check: bool,
+    /// Compute precision: `auto` (bf16 on CUDA GPUs of compute capability 8.0 or newer and
+    /// on CPUs with AMX-BF16 or AVX512-BF16, else fp32), `bf16` (matrix products,
+    /// attention and the head in bf16 on fp32 master weights, gradients and optimizer
+    /// state; LayerNorm statistics, softmax, the loss and all reductions in fp32) or
+    /// `fp32`. Checkpoints are fp32 either way and resume in either precision.
+    pub precision: Precision,
+    /// The head and token table are padded inside the trainer to a multiple of this many
+    /// rows (faster matrix products); padded rows never get probability and are never
+    /// saved or exported. 1: no padding.
+    pub pad_vocab_multiple: usize,
+    /// Rows of the head's logits formed at a time by the fused classifier (0: chosen from
+    /// the vocabulary size, about 32 MB of fp32 logits per chunk).
+    pub classifier_chunk_rows: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    Auto,
+    Bf16,
+    Fp32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -233,6 +267,9 @@ impl Default for TrainConfig {
             peak_flops: None,
             tf32: true,
             memory_check: true,
+            precision: Precision::Auto,
+            pad_vocab_multiple: 64,
+            classifier_chunk_rows: 0,
         }
     }
 }

@@ -85,6 +85,16 @@ pub fn violations(cfg: &Config) -> Vec<Violation> {
     check(t.grad_accum_steps >= 1, "train.grad_accum_steps", "must be at least 1".into());
     check(t.max_steps >= 1, "train.max_steps", "must be at least 1".into());
     check(t.log_interval >= 1, "train.log_interval", "must be at least 1".into());
+    check(
+        (1..=4096).contains(&t.pad_vocab_multiple),
+        "train.pad_vocab_multiple",
+        format!("{} is out of range [1, 4096] (1: no padding)", t.pad_vocab_multiple),
+    );
+    check(
+        t.classifier_chunk_rows <= 1 << 24,
+        "train.classifier_chunk_rows",
+        format!("{} exceeds 16777216 (0: chosen from the vocabulary size)", t.classifier_chunk_rows),
+    );
     if let Some(peak) = t.peak_flops {
         check(peak > 0.0 && peak.is_finite(), "train.peak_flops", format!("{peak} must be positive (or null)"));
     }

@@ -28,6 +28,11 @@ pub fn total_memory(ordinal: usize) -> Option<usize> {
     ask_device(ordinal, |ctx| ctx.total_mem().ok())
 }
 
+/// (major, minor) compute capability of CUDA device `ordinal`, or None without one.
+pub fn compute_capability(ordinal: usize) -> Option<(i32, i32)> {
+    ask_device(ordinal, |ctx| ctx.compute_capability().ok())
+}
+
 /// `question` of device `ordinal`'s context, or None where there is no driver or device.
 fn ask_device<T>(ordinal: usize, question: impl FnOnce(&cudarc::driver::CudaContext) -> Option<T> + std::panic::UnwindSafe) -> Option<T> {
     // SAFETY: only tries to dlopen the library.

@@ -39,8 +39,8 @@ fn step(world: &World, device: Device) -> anyhow::Result<String> {
     let mut trainer = Trainer::new(&cfg, device, train.windows(cfg.train.seq_len));
     let replicas = Replicas::new(&cfg.dist, world, device)?;
     trainer.broadcast_weights(&replicas)?;
-    let first = trainer.train_step(&train, &replicas, cfg.optim.lr)?;
-    let second = trainer.train_step(&train, &replicas, cfg.optim.lr)?;
+    let first = trainer.train_step(&train, &replicas, cfg.optim.lr)?.read(world);
+    let second = trainer.train_step(&train, &replicas, cfg.optim.lr)?.read(world);
     let _ = std::fs::remove_dir_all(&dir);
     ensure!(
         !first.skipped && !second.skipped && first.loss.is_finite() && second.loss.is_finite(),

@@ -6,6 +6,10 @@
 //! Order: parameters that get weight decay (matrices and embeddings, dim ≥ 2) first, then
 //! the rest (biases, LayerNorm gains); by name within each group. The order is a function
 //! of the model config alone, so a checkpoint's flat buffers line up on every rank.
+//!
+//! One matrix (the token table, which is also the head) may be padded with zero rows:
+//! its region then holds more rows than its variable, the variable views the first
+//! ones, and the padded matrix is a view of the whole region (`padded`).
 
 use tch::nn::VarStore;
 use tch::{Kind, Tensor};
@@ -17,7 +21,16 @@ pub struct Slot {
     pub shape: Vec<i64>,
     pub offset: i64,
     pub numel: i64,
+    /// Elements the slot occupies: `numel` plus any zero padding rows after it.
+    pub reserved: i64,
     pub decay: bool,
+}
+
+/// A matrix of the model padded to `rows` rows inside the flat buffers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Padding<'a> {
+    pub name: &'a str,
+    pub rows: i64,
 }
 
 pub struct FlatParams {
@@ -33,16 +46,25 @@ pub struct FlatParams {
 impl FlatParams {
     /// Moves every trainable variable of `vs` into the flat buffers (keeping its values).
     pub fn new(vs: &VarStore) -> FlatParams {
+        FlatParams::new_padded(vs, None)
+    }
+
+    /// `new`, with the matrix `padding.name` given zero rows up to `padding.rows`.
+    pub fn new_padded(vs: &VarStore, padding: Option<Padding>) -> FlatParams {
         let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
         named.sort_by(|(a, ta), (b, tb)| (ta.dim() < 2, a).cmp(&(tb.dim() < 2, b)));
         let mut slots = Vec::with_capacity(named.len());
         let mut offset = 0i64;
         for (name, t) in &named {
             let numel = t.numel() as i64;
-            slots.push(Slot { name: name.clone(), shape: t.size(), offset, numel, decay: t.dim() >= 2 });
-            offset += numel;
+            let reserved = match padding {
+                Some(p) if p.name == name && t.dim() == 2 && p.rows > t.size()[0] => p.rows * t.size()[1],
+                _ => numel,
+            };
+            slots.push(Slot { name: name.clone(), shape: t.size(), offset, numel, reserved, decay: t.dim() >= 2 });
+            offset += reserved;
         }
-        let decay_len = slots.iter().filter(|s| s.decay).map(|s| s.numel).sum();
+        let decay_len = slots.iter().filter(|s| s.decay).map(|s| s.reserved).sum();
         let device = named.first().map_or(tch::Device::Cpu, |(_, t)| t.device());
         let values = Tensor::zeros([offset], (Kind::Float, device));
         let mut grads = Tensor::zeros([offset], (Kind::Float, device));
@@ -69,8 +91,22 @@ impl FlatParams {
         FlatParams { slots, values, grads, decay_len, vars }
     }
 
+    /// Elements of the flat buffers, padding included.
     pub fn len(&self) -> i64 {
         self.values.numel() as i64
+    }
+
+    /// The model's parameters, padding excluded.
+    pub fn parameter_count(&self) -> i64 {
+        self.slots.iter().map(|s| s.numel).sum()
+    }
+
+    /// Matrix `name` with its padding rows, as a view [rows, cols] of `buffer` (the values,
+    /// the gradients, or a buffer of the same layout such as their bf16 copies).
+    pub fn padded(&self, buffer: &Tensor, name: &str) -> Option<Tensor> {
+        let slot = self.slot(name)?;
+        let cols = *slot.shape.last()?;
+        Some(buffer.narrow(0, slot.offset, slot.reserved).view([slot.reserved / cols, cols]))
     }
 
     pub fn zero_grads(&mut self) {
@@ -126,6 +162,7 @@ mod tests {
             n_head: 2,
             share_layers: true,
             dropout: 0.0,
+            ..ModelConfig::default()
         }
     }
 
@@ -135,9 +172,9 @@ mod tests {
         let vs = VarStore::new(Device::Cpu);
         let model = Algpt2::new(&vs.root(), &cfg());
         let idx = Tensor::from_slice(&[1i64, 2, 3, 4]).view([1, 4]);
-        let before = model.forward(&idx, false);
+        let before = model.forward(&idx, None);
         let flat = FlatParams::new(&vs);
-        let after = model.forward(&idx, false);
+        let after = model.forward(&idx, None);
         assert_eq!((before - after).abs().max().double_value(&[]), 0.0);
         assert_eq!(flat.len() as u64, crate::model::size::param_count(&cfg()).total);
         let first_no_decay = flat.slots.iter().position(|s| !s.decay).unwrap();
@@ -158,12 +195,12 @@ mod tests {
         assert!(flat.is_aliased());
         let idx = Tensor::from_slice(&[1i64, 2, 3, 4, 5, 6, 7, 8]).view([2, 4]);
         let targets = Tensor::from_slice(&[2i64, 3, 4, 5, 6, 7, 8, 9]).view([2, 4]);
-        let loss = Algpt2::loss(&model.forward(&idx, true), &targets);
+        let loss = Algpt2::loss(&model.forward(&idx, None), &targets);
         loss.backward();
         let once = flat.grads.copy();
         assert!(once.abs().sum(Kind::Float).double_value(&[]) > 0.0);
         // A second backward adds in place; zeroing clears through the same memory.
-        Algpt2::loss(&model.forward(&idx, true), &targets).backward();
+        Algpt2::loss(&model.forward(&idx, None), &targets).backward();
         let twice = flat.grads.copy();
         assert!((twice - &once * 2.0).abs().max().double_value(&[]) < 1e-6);
         assert!(flat.is_aliased());

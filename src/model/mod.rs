@@ -6,4 +6,8 @@ pub mod size;
 pub mod gpt;
 
 pub use gpt::{Algpt2, KvCache};
+pub mod classifier;
+pub mod dropout;
 pub mod flat;
+pub mod objective;
+pub mod precision;

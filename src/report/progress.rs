@@ -23,10 +23,13 @@ impl Progress {
         Progress { bar }
     }
 
-    pub fn step(&self, step: u64, loss: f64) {
+    /// The bar at `step`; `loss` when the step was logged (the last logged loss stays).
+    pub fn step(&self, step: u64, loss: Option<f64>) {
         if let Some(bar) = &self.bar {
             bar.set_position(step);
-            bar.set_message(format!("loss {loss:.4}"));
+            if let Some(loss) = loss {
+                bar.set_message(format!("loss {loss:.4}"));
+            }
         }
     }
 

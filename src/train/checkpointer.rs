@@ -30,6 +30,11 @@ impl<'a> Checkpointer<'a> {
     }
 
     /// Saves at every `save_interval`-th step, at the last step and when stopping.
+    /// True when step `step` ends with a save.
+    pub fn is_due(&self, step: u64, stopping: bool) -> bool {
+        (self.save_interval > 0 && step.is_multiple_of(self.save_interval)) || step == self.max_steps || stopping
+    }
+
     pub fn save_if_due(
         &self,
         trainer: &Trainer,
@@ -38,9 +43,8 @@ impl<'a> Checkpointer<'a> {
         progress: &Progress,
         stopping: bool,
     ) -> anyhow::Result<()> {
-        let step = trainer.step;
-        let last = step == self.max_steps;
-        if !((self.save_interval > 0 && step.is_multiple_of(self.save_interval)) || last || stopping) {
+        let (step, last) = (trainer.step, trainer.step == self.max_steps);
+        if !self.is_due(step, stopping) {
             return Ok(());
         }
         let saved =

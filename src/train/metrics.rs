@@ -4,7 +4,8 @@
 
 use crate::config::Config;
 use crate::model::size::training_flops_per_token;
-use crate::trainer::{StepReport, Trainer};
+use crate::dist::World;
+use crate::trainer::{StepOutcome, StepReport, Trainer};
 use serde_json::{json, Map, Value};
 
 pub struct TrainMetrics {
@@ -37,14 +38,25 @@ impl TrainMetrics {
         self.tokens += tokens;
     }
 
-    /// The step's training metrics when it is logged (every `train.log_interval` steps
-    /// and the last), else nothing; logging starts the next throughput window.
-    pub fn row(&mut self, report: &StepReport, lr: f64, trainer: &Trainer) -> Map<String, Value> {
+    /// True when step `step` is logged: every `train.log_interval` steps and the last.
+    pub fn is_due(&self, step: u64) -> bool {
+        step.is_multiple_of(self.log_interval) || step == self.max_steps
+    }
+
+    /// The step's values when it is logged, read from the device then and only then (so
+    /// a step's time includes waiting for the device). Every rank calls it.
+    pub fn read_if_due(&self, outcome: &StepOutcome, step: u64, world: &World) -> Option<StepReport> {
+        self.is_due(step).then(|| outcome.read(world))
+    }
+
+    /// The step's training metrics when it is logged (`report` from `read_if_due`), else
+    /// nothing; logging starts the next throughput window.
+    pub fn row(&mut self, report: Option<&StepReport>, lr: f64, trainer: &Trainer) -> Map<String, Value> {
         let step = trainer.step;
         let mut row = Map::new();
-        if !step.is_multiple_of(self.log_interval) && step != self.max_steps {
+        let Some(report) = report else {
             return row;
-        }
+        };
         let tokens_per_sec = self.tokens as f64 / self.seconds.max(1e-9);
         row.insert("train/loss".into(), json!(report.loss));
         row.insert("train/lr".into(), json!(lr));

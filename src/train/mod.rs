@@ -66,6 +66,7 @@ fn run_in_world(cfg: &Config, world: &World, device: tch::Device) -> anyhow::Res
     let train = data.split(Split::Train).expect("the train split always exists");
     let seq_len = cfg.train.seq_len;
     let mut trainer = Trainer::new(cfg, device, train.windows(seq_len));
+    info!("precision: {} ({})", trainer.precision.name(), trainer.precision.reason);
     let metrics = MetricsLog::new(&run.metrics());
     let mut validator = Validator::new(cfg, data.split(Split::Valid), world);
     let mut resumed_wandb_run = None;
@@ -90,6 +91,7 @@ fn run_in_world(cfg: &Config, world: &World, device: tch::Device) -> anyhow::Res
     extra.insert("parameters".into(), json!(param_count(&cfg.model).total));
     extra.insert("world_size".into(), json!(world.size()));
     extra.insert("device".into(), json!(device::describe(device)));
+    extra.insert("precision".into(), json!(trainer.precision.name()));
     let wandb = WandbRun::start(cfg, &run.root, world.is_main(), extra, resume)?;
     // Kept in every checkpoint, so that a resumed run continues the same W&B run.
     let wandb_run_id = wandb.run_id().or(resumed_wandb_run);
@@ -161,15 +163,20 @@ fn train_loop(
     while trainer.step < t.max_steps {
         let lr = learning_rate(&cfg.optim, trainer.step, t.max_steps);
         let started = Instant::now();
-        let report = trainer.train_step(env.train, env.replicas, lr)?;
+        let outcome = trainer.train_step(env.train, env.replicas, lr)?;
         crate::faults::kill_or_hang_at(trainer.step, world.rank());
+        // Device values are read only for a logged row; the read waits for the device, so
+        // it belongs to the step's time.
+        let report = metrics.read_if_due(&outcome, trainer.step, world);
         env.watchdog.beat();
         let step_seconds = started.elapsed().as_secs_f64();
         train_seconds += step_seconds;
         metrics.add(step_seconds, (trainer.global_batch(world) * t.seq_len) as u64);
-        env.progress.step(trainer.step, report.loss);
-
-        let mut row = metrics.row(&report, lr, trainer);
+        if report.is_some() {
+            trainer.settle()?;
+        }
+        env.progress.step(trainer.step, report.as_ref().map(|r| r.loss));
+        let mut row = metrics.row(report.as_ref(), lr, trainer);
         if validator.validate_if_due(trainer, world, env.wandb, &mut row) {
             env.watchdog.beat();
         }
@@ -190,6 +197,10 @@ fn train_loop(
         let stopping = stopping[0] > 0.0;
         let (val_loss, best_val_loss) = validator.losses();
         let others = OtherParts { wandb_run_id: env.wandb_run_id.clone(), val_loss, best_val_loss };
+        if checkpointer.is_due(trainer.step, stopping) {
+            // No checkpoint after a non-finite step under `train.nonfinite: stop`.
+            trainer.settle()?;
+        }
         checkpointer.save_if_due(trainer, &others, world, env.progress, stopping)?;
         env.watchdog.beat();
         if stopping {

@@ -21,6 +21,11 @@ struct RunSummary {
     best_achievable_val_ppl: Option<f64>,
     best_val_ppl: Option<f64>,
     checkpoint: String,
+    /// Reads of device values by this process (each a wait for a GPU): a handful per
+    /// logged row, none per unlogged step.
+    device_reads: u64,
+    /// `bf16` or `fp32`: what `train.precision` resolved to.
+    precision: String,
     steps: u64,
     test_ppl: Option<f64>,
     tokens: u64,
@@ -54,6 +59,8 @@ pub(super) fn write(
         best_achievable_val_ppl: data.split(Split::Valid).and_then(|s| s.best_loss()).map(f64::exp),
         best_val_ppl: val_losses.1.map(f64::exp),
         checkpoint: run.checkpoint(trainer.step).display().to_string(),
+        device_reads: crate::device_reads::count(),
+        precision: trainer.precision.name().to_string(),
         steps: trainer.step,
         test_ppl: test.map(|e| e.ppl),
         tokens: trainer.tokens_seen,

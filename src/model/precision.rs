@@ -1,0 +1,133 @@
+//! Compute precision (`train.precision`): fp32, or bf16 matrix products on fp32 master
+//! weights.
+//!
+//! In bf16 the flat fp32 parameters (model/flat.rs) are cast once per optimizer step, in
+//! one pass, into a bf16 buffer of the same layout; the model's matrix products use views
+//! of it (so the shared block is cast once, not `n_layer` times). Their gradients land in
+//! a bf16 gradient buffer of the same layout, added into the fp32 gradients after each
+//! micro-step's backward. Embedding lookups, LayerNorm gains and biases, the residual
+//! stream, softmax, the loss and every reduction stay fp32; there is no loss scaling
+//! (bf16 has fp32's range).
+
+use super::flat::FlatParams;
+use crate::config::Precision;
+use std::collections::HashMap;
+use tch::{Device, Kind, Tensor};
+
+/// The precision a run uses and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resolved {
+    pub bf16: bool,
+    pub reason: String,
+}
+
+impl Resolved {
+    pub fn name(&self) -> &'static str {
+        if self.bf16 {
+            "bf16"
+        } else {
+            "fp32"
+        }
+    }
+}
+
+/// CPU features with bf16 matrix units or instructions, from /proc/cpuinfo.
+pub fn cpu_bf16_feature() -> Option<&'static str> {
+    let flags = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let flags = flags.lines().find(|l| l.starts_with("flags"))?.to_string();
+    ["amx_bf16", "avx512_bf16"].into_iter().find(|f| flags.split_whitespace().any(|x| x == *f))
+}
+
+/// `train.precision` on `device`: `auto` is bf16 where the hardware computes it natively.
+pub fn resolve(wanted: Precision, device: Device) -> Resolved {
+    match wanted {
+        Precision::Fp32 => Resolved { bf16: false, reason: "train.precision: fp32".into() },
+        Precision::Bf16 => Resolved { bf16: true, reason: "train.precision: bf16".into() },
+        Precision::Auto => match device {
+            Device::Cuda(ordinal) => match crate::cuda::peak::compute_capability(ordinal) {
+                Some((major, minor)) if major >= 8 => {
+                    Resolved { bf16: true, reason: format!("auto: GPU of compute capability {major}.{minor} (bf16 tensor cores)") }
+                }
+                Some((major, minor)) => {
+                    Resolved { bf16: false, reason: format!("auto: GPU of compute capability {major}.{minor} has no bf16 tensor cores") }
+                }
+                None => Resolved { bf16: false, reason: "auto: the GPU's compute capability is unknown".into() },
+            },
+            _ => match cpu_bf16_feature() {
+                Some(feature) => Resolved { bf16: true, reason: format!("auto: this CPU has {feature}") },
+                None => Resolved { bf16: false, reason: "auto: this CPU has neither AMX-BF16 nor AVX512-BF16".into() },
+            },
+        },
+    }
+}
+
+/// The bf16 copies of the parameters and their gradients, in the flat layout.
+pub struct Bf16Weights {
+    values: Tensor,
+    grads: Tensor,
+    by_name: HashMap<String, Tensor>,
+    _vars: Vec<Tensor>,
+}
+
+impl Bf16Weights {
+    /// bf16 leaf variables, one per slot of `flat`, viewing one bf16 buffer; their
+    /// gradients view a second one (the same aliasing as FlatParams).
+    pub fn new(flat: &FlatParams) -> Bf16Weights {
+        let device = flat.values.device();
+        let values = flat.values.to_kind(Kind::BFloat16);
+        let grads = values.zeros_like();
+        let mut by_name = HashMap::new();
+        let mut vars = Vec::with_capacity(flat.slots.len());
+        for slot in &flat.slots {
+            let var = values.narrow(0, slot.offset, slot.numel).view(slot.shape.as_slice()).detach().set_requires_grad(true);
+            by_name.insert(slot.name.clone(), var.shallow_clone());
+            vars.push(var);
+        }
+        // Creates every gradient, then points it into the flat bf16 gradient buffer.
+        let touch = vars.iter().map(|v| v.sum(Kind::Float) * 0.0).fold(Tensor::zeros([], (Kind::Float, device)), |a, b| a + b);
+        touch.backward();
+        tch::no_grad(|| {
+            for (slot, var) in flat.slots.iter().zip(vars.iter()) {
+                let mut grad = var.grad();
+                grad.set_data(&grads.narrow(0, slot.offset, slot.numel).view(slot.shape.as_slice()));
+            }
+        });
+        let mut grads = grads;
+        let _ = grads.zero_();
+        Bf16Weights { values, grads, by_name, _vars: vars }
+    }
+
+    /// The bf16 variable of parameter `name`.
+    pub fn get(&self, name: &str) -> Option<Tensor> {
+        self.by_name.get(name).map(Tensor::shallow_clone)
+    }
+
+    /// The whole bf16 buffer (the layout of `FlatParams::values`).
+    pub fn buffer(&self) -> &Tensor {
+        &self.values
+    }
+
+    /// Casts the fp32 master weights into the bf16 copies: one pass.
+    pub fn refresh(&mut self, flat: &FlatParams) {
+        tch::no_grad(|| {
+            let _ = self.values.copy_(&flat.values);
+        });
+    }
+
+    /// Adds the bf16 gradients of the last backward into the fp32 ones and clears them.
+    pub fn flush_grads(&mut self, flat: &mut FlatParams) {
+        tch::no_grad(|| {
+            let _ = flat.grads.g_add_(&self.grads);
+            let _ = self.grads.zero_();
+        });
+    }
+
+    /// True while every bf16 variable still views the buffers.
+    pub fn is_aliased(&self, flat: &FlatParams) -> bool {
+        let (base_v, base_g) = (self.values.data_ptr() as usize, self.grads.data_ptr() as usize);
+        flat.slots.iter().zip(&self._vars).all(|(s, v)| {
+            let at = (s.offset as usize) * 2;
+            v.data_ptr() as usize == base_v + at && v.grad().defined() && v.grad().data_ptr() as usize == base_g + at
+        })
+    }
+}
