@@ -7,7 +7,14 @@
 #     to two uninterrupted runs against each other (byte-identical, or the difference);
 #  3. a checkpoint written on the GPU resumed on the CPU, and one written on the CPU
 #     resumed on the GPU;
-#  4. more ranks than GPUs with device: cuda gives the clear error (exit 2).
+#  4. more ranks than GPUs with device: cuda gives the clear error (exit 2);
+#  5. bf16 (train.precision: bf16) on the GPU: a training whose summary.json says
+#     "precision": "bf16"; a bf16 run killed (SIGKILL) at step 6 and resumed, whose
+#     model.safetensors and optimizer.safetensors must be byte-identical to an
+#     uninterrupted bf16 run's (when two uninterrupted bf16 runs are not byte-identical
+#     themselves, the differences are compared as in 2); and train.precision: auto
+#     resolving to bf16 on a GPU of compute capability >= 8.0 (fp32 below).
+# Checks 2 and 3 run with train.precision: fp32 (auto would pick bf16 on most GPUs).
 # Each prints PASS, FAIL or "skipped: ..." (no GPU: only the CPU parts of 1 run); exit 1
 # when anything failed. Results and logs go to WORK_DIR (default: a temporary directory).
 # DOCTOR_SIZES_MB (default 1,16,64,256) sets the all-reduce sizes doctor times.
@@ -53,21 +60,36 @@ def load(path):
     raw = open(path, "rb").read()
     n = struct.unpack("<Q", raw[:8])[0]
     header = json.loads(raw[8:8 + n]); body = raw[8 + n:]
-    return {k: torch.frombuffer(bytearray(body[v["data_offsets"][0]:v["data_offsets"][1]]), dtype=torch.float32)
+    dtypes = {"F32": torch.float32, "F64": torch.float64, "BF16": torch.bfloat16, "F16": torch.float16,
+              "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8}
+    return {k: torch.frombuffer(bytearray(body[v["data_offsets"][0]:v["data_offsets"][1]]), dtype=dtypes[v["dtype"]])
             for k, v in header.items() if k != "__metadata__"}
 a, b = load(sys.argv[1]), load(sys.argv[2])
 print(max((a[k].double() - b[k].double()).abs().max().item() for k in a))
 PY
 }
-train() { # NAME DEVICE STEPS [env...]
-  local name=$1 device=$2 steps=$3; shift 3
-  env "$@" "$bin" "${tiny[@]}" --set "run_name=$name" --set "device=$device" --set "train.max_steps=$steps" >> "$work/$name.log" 2>&1
+optimizer() { echo "$work/runs/$1/checkpoints/step_$(printf %08d "$2")/optimizer.safetensors"; }
+train() { # NAME DEVICE STEPS [env...]: in fp32
+  train_in fp32 "$@"
 }
+train_in() { # PRECISION NAME DEVICE STEPS [env...]
+  local precision=$1 name=$2 device=$3 steps=$4; shift 4
+  env "$@" "$bin" "${tiny[@]}" --set "run_name=$name" --set "device=$device" --set "train.max_steps=$steps" \
+    --set "train.precision=$precision" >> "$work/$name.log" 2>&1
+}
+# What train.precision resolved to in a finished run: summary.json's "precision".
+precision_of() {
+  python3 -c 'import json, sys; print(json.load(open(sys.argv[1])).get("precision", "absent"))' \
+    "$work/runs/$1/summary.json" 2>/dev/null || echo "unreadable (no summary.json?)"
+}
+# The log's "precision: ... (why)" line, for the PASS messages.
+precision_line() { grep -m1 -oE 'precision: (bf16|fp32) \(.*\)' "$work/$1.log" || echo "no precision line in $work/$1.log"; }
 
 if [ "$gpus" -eq 0 ]; then
-  skip "kill and resume on the GPU" "no GPU"
+  # Three lines, as tests/bundle.rs expects: the bf16 checks (5) ride on two of them.
+  skip "kill and resume on the GPU (fp32 and bf16)" "no GPU"
   skip "checkpoint GPU -> CPU and CPU -> GPU" "no GPU"
-  skip "more ranks than GPUs" "no GPU"
+  skip "more ranks than GPUs, bf16 training, train.precision: auto on the GPU" "no GPU"
 else
   # --- 2. kill and resume on the GPU -------------------------------------------------
   train gpu_a cuda 12; train gpu_b cuda 12
@@ -106,6 +128,70 @@ else
     pass "more ranks than GPUs: exit 2, \"$(grep -m1 -o 'local rank [0-9]* has no GPU of its own[^"]*' "$work/too_many.log")\""
   else
     fail "more ranks than GPUs: exit $code (want 2 and the no-GPU message; see $work/too_many.log)"
+  fi
+  # --- 5. bf16 on the GPU ------------------------------------------------------------------
+  train_in bf16 bf16_a cuda 12; trained=$?
+  got=$(precision_of bf16_a)
+  if [ "$trained" -eq 0 ] && [ "$got" = bf16 ] && [ -f "$(weights bf16_a 12)" ]; then
+    pass "bf16 training on the GPU: 12 steps, summary.json says \"precision\": \"bf16\" ($(precision_line bf16_a))"
+  else
+    fail "bf16 training on the GPU: exit $trained, summary.json precision $got (want exit 0 and bf16; see $work/bf16_a.log)"
+  fi
+  train_in bf16 bf16_b cuda 12
+  train_in bf16 bf16_k cuda 12 ALGPT2_FAULT=kill@6; killed=$?
+  train_in bf16 bf16_k cuda 12; resumed=$?
+  got=$(precision_of bf16_k)
+  if [ "$killed" -ne 137 ] || [ "$resumed" -ne 0 ] || [ ! -f "$(weights bf16_k 12)" ] || [ ! -f "$(optimizer bf16_k 12)" ] \
+     || [ ! -f "$(weights bf16_a 12)" ] || [ ! -f "$(weights bf16_b 12)" ]; then
+    fail "bf16 kill and resume on the GPU: killed run exit $killed (want 137), resume exit $resumed (see $work/bf16_k.log, $work/bf16_a.log, $work/bf16_b.log)"
+  elif ! grep -q "resumed from .*step_00000004 at step 4" "$work/bf16_k.log"; then
+    fail "bf16 kill and resume on the GPU: the second run did not resume from step 4 (see $work/bf16_k.log)"
+  elif [ "$got" != bf16 ]; then
+    fail "bf16 kill and resume on the GPU: the resumed run's summary.json precision is $got (want bf16)"
+  elif cmp -s "$(weights bf16_a 12)" "$(weights bf16_k 12)" && cmp -s "$(optimizer bf16_a 12)" "$(optimizer bf16_k 12)"; then
+    if cmp -s "$(weights bf16_a 12)" "$(weights bf16_b 12)" && cmp -s "$(optimizer bf16_a 12)" "$(optimizer bf16_b 12)"; then
+      ab="byte-identical too"
+    else
+      ab="differ by $(max_diff "$(weights bf16_a 12)" "$(weights bf16_b 12)") (weights)"
+    fi
+    pass "bf16 kill and resume on the GPU: model.safetensors and optimizer.safetensors byte-identical to the uninterrupted bf16 run (two uninterrupted bf16 runs $ab)"
+  else
+    ak_w=$(max_diff "$(weights bf16_a 12)" "$(weights bf16_k 12)")
+    ak_o=$(max_diff "$(optimizer bf16_a 12)" "$(optimizer bf16_k 12)")
+    if cmp -s "$(weights bf16_a 12)" "$(weights bf16_b 12)" && cmp -s "$(optimizer bf16_a 12)" "$(optimizer bf16_b 12)"; then
+      fail "bf16 kill and resume on the GPU: not byte-identical (max |difference| weights $ak_w, optimizer $ak_o), though two uninterrupted bf16 runs are"
+    else
+      ab_w=$(max_diff "$(weights bf16_a 12)" "$(weights bf16_b 12)")
+      ab_o=$(max_diff "$(optimizer bf16_a 12)" "$(optimizer bf16_b 12)")
+      number='^[0-9.eE+-]+$'
+      if ! [[ "$ak_w" =~ $number && "$ak_o" =~ $number && "$ab_w" =~ $number && "$ab_o" =~ $number ]]; then
+        fail "bf16 kill and resume on the GPU: not byte-identical, and the differences could not be computed (python3 with torch needed): '$ak_w' '$ak_o' '$ab_w' '$ab_o'"
+      elif awk -v kw="$ak_w" -v bw="$ab_w" -v ko="$ak_o" -v bo="$ab_o" \
+           'BEGIN { exit !(kw <= 10 * bw + 1e-6 && ko <= 10 * bo + 1e-6) }'; then
+        pass "bf16 kill and resume on the GPU: not byte-identical, but neither are two uninterrupted bf16 runs: max |difference| weights $ak_w (uninterrupted pair $ab_w), optimizer $ak_o (pair $ab_o)"
+      else
+        fail "bf16 kill and resume on the GPU: max |difference| weights $ak_w, optimizer $ak_o, but two uninterrupted bf16 runs differ by only $ab_w, $ab_o"
+      fi
+    fi
+  fi
+  # auto: bf16 on compute capability >= 8.0 (bf16 tensor cores), fp32 below. The
+  # capability of the GPU the run uses (CUDA device 0), from the host's torch or nvidia-smi.
+  cc=$(python3 -c 'import torch; assert torch.cuda.is_available(); print("%d.%d" % torch.cuda.get_device_capability(0))' 2>/dev/null \
+       || nvidia-smi --query-gpu=compute_cap --format=csv,noheader -i 0 2>/dev/null | head -1 | tr -d ' ')
+  train_in auto auto_a cuda 4; trained=$?
+  got=$(precision_of auto_a)
+  if [ "$trained" -ne 0 ]; then
+    fail "train.precision: auto on the GPU: exit $trained (see $work/auto_a.log)"
+  elif ! [[ "$cc" =~ ^[0-9]+\.[0-9]+$ ]]; then
+    skip "train.precision: auto on the GPU" "the compute capability is unknown (neither torch nor nvidia-smi gave it); auto resolved to $got ($(precision_line auto_a))"
+  else
+    want=fp32
+    if [ "${cc%%.*}" -ge 8 ]; then want=bf16; fi
+    if [ "$got" = "$want" ]; then
+      pass "train.precision: auto on the GPU: compute capability $cc, summary.json says \"precision\": \"$got\" ($(precision_line auto_a))"
+    else
+      fail "train.precision: auto on the GPU: compute capability $cc wants $want, summary.json says $got (see $work/auto_a.log)"
+    fi
   fi
 fi
 echo "gpu-checks: $failures failure(s)"

@@ -30,7 +30,7 @@ pub fn evaluate(
 ) -> Evaluation {
     let mine: Vec<u64> = eval_windows(split.windows(seq_len), limit, world.size(), world.rank()).collect();
     let mut totals = [0f64, 0f64, 0f64]; // loss sum, tokens, windows
-    // Summed on the device and read once.
+                                         // Summed on the device and read once.
     let mut loss_sum = tch::Tensor::zeros([], (Kind::Double, device));
     tch::no_grad(|| {
         for chunk in mine.chunks(batch.max(1)) {

@@ -142,8 +142,17 @@ mod tests {
     use tch::nn::VarStore;
 
     fn model(share_layers: bool, embedding_size: Option<usize>, vs: &VarStore) -> Algpt2 {
-        let cfg =
-            ModelConfig { vocab_size: 71, n_positions: 64, n_embd: 32, embedding_size, n_layer: 3, n_head: 4, share_layers, dropout: 0.1, ..ModelConfig::default() };
+        let cfg = ModelConfig {
+            vocab_size: 71,
+            n_positions: 64,
+            n_embd: 32,
+            embedding_size,
+            n_layer: 3,
+            n_head: 4,
+            share_layers,
+            dropout: 0.1,
+            ..ModelConfig::default()
+        };
         Algpt2::new(&vs.root(), &cfg)
     }
 

@@ -5,11 +5,11 @@ use crate::checkpoint::{self, Found, OtherParts, TrainerState, MODEL_FILE, OPTIM
 use crate::config::{Config, NonFinite};
 use crate::data::batches::{batch_tensors, rank_slice, Sampler};
 use crate::data::prepare::SplitData;
-use crate::dist::{Replicas, World};
 use crate::device_reads;
-use crate::model::objective::Objective;
+use crate::dist::{Replicas, World};
 use crate::model::dropout::Dropout;
 use crate::model::flat::{FlatParams, Padding};
+use crate::model::objective::Objective;
 use crate::model::precision::{self, Bf16Weights, Resolved};
 use crate::model::Algpt2;
 use crate::optim::adamw::norm_clip_and_skip;
@@ -168,7 +168,8 @@ impl Trainer {
             let dropout = Dropout::new(self.cfg.model.dropout, t.seed, self.step, micro, world.rank());
             let windows = rank_slice(&batch, micro, t.micro_batch_size, world.size(), world.rank());
             let (inputs, targets) = batch_tensors(&train.tokens, windows, t.seq_len, self.device);
-            loss_sum += self.objective.forward_backward(&self.model, &mut self.params, self.bf16.as_mut(), &inputs, &targets, Some(&dropout));
+            loss_sum +=
+                self.objective.forward_backward(&self.model, &mut self.params, self.bf16.as_mut(), &inputs, &targets, Some(&dropout));
         }
         let mut local_loss = loss_sum / t.grad_accum_steps as f64;
         if crate::faults::nan_loss_at(self.step + 1, world.rank()) {

@@ -53,35 +53,22 @@ fn unlogged_steps_read_nothing_from_the_device() {
 }
 
 /// 300 steps on WikiText-2 (train: valid split, validation: test split, 1,024-token
-/// BPE, a small ALGPT2 with dropout 0.1): bf16 ends within 1% of fp32's validation loss.
+/// BPE, a small ALGPT2 with dropout 0.1, batch 16 × 64, lr 1e-2): bf16 ends within 1%
+/// of fp32's validation loss (measured: 5.5731 fp32, 5.5541 bf16, −0.34%; at batch 8 and
+/// lr 3e-3 the two runs leave the unigram plateau at different steps and differ by up
+/// to 4% by chance alone).
 #[test]
 fn bf16_reaches_the_fp32_validation_loss_on_wikitext2() {
     let dir = tempfile::tempdir().unwrap();
     let data = repo().join("tests/data/wikitext-2");
     let args = |precision: &str| -> Vec<String> {
         let mut a: Vec<String> = [
-            "--config=configs/wikitext103.yaml",
-            "--set=device=cpu",
-            "--set=wandb.mode=disabled",
-            "--set=data.format=wikitext",
-            "--set=data.test=null",
-            "--set=tokenizer.vocab_size=1024",
-            "--set=model.vocab_size=1024",
-            "--set=model.n_positions=64",
-            "--set=model.n_embd=64",
-            "--set=model.n_head=4",
-            "--set=model.n_layer=2",
-            "--set=model.embedding_size=32",
-            "--set=model.dropout=0.1",
-            "--set=train.seq_len=64",
-            "--set=train.micro_batch_size=8",
-            "--set=train.max_steps=300",
-            "--set=train.log_interval=50",
-            "--set=train.eval_interval=300",
-            "--set=train.eval_steps=0",
-            "--set=train.save_interval=0",
-            "--set=optim.lr=3e-3",
-            "--set=optim.warmup_steps=30",
+            "--config=configs/wikitext103.yaml", "--set=device=cpu", "--set=wandb.mode=disabled", "--set=data.format=wikitext",
+            "--set=data.test=null", "--set=tokenizer.vocab_size=1024", "--set=model.vocab_size=1024", "--set=model.n_positions=64",
+            "--set=model.n_embd=64", "--set=model.n_head=4", "--set=model.n_layer=2", "--set=model.embedding_size=32",
+            "--set=model.dropout=0.1", "--set=train.seq_len=64", "--set=train.micro_batch_size=16", "--set=train.max_steps=300",
+            "--set=train.log_interval=50", "--set=train.eval_interval=300", "--set=train.eval_steps=0", "--set=train.save_interval=0",
+            "--set=optim.lr=1e-2", "--set=optim.warmup_steps=30",
         ]
         .iter()
         .map(|s| s.to_string())

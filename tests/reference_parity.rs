@@ -37,7 +37,17 @@ fn reference_with(command: &str, dir: &Path, extra: &[&str]) -> String {
 }
 
 fn tiny(share_layers: bool, embedding_size: Option<usize>) -> ModelConfig {
-    ModelConfig { vocab_size: 97, n_positions: 32, n_embd: 32, embedding_size, n_layer: 3, n_head: 4, share_layers, dropout: 0.0, ..ModelConfig::default() }
+    ModelConfig {
+        vocab_size: 97,
+        n_positions: 32,
+        n_embd: 32,
+        embedding_size,
+        n_layer: 3,
+        n_head: 4,
+        share_layers,
+        dropout: 0.0,
+        ..ModelConfig::default()
+    }
 }
 
 /// Our training path (the fused classifier, and in bf16 the compute copies) against the

@@ -3,8 +3,8 @@
 //! evaluation or saving).
 
 use crate::config::Config;
-use crate::model::size::training_flops_per_token;
 use crate::dist::World;
+use crate::model::size::training_flops_per_token;
 use crate::trainer::{StepOutcome, StepReport, Trainer};
 use serde_json::{json, Map, Value};
 
