@@ -52,6 +52,21 @@ fn unlogged_steps_read_nothing_from_the_device() {
     assert!(every >= twelve + 11, "logging every step must read more: {every} vs {twelve}");
 }
 
+/// With a vocabulary that is not a multiple of 64 (600 → 640 rows inside the trainer),
+/// the checkpoint holds exactly V rows and resumes.
+#[test]
+fn the_padded_vocabulary_never_reaches_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let sets = ["--set=wandb.mode=disabled", "--set=model.vocab_size=600", "--set=train.log_interval=2", "--set=train.eval_interval=0"];
+    let first = finish(start(&tiny_run_args(&sets, dir.path(), "padded", &["--set=train.max_steps=2", "--set=train.save_interval=2"])));
+    assert!(first.status.success(), "{}", stderr(&first));
+    let ckpt = dir.path().join("runs/padded/checkpoints/step_00000002/model.safetensors");
+    let tensors: std::collections::BTreeMap<String, tch::Tensor> = tch::Tensor::read_safetensors(&ckpt).unwrap().into_iter().collect();
+    assert_eq!(tensors["wte"].size(), vec![600, 16]);
+    let resumed = finish(start(&tiny_run_args(&sets, dir.path(), "padded", &["--set=train.max_steps=4", "--set=train.save_interval=2"])));
+    assert!(resumed.status.success() && stderr(&resumed).contains("resumed from"), "{}", stderr(&resumed));
+}
+
 /// 300 steps on WikiText-2 (train: valid split, validation: test split, 1,024-token
 /// BPE, a small ALGPT2 with dropout 0.1, batch 16 × 64, lr 1e-2): bf16 ends within 1%
 /// of fp32's validation loss (measured: 5.5731 fp32, 5.5541 bf16, −0.34%; at batch 8 and

@@ -26,6 +26,20 @@ pub struct Kernels {
     grad_norm_sq: CudaFunction,
     f32_to_bf16: CudaFunction,
     bf16_to_f32_scaled: CudaFunction,
+    dropout_mask: CudaFunction,
+}
+
+/// The kernels of each GPU this process used, loaded once (dropout asks on every mask).
+pub fn shared(ordinal: usize) -> anyhow::Result<Arc<Kernels>> {
+    static LOADED: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<usize, Arc<Kernels>>>> = std::sync::OnceLock::new();
+    let mut loaded = LOADED.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(k) = loaded.get(&ordinal) {
+        return Ok(k.clone());
+    }
+    let cache = std::env::var_os("ALGPT2_KERNEL_CACHE").map(std::path::PathBuf::from);
+    let k = Arc::new(Kernels::load(ordinal, cache.as_deref())?);
+    loaded.insert(ordinal, k.clone());
+    Ok(k)
 }
 
 /// AdamW's hyper-parameters for one step, as `kernels/adamw.cu` takes them.
@@ -82,6 +96,7 @@ impl Kernels {
             grad_norm_sq: take("grad_norm_sq")?,
             f32_to_bf16: take("f32_to_bf16")?,
             bf16_to_f32_scaled: take("bf16_to_f32_scaled")?,
+            dropout_mask: take("dropout_mask")?,
         })
     }
 
@@ -181,6 +196,19 @@ impl Kernels {
     }
 }
 
+impl Kernels {
+    /// Fills `out` (contiguous f32) with the dropout mask of `key` (model/dropout.rs).
+    pub fn dropout_mask(&self, out: &Tensor, key: u64, threshold: u32, scale: f32) -> anyhow::Result<()> {
+        let o = self.check(out, Kind::Float, "dropout_mask out")?;
+        let n = out.numel() as i64;
+        let mut launch = self.stream.launch_builder(&self.dropout_mask);
+        launch.arg(&o).arg(&n).arg(&key).arg(&threshold).arg(&scale);
+        // SAFETY: as for adamw_step.
+        unsafe { launch.launch(Self::config((n + 3) / 4, 0)) }.map_err(|e| anyhow!("dropout_mask launch: {e:?}"))?;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -191,7 +219,7 @@ mod tests {
         assert_eq!(arch_name(8, 6), "sm_86");
         assert_eq!(arch_name(7, 5), "sm_75");
         let entries: Vec<&str> = KERNELS.iter().flat_map(|(_, s)| entry_name(s)).collect();
-        assert_eq!(entries, ["adamw_step", "grad_norm_sq", "f32_to_bf16", "bf16_to_f32_scaled"]);
+        assert_eq!(entries, ["adamw_step", "grad_norm_sq", "f32_to_bf16", "bf16_to_f32_scaled", "dropout_mask"]);
     }
 
     #[test]

@@ -39,6 +39,18 @@ pub fn run(r: &mut Report, device: Device) {
     r.outcome("kernel adamw_step", adamw(&kernels, device));
     r.outcome("kernel grad_norm_sq", grad_norm(&kernels, device));
     r.outcome("kernel bf16 casts", bf16_casts(&kernels, device));
+    r.outcome("kernel dropout_mask", dropout_masks(device));
+}
+
+/// Masks made on the GPU equal the CPU generator's bit for bit (resume and rank
+/// equivalence rely on the masks being a function of their coordinates only).
+fn dropout_masks(device: Device) -> anyhow::Result<String> {
+    let d = crate::model::dropout::Dropout::new(0.1, 1337, 12, 1, 3);
+    let shape = [N];
+    let gpu = d.mask(7, &shape, device).to_device(Device::Cpu);
+    let cpu = d.host_mask(7, &shape);
+    ensure!(gpu.equal(&cpu), "GPU and CPU dropout masks differ in {} of {N} values", gpu.ne_tensor(&cpu).sum(Kind::Int64).int64_value(&[]));
+    Ok(format!("{N} values identical to the CPU generator"))
 }
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f64 {

@@ -98,10 +98,30 @@ impl Dropout {
     /// `scale()` where kept (fp32 so that the scale is exact whatever the compute type;
     /// multiplying a bf16 activation by it gives an fp32 result).
     pub fn mask(&self, site: u64, shape: &[i64], device: Device) -> Tensor {
-        let n: i64 = shape.iter().product();
-        let mut values = vec![0f32; n as usize];
-        self.fill(site, &mut values, self.scale() as f32, 0.0);
-        Tensor::from_slice(&values).view(shape).to_device(device)
+        if let Device::Cuda(ordinal) = device {
+            // The same bits from kernels/dropout.cu, made on the GPU (no copy of the mask).
+            let out = Tensor::empty(shape, (Kind::Float, device));
+            let made = crate::cuda::kernels::shared(ordinal)
+                .and_then(|k| k.dropout_mask(&out, self.site_key(site), self.threshold, self.scale() as f32));
+            match made {
+                Ok(()) => return out,
+                Err(e) => panic!("dropout masks on cuda:{ordinal}: {e:#}"),
+            }
+        }
+        self.host_mask(site, shape).to_device(device)
+    }
+
+    /// The mask made on the CPU (what the GPU kernel is checked against).
+    pub fn host_mask(&self, site: u64, shape: &[i64]) -> Tensor {
+        let out = Tensor::empty(shape, (Kind::Float, Device::Cpu));
+        let n = out.numel();
+        if n == 0 {
+            return out;
+        }
+        // SAFETY: a fresh contiguous fp32 CPU tensor of n values, written only here.
+        let values = unsafe { std::slice::from_raw_parts_mut(out.data_ptr() as *mut f32, n) };
+        self.fill(site, values, self.scale() as f32, 0.0);
+        out
     }
 
     /// `x` with dropout, in fp32.

@@ -131,3 +131,56 @@ impl Bf16Weights {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ModelConfig;
+    use crate::model::Algpt2;
+    use tch::nn::VarStore;
+
+    #[test]
+    fn bf16_copies_view_one_buffer_and_their_gradients_reach_the_fp32_ones() {
+        tch::manual_seed(2);
+        let cfg = ModelConfig {
+            vocab_size: 40,
+            n_positions: 8,
+            n_embd: 16,
+            embedding_size: Some(8),
+            n_layer: 2,
+            n_head: 2,
+            ..Default::default()
+        };
+        let vs = VarStore::new(Device::Cpu);
+        let mut model = Algpt2::new(&vs.root(), &cfg);
+        let mut flat = FlatParams::new(&vs);
+        let mut bf16 = Bf16Weights::new(&flat);
+        model.use_compute_weights(&|name| bf16.get(name));
+        assert!(bf16.is_aliased(&flat));
+        let idx = Tensor::from_slice(&[1i64, 2, 3, 4, 5, 6]).view([1, 6]);
+        Algpt2::loss(&model.forward(&idx, None), &idx).backward();
+        bf16.flush_grads(&mut flat);
+        let slot = flat.slot("h.0.attn.c_attn.weight").unwrap().clone();
+        let grad = flat.grads.narrow(0, slot.offset, slot.numel);
+        assert!(grad.abs().sum(Kind::Float).double_value(&[]) > 0.0, "the bf16 matrix's gradient did not reach the fp32 buffer");
+        assert_eq!(bf16.grads.abs().sum(Kind::Float).double_value(&[]), 0.0, "bf16 gradients are cleared after the flush");
+        // A change of the master weights reaches the copies at the next refresh, once.
+        tch::no_grad(|| {
+            let _ = flat.values.g_add_scalar_(1.0);
+        });
+        let before = bf16.get("h.0.attn.c_attn.weight").unwrap().to_kind(Kind::Float);
+        bf16.refresh(&flat);
+        let after = bf16.get("h.0.attn.c_attn.weight").unwrap().to_kind(Kind::Float);
+        assert!(((after - before).mean(Kind::Float).double_value(&[]) - 1.0).abs() < 1e-2);
+        assert!(bf16.is_aliased(&flat));
+    }
+
+    #[test]
+    fn auto_is_bf16_only_with_hardware_for_it() {
+        let r = resolve(Precision::Auto, Device::Cpu);
+        assert_eq!(r.bf16, cpu_bf16_feature().is_some(), "{r:?}");
+        assert!(r.reason.starts_with("auto: "), "{r:?}");
+        assert!(resolve(Precision::Bf16, Device::Cpu).bf16);
+        assert!(!resolve(Precision::Fp32, Device::Cpu).bf16);
+    }
+}

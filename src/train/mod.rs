@@ -65,6 +65,10 @@ fn run_in_world(cfg: &Config, world: &World, device: tch::Device) -> anyhow::Res
     }
     let train = data.split(Split::Train).expect("the train split always exists");
     let seq_len = cfg.train.seq_len;
+    if let (tch::Device::Cuda(ordinal), true) = (device, cfg.model.dropout > 0.0) {
+        // Dropout masks are made by kernels/dropout.cu: load it now, not mid-step.
+        crate::cuda::kernels::shared(ordinal).map_err(|e| anyhow::anyhow!("rank {}: loading the CUDA kernels: {e:#}", world.rank()))?;
+    }
     let mut trainer = Trainer::new(cfg, device, train.windows(seq_len));
     info!("precision: {} ({})", trainer.precision.name(), trainer.precision.reason);
     let metrics = MetricsLog::new(&run.metrics());
