@@ -96,11 +96,6 @@ impl FlatParams {
         self.values.numel() as i64
     }
 
-    /// The model's parameters, padding excluded.
-    pub fn parameter_count(&self) -> i64 {
-        self.slots.iter().map(|s| s.numel).sum()
-    }
-
     /// Matrix `name` with its padding rows, as a view [rows, cols] of `buffer` (the values,
     /// the gradients, or a buffer of the same layout such as their bf16 copies).
     pub fn padded(&self, buffer: &Tensor, name: &str) -> Option<Tensor> {

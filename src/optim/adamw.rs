@@ -155,20 +155,9 @@ pub fn update(values: &Tensor, grads: &Tensor, exp_avg: &Tensor, exp_avg_sq: &Te
     });
 }
 
-/// Scales the gradients so their global L2 norm is at most `max_norm` (0: no clipping),
-/// as torch.nn.utils.clip_grad_norm_ does; returns the norm before clipping.
-pub fn clip_grad_norm(params: &mut FlatParams, max_norm: f64) -> f64 {
-    let norm = params.grads.norm().double_value(&[]);
-    if max_norm > 0.0 {
-        let coef = (max_norm / (norm + 1e-6)).min(1.0);
-        let _ = params.grads.g_mul_scalar_(coef);
-    }
-    norm
-}
-
-/// On the device, without reads: the global gradient norm, the clipping factor for
-/// `max_norm` (1 when 0, as `clip_grad_norm`) and 1 where the norm is not finite (a NaN or
-/// infinite gradient anywhere makes the norm so), as fp32 scalars.
+/// On the device, without reads: the global gradient norm (fp32), the factor that clips
+/// it to `max_norm` as torch.nn.utils.clip_grad_norm_ does (f64; 1 when `max_norm` is 0),
+/// and 1 where the norm is not finite (fp32; a NaN or infinite gradient anywhere makes it so).
 pub fn norm_clip_and_skip(grads: &Tensor, max_norm: f64) -> (Tensor, Tensor, Tensor) {
     tch::no_grad(|| {
         let norm = grads.norm();
@@ -180,9 +169,4 @@ pub fn norm_clip_and_skip(grads: &Tensor, max_norm: f64) -> (Tensor, Tensor, Ten
         let skip = norm.isfinite().logical_not().to_kind(tch::Kind::Float);
         (norm, coef, skip)
     })
-}
-
-/// False when any gradient is NaN or infinite.
-pub fn grads_are_finite(params: &FlatParams) -> bool {
-    params.grads.isfinite().all().int64_value(&[]) == 1
 }
