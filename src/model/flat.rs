@@ -43,6 +43,22 @@ pub struct FlatParams {
     vars: Vec<Tensor>,
 }
 
+/// Makes every later backward accumulate the gradients of `vars` straight into `grads`
+/// (flat, `slots`' layout). Autograd creates a variable's gradient on its first backward
+/// and from then on adds into it in place; creating them all now (as zeros) and
+/// re-pointing them at the flat buffer does it. Shared with the bf16 copies.
+pub(crate) fn point_grads_into(vars: &[Tensor], slots: &[Slot], grads: &Tensor) {
+    let device = grads.device();
+    let touch = vars.iter().map(|v| v.sum(Kind::Float) * 0.0).fold(Tensor::zeros([], (Kind::Float, device)), |a, b| a + b);
+    touch.backward();
+    tch::no_grad(|| {
+        for (slot, var) in slots.iter().zip(vars) {
+            let mut grad = var.grad();
+            grad.set_data(&grads.narrow(0, slot.offset, slot.numel).view(slot.shape.as_slice()));
+        }
+    });
+}
+
 impl FlatParams {
     /// Moves every trainable variable of `vs` into the flat buffers (keeping its values).
     pub fn new(vs: &VarStore) -> FlatParams {
@@ -76,17 +92,7 @@ impl FlatParams {
                 var.set_data(&view);
             }
         });
-        // Autograd creates a variable's gradient on its first backward and from then on
-        // adds into it in place; creating them all now (as zeros) and re-pointing them at
-        // the flat buffer makes every later backward accumulate straight into `grads`.
-        let touch = vars.iter().map(|v| v.sum(Kind::Float) * 0.0).fold(Tensor::zeros([], (Kind::Float, device)), |a, b| a + b);
-        touch.backward();
-        tch::no_grad(|| {
-            for (slot, var) in slots.iter().zip(vars.iter()) {
-                let mut grad = var.grad();
-                grad.set_data(&grads.narrow(0, slot.offset, slot.numel).view(slot.shape.as_slice()));
-            }
-        });
+        point_grads_into(&vars, &slots, &grads);
         let _ = grads.zero_();
         FlatParams { slots, values, grads, decay_len, vars }
     }

@@ -73,7 +73,6 @@ impl Bf16Weights {
     /// bf16 leaf variables, one per slot of `flat`, viewing one bf16 buffer; their
     /// gradients view a second one (the same aliasing as FlatParams).
     pub fn new(flat: &FlatParams) -> Bf16Weights {
-        let device = flat.values.device();
         let values = flat.values.to_kind(Kind::BFloat16);
         let grads = values.zeros_like();
         let mut by_name = HashMap::new();
@@ -83,15 +82,7 @@ impl Bf16Weights {
             by_name.insert(slot.name.clone(), var.shallow_clone());
             vars.push(var);
         }
-        // Creates every gradient, then points it into the flat bf16 gradient buffer.
-        let touch = vars.iter().map(|v| v.sum(Kind::Float) * 0.0).fold(Tensor::zeros([], (Kind::Float, device)), |a, b| a + b);
-        touch.backward();
-        tch::no_grad(|| {
-            for (slot, var) in flat.slots.iter().zip(vars.iter()) {
-                let mut grad = var.grad();
-                grad.set_data(&grads.narrow(0, slot.offset, slot.numel).view(slot.shape.as_slice()));
-            }
-        });
+        super::flat::point_grads_into(&vars, &flat.slots, &grads);
         let mut grads = grads;
         let _ = grads.zero_();
         Bf16Weights { values, grads, by_name, _vars: vars }
