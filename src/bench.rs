@@ -2,7 +2,7 @@
 //! run directory: tokens/s, step time, MFU, peak memory, as a table and as JSON.
 
 use crate::config::Config;
-use crate::data::source::Split;
+use crate::data::Split;
 use crate::device;
 use crate::dist::Replicas;
 use crate::model::size::training_flops_per_token;

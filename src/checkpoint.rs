@@ -9,6 +9,7 @@
 //! Resume only trusts a directory whose files match the checksums in its trainer.json.
 
 use crate::data::batches::SamplerState;
+use crate::data::tokenizer::TextTokenizer;
 use crate::run_dir::{checkpoint_dir_name as dir_name, sha256_file};
 use anyhow::{anyhow, bail, Context};
 use serde::{Deserialize, Serialize};
@@ -45,6 +46,10 @@ pub struct TrainerState {
     pub model_config: serde_json::Value,
     /// sha256 of the resolved config and of the tokenizer.
     pub config_hash: String,
+    /// The optimizer settings and `train.max_steps` (dotted key → value), which a resume
+    /// may change and then names (`resume_settings`). Absent before they were recorded.
+    #[serde(default)]
+    pub settings: Option<serde_json::Value>,
     pub tokenizer_hash: String,
     /// W&B run id, so a resumed run continues the same W&B run.
     pub wandb_run_id: Option<String>,
@@ -210,6 +215,40 @@ pub fn retain(root: &Path, keep_last: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The tokenizer `dir` was trained with: `chosen` (`--tokenizer`) or else its run's
+/// `tokenizer.json`, and its path; either must have the hash the checkpoint records, so
+/// a replaced or missing file is an error rather than text in another vocabulary.
+pub fn tokenizer_of(dir: &Path, state: &TrainerState, chosen: Option<&Path>) -> anyhow::Result<(TextTokenizer, PathBuf)> {
+    let recorded = &state.tokenizer_hash;
+    let short = &recorded[..recorded.len().min(12)];
+    let path = match chosen {
+        Some(path) => path.to_path_buf(),
+        None => {
+            let run = crate::run_dir::RunDir::of_checkpoint(dir)
+                .ok_or_else(|| anyhow!("{} is not inside a run directory: pass --tokenizer PATH", dir.display()))?;
+            let path = run.tokenizer();
+            if !path.is_file() {
+                bail!(
+                    "{} is missing: checkpoint {} needs the tokenizer it was trained with (sha256 {short}…); pass --tokenizer PATH, e.g. the tokenizer.json of the run's token cache under data.cache_dir",
+                    path.display(),
+                    dir.display()
+                );
+            }
+            path
+        }
+    };
+    let tokenizer = TextTokenizer::load(&path).with_context(|| format!("the tokenizer of checkpoint {}", dir.display()))?;
+    if &tokenizer.hash_hex() != recorded {
+        bail!(
+            "{} is not the tokenizer checkpoint {} was trained with (sha256 {}…, the checkpoint records {short}…): pass --tokenizer PATH with the right one (the run's token cache under data.cache_dir holds it)",
+            path.display(),
+            dir.display(),
+            &tokenizer.hash_hex()[..12]
+        );
+    }
+    Ok((tokenizer, path))
+}
+
 /// A model built from a checkpoint's weights, for evaluation, generation and export.
 pub struct LoadedModel {
     // The variables live in the store; it must outlive the model that uses them.
@@ -299,6 +338,7 @@ mod tests {
             seed: 1,
             model_config: serde_json::json!({"n_layer": 1}),
             config_hash: "c".into(),
+            settings: None,
             tokenizer_hash: "t".into(),
             wandb_run_id: None,
             val_loss,

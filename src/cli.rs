@@ -94,6 +94,10 @@ pub enum Command {
         /// Recompute the whole context for every token instead of using the KV cache.
         #[arg(long)]
         no_cache: bool,
+        /// The tokenizer.json to use instead of the run's (it must be the one the
+        /// checkpoint was trained with: its hash is checked).
+        #[arg(long, value_name = "FILE")]
+        tokenizer: Option<std::path::PathBuf>,
     },
     /// Draw runs' metrics (train and val loss, val perplexity, lr, tokens/s) into one PNG,
     /// several runs overlaid, e.g. the three variants side by side.
@@ -106,12 +110,21 @@ pub enum Command {
     },
     /// Write a checkpoint as a HF transformers GPT-2 (config.json, model.safetensors,
     /// tokenizer.json) that GPT2LMHeadModel.from_pretrained loads offline. Factorized
-    /// embeddings are folded exactly into GPT-2's shapes (untied lm_head).
+    /// embeddings are folded exactly into GPT-2's shapes (untied lm_head). The export is
+    /// written beside --out and renamed into place, so a failed one leaves nothing.
     ExportHf {
         #[arg(long, value_name = "DIR")]
         checkpoint: std::path::PathBuf,
+        /// A new or empty directory outside any run directory.
         #[arg(long, value_name = "DIR")]
         out: std::path::PathBuf,
+        /// Replace a non-empty --out (a previous export: files only).
+        #[arg(long)]
+        force: bool,
+        /// The tokenizer.json to ship instead of the run's (it must be the one the
+        /// checkpoint was trained with: its hash is checked).
+        #[arg(long, value_name = "FILE")]
+        tokenizer: Option<std::path::PathBuf>,
     },
     /// Build the token cache of a config: train the tokenizer on the train split (or load
     /// `tokenizer.path`) and encode every split into a memory-mappable token file. `train`

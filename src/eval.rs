@@ -3,7 +3,7 @@
 
 use crate::checkpoint;
 use crate::config::Config;
-use crate::data::source::Split;
+use crate::data::Split;
 use crate::evaluation::evaluate;
 use anyhow::{anyhow, bail};
 use std::path::Path;

@@ -3,7 +3,7 @@
 //! result is the same at any world size. Used by training (validation, test) and `eval`.
 
 use crate::data::batches::{batch_tensors, eval_windows};
-use crate::data::prepare::SplitData;
+use crate::data::cache::SplitData;
 use crate::dist::World;
 use crate::model::Algpt2;
 use serde::Serialize;

@@ -5,10 +5,8 @@
 
 use crate::checkpoint;
 use crate::config::ModelConfig;
-use crate::data::tokenizer::TextTokenizer;
 use crate::model::{Algpt2, KvCache};
 use crate::rng::SplitMix64;
-use anyhow::anyhow;
 use std::io::Write;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
@@ -99,14 +97,11 @@ pub fn generate(model: &Algpt2, prompt: &[i64], end_of_text: i64, s: &Sampling, 
 }
 
 /// `algpt2-ddp generate`: loads the checkpoint (the model config is in it; the tokenizer
-/// is the run's) and prints the continuation of `prompt` as it is produced.
-pub fn run(checkpoint_dir: &Path, prompt: &str, s: &Sampling) -> anyhow::Result<()> {
+/// is the run's or `--tokenizer`, checked against the checkpoint's hash) and prints the continuation of `prompt` as it is produced.
+pub fn run(checkpoint_dir: &Path, tokenizer: Option<&Path>, prompt: &str, s: &Sampling) -> anyhow::Result<()> {
     let state = checkpoint::verify(checkpoint_dir)?;
     let cfg: ModelConfig = checkpoint::model_config(checkpoint_dir, &state)?;
-    let run_dir = crate::run_dir::RunDir::of_checkpoint(checkpoint_dir)
-        .ok_or_else(|| anyhow!("{} is not inside a run directory", checkpoint_dir.display()))?
-        .root;
-    let tokenizer = TextTokenizer::load(&run_dir.join("tokenizer.json"))?;
+    let (tokenizer, _) = checkpoint::tokenizer_of(checkpoint_dir, &state, tokenizer)?;
     let loaded = checkpoint::load_model(checkpoint_dir, &cfg, Device::Cpu)?;
     let model = &loaded.model;
 

@@ -24,6 +24,7 @@ pub mod info;
 pub mod model;
 pub mod optim;
 pub mod report;
+pub mod resume_settings;
 pub mod rng;
 pub mod run_dir;
 pub mod runtime;

@@ -78,12 +78,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             info::run(&args.load()?, json);
             Ok(())
         }
-        Some(Command::Generate { checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed, no_cache }) => {
+        Some(Command::Generate { checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed, no_cache, tokenizer }) => {
             let sampling = algpt2_ddp::generate::Sampling { max_new_tokens, temperature, top_k, top_p, seed, use_cache: !no_cache };
-            algpt2_ddp::generate::run(&checkpoint, &prompt, &sampling)
+            algpt2_ddp::generate::run(&checkpoint, tokenizer.as_deref(), &prompt, &sampling)
         }
-        Some(Command::ExportHf { checkpoint, out }) => {
-            algpt2_ddp::export::export_hf(&checkpoint, &out)?;
+        Some(Command::ExportHf { checkpoint, out, force, tokenizer }) => {
+            algpt2_ddp::export::export_hf(&checkpoint, &out, &algpt2_ddp::export::ExportOptions { force, tokenizer })?;
             println!("{}", out.display());
             Ok(())
         }
@@ -106,6 +106,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             report::log::init(0, None)?;
             let prepared = data::prepare::prepare(&cfg, force)?;
             data::summary::print(&cfg, &prepared, 1);
+            // What bounded reading is for: the figure to compare with the machine's memory.
+            tracing::info!("peak memory of prepare: {:.0} MB", report::log::peak_rss_mb());
             Ok(())
         }
         Some(Command::WandbSync { run_dir, timeout }) => {

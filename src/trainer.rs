@@ -4,7 +4,7 @@
 use crate::checkpoint::{self, Found, OtherParts, TrainerState, MODEL_FILE, OPTIMIZER_FILE};
 use crate::config::{Config, NonFinite};
 use crate::data::batches::{batch_tensors, rank_slice, Sampler};
-use crate::data::prepare::SplitData;
+use crate::data::cache::SplitData;
 use crate::device_reads;
 use crate::dist::{Replicas, World};
 use crate::model::dropout::Dropout;
@@ -259,6 +259,7 @@ impl Trainer {
             seed: self.cfg.train.seed,
             model_config: serde_json::to_value(&self.cfg.model)?,
             config_hash: hex::encode(Sha256::digest(self.cfg.to_yaml().as_bytes())),
+            settings: Some(crate::resume_settings::of(&self.cfg)),
             tokenizer_hash: tokenizer_hash.to_string(),
             wandb_run_id: others.wandb_run_id.clone(),
             val_loss: others.val_loss,
@@ -286,12 +287,19 @@ impl Trainer {
         if state.tokenizer_hash != tokenizer_hash {
             bail!("checkpoint {dir} was trained with another tokenizer (data or tokenizer config changed); use another run_name");
         }
-        if state.global_batch != self.global_batch(world) {
-            tracing::warn!(
-                "checkpoint {dir} was trained with a global batch of {} windows, this run uses {}: data order continues from the same position",
-                state.global_batch,
-                self.global_batch(world)
-            );
+        // Said once, by the main rank: every rank reads the same checkpoint and config.
+        if world.is_main() {
+            if state.global_batch != self.global_batch(world) {
+                tracing::warn!(
+                    "checkpoint {dir} was trained with a global batch of {} windows, this run uses {}: data order continues from the same position",
+                    state.global_batch,
+                    self.global_batch(world)
+                );
+            }
+            let changed = crate::resume_settings::changes(state.settings.as_ref(), &crate::resume_settings::of(&self.cfg));
+            if let Some(line) = crate::resume_settings::message(&changed) {
+                tracing::info!("{line}");
+            }
         }
         let model = checkpoint::load_tensors(&found.dir, MODEL_FILE)?;
         let optim = checkpoint::load_tensors(&found.dir, OPTIMIZER_FILE)?;

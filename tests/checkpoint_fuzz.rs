@@ -129,8 +129,8 @@ fn damaged_or_edited_checkpoints_never_panic_in_process() {
         let what = mutate(&original, &copy, &mut rng);
         let out = dir.path().join("hf");
         let result = std::panic::catch_unwind(|| {
-            let g = algpt2_ddp::generate::run(&copy, "a", &sampling);
-            let e = algpt2_ddp::export::export_hf(&copy, &out);
+            let g = algpt2_ddp::generate::run(&copy, None, "a", &sampling);
+            let e = algpt2_ddp::export::export_hf(&copy, &out, &algpt2_ddp::export::ExportOptions { force: true, tokenizer: None });
             (g.map_err(|e| format!("{e:#}")), e.map_err(|e| format!("{e:#}")))
         });
         match result {

@@ -111,3 +111,41 @@ fn a_panic_is_a_one_line_error_with_exit_1() {
     assert!(err.contains("error: internal failure: injected failure after step 2") && err.contains("src/faults.rs"), "{err}");
     assert!(!err.contains("panicked") && !err.contains("stack backtrace"), "{err}");
 }
+
+/// `plot` that cannot write or read: a sentence naming the file and the reason (the OS's
+/// where it has one), exit 1, never the Rust debug text of the image encoder's error.
+#[test]
+fn plot_errors_are_sentences_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("run");
+    std::fs::create_dir_all(&run_dir).unwrap();
+    let rows: String = (1..=5).map(|s| format!("{{\"step\": {s}, \"train/loss\": {}}}\n", 6.0 - s as f64)).collect();
+    std::fs::write(run_dir.join("metrics.jsonl"), rows).unwrap();
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let (run_s, empty_s) = (run_dir.to_str().unwrap(), empty.to_str().unwrap());
+    let missing_parent = dir.path().join("no/such/dir/plots.png");
+    let missing_parent = missing_parent.to_str().unwrap();
+    for (run_arg, out, says) in [
+        (
+            run_s,
+            missing_parent,
+            format!("cannot write {missing_parent}: the directory {} does not exist", dir.path().join("no/such/dir").display()),
+        ),
+        // /proc takes no new files, even from root: the OS's reason is passed on.
+        (run_s, "/proc/plots.png", "cannot write /proc/plots.png: No such file or directory (os error 2)".to_string()),
+        (run_s, empty_s, format!("cannot write {empty_s}: plots are PNG images")),
+        (empty_s, "x.png", format!("cannot read {empty_s}/metrics.jsonl: {empty_s} is not a run directory (it has no metrics.jsonl)")),
+    ] {
+        let result = run(&["plot", run_arg, "--out", out]);
+        let err = stderr(&result);
+        assert_eq!(result.status.code(), Some(1), "plot {run_arg} --out {out}: {err}");
+        assert!(err.contains(&says), "plot {run_arg} --out {out}: expected {says:?} in\n{err}");
+        assert!(!err.contains("Os {") && !err.contains("Error("), "plot {run_arg} --out {out}: debug text\n{err}");
+    }
+    // And a writable place still gets its PNG.
+    let png = dir.path().join("plots.png");
+    let out = run(&["plot", run_s, "--out", png.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(&std::fs::read(&png).unwrap()[..8], b"\x89PNG\r\n\x1a\n");
+}

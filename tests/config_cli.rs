@@ -259,3 +259,56 @@ fn sizes_that_cannot_fit_are_refused_before_anything_is_written() {
     let out = run(&["info", "--config", "configs/quickstart.yaml", "--set", "train.memory_check=false"]);
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+/// Runs `info --config path`, killed after 10 s so that a config read that blocks cannot
+/// hang the suite: the exit code (None when killed), stderr and the seconds it took.
+fn info_within_10_s(path: &str) -> (Option<i32>, String, f64) {
+    use std::io::Read;
+    let started = std::time::Instant::now();
+    let mut child = std::process::Command::new(bin())
+        .args(["info", "--config", path])
+        .current_dir(repo())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let code = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code();
+        }
+        if started.elapsed() > std::time::Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+    (code, err, started.elapsed().as_secs_f64())
+}
+
+#[test]
+fn a_device_or_fifo_as_config_is_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("config.fifo");
+    let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0, "mkfifo");
+    for (path, kind) in [("/dev/zero", "a character device"), (fifo.to_str().unwrap(), "a FIFO")] {
+        let (code, err, seconds) = info_within_10_s(path);
+        eprintln!("FIGURE --config {path}: exit {code:?} after {seconds:.2} s");
+        assert_eq!(code, Some(2), "--config {path}: killed after 10 s or wrong exit\n{err}");
+        assert!(err.contains(&format!("{path}: cannot read: not a regular file ({kind})")), "{err}");
+    }
+}
+
+#[test]
+fn a_config_over_1_mib_is_refused_naming_the_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big.yaml");
+    // One comment line of 2 MiB: valid YAML, so only its size can refuse it.
+    std::fs::write(&big, vec![b'#'; 2 << 20]).unwrap();
+    let (code, err, _) = info_within_10_s(big.to_str().unwrap());
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains(&format!("{}: cannot read: 2097152 bytes is over the 1 MiB", big.display())), "{err}");
+}

@@ -25,7 +25,7 @@ fn prepare(cfg: &str) -> std::process::Output {
 
 /// The one cache directory under `dir/cache` and its manifest.
 fn cache(dir: &Path) -> (PathBuf, Value) {
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(dir.join("cache")).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(dir.join("cache")).unwrap().map(|e| e.unwrap().path()).filter(|p| p.is_dir()).collect();
     dirs.sort_by_key(|d| std::fs::metadata(d).unwrap().modified().unwrap());
     let newest = dirs.pop().expect("a cache directory");
     let manifest = serde_json::from_str(&std::fs::read_to_string(newest.join("manifest.json")).unwrap()).unwrap();
@@ -271,18 +271,165 @@ fn parquet_layout_wikitext_shards_and_plain_shards() {
 }
 
 #[test]
-fn concurrent_prepares_of_one_cache_both_succeed_with_one_build() {
+fn concurrent_prepares_of_one_cache_all_succeed_with_one_build() {
     let dir = tempfile::tempdir().unwrap();
     let train = dir.path().join("train.txt");
     std::fs::write(&train, "alpha beta gamma delta, epsilon zeta eta theta.\n".repeat(3000)).unwrap();
     let cfg = config(dir.path(), "text", &train.display().to_string(), None, 300, "");
-    let racers: Vec<_> = (0..3).map(|_| std::process::Command::new(bin()).args(["prepare", "--config", &cfg]).spawn().unwrap()).collect();
-    for mut r in racers {
-        assert!(r.wait().unwrap().success());
+    let racers: Vec<_> = (0..3)
+        .map(|_| {
+            std::process::Command::new(bin()).args(["prepare", "--config", &cfg]).stderr(std::process::Stdio::piped()).spawn().unwrap()
+        })
+        .collect();
+    let mut logs = String::new();
+    for r in racers {
+        let out = r.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        logs += &stderr(&out);
     }
-    let entries: Vec<String> =
-        std::fs::read_dir(dir.path().join("cache")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+    // One builds; the others wait for it (or come after it) and reuse its cache.
+    assert_eq!(logs.lines().filter(|l| l.contains("INFO building token cache")).count(), 1, "{logs}");
+    assert_eq!(logs.matches("is complete").count(), 2, "{logs}");
+    let entries: Vec<String> = std::fs::read_dir(dir.path().join("cache"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into())
+        .filter(|n: &String| !n.ends_with(".lock"))
+        .collect();
     assert_eq!(entries.len(), 1, "one cache, no leftovers: {entries:?}");
     let (cache_dir, manifest) = cache(dir.path());
     assert_eq!(tokens(&cache_dir.join("train.bin")).len() as u64, manifest["splits"]["train"]["tokens"].as_u64().unwrap());
+}
+
+/// Rewrites the manifest's checksums of `split` to match its token file as it is now,
+/// as a damage that also reached the manifest would.
+fn rechecksum(cache_dir: &Path, split: &str) {
+    let bytes = std::fs::read(cache_dir.join(format!("{split}.bin"))).unwrap();
+    let path = cache_dir.join("manifest.json");
+    let mut manifest: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    manifest["splits"][split]["chunk_crc32"] = bytes.chunks(16 << 20).map(crc32fast::hash).collect::<Vec<u32>>().into();
+    std::fs::write(&path, manifest.to_string()).unwrap();
+}
+
+#[test]
+fn a_damaged_token_cache_is_rebuilt_not_trained_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = dir.path().join("train.txt");
+    std::fs::write(&train, "the quick brown fox jumps over the lazy dog, again and again.\n".repeat(400)).unwrap();
+    let cfg = config(dir.path(), "text", &train.display().to_string(), None, 300, "");
+    assert!(prepare(&cfg).status.success());
+    let (cache_dir, _) = cache(dir.path());
+    let bin = cache_dir.join("train.bin");
+    let clean = tokens(&bin);
+
+    // Every second token set to another valid id: the header still checks out.
+    let mut bytes = std::fs::read(&bin).unwrap();
+    for at in (64..bytes.len()).step_by(4) {
+        bytes[at..at + 2].copy_from_slice(&(clean[0] as u16).to_le_bytes());
+    }
+    std::fs::write(&bin, &bytes).unwrap();
+    let out = prepare(&cfg);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("is damaged") && err.contains("do not match their checksum") && err.contains("building token cache"), "{err}");
+    assert_eq!(tokens(&bin), clean, "the rebuilt cache is the first build");
+
+    // Ids outside the vocabulary, the checksums rewritten to match: the ids are checked too.
+    let mut bytes = std::fs::read(&bin).unwrap();
+    bytes[64 + 2 * 10..64 + 2 * 11].copy_from_slice(&65000u16.to_le_bytes());
+    std::fs::write(&bin, &bytes).unwrap();
+    rechecksum(&cache_dir, "train");
+    let err = stderr(&prepare(&cfg));
+    assert!(err.contains("token 10 is id 65000, outside the tokenizer's") && err.contains("building token cache"), "{err}");
+    assert_eq!(tokens(&bin), clean);
+
+    // A damaged tokenizer.json in the cache: rebuilt too, not "complete" and then refused.
+    std::fs::write(cache_dir.join("tokenizer.json"), "{ not a tokenizer").unwrap();
+    let out = prepare(&cfg);
+    let err = stderr(&out);
+    assert!(out.status.success() && err.contains("is damaged") && err.contains("building token cache"), "{err}");
+    assert!(!err.contains("is complete"), "{err}");
+
+    // Training starts the same way: a damaged cache is rebuilt before any step.
+    let mut bytes = std::fs::read(&bin).unwrap();
+    bytes[100] ^= 0x01;
+    std::fs::write(&bin, &bytes).unwrap();
+    let runs = dir.path().join("runs");
+    let mut args: Vec<String> = ["train", "--config", &cfg].iter().map(|s| s.to_string()).collect();
+    for set in [
+        "device=cpu", "model.n_embd=16", "model.embedding_size=8", "model.n_head=2", "model.n_layer=1", "model.n_positions=16",
+        "train.micro_batch_size=2", "train.max_steps=2", "wandb.mode=disabled",
+    ] {
+        args.extend(["--set".to_string(), set.to_string()]);
+    }
+    args.push(format!("--set=out_dir={}", runs.display()));
+    let out = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    let log = std::fs::read_to_string(runs.join("data/train.log")).unwrap();
+    assert!(log.contains("is damaged") && log.contains("building token cache"), "{log}");
+    assert_eq!(tokens(&bin), clean);
+}
+
+/// What `prepare` says its peak memory was, in MB.
+fn peak_mb(log: &str) -> f64 {
+    let line = log.lines().find(|l| l.contains("peak memory of prepare:")).unwrap_or_else(|| panic!("no peak memory line in {log}"));
+    line.rsplit(": ").next().unwrap().trim_end_matches(" MB").trim().parse().unwrap()
+}
+
+#[test]
+fn one_long_line_is_read_in_bounded_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = dir.path().join("one-line.txt");
+    // 16 MiB of words and not one line end (today's code needed ~3 GB for it).
+    let words = ["lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit", "sed", "do"];
+    let mut text = String::with_capacity(17 << 20);
+    let mut i = 0usize;
+    while text.len() < 16 << 20 {
+        text.push_str(words[(i * 7 + i / 10) % words.len()]);
+        text.push(' ');
+        i += 1;
+    }
+    std::fs::write(&train, &text).unwrap();
+    let cfg = config(dir.path(), "text", &train.display().to_string(), None, 300, "");
+    let out = prepare(&cfg);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("one-line.txt, line 1: longer than 1024 KiB without a line end"), "{err}");
+    let peak = peak_mb(&err);
+    eprintln!("FIGURE one 16 MiB line: prepare peaked at {peak:.0} MB");
+    assert!(peak < 1000.0, "prepare peaked at {peak} MB");
+    let (cache_dir, manifest) = cache(dir.path());
+    assert_eq!(manifest["splits"]["train"]["documents"], 1);
+    assert!(tokens(&cache_dir.join("train.bin")).len() > 1_000_000);
+}
+
+#[test]
+fn a_killed_prepare_leaves_nothing_behind_for_long() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = dir.path().join("train.txt");
+    let line: String = (0..200).map(|i| format!("w{} ", i * 31 % 997)).collect::<String>() + "\n";
+    std::fs::write(&train, line.repeat(8000)).unwrap();
+    let cfg = config(dir.path(), "text", &train.display().to_string(), None, 400, "");
+    let mut child =
+        std::process::Command::new(bin()).args(["prepare", "--config", &cfg]).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let temporary = || -> Vec<PathBuf> {
+        std::fs::read_dir(dir.path().join("cache"))
+            .map(|d| d.map(|e| e.unwrap().path()).filter(|p| p.to_string_lossy().contains(".tmp-")).collect())
+            .unwrap_or_default()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while temporary().is_empty() {
+        assert!(child.try_wait().unwrap().is_none(), "prepare ended before it could be killed");
+        assert!(std::time::Instant::now() < deadline, "no temporary build directory appeared");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let left = temporary();
+    assert_eq!(left.len(), 1, "{left:?}");
+    let out = prepare(&cfg);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("left by a token cache build that was interrupted"), "{err}");
+    assert!(temporary().is_empty(), "{:?}", temporary());
 }

@@ -171,8 +171,10 @@ fn resume_refuses_another_model_and_none_refuses_to_overwrite() {
 fn eval_command_reproduces_the_logged_validation_loss() {
     let dir = tempfile::tempdir().unwrap();
     let (runs, cache) = (dir.path().join("runs"), dir.path().join("cache"));
-    // eval_steps 0: the last evaluation covers the whole valid split, as `eval` does.
-    let a = args(&runs, &cache, &["--set", "train.eval_steps=0", "--set", "train.max_steps=4"]);
+    // eval_steps 0: the last evaluation covers the whole valid split, as `eval` does. In
+    // fp32, as `eval` computes: with bf16 compute (`auto` on a CPU with AVX512-BF16) the
+    // logged loss is bf16's, ~1e-6 off.
+    let a = args(&runs, &cache, &["--set", "train.eval_steps=0", "--set", "train.max_steps=4", "--set", "train.precision=fp32"]);
     assert!(train(&a, None).status.success());
     let logged = rows(&runs.join("quickstart")).last().unwrap()["val/loss"].as_f64().unwrap();
     let ckpt = runs.join("quickstart/checkpoints/step_00000004");
@@ -356,5 +358,33 @@ fn a_kill_while_saving_loses_nothing_but_the_unsaved_steps() {
         assert!(!partial.exists(), "{stage}: the partial checkpoint is cleaned up");
         let model = std::fs::read(ckpts.join("step_00000008/model.safetensors")).unwrap();
         assert!(model == reference, "{stage}: final weights differ from the uninterrupted run");
+    }
+}
+
+/// A resume under `mpirun -n 2` that changes the micro-batch (and with it the global
+/// batch), the learning rate and the run length: each change is said once, by rank 0,
+/// not once per rank, and the changed settings are named in one line.
+#[test]
+fn a_two_rank_resume_with_changed_settings_says_so_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (out_dir, cache) = (dir.path().join("runs"), dir.path().join("cache"));
+    let two_ranks = |extra: &[&str]| mpirun(2).arg(bin()).args(args(&out_dir, &cache, extra)).current_dir(repo()).output().unwrap();
+    let first = two_ranks(&["--set", "train.max_steps=4", "--set", "optim.lr=6e-4"]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let log_path = out_dir.join("quickstart/train.log");
+    let logged_before = std::fs::read_to_string(&log_path).unwrap().len();
+    let second = two_ranks(&["--set", "train.max_steps=6", "--set", "optim.lr=3e-4", "--set", "train.micro_batch_size=2"]);
+    let err = stderr(&second);
+    assert!(second.status.success(), "{err}");
+    let log = std::fs::read_to_string(&log_path).unwrap()[logged_before..].to_string();
+    for (text, what) in [(&err, "stderr"), (&log, "train.log")] {
+        assert_eq!(text.matches("was trained with a global batch of 16 windows, this run uses 8").count(), 1, "{what}:\n{text}");
+        let changed: Vec<&str> = text.lines().filter(|l| l.contains("resuming with changed settings:")).collect();
+        assert_eq!(changed.len(), 1, "{what}:\n{text}");
+        assert!(
+            changed[0].contains("optim.lr 0.0006 -> 0.0003") && changed[0].contains("train.max_steps 4 -> 6"),
+            "{what}: {}",
+            changed[0]
+        );
     }
 }

@@ -2,7 +2,7 @@
 //! the range rules. Every problem is reported with where it came from (file and line, or
 //! the `--set` argument) and the dotted key path.
 
-use super::lines::key_lines;
+use super::lines::index_keys;
 use super::schema::Config;
 use super::validate::violations;
 use serde_yaml_ng::{Mapping, Value};
@@ -72,7 +72,7 @@ impl ConfigError {
 /// checks the result. `run_name` left null becomes the file's stem.
 pub fn load(file: &Path, sets: &[String]) -> Result<Config, ConfigError> {
     let name = file.display().to_string();
-    let text = std::fs::read_to_string(file)
+    let text = super::read::config_text(file)
         .map_err(|e| ConfigError::one(Origin::File { file: name.clone(), line: None }, "", format!("cannot read: {e}")))?;
     let mut cfg = parse(&text, &name, sets)?;
     if cfg.run_name.is_none() {
@@ -83,8 +83,21 @@ pub fn load(file: &Path, sets: &[String]) -> Result<Config, ConfigError> {
 
 /// [`load`] on text already in memory; `name` is what errors call the file.
 pub fn parse(text: &str, name: &str, sets: &[String]) -> Result<Config, ConfigError> {
-    let lines = key_lines(text);
+    let index = index_keys(text);
+    let lines = index.lines;
     let at = |path: &str| Origin::File { file: name.to_string(), line: lines.get(path).copied() };
+    if !index.duplicates.is_empty() {
+        let problems = index
+            .duplicates
+            .into_iter()
+            .map(|d| Problem {
+                origin: Origin::File { file: name.to_string(), line: Some(d.line) },
+                message: format!("duplicate key (first given at line {}); give each key once", d.first_line),
+                path: d.path,
+            })
+            .collect();
+        return Err(ConfigError { problems });
+    }
 
     let mut doc: Value = serde_yaml_ng::from_str(text).map_err(|e| {
         let line = e.location().map(|l| l.line());
@@ -420,6 +433,16 @@ mod tests {
     fn yaml_syntax_error_has_a_line() {
         let p = err("model:\n  n_layer: [1,\n", &[]);
         assert!(matches!(p[0].origin, Origin::File { line: Some(_), .. }), "{:?}", p[0]);
+    }
+
+    #[test]
+    fn a_repeated_key_names_its_second_line() {
+        let p = err("train:\n  lr: 1\n  max_steps: 5\n  lr: 2\n", &[]);
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].to_string(), "c.yaml, line 4: train.lr: duplicate key (first given at line 2); give each key once");
+        let p = err("train:\n  max_steps: 5\nmodel:\n  n_layer: 2\ntrain:\n  seed: 1\n", &[]);
+        assert_eq!(p[0].origin, Origin::File { file: "c.yaml".into(), line: Some(5) });
+        assert_eq!(p[0].path, "train");
     }
 
     #[test]

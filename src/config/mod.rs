@@ -2,6 +2,7 @@
 
 mod lines;
 mod load;
+mod read;
 mod schema;
 mod validate;
 

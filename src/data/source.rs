@@ -1,39 +1,11 @@
 //! From configured paths to a stream of text: which files make each split, in which
 //! layout, and how they divide into documents.
 
+use super::lines::{cut_long, lines, LongLines};
+use super::split::{Piece, Split};
 use crate::config::{DataConfig, DataFormat};
 use anyhow::{anyhow, bail, Context};
-use std::fs::File;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Split {
-    Train,
-    Valid,
-    Test,
-}
-
-impl Split {
-    pub const ALL: [Split; 3] = [Split::Train, Split::Valid, Split::Test];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Split::Train => "train",
-            Split::Valid => "valid",
-            Split::Test => "test",
-        }
-    }
-}
-
-/// A run of text; a new document starts with it when `starts_document` is set (the
-/// token stream puts `<|endoftext|>` there). Long documents arrive in several pieces so
-/// that memory stays bounded.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Piece {
-    pub text: String,
-    pub starts_document: bool,
-}
 
 /// The files of one split and the layout they are read in.
 #[derive(Debug, Clone, PartialEq)]
@@ -43,12 +15,65 @@ pub struct SplitFiles {
     pub files: Vec<PathBuf>,
 }
 
-/// Plain-text documents are cut into pieces of about this many bytes, at line ends.
+/// Documents reach the tokenizer in pieces of at most about this many bytes: at line
+/// ends where lines are short, before a word where they are not.
 const TEXT_PIECE_BYTES: usize = 1 << 20;
+/// A JSON line is parsed whole, so it has a bound of its own.
+const JSON_LINE_BYTES: usize = 256 << 20;
+
+/// The files of every split the config names, resolved once (globs expanded, layouts
+/// detected, sizes and times taken): the cache's location, the tokenizer's training, the
+/// encoding and the opening all take this value instead of asking the config again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sources {
+    /// In `Split::ALL` order; train is always first.
+    splits: Vec<SplitFiles>,
+    /// Per split: each file's path, size and modification time.
+    fingerprints: Vec<Vec<(String, u64, u128)>>,
+}
+
+impl Sources {
+    pub fn resolve(cfg: &DataConfig) -> anyhow::Result<Sources> {
+        let mut splits = Vec::new();
+        let mut fingerprints = Vec::new();
+        for split in Split::ALL {
+            if let Some(files) = split_files(cfg, split)? {
+                fingerprints.push(fingerprint(&files)?);
+                splits.push(files);
+            }
+        }
+        Ok(Sources { splits, fingerprints })
+    }
+
+    pub fn train(&self) -> &SplitFiles {
+        &self.splits[0]
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &SplitFiles> {
+        self.splits.iter()
+    }
+
+    /// Split name → its files' (path, size, mtime): what names the token cache.
+    pub fn fingerprints(&self) -> std::collections::BTreeMap<&'static str, &[(String, u64, u128)]> {
+        self.splits.iter().zip(&self.fingerprints).map(|(s, f)| (s.split.name(), f.as_slice())).collect()
+    }
+
+    /// A readable name for the data: the directory of the first train file.
+    pub fn label(&self) -> String {
+        match self.train().format {
+            DataFormat::Synthetic => "synthetic".to_string(),
+            _ => self.train().files[0]
+                .parent()
+                .and_then(|p| p.file_name())
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "data".to_string()),
+        }
+    }
+}
 
 /// The files of `split`, or None when the config names none (valid and test may be
 /// absent; train may not, except for the synthetic corpus, which has no files).
-pub fn split_files(cfg: &DataConfig, split: Split) -> anyhow::Result<Option<SplitFiles>> {
+fn split_files(cfg: &DataConfig, split: Split) -> anyhow::Result<Option<SplitFiles>> {
     if cfg.format == DataFormat::Synthetic {
         return Ok(Some(SplitFiles { split, format: DataFormat::Synthetic, files: Vec::new() }));
     }
@@ -107,7 +132,7 @@ fn detect_format(path: &Path) -> anyhow::Result<DataFormat> {
 }
 
 /// Size and modification time of each file: a changed file invalidates its token cache.
-pub fn fingerprint(files: &SplitFiles) -> anyhow::Result<Vec<(String, u64, u128)>> {
+fn fingerprint(files: &SplitFiles) -> anyhow::Result<Vec<(String, u64, u128)>> {
     files
         .files
         .iter()
@@ -126,13 +151,22 @@ pub fn pieces(files: &SplitFiles) -> Box<dyn Iterator<Item = anyhow::Result<Piec
         return Box::new(super::synthetic_source::pieces(files.split).map(Ok));
     }
     let paths = files.files.clone();
-    Box::new(paths.into_iter().flat_map(move |path| -> Box<dyn Iterator<Item = anyhow::Result<Piece>> + Send> {
+    let text_lines = LongLines::Cut(TEXT_PIECE_BYTES);
+    let pieces = paths.into_iter().flat_map(move |path| -> Box<dyn Iterator<Item = anyhow::Result<Piece>> + Send> {
         match format {
-            DataFormat::Wikitext => Box::new(wikitext_articles(lines(&path))),
-            DataFormat::Text => Box::new(text_pieces(lines(&path))),
-            DataFormat::Jsonl => Box::new(jsonl_documents(path.clone(), lines(&path))),
+            DataFormat::Wikitext => Box::new(wikitext_articles(lines(&path, text_lines))),
+            DataFormat::Text => Box::new(text_pieces(lines(&path, text_lines))),
+            DataFormat::Jsonl => Box::new(jsonl_documents(path.clone(), lines(&path, LongLines::Refuse(JSON_LINE_BYTES)))),
             DataFormat::Parquet => parquet_pieces(&path),
             DataFormat::Auto | DataFormat::Synthetic => unreachable!("resolved in split_files"),
+        }
+    });
+    // Whatever the layout, no piece handed to the tokenizer exceeds the bound: its memory
+    // grows with the piece (a 100 MB piece took 18 GB).
+    Box::new(pieces.flat_map(|piece| -> Vec<anyhow::Result<Piece>> {
+        match piece {
+            Ok(piece) => cut_long(piece, TEXT_PIECE_BYTES).into_iter().map(Ok).collect(),
+            Err(e) => vec![Err(e)],
         }
     }))
 }
@@ -152,58 +186,6 @@ fn parquet_pieces(path: &Path) -> Box<dyn Iterator<Item = anyhow::Result<Piece>>
     }
 }
 
-const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
-
-/// A file's lines with their line ends, numbered from 1; invalid UTF-8 is an error naming
-/// the file, line and byte offset, never replaced silently.
-fn lines(path: &Path) -> Box<dyn Iterator<Item = anyhow::Result<(usize, String)>> + Send> {
-    let file = match File::open(path) {
-        Ok(f) => f,
-        Err(e) => {
-            let err = anyhow!("cannot open {}: {e}", path.display());
-            return Box::new(std::iter::once(Err(err)));
-        }
-    };
-    let path = path.to_path_buf();
-    let mut reader = BufReader::with_capacity(1 << 20, file);
-    let mut number = 0usize;
-    let mut offset = 0u64;
-    let mut failed = false;
-    Box::new(std::iter::from_fn(move || {
-        if failed {
-            return None;
-        }
-        let mut bytes = Vec::new();
-        match reader.read_until(b'\n', &mut bytes) {
-            Ok(0) => None,
-            Ok(n) => {
-                number += 1;
-                let start = offset;
-                offset += n as u64;
-                // A UTF-8 byte order mark (Windows editors write one) is not text.
-                if number == 1 && bytes.starts_with(UTF8_BOM) {
-                    bytes.drain(..UTF8_BOM.len());
-                }
-                match String::from_utf8(bytes) {
-                    Ok(line) => Some(Ok((number, line))),
-                    Err(e) => {
-                        failed = true;
-                        let at = start + e.utf8_error().valid_up_to() as u64;
-                        Some(Err(anyhow!(
-                            "{}, line {number}: not valid UTF-8 (byte offset {at}); convert the file to UTF-8 first (e.g. iconv -f latin1 -t utf-8)",
-                            path.display()
-                        )))
-                    }
-                }
-            }
-            Err(e) => {
-                failed = true;
-                Some(Err(anyhow!("cannot read {}: {e}", path.display())))
-            }
-        }
-    }))
-}
-
 /// WikiText marks each article with a top-level heading line ` = Title = `
 /// (sections are ` = = Section = = `); an article runs until the next such heading.
 pub fn is_article_heading(line: &str) -> bool {
@@ -217,13 +199,25 @@ where
     I: Iterator<Item = anyhow::Result<(usize, String)>> + Send,
 {
     let mut lines = lines.peekable();
+    // Set once part of the current article has been handed on (it was longer than a piece).
+    let mut continuing = false;
     std::iter::from_fn(move || {
         let mut article = String::new();
         loop {
             match lines.peek() {
                 None => break,
-                Some(Ok((_, line))) if is_article_heading(line) && !article.trim().is_empty() => break,
+                Some(Ok((_, line))) if is_article_heading(line) => {
+                    if !article.trim().is_empty() || (continuing && !article.is_empty()) {
+                        break;
+                    }
+                    // The heading starts the next article (the previous one is all handed on).
+                    continuing = false;
+                }
                 _ => {}
+            }
+            if article.len() >= TEXT_PIECE_BYTES {
+                let starts_document = !std::mem::replace(&mut continuing, true);
+                return Some(Ok(Piece { text: article, starts_document }));
             }
             match lines.next()? {
                 Ok((_, line)) => article.push_str(&line),
@@ -231,10 +225,11 @@ where
             }
         }
         // Blank lines before the first heading are not an article.
-        if article.trim().is_empty() {
+        if article.is_empty() || (article.trim().is_empty() && !continuing) {
             return None;
         }
-        Some(Ok(Piece { text: article, starts_document: true }))
+        let starts_document = !std::mem::replace(&mut continuing, false);
+        Some(Ok(Piece { text: article, starts_document }))
     })
 }
 
@@ -308,11 +303,25 @@ mod tests {
     }
 
     #[test]
+    fn a_long_article_comes_in_bounded_pieces_and_the_next_starts_a_document() {
+        let body = " some words of a very long article .\n".repeat(80_000); // ~3 MB, no heading inside
+        let text = format!(" = Long = \n{body} = Next = \n short .\n");
+        let pieces: Vec<Piece> = wikitext_articles(numbered(&text).into_iter()).map(|p| p.unwrap()).collect();
+        assert!(pieces.len() >= 4, "{}", pieces.len());
+        assert!(pieces.iter().all(|p| p.text.len() <= TEXT_PIECE_BYTES + 64));
+        let starts: Vec<bool> = pieces.iter().map(|p| p.starts_document).collect();
+        assert_eq!(starts.iter().filter(|&&s| s).count(), 2, "{starts:?}");
+        assert!(starts[0] && *starts.last().unwrap());
+        assert_eq!(pieces.last().unwrap().text, " = Next = \n short .\n");
+        assert_eq!(pieces.iter().map(|p| p.text.as_str()).collect::<String>(), text);
+    }
+
+    #[test]
     fn a_byte_order_mark_is_not_text() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bom.txt");
         std::fs::write(&path, b"\xEF\xBB\xBFfirst line\nsecond \xEF\xBB\xBF kept\n").unwrap();
-        let got: Vec<String> = lines(&path).map(|l| l.unwrap().1).collect();
+        let got: Vec<String> = lines(&path, LongLines::Cut(TEXT_PIECE_BYTES)).map(|l| l.unwrap().1).collect();
         // Only the mark at the very start goes; one inside the text is the user's.
         assert_eq!(got, ["first line\n", "second \u{FEFF} kept\n"]);
     }
@@ -339,7 +348,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bad.txt");
         std::fs::write(&path, b"good line\nbad \xff byte\n").unwrap();
-        let err = lines(&path).collect::<anyhow::Result<Vec<_>>>().unwrap_err().to_string();
+        let err = lines(&path, LongLines::Cut(TEXT_PIECE_BYTES)).collect::<anyhow::Result<Vec<_>>>().unwrap_err().to_string();
         assert!(err.contains("bad.txt, line 2: not valid UTF-8 (byte offset 14)"), "{err}");
     }
 
@@ -348,10 +357,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("d.jsonl");
         std::fs::write(&path, "{\"text\": \"one\"}\n\n{\"text\": \"two\\nlines\", \"id\": 3}\n").unwrap();
-        let docs: Vec<_> = jsonl_documents(path.clone(), lines(&path)).map(|p| p.unwrap().text).collect();
+        let docs: Vec<_> =
+            jsonl_documents(path.clone(), lines(&path, LongLines::Refuse(JSON_LINE_BYTES))).map(|p| p.unwrap().text).collect();
         assert_eq!(docs, vec!["one", "two\nlines"]);
         std::fs::write(&path, "{\"text\": \"one\"}\n{\"body\": 1}\n").unwrap();
-        let err = jsonl_documents(path.clone(), lines(&path)).collect::<anyhow::Result<Vec<_>>>().unwrap_err();
+        let err = jsonl_documents(path.clone(), lines(&path, LongLines::Refuse(JSON_LINE_BYTES)))
+            .collect::<anyhow::Result<Vec<_>>>()
+            .unwrap_err();
         assert!(err.to_string().contains("d.jsonl, line 2: no string field \"text\""), "{err}");
     }
 

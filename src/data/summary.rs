@@ -1,6 +1,6 @@
 //! What a prepared dataset amounts to for a run: tokens, windows, epochs, best loss.
 
-use super::prepare::Prepared;
+use super::cache::Prepared;
 use crate::config::Config;
 use tracing::info;
 

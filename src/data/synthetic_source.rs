@@ -1,7 +1,7 @@
 //! The embedded default corpus as a data source: the synthetic language's documents,
 //! one split each, with their exact likelihood under the source.
 
-use super::source::{Piece, Split};
+use super::split::{Piece, Split};
 use super::synthetic::{self, SyntheticLanguage};
 
 fn split_of(split: Split) -> (synthetic::Split, usize) {

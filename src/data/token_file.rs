@@ -14,6 +14,9 @@ use std::path::{Path, PathBuf};
 const MAGIC: &[u8; 8] = b"ALGPT2TK";
 const VERSION: u32 = 1;
 const HEADER_BYTES: usize = 64;
+/// Bytes per checksummed chunk: a whole number of tokens of either width, and large
+/// enough that the checksums of a 500 MB file fit on a line of the manifest.
+pub const CHECK_CHUNK_BYTES: usize = 16 << 20;
 
 /// Bytes per stored token id for a vocabulary of `vocab_size` ids.
 pub fn token_width(vocab_size: usize) -> u32 {
@@ -69,6 +72,53 @@ impl TokenFile {
             2 => u16::from_le_bytes([self.map[at], self.map[at + 1]]) as u32,
             _ => u32::from_le_bytes(self.map[at..at + 4].try_into().unwrap()),
         }
+    }
+
+    /// crc32 of each [`CHECK_CHUNK_BYTES`] of the whole file, header included: what the
+    /// manifest records when the file is made and [`TokenFile::verify`] compares.
+    pub fn chunk_checksums(&self) -> Vec<u32> {
+        use rayon::prelude::*;
+        self.map.par_chunks(CHECK_CHUNK_BYTES).map(crc32fast::hash).collect()
+    }
+
+    /// Checks every byte against `expected` (from [`TokenFile::chunk_checksums`] at build
+    /// time) and every id against the vocabulary, on all cores; the error names the
+    /// first damaged chunk or out-of-range token.
+    pub fn verify(&self, expected: &[u32], vocab_size: usize) -> Result<(), String> {
+        use rayon::prelude::*;
+        let chunks = self.map.len().div_ceil(CHECK_CHUNK_BYTES);
+        if expected.len() != chunks {
+            return Err(format!("{} has {chunks} chunks, its manifest records {}", self.path.display(), expected.len()));
+        }
+        let width = self.width as usize;
+        let problem = self.map.par_chunks(CHECK_CHUNK_BYTES).zip(expected).enumerate().find_map_first(|(i, (chunk, &crc))| {
+            let start = i * CHECK_CHUNK_BYTES;
+            if crc32fast::hash(chunk) != crc {
+                return Some(format!(
+                    "{}: bytes {start}..{} do not match their checksum (changed after it was built)",
+                    self.path.display(),
+                    start + chunk.len()
+                ));
+            }
+            // Chunks and the header are whole numbers of tokens, so ids never straddle chunks.
+            let skip = HEADER_BYTES.saturating_sub(start);
+            let ids = &chunk[skip.min(chunk.len())..];
+            let largest = match width {
+                2 => ids.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]]) as u32).max(),
+                _ => ids.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).max(),
+            };
+            let id_at =
+                |b: &[u8]| if width == 2 { u16::from_le_bytes([b[0], b[1]]) as u32 } else { u32::from_le_bytes([b[0], b[1], b[2], b[3]]) };
+            match largest {
+                Some(id) if id as usize >= vocab_size => {
+                    let (at, first) = ids.chunks_exact(width).map(id_at).enumerate().find(|&(_, id)| id as usize >= vocab_size)?;
+                    let token = (start + skip - HEADER_BYTES) / width + at;
+                    Some(format!("{}: token {token} is id {first}, outside the tokenizer's {vocab_size} ids", self.path.display()))
+                }
+                _ => None,
+            }
+        });
+        problem.map_or(Ok(()), Err)
     }
 
     /// Appends tokens `start..start + count` to `out`.
@@ -153,6 +203,27 @@ mod tests {
             f.extend_range(1, 2, &mut out);
             assert_eq!(out, vec![ids[1] as i64, ids[2] as i64]);
         }
+    }
+
+    #[test]
+    fn verify_finds_a_changed_byte_and_ids_outside_the_vocabulary() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.bin");
+        let mut w = TokenWriter::create(&path, 2, &[1; 32]).unwrap();
+        w.push(&(0..1000).map(|i| i % 300).collect::<Vec<u32>>()).unwrap();
+        w.finish().unwrap();
+        let sums = TokenFile::open(&path).unwrap().chunk_checksums();
+        assert!(TokenFile::open(&path).unwrap().verify(&sums, 300).is_ok());
+        // A smaller vocabulary than the ids: named, with the first token outside it.
+        let err = TokenFile::open(&path).unwrap().verify(&sums, 200).unwrap_err();
+        assert!(err.contains("token 200 is id 200, outside the tokenizer's 200 ids"), "{err}");
+        // One token changed to another valid id: the header check passes, the checksum does not.
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[HEADER_BYTES + 2 * 500] = 7;
+        std::fs::write(&path, bytes).unwrap();
+        let f = TokenFile::open(&path).unwrap();
+        let err = f.verify(&sums, 300).unwrap_err();
+        assert!(err.contains("bytes 0..2064 do not match their checksum"), "{err}");
     }
 
     #[test]

@@ -2,10 +2,13 @@
 //! NCCL), the hang watchdog and stop signals.
 //! The model never imports this module; the trainer is where they meet.
 
+mod blame;
 pub mod exchange;
+mod heartbeat;
 pub mod nccl;
 mod replicas;
 pub mod signals;
+mod waiting;
 pub mod watchdog;
 mod world;
 

@@ -1,45 +1,133 @@
 //! A rank that dies makes mpirun end the job, but a rank that hangs (a stuck collective,
 //! a wedged device, a peer that stopped without dying) would leave every other rank
 //! waiting forever. The watchdog thread ends this process when no step has completed for
-//! `dist.timeout_s` seconds; mpirun then ends the rest of the job.
+//! `dist.timeout_s` seconds; mpirun then ends the rest of the job. Its message names the
+//! rank that stopped (src/dist/blame.rs), from the heartbeats the ranks' watchdogs
+//! exchange (src/dist/heartbeat.rs); a firing watchdog tells the others, which then end
+//! at once with their own view of it.
+//!
+//! Time this process spent stopped (SIGSTOP and SIGCONT, a suspended Slurm job, a
+//! paused VM) is not a hang of this rank: the watchdog sees its own wait overrun and does
+//! not count it.
 
+use super::blame::{self, Heard, View};
+use super::heartbeat::{Heartbeat, Status};
+use super::World;
+use anyhow::Context;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// How often the watchdog looks at the clock.
+const TICK: Duration = Duration::from_millis(200);
+/// How often it tells the other ranks how this one is doing.
+const SEND_EVERY: Duration = Duration::from_millis(500);
+/// A tick overrun by this much means the whole process was stopped, not slow.
+const FROZEN: Duration = Duration::from_secs(2);
+/// A firing watchdog waits this long before ending the rank, so that the others, told,
+/// write their view of it before mpirun ends them.
+const LINGER: Duration = Duration::from_millis(300);
+
 pub struct Watchdog {
-    last_beat_ms: Arc<AtomicU64>,
+    progress: Arc<Progress>,
+}
+
+/// What the main thread tells the watchdog thread.
+struct Progress {
     started: Instant,
+    /// Milliseconds after `started` of the last progress.
+    beat_ms: AtomicU64,
+    last_step: AtomicU64,
 }
 
 impl Watchdog {
-    /// Starts watching this rank's progress.
-    pub fn start(rank: usize, timeout: Duration) -> Watchdog {
-        let started = Instant::now();
-        let last_beat_ms = Arc::new(AtomicU64::new(0));
-        let allowed = timeout.as_millis() as u64;
-        let last = Arc::clone(&last_beat_ms);
-        std::thread::Builder::new()
-            .name("watchdog".into())
-            .spawn(move || loop {
-                std::thread::sleep(Duration::from_millis(200));
-                let now = started.elapsed().as_millis() as u64;
-                let since = now.saturating_sub(last.load(Ordering::Relaxed));
-                if since > allowed {
-                    crate::report::log::stderr_line(&format!(
-                        "error on rank {rank}: no training progress for {:.0} s (dist.timeout_s): another rank died or hangs; ending this rank so the job stops",
-                        since as f64 / 1000.0
-                    ));
-                    // _exit: no destructors, which could block on the same stuck collective.
-                    unsafe { libc::_exit(3) };
-                }
-            })
-            .expect("the watchdog thread starts");
-        Watchdog { last_beat_ms, started }
+    /// Starts watching this rank's progress from step `step`. A collective: every rank
+    /// calls it at the same point (the ranks exchange their heartbeat addresses).
+    pub fn start(world: &World, timeout: Duration, step: u64) -> anyhow::Result<Watchdog> {
+        let heartbeat = Heartbeat::open(world);
+        let progress = Arc::new(Progress { started: Instant::now(), beat_ms: AtomicU64::new(0), last_step: AtomicU64::new(step) });
+        let watch = Watch { rank: world.rank(), size: world.size(), allowed: timeout, heartbeat, progress: Arc::clone(&progress) };
+        std::thread::Builder::new().name("watchdog".into()).spawn(move || watch.run()).context("cannot start the watchdog thread")?;
+        Ok(Watchdog { progress })
     }
 
-    /// Progress was made: restart the clock.
-    pub fn beat(&self) {
-        self.last_beat_ms.store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    /// Progress was made (`step` is the last completed step): restart the clock.
+    pub fn beat(&self, step: u64) {
+        self.progress.last_step.store(step, Ordering::Relaxed);
+        self.progress.beat_ms.store(self.progress.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+struct Watch {
+    rank: usize,
+    size: usize,
+    allowed: Duration,
+    heartbeat: Heartbeat,
+    progress: Arc<Progress>,
+}
+
+impl Watch {
+    fn run(mut self) -> ! {
+        let mut peers: Vec<Option<(Status, Instant)>> = vec![None; self.size];
+        // Told at once, the others know this rank from its first moment.
+        self.heartbeat.send(&Status::now(self.rank, self.progress.last_step.load(Ordering::Relaxed), 0, false));
+        let (mut seen_beat, mut frozen, mut next_send) = (0, Duration::ZERO, Instant::now() + SEND_EVERY);
+        // The last freeze (when it ended, how long), for the message: a step may complete
+        // right after it, before a peer's notice arrives.
+        let mut last_freeze: Option<(Instant, Duration)> = None;
+        let mut tick = Instant::now();
+        loop {
+            let heard = self.heartbeat.receive(tick + TICK);
+            // From the end of the last tick: a stop anywhere in the loop is seen.
+            let now = Instant::now();
+            let took = now.duration_since(tick);
+            tick = now;
+            let mut fired_on = None;
+            for s in heard.into_iter().filter(|s| s.rank < self.size && s.rank != self.rank) {
+                if s.ending {
+                    fired_on.get_or_insert(s.rank);
+                }
+                let rank = s.rank;
+                peers[rank] = Some((s, now));
+            }
+            let beat_ms = self.progress.beat_ms.load(Ordering::Relaxed);
+            if beat_ms != seen_beat {
+                (seen_beat, frozen) = (beat_ms, Duration::ZERO);
+            }
+            if took > TICK + FROZEN {
+                frozen += took - TICK;
+                last_freeze = Some((now, took - TICK));
+                tracing::warn!(
+                    "rank {}: this rank was frozen for {:.1} s (SIGSTOP, a suspended job or a paused machine); the watchdog does not count that time",
+                    self.rank,
+                    (took - TICK).as_secs_f64()
+                );
+            }
+            let since_progress = Duration::from_millis((self.progress.started.elapsed().as_millis() as u64).saturating_sub(beat_ms));
+            let stalled = since_progress.saturating_sub(frozen);
+            let last_step = self.progress.last_step.load(Ordering::Relaxed);
+            let fired = stalled > self.allowed;
+            if !fired && fired_on.is_none() {
+                if now >= next_send {
+                    self.heartbeat.send(&Status::now(self.rank, last_step, stalled.as_millis() as u64, false));
+                    next_send = now + SEND_EVERY;
+                }
+                continue;
+            }
+            let me = Status::now(self.rank, last_step, stalled.as_millis() as u64, true);
+            let peers = peers.iter().map(|p| p.as_ref().map(|(s, at)| Heard { status: s.clone(), ago: now.duration_since(*at) })).collect();
+            let frozen = last_freeze.filter(|(at, _)| now.duration_since(*at) < self.allowed).map_or(Duration::ZERO, |(_, d)| d);
+            let view = View { me: me.clone(), frozen, peers, allowed: self.allowed, fired_on: fired_on.filter(|_| !fired) };
+            crate::report::log::stderr_line(&blame::message(&view));
+            if fired {
+                // Twice, in case a datagram is lost.
+                for _ in 0..2 {
+                    self.heartbeat.send(&me);
+                    std::thread::sleep(LINGER / 2);
+                }
+            }
+            // _exit: no destructors, which could block on the same stuck collective.
+            unsafe { libc::_exit(3) };
+        }
     }
 }

@@ -14,6 +14,7 @@ extern "C" {
 extern "C" {
     fn algpt2_bf16_sum(input: *const u16, inout: *mut u16, n: i32);
 }
+use super::waiting::InCollective;
 use mpi::collective::{CommunicatorCollectives, Root, SystemOperation};
 use mpi::environment::Universe;
 
@@ -63,6 +64,7 @@ impl World {
         self.rank == 0
     }
     pub fn barrier(&self) {
+        let _waiting = InCollective::enter();
         self.comm.barrier();
     }
     /// Sums a float tensor across ranks in place, through MPI in buckets of at most
@@ -116,6 +118,7 @@ impl World {
     /// Runs `reduce(offset, n)` over `count` elements in buckets of at most
     /// `bucket_elems`, failing on the first non-zero MPI code.
     fn in_buckets(&self, what: &str, count: usize, bucket_elems: usize, reduce: impl Fn(usize, i32) -> i32) -> anyhow::Result<()> {
+        let _waiting = InCollective::enter();
         let mut offset = 0;
         while offset < count {
             let n = bucket_elems.max(1).min(count - offset).min(i32::MAX as usize);
@@ -132,6 +135,7 @@ impl World {
         if self.size == 1 {
             out.copy_from_slice(values);
         } else {
+            let _waiting = InCollective::enter();
             self.comm.all_gather_into(values, &mut out[..]);
         }
         out
@@ -150,6 +154,7 @@ impl World {
         let mut mine = text.as_bytes().to_vec();
         mine.resize(width, 0);
         let mut all = vec![0u8; width * self.size];
+        let _waiting = InCollective::enter();
         self.comm.all_gather_into(&mine[..], &mut all[..]);
         all.chunks(width.max(1)).zip(lengths).map(|(chunk, len)| String::from_utf8_lossy(&chunk[..len as usize]).into_owned()).collect()
     }
@@ -167,6 +172,7 @@ impl World {
             return;
         }
         let send = values.to_vec();
+        let _waiting = InCollective::enter();
         self.comm.all_reduce_into(&send[..], values, SystemOperation::max());
     }
 
@@ -176,12 +182,14 @@ impl World {
             return;
         }
         let send = values.to_vec();
+        let _waiting = InCollective::enter();
         self.comm.all_reduce_into(&send[..], values, SystemOperation::sum());
     }
 
     /// Rank 0's bytes on every rank.
     pub fn broadcast_bytes(&self, values: &mut [u8]) {
         if self.size > 1 {
+            let _waiting = InCollective::enter();
             self.comm.process_at_rank(0).broadcast_into(values);
         }
     }
@@ -192,7 +200,10 @@ impl World {
             return;
         }
         let mut data = Vec::<f32>::try_from(&t.to_device(tch::Device::Cpu)).expect("an f32 tensor");
-        self.comm.process_at_rank(0).broadcast_into(&mut data[..]);
+        {
+            let _waiting = InCollective::enter();
+            self.comm.process_at_rank(0).broadcast_into(&mut data[..]);
+        }
         let received = tch::Tensor::from_slice(&data).view(t.size().as_slice()).to_device(t.device());
         tch::no_grad(|| t.copy_(&received));
     }

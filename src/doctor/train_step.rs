@@ -3,7 +3,7 @@
 //! and the cross-rank agreement check the trainer runs.
 
 use super::Report;
-use crate::data::prepare::{SplitData, SplitStats};
+use crate::data::cache::{SplitData, SplitStats};
 use crate::data::token_file::{token_width, TokenFile, TokenWriter};
 use crate::dist::{Replicas, World};
 use crate::rng::SplitMix64;

@@ -3,7 +3,7 @@
 //! at the end) or several overlaid (`algpt2-ddp plot`), as the studies compared variants.
 //! Text uses the DejaVu Sans shipped in `assets/`, so no system font is needed.
 
-use anyhow::{anyhow, Context};
+use anyhow::{anyhow, bail};
 use plotters::prelude::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -40,7 +40,15 @@ struct Run {
 
 fn read_run(dir: &Path) -> anyhow::Result<Run> {
     let path = dir.join("metrics.jsonl");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        let why = match e.kind() {
+            std::io::ErrorKind::NotFound if !dir.exists() => format!("the run directory {} does not exist", dir.display()),
+            std::io::ErrorKind::NotFound if !dir.is_dir() => format!("{} is not a directory", dir.display()),
+            std::io::ErrorKind::NotFound => format!("{} is not a run directory (it has no metrics.jsonl)", dir.display()),
+            _ => e.to_string(),
+        };
+        anyhow!("cannot read {}: {why}", path.display())
+    })?;
     let rows = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
     let label = dir.file_name().map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into_owned());
     Ok(Run { label, rows })
@@ -63,13 +71,77 @@ fn register_font() -> anyhow::Result<()> {
 /// One line of a panel: its legend, (run, metric) for its colour, its (step, value) points.
 type Line = (String, (usize, usize), Vec<(f64, f64)>);
 
+/// Refuses an `out` that cannot be written before anything is drawn.
+fn check_out(out: &Path) -> anyhow::Result<()> {
+    let shown = out.display();
+    if !out.extension().is_some_and(|e| e.eq_ignore_ascii_case("png")) {
+        bail!("cannot write {shown}: plots are PNG images, the file name must end in .png");
+    }
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    match std::fs::metadata(parent) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => bail!("cannot write {shown}: {} is not a directory", parent.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("cannot write {shown}: the directory {} does not exist", parent.display())
+        }
+        Err(e) => bail!("cannot write {shown}: {e}"),
+    }
+    if out.is_dir() {
+        bail!("cannot write {shown}: it is a directory");
+    }
+    Ok(())
+}
+
+/// The pixels as a PNG file's bytes.
+fn encode_png(pixels: &[u8], out: &Path) -> anyhow::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    let mut encoder = png::Encoder::new(&mut bytes, SIZE.0, SIZE.1);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    // What plotters' own encoder (the image crate's defaults) used.
+    encoder.set_compression(png::Compression::Fast);
+    encoder.set_filter(png::FilterType::Sub);
+    encoder.set_adaptive_filter(png::AdaptiveFilterType::Adaptive);
+    encoder
+        .write_header()
+        .and_then(|mut w| {
+            w.write_image_data(pixels)?;
+            w.finish()
+        })
+        .map_err(|e| anyhow!("cannot encode {} as PNG: {e}", out.display()))?;
+    Ok(bytes)
+}
+
+/// Writes `bytes` to a hidden sibling and renames it over `out`, so that a reader (or the
+/// refresh at the next evaluation) never sees half an image. Every failure names `out`
+/// and the OS's reason.
+fn write_png(out: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let name = out.file_name().map_or_else(|| "plots.png".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = out.with_file_name(format!(".{name}.tmp"));
+    let written = std::fs::File::create(&tmp).and_then(|mut f| f.write_all(bytes)).and_then(|()| std::fs::rename(&tmp, out));
+    written.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        anyhow!("cannot write {}: {e}", out.display())
+    })
+}
+
 /// Draws the runs in `dirs` over each other into `out`.
 pub fn render(dirs: &[PathBuf], out: &Path) -> anyhow::Result<()> {
     register_font()?;
     let runs: Vec<Run> = dirs.iter().map(|d| read_run(d)).collect::<anyhow::Result<_>>()?;
-    let root = BitMapBackend::new(out, SIZE).into_drawing_area();
-    let err = |e: DrawingAreaErrorKind<_>| anyhow!("drawing {}: {e}", out.display());
-    root.fill(&WHITE).map_err(err)?;
+    check_out(out)?;
+    // Drawn in memory and written by us: plotters' own file output reports a failed
+    // write as Rust debug text (`ImageError(IoError(Os { code: 30, .. }))`).
+    let mut pixels = vec![0u8; SIZE.0 as usize * SIZE.1 as usize * 3];
+    draw(&runs, &mut pixels).map_err(|e| anyhow!("cannot draw {}: {e}", out.display()))?;
+    write_png(out, &encode_png(&pixels, out)?)
+}
+
+/// Draws the four panels of `runs` into `pixels` (RGB, `SIZE`).
+fn draw(runs: &[Run], pixels: &mut [u8]) -> Result<(), DrawingAreaErrorKind<impl std::error::Error + Send + Sync>> {
+    let root = BitMapBackend::with_buffer(pixels, SIZE).into_drawing_area();
+    root.fill(&WHITE)?;
     let several = runs.len() > 1;
     for (area, panel) in root.split_evenly((2, 2)).iter().zip(PANELS.iter()) {
         // A run keeps its colour in every panel; its second metric (val) is paler.
@@ -98,35 +170,21 @@ pub fn render(dirs: &[PathBuf], out: &Path) -> anyhow::Result<()> {
             .margin(12)
             .x_label_area_size(36)
             .y_label_area_size(70)
-            .build_cartesian_2d(x0..x1.max(x0 + 1.0), (y0 - pad)..(y1 + pad))
-            .map_err(err)?;
-        chart
-            .configure_mesh()
-            .x_desc("step")
-            .x_label_formatter(&|x| format!("{x:.0}"))
-            .label_style(("sans-serif", 14))
-            .draw()
-            .map_err(err)?;
+            .build_cartesian_2d(x0..x1.max(x0 + 1.0), (y0 - pad)..(y1 + pad))?;
+        chart.configure_mesh().x_desc("step").x_label_formatter(&|x| format!("{x:.0}")).label_style(("sans-serif", 14)).draw()?;
         for (name, (run_index, metric_index), points) in &lines {
             let base = COLORS[run_index % COLORS.len()];
             let color = if *metric_index == 0 { base.to_rgba() } else { base.mix(0.45).to_rgba() };
             chart
-                .draw_series(LineSeries::new(points.iter().copied(), color.stroke_width(2)))
-                .map_err(err)?
+                .draw_series(LineSeries::new(points.iter().copied(), color.stroke_width(2)))?
                 .label(name.clone())
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(3)));
         }
         if !lines.is_empty() {
-            chart
-                .configure_series_labels()
-                .label_font(("sans-serif", 14))
-                .background_style(WHITE.mix(0.8))
-                .border_style(BLACK)
-                .draw()
-                .map_err(err)?;
+            chart.configure_series_labels().label_font(("sans-serif", 14)).background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
         }
     }
-    root.present().map_err(err)?;
+    root.present()?;
     Ok(())
 }
 

@@ -9,9 +9,10 @@ mod validation;
 
 use crate::checkpoint::{self, Found, OtherParts};
 use crate::config::Config;
-use crate::data::prepare::{self, SplitData};
-use crate::data::source::Split;
+use crate::data::cache::SplitData;
+use crate::data::prepare;
 use crate::data::summary;
+use crate::data::Split;
 use crate::device;
 use crate::dist::signals::StopRequest;
 use crate::dist::watchdog::Watchdog;
@@ -43,14 +44,10 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
 
 fn run_in_world(cfg: &Config, world: &World, device: tch::Device) -> anyhow::Result<()> {
     let run = RunDir::for_config(cfg);
-    // Held until the run ends: a second training on this directory is refused.
-    let _lock = if world.is_main() {
-        let lock = RunLock::acquire(&run)?;
-        run.create(cfg)?;
-        Some(lock)
-    } else {
-        None
-    };
+    // Held until the run ends: a second training on this directory is refused. The run's
+    // config and tokenizer are written only once the resume is settled (below): a refused
+    // resume leaves them as the checkpoints were made with.
+    let _lock = if world.is_main() { Some(RunLock::acquire(&run)?) } else { None };
     log::init(world.rank(), world.is_main().then(|| run.log()).as_deref())?;
     if world.is_main() {
         checkpoint::clean_partial(&run.checkpoints())?;
@@ -59,10 +56,6 @@ fn run_in_world(cfg: &Config, world: &World, device: tch::Device) -> anyhow::Res
 
     let data = prepare::open_on_every_rank(cfg, world)?;
     summary::print(cfg, &data, world.size());
-    if world.is_main() {
-        // The run keeps its own tokenizer, for generation and export after the cache is gone.
-        data.tokenizer.save(&run.tokenizer())?;
-    }
     let train = data.split(Split::Train).expect("the train split always exists");
     let seq_len = cfg.train.seq_len;
     if let (tch::Device::Cuda(ordinal), true) = (device, cfg.model.dropout > 0.0) {
@@ -81,6 +74,9 @@ fn run_in_world(cfg: &Config, world: &World, device: tch::Device) -> anyhow::Res
         info!("resumed from {} at step {}", found.dir.display(), trainer.step);
     }
     if world.is_main() {
+        run.create(cfg)?;
+        // The run keeps its own tokenizer, for generation and export after the cache is gone.
+        data.tokenizer.save(&run.tokenizer())?;
         // Rows an interrupted run logged after its last checkpoint (all of them, when it
         // saved none) are logged again by this one.
         metrics.truncate_after(trainer.step)?;
@@ -100,7 +96,7 @@ fn run_in_world(cfg: &Config, world: &World, device: tch::Device) -> anyhow::Res
     // Kept in every checkpoint, so that a resumed run continues the same W&B run.
     let wandb_run_id = wandb.run_id().or(resumed_wandb_run);
     // Start-up (data preparation) is not timed; from here on every step must finish.
-    let watchdog = Watchdog::start(world.rank(), Duration::from_secs(cfg.dist.timeout_s));
+    let watchdog = Watchdog::start(world, Duration::from_secs(cfg.dist.timeout_s), trainer.step)?;
     let progress = Progress::new(world.is_main(), trainer.step, cfg.train.max_steps);
     let charts = Charts { run_root: &run.root, max_steps: cfg.train.max_steps };
     let env = LoopEnv {
@@ -172,7 +168,7 @@ fn train_loop(
         // Device values are read only for a logged row; the read waits for the device, so
         // it belongs to the step's time.
         let report = metrics.read_if_due(&outcome, trainer.step, world);
-        env.watchdog.beat();
+        env.watchdog.beat(trainer.step);
         let step_seconds = started.elapsed().as_secs_f64();
         train_seconds += step_seconds;
         metrics.add(step_seconds, (trainer.global_batch(world) * t.seq_len) as u64);
@@ -182,7 +178,7 @@ fn train_loop(
         env.progress.step(trainer.step, report.as_ref().map(|r| r.loss));
         let mut row = metrics.row(report.as_ref(), lr, trainer);
         if validator.validate_if_due(trainer, world, env.wandb, &mut row) {
-            env.watchdog.beat();
+            env.watchdog.beat(trainer.step);
         }
         if world.is_main() && !row.is_empty() {
             row.insert("step".into(), json!(trainer.step));
@@ -206,7 +202,7 @@ fn train_loop(
             trainer.settle()?;
         }
         checkpointer.save_if_due(trainer, &others, world, env.progress, stopping)?;
-        env.watchdog.beat();
+        env.watchdog.beat(trainer.step);
         if stopping {
             env.progress.finish();
             info!("stopped by signal after step {}; the checkpoint is saved: run the same command to resume", trainer.step);

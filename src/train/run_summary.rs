@@ -3,8 +3,8 @@
 
 use super::Timing;
 use crate::config::Config;
-use crate::data::prepare::Prepared;
-use crate::data::source::Split;
+use crate::data::cache::Prepared;
+use crate::data::Split;
 use crate::dist::World;
 use crate::evaluation::evaluate;
 use crate::report::format::group;

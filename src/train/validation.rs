@@ -3,7 +3,7 @@
 
 use crate::checkpoint::TrainerState;
 use crate::config::Config;
-use crate::data::prepare::SplitData;
+use crate::data::cache::SplitData;
 use crate::dist::World;
 use crate::evaluation::evaluate;
 use crate::report::wandb_run::WandbRun;

@@ -11,18 +11,34 @@
 //!   ln_f's bias adds exactly lm_head·u to every logit.
 //!
 //! The only error is fp32 rounding of those products and of solving for u.
+//!
+//! The export is written beside its destination and renamed into place (`destination`),
+//! so a failed export leaves nothing half-written, and never into a run or checkpoint.
+
+mod destination;
 
 use crate::checkpoint::{self, MODEL_FILE};
 use crate::config::ModelConfig;
 use anyhow::{anyhow, bail, Context};
 use serde_json::json;
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 
+/// What `export-hf` may do beyond writing a new directory.
+#[derive(Debug, Clone, Default)]
+pub struct ExportOptions {
+    /// Replace a non-empty `--out` (a previous export).
+    pub force: bool,
+    /// The tokenizer to ship instead of the run's `tokenizer.json` (checked all the same).
+    pub tokenizer: Option<PathBuf>,
+}
+
 /// Writes the HF export of `checkpoint_dir` into `out_dir`.
-pub fn export_hf(checkpoint_dir: &Path, out_dir: &Path) -> anyhow::Result<()> {
+pub fn export_hf(checkpoint_dir: &Path, out_dir: &Path, options: &ExportOptions) -> anyhow::Result<()> {
     let state = checkpoint::verify(checkpoint_dir)?;
+    let target = destination::Destination::check(checkpoint_dir, out_dir, options.force)?;
+    let (tokenizer, tokenizer_path) = checkpoint::tokenizer_of(checkpoint_dir, &state, options.tokenizer.as_deref())?;
     let cfg: ModelConfig = checkpoint::model_config(checkpoint_dir, &state)?;
     let ours = checkpoint::load_tensors(checkpoint_dir, MODEL_FILE)?;
     let get = |name: &str| -> anyhow::Result<Tensor> {
@@ -79,18 +95,13 @@ pub fn export_hf(checkpoint_dir: &Path, out_dir: &Path) -> anyhow::Result<()> {
         hf.insert("lm_head.weight".into(), wte.matmul(&w_out));
     }
 
-    std::fs::create_dir_all(out_dir).with_context(|| format!("cannot create {}", out_dir.display()))?;
+    let staging = target.staging()?;
     let tensors: Vec<(String, Tensor)> = hf.into_iter().map(|(k, v)| (k, v.contiguous())).collect();
-    Tensor::write_safetensors(&tensors, out_dir.join("model.safetensors")).map_err(|e| anyhow!("writing model.safetensors: {e}"))?;
-    let run_dir = crate::run_dir::RunDir::of_checkpoint(checkpoint_dir).map(|r| r.root);
-    let tokenizer = run_dir.map(|d| d.join("tokenizer.json")).filter(|p| p.is_file());
-    let eot = match &tokenizer {
-        Some(path) => {
-            std::fs::copy(path, out_dir.join("tokenizer.json")).with_context(|| format!("copying {}", path.display()))?;
-            crate::data::tokenizer::TextTokenizer::load(path)?.end_of_text
-        }
-        None => 0,
-    };
+    Tensor::write_safetensors(&tensors, staging.path().join("model.safetensors"))
+        .map_err(|e| anyhow!("writing {}: {e}", staging.path().join("model.safetensors").display()))?;
+    let tokenizer_copy = staging.path().join("tokenizer.json");
+    std::fs::copy(&tokenizer_path, &tokenizer_copy).with_context(|| format!("copying {}", tokenizer_path.display()))?;
+    let eot = tokenizer.end_of_text;
     let config = json!({
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -114,6 +125,6 @@ pub fn export_hf(checkpoint_dir: &Path, out_dir: &Path) -> anyhow::Result<()> {
         "torch_dtype": "float32",
         "algpt2": {"share_layers": cfg.share_layers, "embedding_size": cfg.embedding_size, "step": state.step},
     });
-    crate::run_dir::write_atomic(&out_dir.join("config.json"), serde_json::to_string_pretty(&config)?.as_bytes())?;
-    Ok(())
+    crate::run_dir::write_atomic(&staging.path().join("config.json"), serde_json::to_string_pretty(&config)?.as_bytes())?;
+    staging.commit()
 }
