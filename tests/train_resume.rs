@@ -172,7 +172,7 @@ fn eval_command_reproduces_the_logged_validation_loss() {
     let dir = tempfile::tempdir().unwrap();
     let (runs, cache) = (dir.path().join("runs"), dir.path().join("cache"));
     // eval_steps 0: the last evaluation covers the whole valid split, as `eval` does. In
-    // fp32, as `eval` computes: with bf16 compute (`auto` on a CPU with AVX512-BF16) the
+    // fp32, as `eval` computes: with bf16 compute (`auto` on a CPU with AMX-BF16) the
     // logged loss is bf16's, ~1e-6 off.
     let a = args(&runs, &cache, &["--set", "train.eval_steps=0", "--set", "train.max_steps=4", "--set", "train.precision=fp32"]);
     assert!(train(&a, None).status.success());

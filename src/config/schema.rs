@@ -222,7 +222,8 @@ pub struct TrainConfig {
     /// the device (GPU memory, or this rank's share of the available RAM).
     pub memory_check: bool,
     /// Compute precision: `auto` (bf16 on CUDA GPUs of compute capability 8.0 or newer and
-    /// on CPUs with AMX-BF16 or AVX512-BF16, else fp32), `bf16` (matrix products,
+    /// on CPUs with AMX-BF16, else fp32: with AVX512-BF16 alone bf16 measured slower than
+    /// fp32), `bf16` (matrix products,
     /// attention and the head in bf16 on fp32 master weights, gradients and optimizer
     /// state; LayerNorm statistics, softmax, the loss and all reductions in fp32) or
     /// `fp32`. Checkpoints are fp32 either way and resume in either precision.
