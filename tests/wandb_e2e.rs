@@ -1,10 +1,12 @@
 //! W&B reporting end to end: the real binary against the loopback fake server
 //! (wandb/src/fake_server.rs). Rows arrive once, in order, from rank 0 only; a
 //! resumed run continues the same W&B run; a hanging server does not hold training up;
-//! an offline run syncs later.
+//! an offline run syncs later; Stop on the dashboard stops every rank with a checkpoint
+//! (or only warns, with `wandb.honor_stop: false`).
 
 mod common;
-use algpt2_ddp::report::wandb::fake_server::{FakeServer, Fault, Target};
+use algpt2_ddp::checkpoint;
+use algpt2_ddp::report::wandb::fake_server::{FakeServer, Fault, StopHolds, Target};
 use common::*;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -192,4 +194,123 @@ fn wandb_sync_gives_up_after_its_timeout_and_loses_nothing() {
     let id = only_run(&server);
     assert_eq!(server.steps(&id), (1..=8).collect::<Vec<u64>>());
     assert!(server.run(&id).unwrap().complete);
+}
+
+/// Every row goes up as soon as it is logged (the default is one request per 15 s), so
+/// that the server's answer to step N's row comes back within a round trip.
+const UPLOAD_AT_ONCE: (&str, &str) = ("WANDB_X_FILE_STREAM_TRANSMIT_INTERVAL", "0");
+
+/// `mpirun -n 2` of the tiny run `args` reporting to `server`.
+fn train_2_ranks(a: &[String], server: &FakeServer, dir: &Path) -> Output {
+    let mut cmd = mpirun(2);
+    for var in ["WANDB_API_KEY", "WANDB_BASE_URL", "HOME", UPLOAD_AT_ONCE.0] {
+        cmd.args(["-x", var]);
+    }
+    cmd.arg(bin()).args(a).current_dir(repo());
+    with_wandb(&mut cmd, server, dir, None);
+    cmd.env(UPLOAD_AT_ONCE.0, UPLOAD_AT_ONCE.1);
+    cmd.output().unwrap()
+}
+
+/// The step named by the line `stopped from the W&B dashboard after step S;`.
+fn dashboard_stop_step(log: &str) -> Option<u64> {
+    let tail = log.split("stopped from the W&B dashboard after step ").nth(1)?;
+    tail.split(';').next()?.trim().parse().ok()
+}
+
+#[test]
+fn stop_on_the_dashboard_stops_every_rank_with_a_checkpoint_and_the_same_command_resumes() {
+    const PRESSED_AT: u64 = 4;
+    let server = FakeServer::start();
+    server.press_stop_at(PRESSED_AT, StopHolds::UntilFinished);
+    let dir = tempfile::tempdir().unwrap();
+    let sets = ["--set", "train.max_steps=12", "--set", "train.eval_interval=0", "--set", "train.grad_accum_steps=8"];
+    let a = args(dir.path(), "quickstart", &sets);
+    let started = Instant::now();
+    let out = train_2_ranks(&a, &server, dir.path());
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let id = only_run(&server);
+    let run = server.run(&id).unwrap();
+    let answered = run.stop_answered_at_step.expect("the server answered stopped");
+    let stopped = dashboard_stop_step(&err).unwrap_or_else(|| panic!("no dashboard stop line:\n{err}"));
+    // Where rank 0 was when the answer went out: the last row it had logged by then.
+    let answer_epoch = run.stop_answered_epoch.unwrap();
+    let logged: Vec<(u64, f64)> = run
+        .history
+        .iter()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .map(|v| (v["_step"].as_u64().unwrap(), v["_timestamp"].as_f64().unwrap()))
+        .collect();
+    let at_answer = logged.iter().filter(|(_, t)| *t <= answer_epoch).map(|(s, _)| *s).max().unwrap();
+    let stop_logged = logged.iter().find(|(s, _)| *s == stopped).map_or(f64::NAN, |(_, t)| t - answer_epoch);
+    let step_ms: Vec<f64> =
+        run.history.iter().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["train/step_ms"].as_f64()).collect();
+    eprintln!(
+        "FIGURE dashboard stop: the server answered stopped holding step {answered}, rank 0 then at step {at_answer}; every rank \
+         stopped after step {stopped} ({} steps after the answer; that step's row logged {:+.0} ms from it; steps {:.0?} ms); mpirun exit {:?}; {:.1} s",
+        stopped.saturating_sub(at_answer),
+        stop_logged * 1000.0,
+        step_ms,
+        out.status.code(),
+        started.elapsed().as_secs_f64()
+    );
+    // Rank 0 reads the flag at the end of each step, after logging the step's row, and
+    // the answer reaches it a loopback round trip after it went out (about 45 ms measured
+    // on the 2-core machine: the uploader thread shares it with 2 ranks spinning in MPI).
+    // The answer to a row sent at step X is seen at X's own boundary when it arrives
+    // before the read, else at X + 1's, or at X + 2's when the round trip outlasts a whole
+    // step: at most 2 steps after the answer. grad_accum_steps=8 makes a step longer
+    // than that round trip, as real steps are (the tiny model's own take ~7 ms). The row
+    // went up during a round trip too, so the answer holds rank 0's step or the one before.
+    assert!(answered >= PRESSED_AT, "answered at {answered}");
+    assert!((at_answer..=at_answer + 2).contains(&stopped), "the answer went out at step {at_answer}, every rank stopped after {stopped}");
+    assert!(stopped <= answered + 3, "answered holding step {answered}, stopped after {stopped}");
+    assert!(stopped < 12, "stopped before the end");
+    let train_log = std::fs::read_to_string(dir.path().join("runs/quickstart/train.log")).unwrap();
+    assert!(
+        train_log.contains(&format!(
+            "stopped from the W&B dashboard after step {stopped}; the checkpoint is saved: run the same command to resume"
+        )),
+        "{train_log}"
+    );
+    let saved = checkpoint::list_valid(&dir.path().join("runs/quickstart/checkpoints"));
+    assert_eq!(saved.last().map(|f| f.state.step), Some(stopped), "the newest checkpoint is the stop's");
+    assert!(run.complete && run.exit_code == Some(0), "marked finished with exit code 0: {run:?}");
+    let last = server.ops("file_stream").pop().unwrap();
+    assert_eq!((last.body["complete"].clone(), last.body["exitcode"].clone()), (serde_json::json!(true), serde_json::json!(0)));
+    assert_eq!(server.steps(&id), (1..=stopped).collect::<Vec<u64>>());
+
+    // The same command resumes from the stop's checkpoint (the Stop ended with the run
+    // it stopped) and trains to the end, continuing the same W&B run.
+    let out = train_2_ranks(&a, &server, dir.path());
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains(&format!("at step {stopped}")) && err.contains("resumed from"), "{err}");
+    assert!(dashboard_stop_step(&err).is_none(), "{err}");
+    assert_eq!(only_run(&server), id);
+    assert_eq!(server.steps(&id), (1..=12).collect::<Vec<u64>>(), "no step lost or repeated");
+    assert_eq!(server.run(&id).unwrap().exit_code, Some(0));
+    assert!(server.errors().is_empty(), "{:?}", server.errors());
+}
+
+#[test]
+fn with_honor_stop_false_a_dashboard_stop_only_warns() {
+    let server = FakeServer::start();
+    server.press_stop_at(2, StopHolds::UntilFinished);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(bin());
+    cmd.args(args(dir.path(), "quickstart", &["--set", "wandb.honor_stop=false"])).current_dir(repo());
+    with_wandb(&mut cmd, &server, dir.path(), None);
+    cmd.env(UPLOAD_AT_ONCE.0, UPLOAD_AT_ONCE.1);
+    let out = cmd.output().unwrap();
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    let id = only_run(&server);
+    assert!(server.run(&id).unwrap().stop_answered_at_step.is_some_and(|s| s < 8), "the server answered stopped during training");
+    assert!(err.contains("stopped from the W&B dashboard; training goes on (wandb.honor_stop is false"), "{err}");
+    assert!(dashboard_stop_step(&err).is_none(), "{err}");
+    assert_eq!(server.steps(&id), (1..=8).collect::<Vec<u64>>(), "trained to train.max_steps");
+    let saved = checkpoint::list_valid(&dir.path().join("runs/quickstart/checkpoints"));
+    assert_eq!(saved.last().map(|f| f.state.step), Some(8));
 }

@@ -385,6 +385,10 @@ pub struct WandbConfig {
     /// At exit, wait at most this long for unsent rows before marking the run finished
     /// (what is left stays in the run directory for `wandb-sync`).
     pub flush_timeout_s: f64,
+    /// Stop on the W&B dashboard's Stop: every rank stops at the next step boundary after
+    /// the server says so, saves a checkpoint and exits 0, as on SIGUSR1 (run the same
+    /// command to resume). False: a warning only, training goes on.
+    pub honor_stop: bool,
 }
 
 impl Default for WandbConfig {
@@ -397,6 +401,7 @@ impl Default for WandbConfig {
             group: None,
             tags: Vec::new(),
             flush_timeout_s: 30.0,
+            honor_stop: true,
         }
     }
 }

@@ -1,15 +1,21 @@
 //! Rank 0's Weights & Biases reporting for one training run: the settings (config
 //! section, then `WANDB_*` environment), the run config W&B shows, the rows of
-//! `metrics.jsonl`, the summary, and the finish with the exit code. Other ranks hold an
-//! inert handle, so the loop reads the same on every rank.
+//! `metrics.jsonl`, the summary, the finish with the exit code, and a Stop pressed on
+//! the dashboard. Other ranks hold an inert handle, so the loop reads the same on every
+//! rank.
 
 use super::wandb::{Reporter, Settings};
 use crate::config::{Config, WandbMode};
 use serde_json::{json, Map, Value};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 pub struct WandbRun {
     reporter: Option<Reporter>,
+    /// `wandb.honor_stop`: a Stop on the dashboard stops training (else a warning).
+    honor_stop: bool,
+    /// The warning for an ignored Stop was given.
+    stop_warned: AtomicBool,
 }
 
 impl WandbRun {
@@ -23,7 +29,7 @@ impl WandbRun {
         resume: Option<(String, u64)>,
     ) -> anyhow::Result<WandbRun> {
         if !is_main {
-            return Ok(WandbRun { reporter: None });
+            return Ok(WandbRun::inert());
         }
         let w = &cfg.wandb;
         let mode = match w.mode {
@@ -54,12 +60,32 @@ impl WandbRun {
         config.insert("git_revision".into(), json!(env!("ALGPT2_GIT_REVISION")));
         // W&B must never stop training: a reporter that cannot start is a warning.
         match Reporter::start(settings, Value::Object(config), resume) {
-            Ok(reporter) => Ok(WandbRun { reporter: Some(reporter) }),
+            Ok(reporter) => Ok(WandbRun { reporter: Some(reporter), honor_stop: w.honor_stop, stop_warned: AtomicBool::new(false) }),
             Err(e) => {
                 tracing::warn!("W&B reporting is off for this run: {e:#}");
-                Ok(WandbRun { reporter: None })
+                Ok(WandbRun::inert())
             }
         }
+    }
+
+    fn inert() -> WandbRun {
+        WandbRun { reporter: None, honor_stop: false, stop_warned: AtomicBool::new(false) }
+    }
+
+    /// True once the user pressed Stop on the W&B dashboard, with `wandb.honor_stop` on.
+    /// One atomic load (the uploader thread sets the flag), so the loop asks every step.
+    /// With `honor_stop: false` the Stop gives one warning and training goes on.
+    pub fn stop_requested(&self) -> bool {
+        let Some(r) = &self.reporter else { return false };
+        if !r.stop_requested() {
+            return false;
+        }
+        if !self.honor_stop && !self.stop_warned.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                "W&B: the run was stopped from the W&B dashboard; training goes on (wandb.honor_stop is false; stop it with a signal)"
+            );
+        }
+        self.honor_stop
     }
 
     /// The W&B run id, kept in checkpoints so that a resumed run continues the same run.

@@ -5,6 +5,7 @@ mod checkpointer;
 mod metrics;
 mod run_summary;
 mod sinks;
+mod stopping;
 mod validation;
 
 use crate::checkpoint::{self, Found, OtherParts};
@@ -188,13 +189,13 @@ fn train_loop(
             }
         }
 
-        // Ranks must hold identical weights; a stop signal on any rank stops all.
+        // Ranks must hold identical weights; a stop signal on any rank, or the dashboard's
+        // Stop (rank 0 hears it from W&B), stops all.
         if cfg.dist.check_interval > 0 && trainer.step.is_multiple_of(cfg.dist.check_interval) {
             trainer.check_ranks_agree(world)?;
         }
-        let mut stopping = [env.stop.requested() as u8 as f64];
-        world.all_reduce_max(&mut stopping);
-        let stopping = stopping[0] > 0.0;
+        let stop_cause = stopping::agree(world, env.stop.requested(), env.wandb.stop_requested());
+        let stopping = stop_cause.is_some();
         let (val_loss, best_val_loss) = validator.losses();
         let others = OtherParts { wandb_run_id: env.wandb_run_id.clone(), val_loss, best_val_loss };
         if checkpointer.is_due(trainer.step, stopping) {
@@ -203,9 +204,9 @@ fn train_loop(
         }
         checkpointer.save_if_due(trainer, &others, world, env.progress, stopping)?;
         env.watchdog.beat(trainer.step);
-        if stopping {
+        if let Some(cause) = stop_cause {
             env.progress.finish();
-            info!("stopped by signal after step {}; the checkpoint is saved: run the same command to resume", trainer.step);
+            info!("{}", cause.message(trainer.step));
             return Ok(Ended::Stopped);
         }
     }

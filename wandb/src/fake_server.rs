@@ -2,7 +2,8 @@
 //! connection, keep-alive. It records every request, emulates the run protocol (runs,
 //! history offsets, summary, completion) and checks it: an offset past the end, or a
 //! line rewritten with different content, is recorded in `errors`. Faults can be queued
-//! for the next matching requests or set for all of them. It stops when dropped, after
+//! for the next matching requests or set for all of them. A user pressing Stop in the W&B
+//! interface can be played ([`FakeServer::press_stop_at`]). It stops when dropped, after
 //! `MAX_REQUESTS`, or after `LIFETIME`.
 
 use serde_json::{json, Value};
@@ -39,6 +40,15 @@ pub enum Fault {
     DropAfter,
 }
 
+/// How long a Stop pressed in the interface keeps being answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopHolds {
+    /// Until the run is marked finished: a resumed run is not stopped.
+    UntilFinished,
+    /// For good, a resumed run included (as servers did in wandb/wandb#663).
+    Forever,
+}
+
 #[derive(Clone, Debug)]
 pub struct Request {
     pub at: Instant,
@@ -73,6 +83,12 @@ pub struct FakeRun {
     pub complete: bool,
     pub exit_code: Option<i64>,
     pub upserts: usize,
+    /// Its file_stream answers say `stopped: true` (see [`FakeServer::press_stop_at`]).
+    pub stopped: Option<StopHolds>,
+    /// The last step the run's history held when the first `stopped` answer went out.
+    pub stop_answered_at_step: Option<u64>,
+    /// When that answer went out, in seconds since the epoch (as rows' `_timestamp`).
+    pub stop_answered_epoch: Option<f64>,
 }
 
 #[derive(Default)]
@@ -88,6 +104,8 @@ pub struct State {
     base_url: String,
     /// Files the official client uploaded (run name, file name) through those URLs.
     pub uploaded_files: Vec<(String, String)>,
+    /// The Stop still to be pressed: at this step, held this long.
+    stop_at: Option<(u64, StopHolds)>,
 }
 
 pub struct FakeServer {
@@ -134,6 +152,13 @@ impl FakeServer {
     /// Every request matching `target` gets `fault` (after queued ones), until cleared.
     pub fn set_always(&self, fault: Option<(Target, Fault)>) {
         self.state().always = fault;
+    }
+
+    /// The user presses Stop once a run's history holds a row at `step` or later: the
+    /// answer to the request that brought that row, and every file_stream answer of that
+    /// run after it, says `stopped: true`, for as long as `holds` says. Pressed once.
+    pub fn press_stop_at(&self, step: u64, holds: StopHolds) {
+        self.state().stop_at = Some((step, holds));
     }
 
     /// Requests without this key get 401.
@@ -433,11 +458,25 @@ impl State {
             }
             run.summary = s["content"][0].as_str().map(str::to_string);
         }
+        let last_step = run.history.last().and_then(|l| serde_json::from_str::<Value>(l).ok()).and_then(|v| v["_step"].as_u64());
+        if let Some((_, holds)) = self.stop_at.filter(|(at, _)| last_step.is_some_and(|s| s >= *at)) {
+            self.stop_at = None;
+            run.stopped = Some(holds);
+            run.stop_answered_at_step = last_step;
+            run.stop_answered_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok().map(|d| d.as_secs_f64());
+        }
+        let mut reply = json!({"exitcode": null, "limits": {}});
+        if run.stopped.is_some() {
+            reply["stopped"] = json!(true);
+        }
         if body["complete"].as_bool() == Some(true) {
             run.complete = true;
             run.exit_code = body["exitcode"].as_i64();
+            if run.stopped == Some(StopHolds::UntilFinished) {
+                run.stopped = None;
+            }
         }
-        (200, json!({"exitcode": null, "limits": {}}))
+        (200, reply)
     }
 }
 

@@ -41,6 +41,10 @@
 //!   returns a [`FinishReport`]; dropping a `Reporter` unfinished (an error path) only
 //!   journals what is queued and leaves the run resumable. One process at a time owns a
 //!   spool (an advisory lock); `sync` refuses a run that is still reporting.
+//! * **Stop.** A file_stream answer `{"stopped": true}` (the user pressed Stop in the W&B
+//!   interface) sets a flag that [`Reporter::stop_requested`] reads without waiting;
+//!   the reporter itself goes on uploading. A resumed run ignores a `stopped` until the
+//!   server has once answered without it (a Stop left from before the resume).
 //! * **Steps** must increase within a process: a row at or below the previous step is
 //!   dropped with a warning (put all of a step's metrics in one `log` call).
 //!

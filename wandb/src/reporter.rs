@@ -11,6 +11,7 @@ use serde_json::{Map, Value};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -243,6 +244,16 @@ impl Reporter {
     /// Every warning given so far (each also went to `tracing::warn!`, once).
     pub fn warnings(&self) -> Vec<String> {
         self.live.as_ref().map(|l| l.shared.lock().warnings.clone()).unwrap_or_default()
+    }
+
+    /// True once the server answered that the run was stopped from the W&B interface
+    /// (the Stop button). One atomic load, never a wait: a training loop can ask every
+    /// step. The answer comes with an upload, so it lags the press by up to one transmit
+    /// interval plus a round trip. A resumed run that the server still reports stopped
+    /// from before its resume is not reported stopped. What a stop means is the caller's
+    /// choice; the reporter goes on uploading until [`Reporter::finish`].
+    pub fn stop_requested(&self) -> bool {
+        self.live.as_ref().is_some_and(|l| l.shared.stopped.load(Ordering::Relaxed))
     }
 
     /// One history row at `step` (metric names like `train/loss`). Never blocks: the row

@@ -2,7 +2,7 @@
 //! a non-blocking `log()`, resume, offline spool and `sync`, refused keys, bounded finish,
 //! pacing and size caps, and the documented request shapes.
 
-use super::fake_server::{base64, FakeServer, Fault, Target, DEFAULT_ENTITY};
+use super::fake_server::{base64, FakeServer, Fault, StopHolds, Target, DEFAULT_ENTITY};
 use super::*;
 use serde_json::{json, Map, Value};
 use std::path::Path;
@@ -633,6 +633,59 @@ fn idle_streams_send_a_heartbeat() {
     reporter.log(1, &row(1));
     assert!(wait_until(Duration::from_secs(3), || server.ops("file_stream").iter().any(|r| r.body == json!({}))));
     reporter.finish(0);
+}
+
+#[test]
+fn a_stop_pressed_in_the_interface_is_seen_after_the_answer_and_uploads_go_on() {
+    let server = FakeServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    server.press_stop_at(3, StopHolds::UntilFinished);
+    let reporter = Reporter::start(settings(&server.url, dir.path()), config(), None).unwrap();
+    let id = reporter.run_id().to_string();
+    for step in 1..=2 {
+        reporter.log(step, &row(step));
+    }
+    assert!(wait_until(Duration::from_secs(5), || server.steps(&id).len() == 2));
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(!reporter.stop_requested(), "no stop before the server says so");
+    reporter.log(3, &row(3));
+    assert!(wait_until(Duration::from_secs(5), || reporter.stop_requested()), "the stopped answer is seen");
+    assert_eq!(server.run(&id).unwrap().stop_answered_at_step, Some(3));
+    // The reporter keeps going: later rows and the finish still arrive.
+    reporter.log(4, &row(4));
+    let report = reporter.finish(0);
+    assert!(report.completed);
+    assert_eq!(server.steps(&id), range(1, 4));
+    assert_eq!(server.run(&id).unwrap().exit_code, Some(0));
+}
+
+#[test]
+fn a_resumed_run_ignores_a_stop_left_from_before_its_resume() {
+    let server = FakeServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    server.press_stop_at(2, StopHolds::Forever);
+    let reporter = Reporter::start(settings(&server.url, dir.path()), config(), None).unwrap();
+    let id = reporter.run_id().to_string();
+    for step in 1..=2 {
+        reporter.log(step, &row(step));
+    }
+    assert!(wait_until(Duration::from_secs(5), || reporter.stop_requested()));
+    reporter.finish(0);
+    // The server still says stopped (an old server's behaviour): the resumed run is not
+    // stopped by it, and says why once.
+    let reporter = Reporter::start(settings(&server.url, dir.path()), config(), Some((id.clone(), 2))).unwrap();
+    for step in 3..=4 {
+        reporter.log(step, &row(step));
+    }
+    assert!(wait_until(Duration::from_secs(5), || server.steps(&id).len() == 4));
+    assert!(!reporter.stop_requested());
+    let report = reporter.finish(0);
+    assert_eq!(
+        report.warnings.iter().filter(|w| w.contains("still reports this resumed run as stopped")).count(),
+        1,
+        "{:?}",
+        report.warnings
+    );
 }
 
 #[test]

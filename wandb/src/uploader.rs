@@ -12,6 +12,7 @@ use super::settings::{random_u64, Tuning};
 use super::spool::{self, Line, RunRecord, Spool, UploadState};
 use serde_json::{json, Map, Value};
 use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
@@ -20,11 +21,14 @@ use tracing::{debug, info, warn};
 pub(super) struct Shared {
     state: Mutex<Inner>,
     pub cv: Condvar,
+    /// The server said the run was stopped from the W&B interface. Outside the mutex:
+    /// the training loop reads it every step and must never wait on the uploader.
+    pub stopped: AtomicBool,
 }
 
 impl Shared {
     pub fn new(inner: Inner) -> Arc<Shared> {
-        Arc::new(Shared { state: Mutex::new(inner), cv: Condvar::new() })
+        Arc::new(Shared { state: Mutex::new(inner), cv: Condvar::new(), stopped: AtomicBool::new(false) })
     }
 
     pub fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -175,6 +179,11 @@ pub(super) struct Uploader {
     pub max_batch: usize,
     pub last_request: Option<Instant>,
     pub started: Instant,
+    /// The run existed before this process and the server has not yet said it is not
+    /// stopped: a `stopped` now may be left from a Stop pressed on an earlier attempt
+    /// (wandb/wandb#663: resumed runs once stopped from the website were stopped again
+    /// at once), not a request to stop this one.
+    pub stop_may_be_stale: bool,
     /// Keeps the spool locked while this thread may still write `upload.json`.
     pub _lock: Option<Arc<std::fs::File>>,
 }
@@ -211,6 +220,7 @@ impl Uploader {
             max_batch,
             last_request: None,
             started: Instant::now(),
+            stop_may_be_stale: false,
             _lock: lock,
         }
     }
@@ -360,6 +370,7 @@ impl Uploader {
                     self.state.storage_id = existing.storage_id;
                     self.server_summary = existing.summary;
                     old_config = existing.config;
+                    self.stop_may_be_stale = true;
                 }
                 None => {
                     if self.state.acked_lines > 0 {
@@ -553,6 +564,23 @@ impl Uploader {
         (Value::Object(summary).to_string(), version)
     }
 
+    /// Records a `{"stopped": true}` answer (the user pressed Stop in the W&B interface)
+    /// for [`super::Reporter::stop_requested`]; the caller decides what a stop means.
+    fn note_stop(&mut self, response: &Value) {
+        let stopped = response.get("stopped").and_then(Value::as_bool) == Some(true);
+        if !stopped {
+            self.stop_may_be_stale = false;
+        } else if self.stop_may_be_stale {
+            self.shared.warn_once(
+                "stale_stop",
+                "W&B: the server still reports this resumed run as stopped (a Stop pressed before the resume): it is not stopped again"
+                    .to_string(),
+            );
+        } else if !self.shared.stopped.swap(true, Ordering::Relaxed) {
+            info!("W&B: the server says the run was stopped from the W&B interface");
+        }
+    }
+
     fn stream(&mut self) -> Result<End, Stop> {
         let entity = self.state.entity.clone().unwrap_or_default();
         let project = self.state.project.clone().unwrap_or_else(|| self.record.project.clone());
@@ -563,7 +591,11 @@ impl Uploader {
             if let Work::Heartbeat = work {
                 self.last_request = Some(Instant::now());
                 match self.call(Op::FileStream, &|api, t| api.file_stream(&entity, &project, &run, b"{}".to_vec(), t)) {
-                    Ok(_) | Err(Stop::Permanent(..)) => continue,
+                    Ok(response) => {
+                        self.note_stop(&response);
+                        continue;
+                    }
+                    Err(Stop::Permanent(..)) => continue,
                     Err(stop) => return Err(stop),
                 }
             }
@@ -625,12 +657,7 @@ impl Uploader {
                     if let Some((_, version)) = summary {
                         self.summary_sent = self.summary_sent.max(version);
                     }
-                    if response.get("stopped").and_then(Value::as_bool) == Some(true) {
-                        self.shared.warn_once(
-                            "stopped",
-                            "W&B: the run was stopped from the W&B interface; training goes on (stop it with a signal)".to_string(),
-                        );
-                    }
+                    self.note_stop(&response);
                     if is_final {
                         self.state.complete_sent = true;
                         self.state.exit_code = Some(code);
