@@ -27,12 +27,22 @@ impl RunDir {
     pub fn tokenizer(&self) -> PathBuf {
         self.root.join("tokenizer.json")
     }
+    /// What `RunLock` holds while a training runs.
+    pub fn lock(&self) -> PathBuf {
+        self.root.join("train.lock")
+    }
     pub fn checkpoints(&self) -> PathBuf {
         self.root.join("checkpoints")
     }
     /// The directory of step `step`'s checkpoint.
     pub fn checkpoint(&self, step: u64) -> PathBuf {
         self.checkpoints().join(checkpoint_dir_name(step))
+    }
+
+    /// Whether `dir` holds a training's files (what `create` and `RunLock` put there).
+    pub fn is_run_at(dir: &Path) -> bool {
+        let run = RunDir { root: dir.to_path_buf() };
+        run.checkpoints().is_dir() || run.lock().is_file() || run.metrics().is_file()
     }
 
     /// The run a checkpoint directory (`<run>/checkpoints/step_N`) belongs to.
@@ -66,14 +76,8 @@ impl RunLock {
     pub fn acquire(run: &RunDir) -> anyhow::Result<RunLock> {
         use std::io::{Read, Seek, Write};
         std::fs::create_dir_all(&run.root).with_context(|| format!("cannot create run directory {}", run.root.display()))?;
-        let path = run.root.join("train.lock");
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .with_context(|| format!("cannot open {}", path.display()))?;
+        let path = run.lock();
+        let mut file = open_lock_file(&path).with_context(|| format!("cannot open {}", path.display()))?;
         if file.try_lock().is_err() {
             let mut holder = String::new();
             let _ = file.read_to_string(&mut holder);
@@ -88,6 +92,11 @@ impl RunLock {
         write!(file, "{}", std::process::id())?;
         Ok(RunLock { _file: file })
     }
+}
+
+/// Opens (creating) a file to hold an flock on; its contents, a holder's pid, are kept.
+pub fn open_lock_file(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)
 }
 
 /// Writes `bytes` to a temporary sibling, fsyncs it and renames it over `path`.

@@ -9,6 +9,7 @@ use super::split::Piece;
 use super::token_file::{token_width, TokenFile, TokenWriter};
 use super::tokenizer::TextTokenizer;
 use crate::config::{Config, DataFormat};
+use crate::run_dir::open_lock_file;
 use anyhow::{bail, Context};
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -92,8 +93,8 @@ struct BuildLock {
 impl BuildLock {
     fn acquire(cache_dir: &Path, location: &CacheLocation) -> anyhow::Result<Option<BuildLock>> {
         std::fs::create_dir_all(cache_dir).with_context(|| format!("data.cache_dir: cannot create {}", cache_dir.display()))?;
-        let path = cache_dir.join(format!(".{}.lock", location.name()));
-        let file = match File::options().read(true).write(true).create(true).truncate(false).open(&path) {
+        let path = build_lock_path(cache_dir, &location.name());
+        let file = match open_lock_file(&path) {
             Ok(file) => file,
             // A read-only cache directory (a shared, prebuilt cache) is read, never built:
             // nobody can be building it, and a build would fail naming the directory.
@@ -110,6 +111,11 @@ impl BuildLock {
     }
 }
 
+/// `.<cache name>.lock` in `data.cache_dir`: the lock of building that cache.
+fn build_lock_path(cache_dir: &Path, name: &str) -> std::path::PathBuf {
+    cache_dir.join(format!(".{name}.lock"))
+}
+
 /// Removes the temporary directories of builds that were killed: any `.<name>.tmp-*` in
 /// `data.cache_dir` whose cache nobody is building is abandoned. Ours is known by name
 /// (we hold its lock); another cache's lock must be free.
@@ -122,8 +128,7 @@ fn clean_abandoned_builds(cache_dir: &Path, ours: &CacheLocation) {
         let _other = if name == ours.name() {
             None
         } else {
-            let lock_path = cache_dir.join(format!(".{name}.lock"));
-            let Ok(lock) = File::options().read(true).write(true).create(true).truncate(false).open(&lock_path) else { continue };
+            let Ok(lock) = open_lock_file(&build_lock_path(cache_dir, name)) else { continue };
             if lock.try_lock().is_err() {
                 continue;
             }

@@ -107,13 +107,12 @@ impl TokenFile {
                 2 => ids.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]]) as u32).max(),
                 _ => ids.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).max(),
             };
-            let id_at =
-                |b: &[u8]| if width == 2 { u16::from_le_bytes([b[0], b[1]]) as u32 } else { u32::from_le_bytes([b[0], b[1], b[2], b[3]]) };
             match largest {
                 Some(id) if id as usize >= vocab_size => {
-                    let (at, first) = ids.chunks_exact(width).map(id_at).enumerate().find(|&(_, id)| id as usize >= vocab_size)?;
-                    let token = (start + skip - HEADER_BYTES) / width + at;
-                    Some(format!("{}: token {token} is id {first}, outside the tokenizer's {vocab_size} ids", self.path.display()))
+                    let first = ((start + skip - HEADER_BYTES) / width) as u64;
+                    let token = (first..first + (ids.len() / width) as u64).find(|&t| self.get(t) as usize >= vocab_size)?;
+                    let id = self.get(token);
+                    Some(format!("{}: token {token} is id {id}, outside the tokenizer's {vocab_size} ids", self.path.display()))
                 }
                 _ => None,
             }

@@ -22,7 +22,7 @@ impl Destination {
             if dir.join(crate::checkpoint::TRAINER_FILE).is_file() {
                 bail!("--out {shown}: {} is a checkpoint; exporting into it would overwrite its model.safetensors. Choose a directory outside the run", dir.display());
             }
-            if is_run_dir(dir) {
+            if crate::run_dir::RunDir::is_run_at(dir) {
                 bail!("--out {shown} is inside the run directory {}; choose a directory outside it (an export there can overwrite the run's files)", dir.display());
             }
         }
@@ -120,11 +120,6 @@ impl Drop for Staging {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
-}
-
-/// A training's directory: what `RunDir::create` and `RunLock` put there.
-fn is_run_dir(dir: &Path) -> bool {
-    dir.join("checkpoints").is_dir() || dir.join("train.lock").is_file() || dir.join("metrics.jsonl").is_file()
 }
 
 /// `path` made absolute, resolving the part of it that exists.
