@@ -33,12 +33,23 @@ pub(super) const RUN_RESUME_STATUS: &str = "query RunResumeStatus($project: Stri
   }
 }";
 
+/// The official client's text (protocol notes §4.3).
+pub(super) const CREATE_RUN_FILES: &str =
+    "mutation CreateRunFiles($entity: String!, $project: String!, $run: String!, $files: [String!]!) {
+  createRunFiles(input: {entityName: $entity, projectName: $project, runName: $run, files: $files}) {
+    runID uploadHeaders files { name uploadUrl }
+  }
+}";
+
 /// Which call failed: UpsertBucket retries 409, the others do not.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Op {
     Upsert,
     ResumeStatus,
     FileStream,
+    CreateRunFiles,
+    /// A PUT of a run file to its signed URL.
+    Upload,
 }
 
 impl Op {
@@ -47,6 +58,8 @@ impl Op {
             Op::Upsert => "UpsertBucket",
             Op::ResumeStatus => "RunResumeStatus",
             Op::FileStream => "file_stream",
+            Op::CreateRunFiles => "CreateRunFiles",
+            Op::Upload => "upload",
         }
     }
 }
@@ -217,6 +230,26 @@ impl Api {
         }
     }
 
+    /// PUTs a run file to a signed URL from CreateRunFiles. Such a URL carries its own
+    /// authorization (and may point at another host): the API key is never sent with it.
+    pub fn upload(&self, url: &str, headers: &[(String, String)], bytes: Vec<u8>, timeout: Duration) -> Result<Value, Failure> {
+        let mut request = self.client.put(url).timeout(timeout).body(bytes);
+        for (name, value) in headers {
+            request = request.header(name.as_str(), value.as_str());
+        }
+        let response = request.send().map_err(|e| Failure::Transient { why: describe(&e), retry_after: None })?;
+        let status = response.status().as_u16();
+        let retry_after =
+            response.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(|v| parse_retry_after(v, SystemTime::now()));
+        match classify(status, Op::Upload) {
+            None => Ok(Value::Null),
+            Some(Failure::Transient { why, .. }) => Err(Failure::Transient { why, retry_after }),
+            // A signed URL that refuses is expired or wrong: retrying it will not help.
+            Some(Failure::Auth { status }) => Err(Failure::Permanent { status, why: "the upload URL was refused".to_string() }),
+            Some(other) => Err(other),
+        }
+    }
+
     /// One file_stream request (`body` is already JSON).
     pub fn file_stream(&self, entity: &str, project: &str, run: &str, body: Vec<u8>, timeout: Duration) -> Result<Value, Failure> {
         let url = format!("{}/files/{}/{}/{}/file_stream", self.base_url, path_segment(entity), path_segment(project), path_segment(run));
@@ -247,6 +280,9 @@ pub(super) struct Existing {
     /// `bucket.id`, sent back as `id` in UpsertBucket.
     pub storage_id: Option<String>,
     pub history_lines: u64,
+    /// `eventsLineCount`, `logLineCount`: where events and console lines continue.
+    pub events_lines: u64,
+    pub log_lines: u64,
     /// The last `_step` the server holds (from `summaryMetrics` and `historyTail`).
     pub last_step: Option<u64>,
     pub summary: Map<String, Value>,
@@ -293,6 +329,8 @@ pub(super) fn parse_resume_status(data: &Value) -> Option<Existing> {
     Some(Existing {
         storage_id: bucket.get("id").and_then(Value::as_str).map(str::to_string),
         history_lines,
+        events_lines: bucket.get("eventsLineCount").and_then(Value::as_u64).unwrap_or(0),
+        log_lines: bucket.get("logLineCount").and_then(Value::as_u64).unwrap_or(0),
         last_step,
         summary,
         config: json_object(bucket.get("config")),
@@ -327,6 +365,37 @@ pub(super) fn upsert_config(config: &Value, old: &Map<String, Value>) -> String 
     value.entry("t").or_insert_with(|| json!({ "13": format!("{}-{}", std::env::consts::OS, std::env::consts::ARCH) }));
     value.entry("m").or_insert_with(|| json!([]));
     Value::Object(out).to_string()
+}
+
+/// Where CreateRunFiles says to PUT each file, with the headers to add.
+#[derive(Debug, Clone, Default)]
+pub(super) struct UploadUrls {
+    pub files: Vec<(String, String)>,
+    pub headers: Vec<(String, String)>,
+}
+
+pub(super) fn parse_create_run_files(data: &Value) -> UploadUrls {
+    let Some(answer) = data.get("createRunFiles") else { return UploadUrls::default() };
+    let files = answer
+        .get("files")
+        .and_then(Value::as_array)
+        .map(|files| {
+            files.iter().filter_map(|f| Some((f.get("name")?.as_str()?.to_string(), f.get("uploadUrl")?.as_str()?.to_string()))).collect()
+        })
+        .unwrap_or_default();
+    // `uploadHeaders` are "Name:Value" strings.
+    let headers = answer
+        .get("uploadHeaders")
+        .and_then(Value::as_array)
+        .map(|hs| {
+            hs.iter()
+                .filter_map(Value::as_str)
+                .filter_map(|h| h.split_once(':'))
+                .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
+                .collect()
+        })
+        .unwrap_or_default();
+    UploadUrls { files, headers }
 }
 
 /// What UpsertBucket answered.

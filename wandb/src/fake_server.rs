@@ -23,6 +23,8 @@ pub const DEFAULT_ENTITY: &str = "fake-entity";
 pub enum Target {
     Graphql,
     FileStream,
+    /// PUTs to the upload URLs CreateRunFiles hands out.
+    Upload,
     Any,
 }
 
@@ -79,7 +81,12 @@ pub struct FakeRun {
     pub tags: Vec<String>,
     pub config: String,
     pub history: Vec<String>,
+    /// `wandb-events.jsonl` (system metrics) and `output.log` (console), line by line.
+    pub events: Vec<String>,
+    pub logs: Vec<String>,
     pub summary: Option<String>,
+    /// Every name a file_stream request listed in `uploaded`, in order.
+    pub uploaded: Vec<String>,
     pub complete: bool,
     pub exit_code: Option<i64>,
     pub upserts: usize,
@@ -102,8 +109,8 @@ pub struct State {
     next_id: u64,
     /// This server's base URL, for the upload URLs CreateRunFiles hands out.
     base_url: String,
-    /// Files the official client uploaded (run name, file name) through those URLs.
-    pub uploaded_files: Vec<(String, String)>,
+    /// Files PUT to those URLs: (run name, file name, bytes), in order.
+    pub uploaded_files: Vec<(String, String, Vec<u8>)>,
     /// The Stop still to be pressed: at this step, held this long.
     stop_at: Option<(u64, StopHolds)>,
 }
@@ -257,13 +264,15 @@ fn serve(stream: TcpStream, state: Arc<Mutex<State>>, stop: Arc<AtomicBool>) {
             Target::Graphql
         } else if raw.path.ends_with("/file_stream") {
             Target::FileStream
+        } else if raw.method == "PUT" && raw.path.starts_with("/upload/") {
+            Target::Upload
         } else {
             Target::Any
         };
         let op = match kind {
             Target::Graphql => body["operationName"].as_str().unwrap_or("?").to_string(),
             Target::FileStream => "file_stream".to_string(),
-            Target::Any => raw.path.clone(),
+            Target::Upload | Target::Any => raw.path.clone(),
         };
         let fault = {
             let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
@@ -319,7 +328,7 @@ impl State {
         // Signed upload URLs carry no credentials (the official client's run files).
         if raw.method == "PUT" {
             if let ["upload", run, file] = raw.path.trim_start_matches('/').split('/').collect::<Vec<_>>().as_slice() {
-                self.uploaded_files.push((run.to_string(), file.to_string()));
+                self.uploaded_files.push((run.to_string(), file.to_string(), raw.body.clone()));
                 return (200, json!({}));
             }
         }
@@ -395,13 +404,14 @@ impl State {
                 let entity = text("entity").unwrap_or_else(|| DEFAULT_ENTITY.into());
                 let bucket = self.runs.get(&name).filter(|r| r.project == project).map(|r| {
                     let tail: Vec<&String> = r.history.iter().rev().take(10).rev().collect();
+                    let events_tail: Vec<&String> = r.events.iter().rev().take(10).rev().collect();
                     let config: Value = serde_json::from_str(&r.config).unwrap_or(json!({}));
                     let t = config.pointer("/_wandb/value/t").cloned();
                     json!({
                         "id": r.storage_id, "name": r.name, "displayName": r.display_name,
                         "summaryMetrics": r.summary.clone().unwrap_or_else(|| "{}".into()),
-                        "logLineCount": 0, "historyLineCount": r.history.len(), "eventsLineCount": 0,
-                        "historyTail": serde_json::to_string(&tail).unwrap(), "eventsTail": "[]",
+                        "logLineCount": r.logs.len(), "historyLineCount": r.history.len(), "eventsLineCount": r.events.len(),
+                        "historyTail": serde_json::to_string(&tail).unwrap(), "eventsTail": serde_json::to_string(&events_tail).unwrap(),
                         "config": r.config, "tags": r.tags, "notes": null,
                         "wandbConfig": t.map_or("{}".to_string(), |t| json!({"t": t}).to_string()),
                     })
@@ -432,25 +442,32 @@ impl State {
         if !body.is_object() {
             return (400, json!({"error": "not a JSON object"}));
         }
-        if let Some(h) = body.pointer("/files/wandb-history.jsonl") {
+        for (file, lines) in
+            [("wandb-history.jsonl", &mut run.history), ("wandb-events.jsonl", &mut run.events), ("output.log", &mut run.logs)]
+        {
+            let Some(h) = body.pointer(&format!("/files/{}", file.replace('~', "~0").replace('/', "~1"))) else { continue };
             let offset = h["offset"].as_u64().unwrap_or(0) as usize;
             let content: Vec<String> = h["content"].as_array().unwrap().iter().map(|l| l.as_str().unwrap().to_string()).collect();
-            if offset > run.history.len() {
-                let e = format!("history offset {offset} past the end ({})", run.history.len());
+            if offset > lines.len() {
+                let e = format!("{file} offset {offset} past the end ({})", lines.len());
                 self.errors.push(e);
                 return (400, json!({"error": "offset gap"}));
             }
             for (i, line) in content.into_iter().enumerate() {
                 let at = offset + i;
-                if at < run.history.len() {
-                    if run.history[at] != line {
-                        self.errors.push(format!("history line {at} rewritten with other content"));
+                if at < lines.len() {
+                    // Console lines may be rewritten (a progress bar redrawn); others never.
+                    if lines[at] != line && file != "output.log" {
+                        self.errors.push(format!("{file} line {at} rewritten with other content"));
                     }
-                    run.history[at] = line;
+                    lines[at] = line;
                 } else {
-                    run.history.push(line);
+                    lines.push(line);
                 }
             }
+        }
+        if let Some(names) = body["uploaded"].as_array() {
+            run.uploaded.extend(names.iter().filter_map(Value::as_str).map(str::to_string));
         }
         if let Some(s) = body.pointer("/files/wandb-summary.json") {
             if s["offset"].as_u64() != Some(0) {

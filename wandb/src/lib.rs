@@ -54,7 +54,9 @@
 
 mod api;
 mod reporter;
+mod run_files;
 mod settings;
+mod side;
 mod spool;
 mod sync;
 mod uploader;

@@ -4,6 +4,7 @@
 
 use super::api::Api;
 use super::settings::{api_key_looks_valid, check_run_id, generate_run_id, netloc_of, Mode, Settings, Tuning};
+use super::side::{self, Side, Written, SIDES};
 use super::spool::{self, FinishRecord, Line, RunRecord, Spool, UploadState};
 use super::uploader::{End, Inner, Shared, Uploader};
 use super::SYNC_HINT;
@@ -19,8 +20,26 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 enum Msg {
-    Row { step: u64, metrics: Map<String, Value>, timestamp: f64, elapsed: f64 },
+    Row {
+        step: u64,
+        metrics: Map<String, Value>,
+        timestamp: f64,
+        elapsed: f64,
+    },
     Summary(String, Value),
+    /// A system metrics sample (`system.*` keys).
+    Events {
+        metrics: Map<String, Value>,
+        timestamp: f64,
+        elapsed: f64,
+    },
+    /// Console text, stamped when it was printed.
+    Console {
+        text: String,
+        is_error: bool,
+        timestamp: f64,
+    },
+    Metadata(Value),
     Finish(i32),
 }
 
@@ -147,6 +166,15 @@ impl Reporter {
         if journal.dropped > 0 {
             info!("W&B: dropped {} spooled rows logged after the checkpoint's step and never uploaded", journal.dropped);
         }
+        let mut side_written = [Written::default(); 2];
+        for side in SIDES {
+            let (lines, bytes) = spool::prepare_side_journal(&side.journal(&spool))?;
+            side_written[side.index()] = Written { lines, bytes };
+            let s = side.state(&mut state);
+            if s.acked_lines > lines || s.acked_bytes > bytes {
+                *s = spool::SideState { server_lines: s.server_lines, ..Default::default() };
+            }
+        }
         let explicit: Map<String, Value> = spool::read_json(&spool.summary()).ok().flatten().unwrap_or_default();
         let check_existing = resume.is_some() || settings.run_id.is_some() || state.created || journal.lines > 0;
 
@@ -159,6 +187,7 @@ impl Reporter {
             derived: journal.last_values,
             explicit,
             summary_version,
+            side_written,
             ..Inner::default()
         });
         {
@@ -263,6 +292,29 @@ impl Reporter {
         let Some(live) = &self.live else { return };
         let msg = Msg::Row { step, metrics: metrics.clone(), timestamp: spool::now_epoch(), elapsed: live.started.elapsed().as_secs_f64() };
         live.send(msg);
+    }
+
+    /// One system metrics sample for the System panels (`system.*` keys, as the official
+    /// client names them). Never blocks; `_timestamp`, `_runtime` and `_wandb` are added.
+    pub fn log_events(&self, metrics: &Map<String, Value>) {
+        let Some(live) = &self.live else { return };
+        let msg = Msg::Events { metrics: metrics.clone(), timestamp: spool::now_epoch(), elapsed: live.started.elapsed().as_secs_f64() };
+        live.send(msg);
+    }
+
+    /// Console text for the Logs tab, printed at `timestamp` (seconds since the epoch);
+    /// `is_error` marks it as the official client marks stderr. Never blocks.
+    pub fn console(&self, text: &str, is_error: bool, timestamp: f64) {
+        if let Some(live) = &self.live {
+            live.send(Msg::Console { text: text.to_string(), is_error, timestamp });
+        }
+    }
+
+    /// `wandb-metadata.json` (host, program, hardware, versions), uploaded at finish.
+    pub fn set_metadata(&self, metadata: Value) {
+        if let Some(live) = &self.live {
+            live.send(Msg::Metadata(metadata));
+        }
     }
 
     /// Sets one summary key (e.g. `best/val_loss`); it overrides the last logged value.
@@ -422,6 +474,7 @@ fn writer(
             None
         }
     };
+    let mut sides = SIDES.map(|side| SideJournal::open(side, &spool, &shared));
     let mut finished = None;
     while let Ok(msg) = rx.recv() {
         match msg {
@@ -473,6 +526,21 @@ fn writer(
                     shared.warn_once("summary_write", format!("W&B: cannot write the summary: {e:#}"));
                 }
             }
+            Msg::Events { mut metrics, timestamp, elapsed } => {
+                metrics.insert("_wandb".into(), true.into());
+                metrics.insert("_timestamp".into(), timestamp.into());
+                metrics.insert("_runtime".into(), (runtime_base + elapsed).into());
+                let text = serde_json::to_string(&metrics).expect("JSON values serialize");
+                sides[Side::Events.index()].append(&[text], &shared);
+            }
+            Msg::Console { text, is_error, timestamp } => {
+                sides[Side::Console.index()].append(&side::console_lines(&text, is_error, timestamp), &shared);
+            }
+            Msg::Metadata(metadata) => {
+                if let Err(e) = spool::write_json(&spool.metadata(), &metadata, false) {
+                    shared.warn_once("metadata_write", format!("W&B: cannot write the run's metadata: {e:#}"));
+                }
+            }
             Msg::Finish(code) => {
                 finished = Some(code);
                 break;
@@ -481,6 +549,9 @@ fn writer(
     }
     if let Some(f) = journal.as_mut() {
         let _ = f.sync_all();
+    }
+    for s in &mut sides {
+        s.sync();
     }
     if let Some(code) = finished {
         let record = FinishRecord { exit_code: code, timestamp: spool::now_epoch() };
@@ -496,6 +567,58 @@ fn writer(
     }
     drop(g);
     shared.cv.notify_all();
+}
+
+/// The writer's end of an events or console journal. A journal that cannot be written
+/// gives one warning and its lines are not reported (they are a view of the run, not
+/// its record: history and the run directory keep what matters).
+struct SideJournal {
+    side: Side,
+    file: Option<File>,
+}
+
+impl SideJournal {
+    fn open(side: Side, spool: &Spool, shared: &Shared) -> SideJournal {
+        let path = side.journal(spool);
+        let file = match OpenOptions::new().create(true).append(true).open(&path) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                shared
+                    .warn_once(&format!("journal_{}", side.file_name()), format!("W&B: cannot open {}: {e}; not reported", path.display()));
+                None
+            }
+        };
+        SideJournal { side, file }
+    }
+
+    fn append(&mut self, lines: &[String], shared: &Shared) {
+        let Some(f) = self.file.as_mut() else { return };
+        let mut bytes = Vec::new();
+        for line in lines {
+            bytes.extend_from_slice(line.as_bytes());
+            bytes.push(b'\n');
+        }
+        if let Err(e) = f.write_all(&bytes) {
+            shared.warn_once(
+                &format!("journal_write_{}", self.side.file_name()),
+                format!("W&B: cannot write the {} journal: {e}; its lines are not reported from now on", self.side.file_name()),
+            );
+            self.file = None;
+            return;
+        }
+        let mut g = shared.lock();
+        let w = &mut g.side_written[self.side.index()];
+        w.lines += lines.len() as u64;
+        w.bytes += bytes.len() as u64;
+        drop(g);
+        shared.cv.notify_all();
+    }
+
+    fn sync(&mut self) {
+        if let Some(f) = self.file.as_mut() {
+            let _ = f.sync_all();
+        }
+    }
 }
 
 /// The spool directory of `run_id` under a run directory.

@@ -7,7 +7,10 @@
 //! | `config.json` | `start` | the run's config, as given |
 //! | `history.jsonl` | writer thread | every row, one history line each, as sent |
 //! | `summary.json` | writer thread | keys set with `set_summary` |
-//! | `upload.json` | uploader | how far uploads got: lines/bytes of `history.jsonl` done, the server's line count and last step, whether `complete` was sent |
+//! | `events.jsonl` | writer thread | system metrics, one `wandb-events.jsonl` line each, as sent |
+//! | `output.log` | writer thread | console lines, one `output.log` line each, as sent |
+//! | `metadata.json` | writer thread | `wandb-metadata.json`, uploaded at finish |
+//! | `upload.json` | uploader | how far uploads got: lines/bytes of `history.jsonl` done, the server's line count and last step, the same for events and console (and a request in flight), whether `complete` was sent |
 //! | `finish.json` | `finish` | the exit code; absent while the run is live or after a crash |
 //! | `lock` | `start`, `sync` | held (flock) while a process reports the run |
 
@@ -55,6 +58,9 @@ impl Spool {
     }
     pub fn finish(&self) -> PathBuf {
         self.dir.join("finish.json")
+    }
+    pub fn metadata(&self) -> PathBuf {
+        self.dir.join("metadata.json")
     }
 
     /// The spools under `path`: `path` itself, `path/run-*`, or `path/wandb/run-*`.
@@ -146,6 +152,54 @@ pub(super) struct UploadState {
     /// The final request (`complete`, `exitcode`) was acknowledged.
     pub complete_sent: bool,
     pub exit_code: Option<i32>,
+    /// How far `events.jsonl` and `output.log` got.
+    pub events: SideState,
+    pub console: SideState,
+}
+
+/// How far one of the streams beside history (events, console) got.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub(super) struct SideState {
+    /// Lines (and bytes) at the start of the journal that are done.
+    pub acked_lines: u64,
+    pub acked_bytes: u64,
+    /// The server's line count of the file as far as this spool knows: the next offset.
+    pub server_lines: u64,
+    /// A request with lines of this stream was sent at `server_lines` and not yet
+    /// answered. Recorded before sending: after a crash, the server's line count says
+    /// whether it applied them, so they are neither lost nor appended twice.
+    pub in_flight: Option<InFlight>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+pub(super) struct InFlight {
+    /// Journal lines and bytes the request consumed.
+    pub lines: u64,
+    pub bytes: u64,
+    /// Lines it sent (oversize ones are consumed but not sent).
+    pub sent: u64,
+}
+
+impl SideState {
+    /// A request's lines were applied by the server.
+    pub fn applied(&mut self, f: InFlight) {
+        self.acked_lines += f.lines;
+        self.acked_bytes += f.bytes;
+        self.server_lines += f.sent;
+        self.in_flight = None;
+    }
+
+    /// The server holds `count` lines of the file (RunResumeStatus): settles a request
+    /// left in flight by an interrupted process, and appends from the server's end when
+    /// another writer (the official client resuming the run) added lines meanwhile.
+    pub fn reconcile(&mut self, count: u64) {
+        match self.in_flight.take() {
+            Some(f) if f.sent > 0 && count == self.server_lines + f.sent => self.applied(f),
+            _ => {}
+        }
+        self.server_lines = count;
+    }
 }
 
 /// `finish.json`.
@@ -259,6 +313,22 @@ pub(super) fn prepare_journal(path: &Path, acked_bytes: u64, resume_step: Option
         write_atomic(path, &kept, true)?;
     }
     Ok(info)
+}
+
+/// Complete lines and bytes of an append-only journal (`events.jsonl`, `output.log`),
+/// cutting a torn last line (a crash mid-write).
+pub(super) fn prepare_side_journal(path: &Path) -> anyhow::Result<(u64, u64)> {
+    let text = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, 0)),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let complete_len = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    if complete_len != text.len() {
+        write_atomic(path, &text[..complete_len], true)?;
+    }
+    let lines = text[..complete_len].iter().filter(|&&b| b == b'\n').count() as u64;
+    Ok((lines, complete_len as u64))
 }
 
 /// Reads lines of `history.jsonl` from byte `from` (a line start) up to byte `until`,

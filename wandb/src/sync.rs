@@ -3,6 +3,7 @@
 
 use super::api::Api;
 use super::settings::{api_key_looks_valid, netloc_of, netrc_api_key, normalize_base_url, Tuning};
+use super::side::{Written, SIDES};
 use super::spool::{self, FinishRecord, RunRecord, Spool, UploadState};
 use super::uploader::{End, Inner, Shared, Uploader};
 use super::SYNC_HINT;
@@ -89,7 +90,17 @@ fn sync_one(
         state.acked_lines = 0;
         state.acked_bytes = 0;
     }
-    if state.complete_sent && state.acked_lines >= journal.lines {
+    let mut side_written = [Written::default(); 2];
+    for side in SIDES {
+        let (lines, bytes) = spool::prepare_side_journal(&side.journal(s))?;
+        side_written[side.index()] = Written { lines, bytes };
+        let st = side.state(&mut state);
+        if st.acked_lines > lines || st.acked_bytes > bytes {
+            *st = spool::SideState::default();
+        }
+    }
+    let sides_done = SIDES.iter().all(|&side| side.state_of(&state).acked_lines >= side_written[side.index()].lines);
+    if state.complete_sent && state.acked_lines >= journal.lines && sides_done {
         info!("W&B: run {} is already uploaded and finished", record.run_id);
         return Ok(());
     }
@@ -110,6 +121,7 @@ fn sync_one(
         derived: journal.last_values,
         explicit,
         summary_version: 1,
+        side_written,
         finishing: Some(exit_code),
         writer_done: true,
         deadline: Some(deadline),

@@ -136,10 +136,11 @@ fn fresh_run_sends_the_documented_requests() {
     assert!(report.completed && report.pending_rows == 0 && report.uploaded_rows == 5, "{report:?}");
     assert!(report.warnings.is_empty(), "{:?}", report.warnings);
 
-    // A fresh generated id: no RunResumeStatus, one UpsertBucket first.
-    assert!(server.requests().iter().all(|r| r.method == "POST"));
+    // A fresh generated id: no RunResumeStatus, one UpsertBucket first; at the end
+    // CreateRunFiles and a PUT of each file.
+    assert!(server.requests().iter().all(|r| r.method == "POST" || r.path.starts_with("/upload/")));
     let graphql = server.requests().into_iter().filter(|r| r.path == "/graphql").collect::<Vec<_>>();
-    assert_eq!(graphql.iter().map(|r| r.op.as_str()).collect::<Vec<_>>(), ["UpsertBucket"]);
+    assert_eq!(graphql.iter().map(|r| r.op.as_str()).collect::<Vec<_>>(), ["UpsertBucket", "CreateRunFiles"]);
     let upsert = &graphql[0];
     // The doc's text (§4.2), whitespace aside.
     let doc_text = "mutation UpsertBucket($id: String, $name: String, $project: String, $entity: String,
@@ -214,6 +215,21 @@ fn fresh_run_sends_the_documented_requests() {
     assert_eq!(last.body["complete"], true);
     assert_eq!(last.body["exitcode"], 0);
     assert!(streams[..streams.len() - 1].iter().all(|r| r.body.get("complete").is_none()));
+    // The run files (§4.3): listed in the final request once PUT, without credentials.
+    let create = &graphql[1];
+    assert_eq!(
+        create.body["variables"],
+        json!({"entity": "ent", "project": "proj", "run": id, "files": ["config.yaml", "wandb-summary.json"]})
+    );
+    assert_eq!(last.body["uploaded"], json!(["config.yaml", "wandb-summary.json"]));
+    let puts: Vec<_> = server.requests().into_iter().filter(|r| r.method == "PUT").collect();
+    assert_eq!(puts.len(), 2);
+    assert!(puts.iter().all(|r| r.header("authorization").is_none()), "signed URLs carry no key");
+    let files = server.state().uploaded_files.clone();
+    let body = |name: &str| String::from_utf8(files.iter().find(|f| f.1 == name).unwrap().2.clone()).unwrap();
+    let yaml: Value = serde_yaml_ng::from_str(&body("config.yaml")).unwrap();
+    assert_eq!(yaml["model"]["value"]["n_layer"], 12);
+    assert_eq!(serde_json::from_str::<Value>(&body("wandb-summary.json")).unwrap(), summary);
     assert!(server.errors().is_empty(), "{:?}", server.errors());
 }
 
@@ -1056,4 +1072,152 @@ fn a_password_in_the_base_url_is_never_written_to_disk() {
     server.require_key(GOOD_KEY);
     sync(dir.path(), &sync_env(&server.url, GOOD_KEY), None).unwrap();
     assert_eq!(server.steps(&id), range(1, 3));
+}
+
+fn sample(cpu: f64) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert("system.cpu".into(), json!(cpu));
+    m.insert("system.rank.1.cpu".into(), json!(cpu / 2.0));
+    m
+}
+
+/// The `system.cpu` of every events line the server holds, in order.
+fn event_cpus(server: &FakeServer, id: &str) -> Vec<f64> {
+    server.run(id).unwrap().events.iter().map(|l| serde_json::from_str::<Value>(l).unwrap()["system.cpu"].as_f64().unwrap()).collect()
+}
+
+/// The text of every console line the server holds, without its timestamp.
+fn console_texts(server: &FakeServer, id: &str) -> Vec<String> {
+    server.run(id).unwrap().logs.iter().map(|l| l.split_once(' ').unwrap().1.to_string()).collect()
+}
+
+#[test]
+fn events_console_and_run_files_arrive_in_the_official_shapes() {
+    let server = FakeServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let reporter = Reporter::start(settings(&server.url, dir.path()), config(), None).unwrap();
+    let id = reporter.run_id().to_string();
+    reporter.console("resolved config:\n  lr: 0.0006", false, 1_795_430_275.084774);
+    reporter.set_metadata(json!({"host": "node-a", "gpu_count": 0}));
+    for step in 1..=3 {
+        reporter.log(step, &row(step));
+        reporter.log_events(&sample(step as f64));
+    }
+    reporter.console("a rank failed", true, 1_795_430_276.0);
+    let report = reporter.finish(0);
+    assert!(report.completed && report.warnings.is_empty(), "{report:?}");
+    let run = server.run(&id).unwrap();
+    assert_eq!(event_cpus(&server, &id), [1.0, 2.0, 3.0]);
+    let line: Value = serde_json::from_str(&run.events[0]).unwrap();
+    assert_eq!(line["_wandb"], true);
+    assert!(line["_timestamp"].as_f64().unwrap() > 1.7e9 && line["_runtime"].as_f64().unwrap() >= 0.0);
+    assert_eq!(line["system.rank.1.cpu"], 0.5);
+    assert_eq!(
+        run.logs,
+        [
+            "2026-11-23T10:37:55.084774 resolved config:",
+            "2026-11-23T10:37:55.084774   lr: 0.0006",
+            "2026-11-23T10:37:56.000000 ERROR a rank failed"
+        ]
+    );
+    assert_eq!(run.uploaded, ["config.yaml", "wandb-summary.json", "wandb-metadata.json"]);
+    let files = server.state().uploaded_files.clone();
+    let metadata = &files.iter().find(|f| f.1 == "wandb-metadata.json").unwrap().2;
+    assert_eq!(serde_json::from_slice::<Value>(metadata).unwrap()["host"], "node-a");
+    // Offsets start at 0 and are contiguous.
+    let offsets: Vec<u64> = server
+        .ops("file_stream")
+        .iter()
+        .filter_map(|r| r.body.pointer("/files/wandb-events.jsonl").map(|e| e["offset"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(offsets.first(), Some(&0));
+    assert!(server.errors().is_empty(), "{:?}", server.errors());
+}
+
+#[test]
+fn a_resume_continues_events_and_console_with_no_line_lost_or_twice() {
+    let server = FakeServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let reporter = Reporter::start(settings(&server.url, dir.path()), config(), None).unwrap();
+    let id = reporter.run_id().to_string();
+    for step in 1..=3 {
+        reporter.log(step, &row(step));
+        reporter.log_events(&sample(step as f64));
+        reporter.console(&format!("line {step}"), false, 1.8e9);
+    }
+    assert!(wait_until(Duration::from_secs(5), || server.run(&id).is_some_and(|r| r.events.len() == 3 && r.logs.len() == 3)));
+    // The next request is applied but its answer never comes: the process dies with
+    // those lines in flight.
+    server.set_always(Some((Target::FileStream, Fault::DropAfter)));
+    reporter.log(4, &row(4));
+    reporter.log_events(&sample(4.0));
+    reporter.console("line 4", false, 1.8e9);
+    assert!(wait_until(Duration::from_secs(5), || server.run(&id).is_some_and(|r| r.events.len() == 4)));
+    reporter.log_events(&sample(5.0));
+    reporter.console("line 5", false, 1.8e9);
+    std::thread::sleep(Duration::from_millis(50));
+    drop(reporter);
+    server.set_always(None);
+
+    let reporter = Reporter::start(settings(&server.url, dir.path()), config(), Some((id.clone(), 4))).unwrap();
+    reporter.log(5, &row(5));
+    reporter.log_events(&sample(6.0));
+    reporter.console("line 6", false, 1.8e9);
+    assert!(reporter.finish(0).completed);
+    assert_eq!(event_cpus(&server, &id), [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+    assert_eq!(console_texts(&server, &id), (1..=6).map(|i| format!("line {i}")).collect::<Vec<_>>());
+    assert!(server.errors().is_empty(), "{:?}", server.errors());
+}
+
+#[test]
+fn offline_events_console_and_files_arrive_through_sync() {
+    let server = FakeServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(&server.url, dir.path());
+    s.mode = Mode::Offline;
+    let reporter = Reporter::start(s, config(), None).unwrap();
+    let id = reporter.run_id().to_string();
+    reporter.set_metadata(json!({"host": "node-a"}));
+    for step in 1..=4 {
+        reporter.log(step, &row(step));
+        reporter.log_events(&sample(step as f64));
+        reporter.console(&format!("line {step}"), step == 4, 1.8e9);
+    }
+    reporter.finish(0);
+    assert!(server.requests().is_empty());
+    sync(dir.path(), &sync_env(&server.url, KEY), None).unwrap();
+    assert_eq!(event_cpus(&server, &id), [1.0, 2.0, 3.0, 4.0]);
+    assert_eq!(console_texts(&server, &id), ["line 1", "line 2", "line 3", "ERROR line 4"]);
+    let run = server.run(&id).unwrap();
+    assert!(run.complete);
+    assert_eq!(run.uploaded, ["config.yaml", "wandb-summary.json", "wandb-metadata.json"]);
+    // Nothing twice on a second sync.
+    let n = server.requests().len();
+    sync(dir.path(), &sync_env(&server.url, KEY), None).unwrap();
+    assert_eq!(server.requests().len(), n);
+    assert!(server.errors().is_empty(), "{:?}", server.errors());
+}
+
+#[test]
+fn a_failed_upload_is_retried_and_a_refused_one_never_stops_the_finish() {
+    let server = FakeServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    server.fail_next(Target::Upload, Fault::Status(503, None));
+    let reporter = Reporter::start(settings(&server.url, dir.path()), config(), None).unwrap();
+    let id = reporter.run_id().to_string();
+    reporter.log(1, &row(1));
+    let report = reporter.finish(0);
+    assert!(report.completed && report.warnings.is_empty(), "{report:?}");
+    assert_eq!(server.run(&id).unwrap().uploaded, ["config.yaml", "wandb-summary.json"], "retried after the 503");
+
+    let server = FakeServer::start();
+    server.set_always(Some((Target::Upload, Fault::Status(403, None))));
+    let reporter = Reporter::start(settings(&server.url, dir.path()), config(), None).unwrap();
+    let id = reporter.run_id().to_string();
+    reporter.log(1, &row(1));
+    let report = reporter.finish(0);
+    assert!(report.completed, "{report:?}");
+    assert!(report.warnings.iter().any(|w| w.contains("could not upload config.yaml")), "{:?}", report.warnings);
+    let run = server.run(&id).unwrap();
+    assert!(run.complete && run.exit_code == Some(0) && run.uploaded.is_empty());
 }

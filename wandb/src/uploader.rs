@@ -8,8 +8,10 @@
 //! once. Rows whose `_step` the server already holds are skipped, never sent twice.
 
 use super::api::{self, Api, Failure, Op};
+use super::run_files;
 use super::settings::{random_u64, Tuning};
-use super::spool::{self, Line, RunRecord, Spool, UploadState};
+use super::side::{self, SideBatch, Written, SIDES};
+use super::spool::{self, Line, RunRecord, SideState, Spool, UploadState};
 use serde_json::{json, Map, Value};
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -51,6 +53,8 @@ pub(super) struct Inner {
     pub journal_failed: bool,
     pub written_lines: u64,
     pub written_bytes: u64,
+    /// What the writer appended to the events and console journals (by `Side::index`).
+    pub side_written: [Written; 2],
     /// Lines done (mirrors the uploader's `UploadState`, for `finish`'s report).
     pub acked_lines: u64,
     /// The last value of every logged key, and the keys set with `set_summary`.
@@ -184,6 +188,10 @@ pub(super) struct Uploader {
     /// (wandb/wandb#663: resumed runs once stopped from the website were stopped again
     /// at once), not a request to stop this one.
     pub stop_may_be_stale: bool,
+    /// The config as UpsertBucket sent it (a JSON string), for `config.yaml`.
+    pub upserted_config: String,
+    /// An events or console journal that could not be read back: not sent any more.
+    pub side_broken: [bool; 2],
     /// Keeps the spool locked while this thread may still write `upload.json`.
     pub _lock: Option<Arc<std::fs::File>>,
 }
@@ -221,6 +229,8 @@ impl Uploader {
             last_request: None,
             started: Instant::now(),
             stop_may_be_stale: false,
+            upserted_config: String::new(),
+            side_broken: [false; 2],
             _lock: lock,
         }
     }
@@ -366,6 +376,8 @@ impl Uploader {
                         if existing.started { "" } else { "; created but never started" }
                     );
                     self.state.server_lines = existing.history_lines;
+                    self.state.events.reconcile(existing.events_lines);
+                    self.state.console.reconcile(existing.log_lines);
                     self.state.last_step = existing.last_step;
                     self.state.storage_id = existing.storage_id;
                     self.server_summary = existing.summary;
@@ -388,14 +400,18 @@ impl Uploader {
                     self.state.server_lines = 0;
                     self.state.last_step = None;
                     self.state.storage_id = None;
+                    // Events and console lines go up whole, from the start.
+                    self.state.events = SideState::default();
+                    self.state.console = SideState::default();
                 }
             }
         }
+        self.upserted_config = api::upsert_config(&self.config, &old_config);
         let tags = if r.tags.is_empty() { Value::Null } else { json!(r.tags) };
         let vars = json!({
             "id": self.state.storage_id, "name": r.run_id, "project": r.project, "entity": r.entity,
             "groupName": r.group, "description": null, "displayName": r.name, "notes": r.notes,
-            "commit": null, "config": api::upsert_config(&self.config, &old_config), "host": r.host,
+            "commit": null, "config": self.upserted_config, "host": r.host,
             "debug": null, "program": r.program, "repo": null, "jobType": r.job_type, "state": null,
             "sweep": null, "tags": tags, "summaryMetrics": null,
         });
@@ -435,7 +451,10 @@ impl Uploader {
             if (g.finishing.is_some() && g.writer_done) || !self.live {
                 return Ok(Work::Final);
             }
-            let pending = g.written_lines > self.state.acked_lines || g.summary_version > self.summary_sent;
+            let sides_pending = SIDES
+                .iter()
+                .any(|&side| !self.side_broken[side.index()] && g.side_written[side.index()].lines > self.side_state(side).acked_lines);
+            let pending = g.written_lines > self.state.acked_lines || g.summary_version > self.summary_sent || sides_pending;
             let backlog = g.written_bytes.saturating_sub(self.state.acked_bytes) as usize;
             let next_slot = self.last_request.map(|t| t + self.tuning.transmit_interval);
             if pending && (next_slot.is_none_or(|t| now >= t) || backlog >= self.max_batch) {
@@ -581,10 +600,108 @@ impl Uploader {
         }
     }
 
+    fn side_state(&self, side: side::Side) -> &SideState {
+        side.state_of(&self.state)
+    }
+
+    /// The next events and console lines, each stream within a quarter of the byte
+    /// budget (history comes first).
+    fn take_sides(&mut self) -> [SideBatch; 2] {
+        let written = self.shared.lock().side_written;
+        let budget = (self.max_batch / 4).max(1);
+        let mut out: [SideBatch; 2] = Default::default();
+        for side in SIDES {
+            let i = side.index();
+            if self.side_broken[i] {
+                out[i].exhausted = true;
+                continue;
+            }
+            match side::take(&side.journal(&self.spool), self.side_state(side), written[i], budget, self.tuning.max_line_bytes) {
+                Ok((batch, oversize)) => {
+                    if oversize > 0 {
+                        self.shared.warn_once(
+                            &format!("long_{}", side.file_name()),
+                            format!("W&B: a line of {} is over the server's line limit: kept in the spool only", side.file_name()),
+                        );
+                    }
+                    out[i] = batch;
+                }
+                Err(e) => {
+                    self.shared.warn_once(
+                        &format!("read_{}", side.file_name()),
+                        format!("W&B: cannot read back the {} journal ({e:#}); its lines are not uploaded", side.file_name()),
+                    );
+                    self.side_broken[i] = true;
+                    out[i].exhausted = true;
+                }
+            }
+        }
+        out
+    }
+
+    fn ack_sides(&mut self, sides: &[SideBatch; 2]) {
+        for side in SIDES {
+            let b = &sides[side.index()];
+            if b.consumed.lines > 0 {
+                side.state(&mut self.state).applied(b.consumed);
+            }
+        }
+    }
+
+    /// CreateRunFiles, then a PUT of each file to its signed URL, each retried as any
+    /// request is. Returns the names uploaded, for the final request's `uploaded`. A file
+    /// that cannot be uploaded is a warning: the run's charts and its finish do not
+    /// depend on it.
+    fn upload_run_files(&mut self, entity: &str, project: &str, run: &str) -> Result<Vec<String>, Stop> {
+        let metadata: Option<Value> = spool::read_json(&self.spool.metadata()).unwrap_or_else(|e| {
+            self.shared.warn_once("metadata_read", format!("W&B: {e:#}; wandb-metadata.json is not uploaded"));
+            None
+        });
+        let files = run_files::collect(&self.upserted_config, &self.summary_text().0, metadata.as_ref());
+        let names: Vec<&str> = files.iter().map(|f| f.name).collect();
+        let vars = json!({"entity": entity, "project": project, "run": run, "files": names});
+        let refused = |stop: &Stop| match stop {
+            Stop::Auth(status) => Some(format!("HTTP {status}")),
+            Stop::Permanent(status, why) => Some(format!("HTTP {status}: {why}")),
+            Stop::GaveUp(why) => Some(why.clone()),
+            Stop::Deadline | Stop::Shutdown => None,
+        };
+        let urls = match self.call(Op::CreateRunFiles, &|api, t| api.graphql(Op::CreateRunFiles, api::CREATE_RUN_FILES, vars.clone(), t)) {
+            Ok(data) => api::parse_create_run_files(&data),
+            Err(stop) => match refused(&stop) {
+                Some(why) => {
+                    self.shared.warn_once("run_files", format!("W&B: CreateRunFiles failed ({why}); the run's files are not uploaded"));
+                    return Ok(Vec::new());
+                }
+                None => return Err(stop),
+            },
+        };
+        let mut uploaded = Vec::new();
+        for file in files {
+            let Some((_, url)) = urls.files.iter().find(|(name, _)| name == file.name) else {
+                self.shared.warn_once(&format!("no_url_{}", file.name), format!("W&B: the server gave no upload URL for {}", file.name));
+                continue;
+            };
+            match self.call(Op::Upload, &|api, t| api.upload(url, &urls.headers, file.bytes.clone(), t)) {
+                Ok(_) => uploaded.push(file.name.to_string()),
+                Err(stop) => match refused(&stop) {
+                    Some(why) => self.shared.warn_once(
+                        &format!("upload_{}", file.name),
+                        format!("W&B: could not upload {} ({why}); `{}` tries again", file.name, self.hint),
+                    ),
+                    None => return Err(stop),
+                },
+            }
+        }
+        debug!("W&B: uploaded {uploaded:?}");
+        Ok(uploaded)
+    }
+
     fn stream(&mut self) -> Result<End, Stop> {
         let entity = self.state.entity.clone().unwrap_or_default();
         let project = self.state.project.clone().unwrap_or_else(|| self.record.project.clone());
         let run = self.record.run_id.clone();
+        let mut uploaded_files: Option<Vec<String>> = None;
         loop {
             let work = self.wait_for_work()?;
             let exit_code = self.shared.lock().finishing;
@@ -600,7 +717,9 @@ impl Uploader {
                 }
             }
             let batch = self.take_batch();
-            let is_final = matches!(work, Work::Final) && batch.exhausted;
+            let sides = self.take_sides();
+            let sides_empty = sides.iter().all(|b| b.lines.is_empty());
+            let is_final = matches!(work, Work::Final) && batch.exhausted && sides.iter().all(|b| b.exhausted);
             let summary_due = self.shared.lock().summary_version > self.summary_sent;
             let summary = if summary_due || is_final {
                 let (text, version) = self.summary_text();
@@ -615,9 +734,10 @@ impl Uploader {
             } else {
                 None
             };
-            if batch.lines.is_empty() && summary.is_none() && !is_final {
+            if batch.lines.is_empty() && sides_empty && summary.is_none() && !is_final {
                 let lines_pending = self.shared.lock().written_lines > self.state.acked_lines;
-                if batch.consumed_lines == 0 && lines_pending {
+                let sides_consumed = sides.iter().any(|b| b.consumed.lines > 0);
+                if batch.consumed_lines == 0 && !sides_consumed && lines_pending {
                     // Rows are pending but none could be read back (the spool file was
                     // cut short, or a write to it failed): do not spin.
                     let message =
@@ -630,12 +750,29 @@ impl Uploader {
                     continue;
                 }
                 self.ack(&batch);
+                self.ack_sides(&sides);
                 self.persist();
                 continue;
+            }
+            if is_final && uploaded_files.is_none() {
+                uploaded_files = Some(self.upload_run_files(&entity, &project, &run)?);
             }
             let mut files = Map::new();
             if !batch.lines.is_empty() {
                 files.insert("wandb-history.jsonl".into(), json!({"offset": self.state.server_lines, "content": batch.lines}));
+            }
+            for side in SIDES {
+                let b = &sides[side.index()];
+                if !b.lines.is_empty() {
+                    let offset = self.side_state(side).server_lines;
+                    files.insert(side.file_name().into(), json!({"offset": offset, "content": b.lines}));
+                    // Before sending: after a crash the server's line count tells whether
+                    // these lines arrived (SideState::reconcile).
+                    side.state(&mut self.state).in_flight = Some(b.consumed);
+                }
+            }
+            if !sides_empty {
+                self.persist();
             }
             if let Some((text, _)) = &summary {
                 files.insert("wandb-summary.json".into(), json!({"offset": 0, "content": [text]}));
@@ -646,6 +783,9 @@ impl Uploader {
             }
             let code = exit_code.unwrap_or(0);
             if is_final {
+                if let Some(names) = uploaded_files.as_ref().filter(|n| !n.is_empty()) {
+                    body.insert("uploaded".into(), json!(names));
+                }
                 body.insert("complete".into(), json!(true));
                 body.insert("exitcode".into(), json!(code));
             }
@@ -654,6 +794,7 @@ impl Uploader {
             match self.call(Op::FileStream, &|api, t| api.file_stream(&entity, &project, &run, bytes.clone(), t)) {
                 Ok(response) => {
                     self.ack(&batch);
+                    self.ack_sides(&sides);
                     if let Some((_, version)) = summary {
                         self.summary_sent = self.summary_sent.max(version);
                     }
@@ -666,8 +807,9 @@ impl Uploader {
                     }
                     self.persist();
                 }
-                Err(Stop::Permanent(413, _)) if batch.lines.len() > 1 => {
-                    self.max_batch = (batch.lines.iter().map(String::len).sum::<usize>() / 2).max(1);
+                Err(Stop::Permanent(413, _)) if batch.lines.len() + sides.iter().map(|b| b.lines.len()).sum::<usize>() > 1 => {
+                    let sent: usize = batch.lines.iter().chain(sides.iter().flat_map(|b| b.lines.iter())).map(String::len).sum();
+                    self.max_batch = (sent / 2).max(1);
                     debug!("W&B: request too large; batches now up to {} bytes", self.max_batch);
                 }
                 Err(Stop::Permanent(status, why)) => {
