@@ -1,7 +1,8 @@
 //! The run's files for the Overview and Files tabs, uploaded at finish (and by `sync`)
 //! through CreateRunFiles and the signed URLs it hands out, as the official client does:
-//! `config.yaml` (the config in W&B's `{key: {value: ...}}` shape), `wandb-summary.json`
-//! and `wandb-metadata.json` (when the caller gave one).
+//! `config.yaml` (the config in W&B's `{key: {value: ...}}` shape), `wandb-summary.json`,
+//! `wandb-metadata.json` (when the caller gave one) and `output.log` (the console as
+//! plain text, when there is one).
 
 use serde_json::Value;
 
@@ -14,7 +15,7 @@ pub(super) struct RunFile {
 
 /// The files of a run: its config as UpsertBucket sent it (a JSON string), its summary
 /// (a JSON string), and its metadata.
-pub(super) fn collect(config_json: &str, summary_json: &str, metadata: Option<&Value>) -> Vec<RunFile> {
+pub(super) fn collect(config_json: &str, summary_json: &str, metadata: Option<&Value>, console: Option<String>) -> Vec<RunFile> {
     let mut files = Vec::new();
     match config_yaml(config_json) {
         Some(yaml) => files.push(RunFile { name: "config.yaml", bytes: yaml.into_bytes() }),
@@ -25,6 +26,9 @@ pub(super) fn collect(config_json: &str, summary_json: &str, metadata: Option<&V
         let mut bytes = serde_json::to_vec_pretty(m).expect("JSON values serialize");
         bytes.push(b'\n');
         files.push(RunFile { name: "wandb-metadata.json", bytes });
+    }
+    if let Some(text) = console {
+        files.push(RunFile { name: "output.log", bytes: text.into_bytes() });
     }
     files
 }
@@ -51,7 +55,7 @@ mod tests {
         let back: Value = serde_yaml_ng::from_str(&yaml).unwrap();
         assert_eq!(back, config);
         assert!(config_yaml("[1]").is_none());
-        let files = collect(&config.to_string(), "{}", Some(&json!({"host": "h"})));
+        let files = collect(&config.to_string(), "{}", Some(&json!({"host": "h"})), None);
         let names: Vec<&str> = files.iter().map(|f| f.name).collect();
         assert_eq!(names, ["config.yaml", "wandb-summary.json", "wandb-metadata.json"]);
     }

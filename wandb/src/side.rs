@@ -116,19 +116,45 @@ pub(super) fn console_timestamp(epoch_seconds: f64) -> String {
 }
 
 /// The `output.log` lines of one console message in the official client's legacy
-/// format: one line per line of text, each `<timestamp> <text>`, and `<timestamp> ERROR
-/// <text>` for what went to stderr as an error.
+/// format: one line per line of text, each `<timestamp> <text>`, and `ERROR <timestamp>
+/// <text>` for what went to stderr as an error (recorded from wandb 0.31).
 pub(super) fn console_lines(text: &str, is_error: bool, epoch_seconds: f64) -> Vec<String> {
     let stamp = console_timestamp(epoch_seconds);
-    let mark = if is_error { "ERROR " } else { "" };
+    let prefix = if is_error { "ERROR " } else { "" };
     text.trim_end_matches(['\n', '\r'])
         .split('\n')
         .map(|line| {
             // A carriage return redraws a terminal line: what stays is its last part.
             let shown = line.rsplit('\r').next().unwrap_or(line);
-            format!("{stamp} {mark}{shown}")
+            format!("{prefix}{stamp} {shown}")
         })
         .collect()
+}
+
+/// The console as plain text (no timestamps, no marks), as the official client uploads
+/// `output.log` at finish: here of every attempt of the run, the last `max_bytes` of it.
+pub(super) fn plain_console(journal: &Path, max_bytes: u64) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(journal).ok()?;
+    let len = file.metadata().ok()?.len();
+    if len == 0 {
+        return None;
+    }
+    file.seek(SeekFrom::Start(len.saturating_sub(max_bytes))).ok()?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).ok()?;
+    let text = String::from_utf8_lossy(&bytes);
+    let mut lines = text.lines();
+    if len > max_bytes {
+        lines.next(); // cut mid-line
+    }
+    let mut out = String::new();
+    for line in lines {
+        let line = line.strip_prefix("ERROR ").unwrap_or(line);
+        out.push_str(line.split_once(' ').map_or("", |(_, text)| text));
+        out.push('\n');
+    }
+    Some(out)
 }
 
 #[cfg(test)]
@@ -145,8 +171,17 @@ mod tests {
             console_lines("resolved config:\n  a: 1\n", false, 0.0),
             vec!["1970-01-01T00:00:00.000000 resolved config:", "1970-01-01T00:00:00.000000   a: 1"]
         );
-        assert_eq!(console_lines("bad\r", true, 0.0), vec!["1970-01-01T00:00:00.000000 ERROR bad"]);
+        assert_eq!(console_lines("bad\r", true, 0.0), vec!["ERROR 1970-01-01T00:00:00.000000 bad"]);
         assert_eq!(console_lines("10%\r50%\r100%", false, 0.0), vec!["1970-01-01T00:00:00.000000 100%"]);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("output.log");
+        let mut text = console_lines("one\ntwo", false, 0.0).join("\n");
+        text.push('\n');
+        text.push_str(&console_lines("three", true, 0.0)[0]);
+        text.push('\n');
+        std::fs::write(&path, &text).unwrap();
+        assert_eq!(plain_console(&path, 1 << 20).unwrap(), "one\ntwo\nthree\n");
+        assert_eq!(plain_console(&path, 40).unwrap(), "three\n", "the last bytes, whole lines only");
     }
 
     #[test]

@@ -1088,7 +1088,11 @@ fn event_cpus(server: &FakeServer, id: &str) -> Vec<f64> {
 
 /// The text of every console line the server holds, without its timestamp.
 fn console_texts(server: &FakeServer, id: &str) -> Vec<String> {
-    server.run(id).unwrap().logs.iter().map(|l| l.split_once(' ').unwrap().1.to_string()).collect()
+    let without_stamp = |l: &str| match l.strip_prefix("ERROR ") {
+        Some(rest) => format!("ERROR {}", rest.split_once(' ').unwrap().1),
+        None => l.split_once(' ').unwrap().1.to_string(),
+    };
+    server.run(id).unwrap().logs.iter().map(|l| without_stamp(l)).collect()
 }
 
 #[test]
@@ -1117,11 +1121,13 @@ fn events_console_and_run_files_arrive_in_the_official_shapes() {
         [
             "2026-11-23T10:37:55.084774 resolved config:",
             "2026-11-23T10:37:55.084774   lr: 0.0006",
-            "2026-11-23T10:37:56.000000 ERROR a rank failed"
+            "ERROR 2026-11-23T10:37:56.000000 a rank failed"
         ]
     );
-    assert_eq!(run.uploaded, ["config.yaml", "wandb-summary.json", "wandb-metadata.json"]);
+    assert_eq!(run.uploaded, ["config.yaml", "wandb-summary.json", "wandb-metadata.json", "output.log"]);
     let files = server.state().uploaded_files.clone();
+    let console = &files.iter().find(|f| f.1 == "output.log").unwrap().2;
+    assert_eq!(String::from_utf8_lossy(console), "resolved config:\n  lr: 0.0006\na rank failed\n");
     let metadata = &files.iter().find(|f| f.1 == "wandb-metadata.json").unwrap().2;
     assert_eq!(serde_json::from_slice::<Value>(metadata).unwrap()["host"], "node-a");
     // Offsets start at 0 and are contiguous.
@@ -1190,7 +1196,7 @@ fn offline_events_console_and_files_arrive_through_sync() {
     assert_eq!(console_texts(&server, &id), ["line 1", "line 2", "line 3", "ERROR line 4"]);
     let run = server.run(&id).unwrap();
     assert!(run.complete);
-    assert_eq!(run.uploaded, ["config.yaml", "wandb-summary.json", "wandb-metadata.json"]);
+    assert_eq!(run.uploaded, ["config.yaml", "wandb-summary.json", "wandb-metadata.json", "output.log"]);
     // Nothing twice on a second sync.
     let n = server.requests().len();
     sync(dir.path(), &sync_env(&server.url, KEY), None).unwrap();

@@ -657,7 +657,8 @@ impl Uploader {
             self.shared.warn_once("metadata_read", format!("W&B: {e:#}; wandb-metadata.json is not uploaded"));
             None
         });
-        let files = run_files::collect(&self.upserted_config, &self.summary_text().0, metadata.as_ref());
+        let console = side::plain_console(&side::Side::Console.journal(&self.spool), 64 << 20);
+        let files = run_files::collect(&self.upserted_config, &self.summary_text().0, metadata.as_ref(), console);
         let names: Vec<&str> = files.iter().map(|f| f.name).collect();
         let vars = json!({"entity": entity, "project": project, "run": run, "files": names});
         let refused = |stop: &Stop| match stop {
