@@ -398,6 +398,21 @@ pub(super) fn parse_create_run_files(data: &Value) -> UploadUrls {
     UploadUrls { files, headers }
 }
 
+/// `config` (an upsert config string) with the run's metadata under `_wandb.e.<writerId>`,
+/// where the official client puts it for the Overview tab. It replaces an earlier
+/// writer's entry, as the official client's resume does.
+pub(super) fn with_metadata(config: &str, metadata: &Value) -> String {
+    let (Ok(Value::Object(mut out)), Some(writer)) =
+        (serde_json::from_str::<Value>(config), metadata.get("writerId").and_then(Value::as_str))
+    else {
+        return config.to_string();
+    };
+    if let Some(value) = out.get_mut("_wandb").and_then(|w| w.get_mut("value")).and_then(Value::as_object_mut) {
+        value.insert("e".to_string(), json!({ writer: metadata }));
+    }
+    Value::Object(out).to_string()
+}
+
 /// What UpsertBucket answered.
 #[derive(Debug, Clone)]
 pub(super) struct Upserted {

@@ -3,7 +3,7 @@
 //! mode) owns all network I/O.
 
 use super::api::Api;
-use super::settings::{api_key_looks_valid, check_run_id, generate_run_id, netloc_of, Mode, Settings, Tuning};
+use super::settings::{api_key_looks_valid, check_run_id, generate_run_id, netloc_of, random_u64, Mode, Settings, Tuning};
 use super::side::{self, Side, Written, SIDES};
 use super::spool::{self, FinishRecord, Line, RunRecord, Spool, UploadState};
 use super::uploader::{End, Inner, Shared, Uploader};
@@ -39,7 +39,6 @@ enum Msg {
         is_error: bool,
         timestamp: f64,
     },
-    Metadata(Value),
     Finish(i32),
 }
 
@@ -86,6 +85,19 @@ impl Reporter {
     /// not sent twice. Errors: a bad run id, an unwritable run directory, or another
     /// process reporting the same run.
     pub fn start(settings: Settings, config: Value, resume: Option<(String, u64)>) -> anyhow::Result<Reporter> {
+        Reporter::start_with_metadata(settings, config, resume, None)
+    }
+
+    /// [`Reporter::start`], with the run's `wandb-metadata.json` (host, program,
+    /// hardware, versions: the Overview tab). It gets a `writerId` (new in each process,
+    /// as the official client's) and goes to the server in the config, under
+    /// `_wandb.e.<writerId>`, and as a file at finish.
+    pub fn start_with_metadata(
+        settings: Settings,
+        config: Value,
+        resume: Option<(String, u64)>,
+        metadata: Option<Value>,
+    ) -> anyhow::Result<Reporter> {
         let mut warnings = Vec::new();
         let run_id = match (&settings.run_id, &resume) {
             (Some(id), Some((saved, _))) if id != saved => {
@@ -144,6 +156,16 @@ impl Reporter {
         };
         spool::write_private_json(&spool.settings(), &record)?;
         spool::write_json(&spool.config(), &config, false)?;
+        match metadata {
+            Some(Value::Object(mut m)) => {
+                m.insert("writerId".into(), Value::String(format!("{:016x}{:016x}", random_u64(), random_u64())));
+                spool::write_json(&spool.metadata(), &Value::Object(m), false)?;
+            }
+            _ => {
+                // Another process's metadata does not describe this one.
+                let _ = std::fs::remove_file(spool.metadata());
+            }
+        }
         // A resumed or restarted run is live again.
         let _ = std::fs::remove_file(spool.finish());
         let mut state: UploadState = spool::read_json(&spool.upload())
@@ -307,13 +329,6 @@ impl Reporter {
     pub fn console(&self, text: &str, is_error: bool, timestamp: f64) {
         if let Some(live) = &self.live {
             live.send(Msg::Console { text: text.to_string(), is_error, timestamp });
-        }
-    }
-
-    /// `wandb-metadata.json` (host, program, hardware, versions), uploaded at finish.
-    pub fn set_metadata(&self, metadata: Value) {
-        if let Some(live) = &self.live {
-            live.send(Msg::Metadata(metadata));
         }
     }
 
@@ -535,11 +550,6 @@ fn writer(
             }
             Msg::Console { text, is_error, timestamp } => {
                 sides[Side::Console.index()].append(&side::console_lines(&text, is_error, timestamp), &shared);
-            }
-            Msg::Metadata(metadata) => {
-                if let Err(e) = spool::write_json(&spool.metadata(), &metadata, false) {
-                    shared.warn_once("metadata_write", format!("W&B: cannot write the run's metadata: {e:#}"));
-                }
             }
             Msg::Finish(code) => {
                 finished = Some(code);

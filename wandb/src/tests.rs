@@ -1099,10 +1099,10 @@ fn console_texts(server: &FakeServer, id: &str) -> Vec<String> {
 fn events_console_and_run_files_arrive_in_the_official_shapes() {
     let server = FakeServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let reporter = Reporter::start(settings(&server.url, dir.path()), config(), None).unwrap();
+    let metadata = json!({"host": "node-a", "gpu_count": 0});
+    let reporter = Reporter::start_with_metadata(settings(&server.url, dir.path()), config(), None, Some(metadata)).unwrap();
     let id = reporter.run_id().to_string();
     reporter.console("resolved config:\n  lr: 0.0006", false, 1_795_430_275.084774);
-    reporter.set_metadata(json!({"host": "node-a", "gpu_count": 0}));
     for step in 1..=3 {
         reporter.log(step, &row(step));
         reporter.log_events(&sample(step as f64));
@@ -1129,7 +1129,13 @@ fn events_console_and_run_files_arrive_in_the_official_shapes() {
     let console = &files.iter().find(|f| f.1 == "output.log").unwrap().2;
     assert_eq!(String::from_utf8_lossy(console), "resolved config:\n  lr: 0.0006\na rank failed\n");
     let metadata = &files.iter().find(|f| f.1 == "wandb-metadata.json").unwrap().2;
-    assert_eq!(serde_json::from_slice::<Value>(metadata).unwrap()["host"], "node-a");
+    let metadata: Value = serde_json::from_slice(metadata).unwrap();
+    assert_eq!(metadata["host"], "node-a");
+    let writer = metadata["writerId"].as_str().unwrap();
+    assert_eq!(writer.len(), 32);
+    // Also in the config, where the Overview tab reads it.
+    let cfg: Value = serde_json::from_str(&run.config).unwrap();
+    assert_eq!(cfg["_wandb"]["value"]["e"][writer]["host"], "node-a");
     // Offsets start at 0 and are contiguous.
     let offsets: Vec<u64> = server
         .ops("file_stream")
@@ -1181,9 +1187,8 @@ fn offline_events_console_and_files_arrive_through_sync() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = settings(&server.url, dir.path());
     s.mode = Mode::Offline;
-    let reporter = Reporter::start(s, config(), None).unwrap();
+    let reporter = Reporter::start_with_metadata(s, config(), None, Some(json!({"host": "node-a"}))).unwrap();
     let id = reporter.run_id().to_string();
-    reporter.set_metadata(json!({"host": "node-a"}));
     for step in 1..=4 {
         reporter.log(step, &row(step));
         reporter.log_events(&sample(step as f64));

@@ -407,6 +407,9 @@ impl Uploader {
             }
         }
         self.upserted_config = api::upsert_config(&self.config, &old_config);
+        if let Ok(Some(metadata)) = spool::read_json::<Value>(&self.spool.metadata()) {
+            self.upserted_config = api::with_metadata(&self.upserted_config, &metadata);
+        }
         let tags = if r.tags.is_empty() { Value::Null } else { json!(r.tags) };
         let vars = json!({
             "id": self.state.storage_id, "name": r.run_id, "project": r.project, "entity": r.entity,
