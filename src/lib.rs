@@ -30,3 +30,4 @@ pub mod run_dir;
 pub mod runtime;
 pub mod train;
 pub mod trainer;
+pub mod versions;

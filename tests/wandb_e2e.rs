@@ -2,7 +2,8 @@
 //! (wandb/src/fake_server.rs). Rows arrive once, in order, from rank 0 only; a
 //! resumed run continues the same W&B run; a hanging server does not hold training up;
 //! an offline run syncs later; Stop on the dashboard stops every rank with a checkpoint
-//! (or only warns, with `wandb.honor_stop: false`).
+//! (or only warns, with `wandb.honor_stop: false`); every rank's system metrics, rank 0's
+//! console and the run's files reach the dashboard, also after a resume or a sync.
 
 mod common;
 use algpt2_ddp::checkpoint;
@@ -64,35 +65,109 @@ fn a_run_reports_every_row_once_config_summary_and_finish() {
     assert!(trainer.contains(&format!("\"wandb_run_id\": \"{id}\"")), "{trainer}");
 }
 
+/// Samples every 0.2 s (the default is 15 s), so that a tiny run has several.
+const FAST_STATS: [&str; 2] = ["--set", "wandb.stats_interval_s=0.2"];
+
+fn json(line: &str) -> serde_json::Value {
+    serde_json::from_str(line).unwrap()
+}
+
+/// `2026-12-03T15:38:44.821604 <text>` or `ERROR <that>`: the official legacy format.
+fn is_console_line(line: &str) -> bool {
+    let stamp = line.strip_prefix("ERROR ").unwrap_or(line);
+    let b = stamp.as_bytes();
+    b.len() > 27 && b[4] == b'-' && b[10] == b'T' && b[19] == b'.' && b[26] == b' ' && b[20..26].iter().all(u8::is_ascii_digit)
+}
+
+/// No line twice (every events line has its own `_timestamp`; every step's row and the
+/// config's first line are logged once), and the console in order of time.
+fn assert_each_line_once(run: &algpt2_ddp::report::wandb::fake_server::FakeRun) {
+    let unique = |lines: &[&String]| lines.iter().collect::<std::collections::HashSet<_>>().len();
+    let events: Vec<&String> = run.events.iter().collect();
+    assert_eq!(unique(&events), events.len(), "{:?}", run.events);
+    let once: Vec<&String> = run.logs.iter().filter(|l| l.contains(" INFO step ") || l.contains(" INFO resolved config:")).collect();
+    assert_eq!(unique(&once), once.len(), "{:?}", run.logs);
+    let stamps: Vec<&str> = run.logs.iter().map(|l| &l.strip_prefix("ERROR ").unwrap_or(l)[..26]).collect();
+    assert!(stamps.windows(2).all(|w| w[0] <= w[1]), "{stamps:?}");
+}
+
 #[test]
-fn only_rank_0_reports_under_mpirun() {
+fn under_mpirun_rank_0_reports_every_ranks_system_metrics_its_console_and_the_run_files() {
     let server = FakeServer::start();
     let dir = tempfile::tempdir().unwrap();
     let mut cmd = mpirun(2);
     for var in ["WANDB_API_KEY", "WANDB_BASE_URL", "HOME"] {
         cmd.args(["-x", var]);
     }
-    cmd.arg(bin()).args(args(dir.path(), "quickstart", &[])).current_dir(repo());
+    cmd.arg(bin()).args(args(dir.path(), "quickstart", &FAST_STATS)).current_dir(repo());
     with_wandb(&mut cmd, &server, dir.path(), None);
     let out = cmd.output().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     let id = only_run(&server);
     assert_eq!(server.steps(&id), (1..=8).collect::<Vec<u64>>());
     assert_eq!(server.ops("UpsertBucket").len(), server.run(&id).unwrap().upserts);
+    let run = server.run(&id).unwrap();
+
+    // System panels: rank 0's host as system.*, each rank's as system.rank.<r>.*, no GPU here.
+    assert!(!run.events.is_empty(), "no wandb-events.jsonl lines");
+    let lines: Vec<serde_json::Value> = run.events.iter().map(|l| json(l)).collect();
+    for key in [
+        "system.proc.memory.rssMB", "system.memory_percent", "system.disk./.usageGB", "system.rank.0.proc.memory.rssMB",
+        "system.rank.1.proc.memory.rssMB",
+    ] {
+        assert!(lines.iter().all(|l| l[key].as_f64().is_some_and(|v| v > 0.0)), "{key} missing in {:?}", run.events);
+    }
+    assert!(lines.iter().all(|l| l["_wandb"] == true && l["_timestamp"].as_f64().is_some() && l["_runtime"].as_f64().is_some()));
+    assert!(lines.iter().any(|l| l["system.cpu"].is_number() && l["system.rank.1.cpu"].is_number()), "{:?}", run.events);
+    assert!(run.events.iter().all(|l| !l.contains("system.gpu.")), "a CPU host has no GPU keys");
+
+    // Logs tab: rank 0's lines, in the official format, from the very first.
+    assert!(run.logs.iter().all(|l| is_console_line(l)), "{:?}", run.logs);
+    assert!(run.logs[0].ends_with(" INFO resolved config:"), "{:?}", run.logs.first());
+    assert!(run.logs.iter().any(|l| l.contains("INFO step 8 | ")), "{:?}", run.logs);
+    assert!(run.logs.iter().any(|l| l.contains("INFO world: 2 rank(s)")), "{:?}", run.logs);
+    assert_each_line_once(&run);
+
+    // Files tab.
+    assert_eq!(run.uploaded, ["config.yaml", "wandb-summary.json", "wandb-metadata.json", "output.log"]);
+    let files = server.state().uploaded_files.clone();
+    let file = |name: &str| files.iter().find(|f| f.0 == id && f.1 == name).map(|f| String::from_utf8_lossy(&f.2).into_owned()).unwrap();
+    let metadata = json(&file("wandb-metadata.json"));
+    assert_eq!(metadata["world_size"], 2);
+    assert_eq!(metadata["ranks"].as_array().unwrap().len(), 2);
+    assert_eq!(metadata["ranks"][1]["rank"], 1);
+    assert!(metadata["git"]["commit"].is_string() && metadata["mpi"].is_string() && metadata["startedAt"].is_string(), "{metadata}");
+    let config: serde_json::Value = serde_yaml_ng::from_str(&file("config.yaml")).unwrap();
+    assert_eq!(config["world_size"]["value"], 2);
+    assert!(file("output.log").lines().any(|l| l.starts_with("INFO step 8 | ")));
+    assert_eq!(json(&file("wandb-summary.json"))["_step"], 8);
+    assert!(server.errors().is_empty(), "{:?}", server.errors());
 }
 
 #[test]
 fn a_resumed_run_continues_the_same_wandb_run() {
     let server = FakeServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let a = args(dir.path(), "quickstart", &[]);
+    let a = args(dir.path(), "quickstart", &FAST_STATS);
     let killed = train(&a, &server, dir.path(), Some("kill@6"));
     assert!(!killed.status.success());
+    let id = only_run(&server);
+    let before = server.run(&id).unwrap();
     let resumed = train(&a, &server, dir.path(), None);
     assert!(resumed.status.success(), "{}", stderr(&resumed));
-    let id = only_run(&server);
     assert_eq!(server.steps(&id), (1..=8).collect::<Vec<u64>>(), "no step lost or repeated");
-    assert!(server.run(&id).unwrap().complete);
+    let run = server.run(&id).unwrap();
+    assert!(run.complete);
+    // Events and console continue where the killed attempt's uploads ended: its lines
+    // first (those the kill kept from going up too), then the resumed attempt's.
+    let spool = std::fs::read_dir(dir.path().join("runs/quickstart/wandb")).unwrap().next().unwrap().unwrap().path();
+    let journal = |name: &str| std::fs::read_to_string(spool.join(name)).unwrap().lines().map(str::to_string).collect::<Vec<_>>();
+    assert_eq!(run.events, journal("events.jsonl"));
+    assert_eq!(run.logs, journal("output.log"));
+    assert!(run.events.len() > before.events.len() && run.logs.len() > before.logs.len());
+    assert_eq!(run.logs[..before.logs.len()], before.logs[..], "the killed attempt's lines stay as they were");
+    assert!(run.logs.iter().any(|l| l.contains("INFO resumed from")), "{:?}", run.logs);
+    assert_each_line_once(&run);
     assert!(server.errors().is_empty(), "{:?}", server.errors());
 }
 
@@ -156,14 +231,20 @@ fn a_hanging_server_does_not_hold_training_up() {
 fn an_offline_run_syncs_later() {
     let server = FakeServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let out = train(&args(dir.path(), "quickstart", &["--set", "wandb.mode=offline"]), &server, dir.path(), None);
+    let offline = ["--set", "wandb.mode=offline", FAST_STATS[0], FAST_STATS[1]];
+    let out = train(&args(dir.path(), "quickstart", &offline), &server, dir.path(), None);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(server.requests().is_empty(), "offline sends nothing");
     let out = sync(&dir.path().join("runs/quickstart"), &server, dir.path());
     assert!(out.status.success(), "{}", stderr(&out));
     let id = only_run(&server);
     assert_eq!(server.steps(&id), (1..=8).collect::<Vec<u64>>());
-    assert_eq!(server.run(&id).unwrap().exit_code, Some(0));
+    let run = server.run(&id).unwrap();
+    assert_eq!(run.exit_code, Some(0));
+    assert!(!run.events.is_empty() && run.events.iter().all(|l| l.contains("system.rank.0.proc.memory.rssMB")), "{:?}", run.events);
+    assert!(run.logs.iter().any(|l| l.contains("INFO step 8 | ")), "{:?}", run.logs);
+    assert_eq!(run.uploaded, ["config.yaml", "wandb-summary.json", "wandb-metadata.json", "output.log"]);
+    assert_each_line_once(&run);
 }
 
 /// `wandb-sync` against a server that is not there: retry warnings, then exit 1 after
@@ -280,6 +361,13 @@ fn stop_on_the_dashboard_stops_every_rank_with_a_checkpoint_and_the_same_command
     let last = server.ops("file_stream").pop().unwrap();
     assert_eq!((last.body["complete"].clone(), last.body["exitcode"].clone()), (serde_json::json!(true), serde_json::json!(0)));
     assert_eq!(server.steps(&id), (1..=stopped).collect::<Vec<u64>>());
+    assert!(
+        run.logs.iter().any(|l| l.ends_with(&format!(
+            "INFO stopped from the W&B dashboard after step {stopped}; the checkpoint is saved: run the same command to resume"
+        ))),
+        "{:?}",
+        run.logs
+    );
 
     // The same command resumes from the stop's checkpoint (the Stop ended with the run
     // it stopped) and trains to the end, continuing the same W&B run.
@@ -313,4 +401,46 @@ fn with_honor_stop_false_a_dashboard_stop_only_warns() {
     assert_eq!(server.steps(&id), (1..=8).collect::<Vec<u64>>(), "trained to train.max_steps");
     let saved = checkpoint::list_valid(&dir.path().join("runs/quickstart/checkpoints"));
     assert_eq!(saved.last().map(|f| f.state.step), Some(8));
+}
+
+#[test]
+fn system_metrics_turn_off_and_a_failing_sampler_never_stops_training() {
+    let servers = [FakeServer::start(), FakeServer::start(), FakeServer::start()];
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let outs: Vec<Output> = std::thread::scope(|s| {
+        let run = |i: usize, extra: &'static [&'static str], env: (&'static str, &'static str)| {
+            let (server, dir) = (&servers[i], dirs[i].path());
+            s.spawn(move || {
+                let mut cmd = Command::new(bin());
+                cmd.args(args(dir, "quickstart", &[&FAST_STATS[..], extra].concat())).current_dir(repo());
+                with_wandb(&mut cmd, server, dir, None);
+                cmd.env(env.0, env.1);
+                cmd.output().unwrap()
+            })
+        };
+        let handles = [
+            run(0, &["--set", "wandb.stats=false"], ("ALGPT2_UNUSED", "")),
+            run(1, &[], ("WANDB_X_DISABLE_STATS", "true")),
+            run(2, &[], ("ALGPT2_FAULT_STATS", "proc")),
+        ];
+        handles.map(|h| h.join().unwrap()).into()
+    });
+    for (i, out) in outs.iter().enumerate() {
+        assert!(out.status.success(), "run {i}: {}", stderr(out));
+        let id = only_run(&servers[i]);
+        assert_eq!(servers[i].steps(&id), (1..=8).collect::<Vec<u64>>(), "run {i}");
+        assert!(!servers[i].run(&id).unwrap().logs.is_empty(), "run {i}: the console goes on");
+    }
+    for i in [0, 1] {
+        assert!(servers[i].run(&only_run(&servers[i])).unwrap().events.is_empty(), "run {i} sent system metrics");
+    }
+    // Its /proc reads failing, the rank said so once and trained on without those keys.
+    let err = stderr(&outs[2]);
+    assert_eq!(
+        err.matches("rank 0: system metrics from /proc/meminfo are left out").count(),
+        1,
+        "one warning per source, not per sample: {err}"
+    );
+    let events = servers[2].run(&only_run(&servers[2])).unwrap().events;
+    assert!(events.iter().all(|l| !l.contains("system.proc.memory.rssMB")), "{events:?}");
 }

@@ -389,6 +389,14 @@ pub struct WandbConfig {
     /// the server says so, saves a checkpoint and exits 0, as on SIGUSR1 (run the same
     /// command to resume). False: a warning only, training goes on.
     pub honor_stop: bool,
+    /// System metrics of every rank (CPU, memory, disk, network, and its GPU through
+    /// NVML) for the dashboard's System panels, as the official client names them.
+    /// `WANDB_X_DISABLE_STATS=true` also turns them off.
+    pub stats: bool,
+    /// Seconds between two system metrics samples (the official client's default is 15).
+    pub stats_interval_s: f64,
+    /// Rank 0's log lines for the dashboard's Logs tab (`output.log`).
+    pub console: bool,
 }
 
 impl Default for WandbConfig {
@@ -402,6 +410,9 @@ impl Default for WandbConfig {
             tags: Vec::new(),
             flush_timeout_s: 30.0,
             honor_stop: true,
+            stats: true,
+            stats_interval_s: 15.0,
+            console: true,
         }
     }
 }

@@ -125,6 +125,11 @@ pub fn violations(cfg: &Config) -> Vec<Violation> {
         "wandb.flush_timeout_s",
         format!("{} must be a non-negative number of seconds", cfg.wandb.flush_timeout_s),
     );
+    check(
+        cfg.wandb.stats_interval_s >= 0.1 && cfg.wandb.stats_interval_s <= 86_400.0,
+        "wandb.stats_interval_s",
+        format!("{} must be between 0.1 and 86400 seconds", cfg.wandb.stats_interval_s),
+    );
 
     check(cfg.dist.bucket_mb >= 1, "dist.bucket_mb", "must be at least 1".into());
     check(cfg.dist.timeout_s >= 1, "dist.timeout_s", "must be at least 1".into());

@@ -141,6 +141,24 @@ impl World {
         out
     }
 
+    /// Every rank's `values` (the same length on every rank), rank after rank, on the
+    /// main rank; `None` on the others.
+    pub fn gather_to_main(&self, values: &[f64]) -> Option<Vec<f64>> {
+        if self.size == 1 {
+            return Some(values.to_vec());
+        }
+        let root = self.comm.process_at_rank(0);
+        let _waiting = InCollective::enter();
+        if self.is_main() {
+            let mut out = vec![0f64; values.len() * self.size];
+            root.gather_into_root(values, &mut out[..]);
+            Some(out)
+        } else {
+            root.gather_into(values);
+            None
+        }
+    }
+
     /// Every rank's text, rank after rank, on every rank (reports of `doctor`).
     pub fn all_gather_text(&self, text: &str) -> Vec<String> {
         if self.size == 1 {

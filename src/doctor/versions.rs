@@ -2,15 +2,14 @@
 
 use super::Report;
 use crate::dist::World;
-use std::path::PathBuf;
 
 pub fn collect(r: &mut Report, world: &World) {
     r.fact("algpt2-ddp", format!("{} (commit {})", env!("CARGO_PKG_VERSION"), env!("ALGPT2_GIT_REVISION")));
-    match libtorch_dir() {
+    match crate::versions::libtorch_dir() {
         Some(dir) => {
             let version = algpt2_launch::read_version(&dir);
             r.fact("libtorch", format!("{version} at {}", dir.display()));
-            r.fact("CUDA (libtorch build)", cuda_of_build(&dir).unwrap_or_else(|| "none (a CPU build)".to_string()));
+            r.fact("CUDA (libtorch build)", crate::versions::cuda_of_build(&dir).unwrap_or_else(|| "none (a CPU build)".to_string()));
             if algpt2_launch::version_matches(&version) {
                 r.pass("libtorch version", format!("{version} (this binary binds {}.x)", algpt2_launch::EXPECTED_TORCH));
             } else {
@@ -22,7 +21,7 @@ pub fn collect(r: &mut Report, world: &World) {
         }
         None => r.fail("libtorch version", "cannot tell which libtorch this process loaded"),
     }
-    r.fact("CUDA driver", driver_version().unwrap_or_else(|| "none (no CUDA driver)".to_string()));
+    r.fact("CUDA driver", crate::versions::driver_version().unwrap_or_else(|| "none (no CUDA driver)".to_string()));
     r.fact("cuDNN", cudnn_version());
     r.fact(
         "NCCL",
@@ -38,39 +37,6 @@ pub fn collect(r: &mut Report, world: &World) {
 
 fn first_line(s: &str) -> &str {
     s.lines().next().unwrap_or("")
-}
-
-/// The torch package directory of the libtorch in this process: the launcher says so,
-/// else the path the loader mapped libtorch_cpu.so from.
-fn libtorch_dir() -> Option<PathBuf> {
-    if let Some(dir) = std::env::var_os("ALGPT2_TORCH_DIR") {
-        return Some(PathBuf::from(dir));
-    }
-    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
-    let lib = maps.lines().filter_map(|l| l.split_whitespace().nth(5)).find(|p| p.ends_with("/libtorch_cpu.so"))?;
-    PathBuf::from(lib).parent()?.parent().map(PathBuf::from)
-}
-
-/// `cuda = '13.0'` of torch/version.py.
-fn cuda_of_build(torch_dir: &std::path::Path) -> Option<String> {
-    let text = std::fs::read_to_string(torch_dir.join("version.py")).ok()?;
-    let line = text.lines().find(|l| l.trim_start().starts_with("cuda"))?;
-    let value = line.split('=').nth(1)?.trim().trim_matches(|c| c == '\'' || c == '"');
-    (value != "None" && !value.is_empty()).then(|| value.to_string())
-}
-
-fn driver_version() -> Option<String> {
-    // SAFETY: only tries to dlopen the library.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
-        return None;
-    }
-    let mut v: std::ffi::c_int = 0;
-    // SAFETY: writes one int; cudarc panics rather than erroring on some loading failures.
-    let ok = std::panic::catch_unwind(move || {
-        let res = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) };
-        (res == cudarc::driver::sys::CUresult::CUDA_SUCCESS).then_some(v)
-    });
-    ok.ok().flatten().map(|v| format!("{}.{} (supports CUDA up to this)", v / 1000, (v % 1000) / 10))
 }
 
 /// cuDNN as libtorch loaded it (never loads a library itself).

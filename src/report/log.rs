@@ -28,7 +28,9 @@ pub fn init(rank: usize, log_file: Option<&Path>) -> anyhow::Result<()> {
         }
         None => None,
     };
-    tracing_subscriber::registry().with(stderr).with(file).try_init()?;
+    // Rank 0's lines may also go to the W&B Logs tab (see console.rs: idle until asked).
+    let console = (rank == 0).then(|| super::console::ConsoleLayer.with_filter(filter()));
+    tracing_subscriber::registry().with(stderr).with(file).with(console).try_init()?;
     Ok(())
 }
 

@@ -1,10 +1,12 @@
 //! What a run tells people: log lines, metrics.jsonl, progress, Weights & Biases.
 
+pub mod console;
 pub mod format;
 pub mod log;
 pub mod metrics;
 pub mod plots;
 pub mod progress;
+pub mod system;
 pub mod wandb_run;
 
 /// The W&B client (the `algpt2-wandb` crate of this workspace).

@@ -1,6 +1,7 @@
 //! Rank 0's Weights & Biases reporting for one training run: the settings (config
 //! section, then `WANDB_*` environment), the run config W&B shows, the rows of
-//! `metrics.jsonl`, the summary, the finish with the exit code, and a Stop pressed on
+//! `metrics.jsonl`, the system metrics of every rank, the console (rank 0's log lines),
+//! the run's metadata, the summary, the finish with the exit code, and a Stop pressed on
 //! the dashboard. Other ranks hold an inert handle, so the loop reads the same on every
 //! rank.
 
@@ -9,9 +10,11 @@ use crate::config::{Config, WandbMode};
 use serde_json::{json, Map, Value};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 pub struct WandbRun {
-    reporter: Option<Reporter>,
+    /// Shared with the console sink (which holds a weak reference), until `finish`.
+    reporter: Option<Arc<Reporter>>,
     /// `wandb.honor_stop`: a Stop on the dashboard stops training (else a warning).
     honor_stop: bool,
     /// The warning for an ignored Stop was given.
@@ -27,6 +30,7 @@ impl WandbRun {
         is_main: bool,
         extra_config: Map<String, Value>,
         resume: Option<(String, u64)>,
+        metadata: Option<Value>,
     ) -> anyhow::Result<WandbRun> {
         if !is_main {
             return Ok(WandbRun::inert());
@@ -59,12 +63,54 @@ impl WandbRun {
         config.extend(extra_config);
         config.insert("git_revision".into(), json!(env!("ALGPT2_GIT_REVISION")));
         // W&B must never stop training: a reporter that cannot start is a warning.
-        match Reporter::start(settings, Value::Object(config), resume) {
-            Ok(reporter) => Ok(WandbRun { reporter: Some(reporter), honor_stop: w.honor_stop, stop_warned: AtomicBool::new(false) }),
+        match Reporter::start_with_metadata(settings, Value::Object(config), resume, metadata) {
+            Ok(reporter) => {
+                let reporter = Arc::new(reporter);
+                if w.console {
+                    let weak = Arc::downgrade(&reporter);
+                    super::console::attach(Arc::new(move |text: &str, is_error: bool, at: f64| {
+                        if let Some(r) = weak.upgrade() {
+                            r.console(text, is_error, at);
+                        }
+                    }));
+                }
+                Ok(WandbRun { reporter: Some(reporter), honor_stop: w.honor_stop, stop_warned: AtomicBool::new(false) })
+            }
             Err(e) => {
+                super::console::detach();
                 tracing::warn!("W&B reporting is off for this run: {e:#}");
                 Ok(WandbRun::inert())
             }
+        }
+    }
+
+    /// Whether system metrics are sampled for this run, as every rank can tell alike:
+    /// W&B is not disabled, `wandb.stats` is on, and the official client's switch
+    /// (`WANDB_X_DISABLE_STATS`, or its `WANDB__DISABLE_STATS` spelling) is not set.
+    pub fn stats_wanted(cfg: &Config) -> bool {
+        let disabled_by_env = ["WANDB_X_DISABLE_STATS", "WANDB__DISABLE_STATS"]
+            .iter()
+            .any(|k| std::env::var(k).is_ok_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "true" | "1" | "yes")));
+        cfg.wandb.stats && cfg.wandb.mode != WandbMode::Disabled && !disabled_by_env
+    }
+
+    /// This handle reports (rank 0 with a started reporter).
+    pub fn reports(&self) -> bool {
+        self.reporter.is_some()
+    }
+
+    /// One row of system metrics (`system.*` keys) for the System panels.
+    pub fn log_system(&self, row: &Map<String, Value>) {
+        if let Some(r) = &self.reporter {
+            r.log_events(row);
+        }
+    }
+
+    /// An error that ends the run, for the Logs tab (the terminal shows it from main).
+    pub fn console_error(&self, text: &str) {
+        if let Some(r) = &self.reporter {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+            r.console(&format!("ERROR {text}"), true, now);
         }
     }
 
@@ -109,8 +155,15 @@ impl WandbRun {
 
     /// A bounded flush, then the run is marked finished with `exit_code`.
     pub fn finish(self, exit_code: i32) {
+        // The sink lets go of the reporter first: after `detach` no line is in flight.
+        super::console::detach();
         if let Some(r) = self.reporter {
-            r.finish(exit_code);
+            match Arc::try_unwrap(r) {
+                Ok(r) => {
+                    r.finish(exit_code);
+                }
+                Err(_) => tracing::warn!("W&B: the run could not be finished (still in use); `wandb-sync` finishes it"),
+            }
         }
     }
 }

@@ -3,9 +3,11 @@
 
 mod checkpointer;
 mod metrics;
+mod run_metadata;
 mod run_summary;
 mod sinks;
 mod stopping;
+mod system_stats;
 mod validation;
 
 use crate::checkpoint::{self, Found, OtherParts};
@@ -34,6 +36,7 @@ use metrics::TrainMetrics;
 use serde_json::{json, Map};
 use sinks::{Charts, MetricSink};
 use std::time::{Duration, Instant};
+use system_stats::SystemStats;
 use tracing::info;
 use validation::Validator;
 
@@ -50,6 +53,10 @@ fn run_in_world(cfg: &Config, world: &World, device: tch::Device) -> anyhow::Res
     // resume leaves them as the checkpoints were made with.
     let _lock = if world.is_main() { Some(RunLock::acquire(&run)?) } else { None };
     log::init(world.rank(), world.is_main().then(|| run.log()).as_deref())?;
+    if world.is_main() && cfg.wandb.console && cfg.wandb.mode != crate::config::WandbMode::Disabled {
+        // From the first line on, for the W&B Logs tab (sent once the run reports).
+        crate::report::console::capture();
+    }
     if world.is_main() {
         checkpoint::clean_partial(&run.checkpoints())?;
     }
@@ -93,7 +100,13 @@ fn run_in_world(cfg: &Config, world: &World, device: tch::Device) -> anyhow::Res
     extra.insert("world_size".into(), json!(world.size()));
     extra.insert("device".into(), json!(device::describe(device)));
     extra.insert("precision".into(), json!(trainer.precision.name()));
-    let wandb = WandbRun::start(cfg, &run.root, world.is_main(), extra, resume)?;
+    let metadata = run_metadata::collect(world, device);
+    let wandb = WandbRun::start(cfg, &run.root, world.is_main(), extra, resume, metadata)?;
+    let gpu = match device {
+        tch::Device::Cuda(i) => Some(i),
+        _ => None,
+    };
+    let stats = SystemStats::start(cfg, world, gpu, &wandb);
     // Kept in every checkpoint, so that a resumed run continues the same W&B run.
     let wandb_run_id = wandb.run_id().or(resumed_wandb_run);
     // Start-up (data preparation) is not timed; from here on every step must finish.
@@ -106,6 +119,7 @@ fn run_in_world(cfg: &Config, world: &World, device: tch::Device) -> anyhow::Res
         stop: &stop,
         watchdog: &watchdog,
         wandb: &wandb,
+        stats: &stats,
         wandb_run_id,
         progress: &progress,
         sinks: [&metrics, &progress, &wandb, &charts],
@@ -121,6 +135,9 @@ fn run_in_world(cfg: &Config, world: &World, device: tch::Device) -> anyhow::Res
         }
         Ended::AlreadyComplete | Ended::Stopped => Ok(()),
     });
+    if let Err(e) = &result {
+        wandb.console_error(&format!("{e:#}"));
+    }
     wandb.finish(if result.is_ok() { 0 } else { 1 });
     result
 }
@@ -132,6 +149,7 @@ struct LoopEnv<'a> {
     stop: &'a StopRequest,
     watchdog: &'a Watchdog,
     wandb: &'a WandbRun,
+    stats: &'a SystemStats,
     wandb_run_id: Option<String>,
     progress: &'a Progress,
     /// Rank 0's logged rows go to each: metrics.jsonl, the progress line, W&B, charts.
@@ -194,8 +212,11 @@ fn train_loop(
         if cfg.dist.check_interval > 0 && trainer.step.is_multiple_of(cfg.dist.check_interval) {
             trainer.check_ranks_agree(world)?;
         }
-        let stop_cause = stopping::agree(world, env.stop.requested(), env.wandb.stop_requested());
-        let stopping = stop_cause.is_some();
+        let agreed = stopping::agree(world, env.stop.requested(), env.wandb.stop_requested(), env.stats.due());
+        if agreed.gather_stats {
+            env.stats.gather(world, env.wandb);
+        }
+        let (stop_cause, stopping) = (agreed.stop, agreed.stop.is_some());
         let (val_loss, best_val_loss) = validator.losses();
         let others = OtherParts { wandb_run_id: env.wandb_run_id.clone(), val_loss, best_val_loss };
         if checkpointer.is_due(trainer.step, stopping) {

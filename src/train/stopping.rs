@@ -1,6 +1,8 @@
 //! How the ranks agree on a stop: a stop signal on any rank (src/dist/signals.rs) or a
 //! Stop pressed on the W&B dashboard (heard by rank 0 alone, src/report/wandb_run.rs)
 //! stops every rank after the same step, and each rank knows which, for its last line.
+//! The same all-reduce carries rank 0's "system metrics are due" (system_stats.rs), so
+//! that gathering them needs no collective of its own on the other steps.
 
 use crate::dist::World;
 
@@ -10,11 +12,21 @@ pub enum StopCause {
     Dashboard,
 }
 
-/// One all-reduce of this rank's two flags: the stop every rank agrees on, if any.
-pub fn agree(world: &World, signal: bool, dashboard: bool) -> Option<StopCause> {
-    let mut flags = [f64::from(u8::from(signal)), f64::from(u8::from(dashboard))];
+/// What every rank agreed on at a step boundary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Agreed {
+    pub stop: Option<StopCause>,
+    /// Every rank's system metrics go to rank 0 now.
+    pub gather_stats: bool,
+}
+
+/// One all-reduce of this rank's three flags: the stop every rank agrees on, if any, and
+/// whether system metrics are gathered at this boundary.
+pub fn agree(world: &World, signal: bool, dashboard: bool, stats_due: bool) -> Agreed {
+    let flag = |b: bool| f64::from(u8::from(b));
+    let mut flags = [flag(signal), flag(dashboard), flag(stats_due)];
     world.all_reduce_max(&mut flags);
-    cause(flags)
+    Agreed { stop: cause([flags[0], flags[1]]), gather_stats: flags[2] > 0.0 }
 }
 
 /// A signal names the stop when both came: it is the one given on this machine.

@@ -97,7 +97,7 @@ pub(super) fn take(
 
 /// `2026-11-23T10:37:55.084774`: UTC, microseconds, no zone, as the official client
 /// stamps console lines.
-pub(super) fn console_timestamp(epoch_seconds: f64) -> String {
+pub fn console_timestamp(epoch_seconds: f64) -> String {
     let micros_total = (epoch_seconds.max(0.0) * 1e6).round() as u64;
     let (secs, micros) = (micros_total / 1_000_000, micros_total % 1_000_000);
     let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
