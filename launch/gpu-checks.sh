@@ -13,7 +13,9 @@
 #     model.safetensors and optimizer.safetensors must be byte-identical to an
 #     uninterrupted bf16 run's (when two uninterrupted bf16 runs are not byte-identical
 #     themselves, the differences are compared as in 2); and train.precision: auto
-#     resolving to bf16 on a GPU of compute capability >= 8.0 (fp32 below).
+#     resolving to bf16 on a GPU of compute capability >= 8.0 (fp32 below);
+#  6. the W&B system metrics of the GPU (wandb.mode: offline, a sample a second): the
+#     system.gpu.0.* values of wandb-events.jsonl next to nvidia-smi's, sampled alike.
 # Checks 2 and 3 run with train.precision: fp32 (auto would pick bf16 on most GPUs).
 # Each prints PASS, FAIL or "skipped: ..." (no GPU: only the CPU parts of 1 run); exit 1
 # when anything failed. Results and logs go to WORK_DIR (default: a temporary directory).
@@ -89,7 +91,7 @@ if [ "$gpus" -eq 0 ]; then
   # Three lines, as tests/bundle.rs expects: the bf16 checks (5) ride on two of them.
   skip "kill and resume on the GPU (fp32 and bf16)" "no GPU"
   skip "checkpoint GPU -> CPU and CPU -> GPU" "no GPU"
-  skip "more ranks than GPUs, bf16 training, train.precision: auto on the GPU" "no GPU"
+  skip "more ranks than GPUs, bf16 training, train.precision: auto on the GPU, W&B system.gpu.* against nvidia-smi" "no GPU"
 else
   # --- 2. kill and resume on the GPU -------------------------------------------------
   train gpu_a cuda 12; train gpu_b cuda 12
@@ -192,6 +194,38 @@ else
     else
       fail "train.precision: auto on the GPU: compute capability $cc wants $want, summary.json says $got (see $work/auto_a.log)"
     fi
+  fi
+  # --- 6. W&B system metrics of the GPU against nvidia-smi ------------------------------
+  smi="$work/nvidia-smi.csv"
+  ( for _ in $(seq 1 60); do
+      nvidia-smi -i 0 --query-gpu=utilization.gpu,memory.used,temperature.gpu,power.draw,clocks.sm --format=csv,noheader,nounits >> "$smi" 2>/dev/null
+      sleep 1
+    done ) & smi_pid=$!
+  "$bin" "${tiny[@]}" --set run_name=gpu_stats --set device=cuda --set train.max_steps=400 --set train.grad_accum_steps=8 \
+    --set wandb.mode=offline --set wandb.stats_interval_s=1 --set train.log_interval=50 > "$work/gpu_stats.log" 2>&1
+  trained=$?
+  kill "$smi_pid" 2>/dev/null; wait "$smi_pid" 2>/dev/null
+  compared=$(python3 - "$work/runs/gpu_stats" "$smi" <<'PY'
+import glob, json, statistics, sys
+events = [json.loads(l) for f in glob.glob(sys.argv[1] + "/wandb/run-*/events.jsonl") for l in open(f)]
+rows = [l.strip().split(", ") for l in open(sys.argv[2]) if l.strip()]
+keys = [("gpu", 0, 1), ("memoryAllocatedBytes", 1, 1024 * 1024), ("temp", 2, 1), ("powerWatts", 3, 1), ("smClock", 4, 1)]
+out, missing = [], []
+for key, col, scale in keys:
+    ours = [e["system.gpu.0." + key] for e in events if "system.gpu.0." + key in e]
+    theirs = [float(r[col]) * scale for r in rows if len(r) == 5 and r[col] not in ("[N/A]", "N/A")]
+    if not ours:
+        missing.append(key)
+        continue
+    med = lambda v: statistics.median(v) if v else float("nan")
+    out.append(f"{key} ours {med(ours):.4g} nvidia-smi {med(theirs):.4g}")
+print(("MISSING " + ",".join(missing) + "; " if missing else "") + f"{len(events)} samples: " + "; ".join(out))
+PY
+)
+  if [ "$trained" -eq 0 ] && [[ "$compared" != MISSING* ]] && [[ "$compared" != "0 samples"* ]]; then
+    pass "W&B system.gpu.0.* against nvidia-smi (medians over the run): $compared"
+  else
+    fail "W&B system.gpu.0.*: exit $trained, $compared (see $work/gpu_stats.log)"
   fi
 fi
 echo "gpu-checks: $failures failure(s)"

@@ -325,10 +325,14 @@ impl Reporter {
     }
 
     /// Console text for the Logs tab, printed at `timestamp` (seconds since the epoch);
-    /// `is_error` marks it as the official client marks stderr. Never blocks.
+    /// `is_error` marks it as the official client marks stderr. Never blocks, never takes
+    /// a lock and never logs: it may be called from inside a logger (a line is dropped,
+    /// and counted, when the writer is behind).
     pub fn console(&self, text: &str, is_error: bool, timestamp: f64) {
-        if let Some(live) = &self.live {
-            live.send(Msg::Console { text: text.to_string(), is_error, timestamp });
+        let Some(live) = &self.live else { return };
+        let Some(tx) = &live.tx else { return };
+        if tx.try_send(Msg::Console { text: text.to_string(), is_error, timestamp }).is_err() {
+            live.shared.console_dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -370,6 +374,10 @@ impl Reporter {
             if let Err(e) = spool::write_json(&live.spool.finish(), &record, true) {
                 warn!("W&B: cannot record the finish: {e:#}");
             }
+        }
+        let dropped = live.shared.console_dropped.load(Ordering::Relaxed);
+        if dropped > 0 {
+            warn!("W&B: {dropped} console lines were not reported (the spool writer was behind)");
         }
         let has_uploader = live.uploader.is_some();
         let mut g = live.shared.lock();

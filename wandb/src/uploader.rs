@@ -14,7 +14,7 @@ use super::side::{self, SideBatch, Written, SIDES};
 use super::spool::{self, Line, RunRecord, SideState, Spool, UploadState};
 use serde_json::{json, Map, Value};
 use std::collections::{HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
@@ -26,11 +26,19 @@ pub(super) struct Shared {
     /// The server said the run was stopped from the W&B interface. Outside the mutex:
     /// the training loop reads it every step and must never wait on the uploader.
     pub stopped: AtomicBool,
+    /// Console lines dropped because the writer was behind. Counted, never warned about
+    /// at the time: a warning is itself a console line, and would come back here.
+    pub console_dropped: AtomicU64,
 }
 
 impl Shared {
     pub fn new(inner: Inner) -> Arc<Shared> {
-        Arc::new(Shared { state: Mutex::new(inner), cv: Condvar::new(), stopped: AtomicBool::new(false) })
+        Arc::new(Shared {
+            state: Mutex::new(inner),
+            cv: Condvar::new(),
+            stopped: AtomicBool::new(false),
+            console_dropped: AtomicU64::new(0),
+        })
     }
 
     pub fn lock(&self) -> MutexGuard<'_, Inner> {
