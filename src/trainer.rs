@@ -6,6 +6,8 @@ use crate::config::{Config, NonFinite};
 use crate::data::batches::{batch_tensors, rank_slice, Sampler};
 use crate::data::cache::SplitData;
 use crate::device_reads;
+use crate::dist::buckets::BucketPlan;
+use crate::dist::overlap::CommTimes;
 use crate::dist::{Replicas, World};
 use crate::model::dropout::Dropout;
 use crate::model::flat::{FlatParams, Padding};
@@ -32,6 +34,8 @@ pub struct Trainer {
     objective: Objective,
     opt: AdamW,
     sampler: Sampler,
+    /// The gradients' buckets, in the order backward completes them.
+    buckets: BucketPlan,
     /// Non-finite steps not yet reported, kept on the device: [count, first step, its loss].
     nonfinite: Tensor,
     /// Optimizer steps completed (skipped non-finite steps included).
@@ -56,6 +60,8 @@ pub struct StepOutcome {
     local_loss: Tensor,
     grad_norm: Tensor,
     skipped: Tensor,
+    /// What the gradient exchange cost (host times, known at once).
+    pub comm: CommTimes,
 }
 
 impl StepOutcome {
@@ -86,6 +92,8 @@ impl Trainer {
             model.use_compute_weights(&|name| weights.get(name));
         }
         let opt = AdamW::new(&params, &cfg.optim);
+        let bucket_elems = ((cfg.dist.bucket_mb * (1 << 20) as f64) as i64 / 4).max(1);
+        let buckets = BucketPlan::new(&params.slots, &model.stage_prefixes(), bucket_elems);
         Trainer {
             cfg: cfg.clone(),
             device,
@@ -101,6 +109,7 @@ impl Trainer {
             },
             opt,
             sampler: Sampler::new(train_windows, cfg.train.seed),
+            buckets,
             nonfinite: Tensor::from_slice(&[0f64, -1.0, 0.0]).to_device(device),
             step: 0,
             tokens_seen: 0,
@@ -160,28 +169,33 @@ impl Trainer {
     /// update, all on the device: nothing here reads a device value.
     pub fn train_step(&mut self, train: &SplitData, replicas: &Replicas, lr: f64) -> anyhow::Result<StepOutcome> {
         let world = replicas.world;
-        let t = &self.cfg.train;
+        let t = self.cfg.train.clone();
         let batch = self.sampler.next_batch(self.global_batch(world));
         self.params.zero_grads();
         let mut loss_sum = Tensor::zeros([], (Kind::Float, self.device));
+        let mut local_loss = loss_sum.shallow_clone();
+        let mut comm = CommTimes::default();
         for micro in 0..t.grad_accum_steps {
+            let last = micro + 1 == t.grad_accum_steps;
             let dropout = Dropout::new(self.cfg.model.dropout, t.seed, self.step, micro, world.rank());
             let windows = rank_slice(&batch, micro, t.micro_batch_size, world.size(), world.rank());
             let (inputs, targets) = batch_tensors(&train.tokens, windows, t.seq_len, self.device);
-            loss_sum +=
-                self.objective.forward_backward(&self.model, &mut self.params, self.bf16.as_mut(), &inputs, &targets, Some(&dropout));
+            let staged = last && replicas.overlaps();
+            let forwarded =
+                self.objective.forward(&self.model, &self.params, self.bf16.as_ref(), &inputs, &targets, Some(&dropout), staged);
+            loss_sum += &forwarded.loss;
+            if !last {
+                forwarded.backward(&mut self.params, self.bf16.as_mut(), &mut |_| {});
+                continue;
+            }
+            local_loss = &loss_sum / t.grad_accum_steps as f64;
+            self.poison_if_nonfinite(&mut local_loss, world.rank());
+            // The last backward, and the gradients' exchange with it (bucket by bucket
+            // as backward completes them, when overlapped).
+            let grads = self.params.grads.shallow_clone();
+            let (params, bf16) = (&mut self.params, self.bf16.as_mut());
+            comm = replicas.backward_and_average(&grads, &self.buckets, |ready| forwarded.backward(params, bf16, ready))?;
         }
-        let mut local_loss = loss_sum / t.grad_accum_steps as f64;
-        if crate::faults::nan_loss_at(self.step + 1, world.rank()) {
-            local_loss = local_loss.full_like(f64::NAN);
-            let _ = self.params.grads.fill_(f64::NAN);
-        }
-        // A non-finite loss on any rank poisons its gradients (loss · 0 is NaN), so the
-        // averaged norm, and with it every rank's skip decision, sees it.
-        tch::no_grad(|| {
-            let _ = self.params.grads.narrow(0, 0, 1).g_add_(&(&local_loss * 0.0));
-        });
-        replicas.average(&mut self.params.grads)?;
         self.step += 1;
         self.tokens_seen += (batch.len() * t.seq_len) as u64;
 
@@ -192,7 +206,20 @@ impl Trainer {
             let _ = self.params.values.narrow(0, 0, 1).g_add_scalar_(1e-3);
         }
         self.refresh_compute_weights();
-        Ok(StepOutcome { local_loss, grad_norm, skipped })
+        Ok(StepOutcome { local_loss, grad_norm, skipped, comm })
+    }
+
+    /// Before the last backward: a non-finite loss on any rank poisons its gradients
+    /// (loss · 0 is NaN), so that the averaged norm, and with it every rank's skip
+    /// decision, sees it (and `ALGPT2_FAULT=nan_loss@N` makes one).
+    fn poison_if_nonfinite(&mut self, local_loss: &mut Tensor, rank: usize) {
+        if crate::faults::nan_loss_at(self.step + 1, rank) {
+            *local_loss = local_loss.full_like(f64::NAN);
+            let _ = self.params.grads.fill_(f64::NAN);
+        }
+        tch::no_grad(|| {
+            let _ = self.params.grads.narrow(0, 0, 1).g_add_(&(&*local_loss * 0.0));
+        });
     }
 
     /// Adds this step to the device-side record of non-finite steps.

@@ -434,8 +434,15 @@ pub enum DistBackend {
 pub struct DistConfig {
     /// `auto` (NCCL on CUDA, MPI on CPU), `nccl`, `mpi`, `none` (one rank only).
     pub backend: DistBackend,
-    /// Largest single all-reduce, in MB of fp32 gradients.
-    pub bucket_mb: usize,
+    /// Gradients are exchanged in buckets of about this many MB of fp32 values
+    /// (fractions allowed), filled in the order backward produces them; with `overlap`
+    /// the first is at most 1 MB, as PyTorch DDP's.
+    pub bucket_mb: f64,
+    /// Start each bucket's all-reduce as soon as backward has produced its gradients, on
+    /// a communication thread, while backward goes on (the last micro-step of a step
+    /// only). False: the whole exchange after backward. The averaged gradients are the
+    /// same either way.
+    pub overlap: bool,
     /// A rank with no finished step for this many seconds ends the job (a peer died or
     /// hangs). Start-up (data preparation) is not timed.
     pub timeout_s: u64,
@@ -462,7 +469,8 @@ impl Default for DistConfig {
     fn default() -> Self {
         DistConfig {
             backend: DistBackend::Auto,
-            bucket_mb: 25,
+            bucket_mb: 25.0,
+            overlap: true,
             timeout_s: 600,
             stop_grace_s: 10,
             check_interval: 100,

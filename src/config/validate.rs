@@ -131,7 +131,11 @@ pub fn violations(cfg: &Config) -> Vec<Violation> {
         format!("{} must be between 0.1 and 86400 seconds", cfg.wandb.stats_interval_s),
     );
 
-    check(cfg.dist.bucket_mb >= 1, "dist.bucket_mb", "must be at least 1".into());
+    check(
+        cfg.dist.bucket_mb >= 0.001 && cfg.dist.bucket_mb <= 65_536.0,
+        "dist.bucket_mb",
+        format!("{} must be between 0.001 and 65536 (MB)", cfg.dist.bucket_mb),
+    );
     check(cfg.dist.timeout_s >= 1, "dist.timeout_s", "must be at least 1".into());
     check(cfg.dist.stop_grace_s >= 1, "dist.stop_grace_s", "must be at least 1".into());
     if cfg.dist.backend == DistBackend::Nccl {

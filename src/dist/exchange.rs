@@ -2,10 +2,9 @@
 //! `dist.backend`: `nccl` (GPU buffers, NCCL through cudarc), `mpi` (CPU buffers, MPI
 //! all-reduce in place), `none` (a world of one), `auto` (NCCL on CUDA, else MPI).
 //!
-//! Gradients are exchanged once per optimizer step, after the last micro-step's backward
-//! (never on the others), in buckets of `dist.bucket_mb`. tch exposes no autograd hooks,
-//! so the exchange cannot overlap the backward pass as PyTorch DDP's does; it runs right
-//! after it.
+//! Gradients are exchanged once per optimizer step, on the last micro-step (never on the
+//! others), in buckets of `dist.bucket_mb`: with `dist.overlap` (MPI) each bucket as soon
+//! as backward has completed it (src/dist/overlap.rs), else all after backward.
 //!
 //! `dist.grad_dtype: bf16` sends the gradients as bf16, half the bytes: the fp32
 //! gradients (accumulated over micro-steps in fp32) are rounded to bf16, summed across
@@ -33,7 +32,7 @@ pub enum GradientExchange {
 
 impl GradientExchange {
     pub fn new(cfg: &DistConfig, world: &World, device: Device) -> anyhow::Result<GradientExchange> {
-        let (bucket_bytes, wire) = ((cfg.bucket_mb << 20).max(4), cfg.grad_dtype);
+        let (bucket_bytes, wire) = (((cfg.bucket_mb * (1 << 20) as f64) as usize).max(4), cfg.grad_dtype);
         let backend = match (cfg.backend, device) {
             (DistBackend::Auto, _) if world.size() == 1 => DistBackend::None,
             (DistBackend::Auto, Device::Cuda(_)) => DistBackend::Nccl,
@@ -60,6 +59,14 @@ impl GradientExchange {
                 GradientExchange::Nccl { comm: NcclComm::new(id, world.rank(), world.size(), ordinal)?, wire }
             }
         })
+    }
+
+    /// MPI's bucket size and wire type, for the overlapped exchange (None: not MPI).
+    pub fn mpi_buckets(&self) -> Option<(usize, GradDtype)> {
+        match self {
+            GradientExchange::Mpi { bucket_bytes, wire } => Some((*bucket_bytes, *wire)),
+            _ => None,
+        }
     }
 
     pub fn name(&self) -> String {

@@ -3,9 +3,11 @@
 //! The model never imports this module; the trainer is where they meet.
 
 mod blame;
+pub mod buckets;
 pub mod exchange;
 mod heartbeat;
 pub mod nccl;
+pub mod overlap;
 mod replicas;
 pub mod signals;
 mod waiting;
@@ -14,4 +16,4 @@ mod world;
 
 pub use exchange::GradientExchange;
 pub use replicas::Replicas;
-pub use world::World;
+pub use world::{RawComm, World};

@@ -18,12 +18,58 @@ use super::waiting::InCollective;
 use mpi::collective::{CommunicatorCollectives, Root, SystemOperation};
 use mpi::environment::Universe;
 
+/// A communicator handle that a communication thread owns (`World::duplicate`). Freed
+/// by `free`, before MPI is finalized.
+pub struct RawComm {
+    comm: mpi::ffi::MPI_Comm,
+    pub size: usize,
+}
+
+// SAFETY: an MPI communicator handle may be used from any thread under
+// MPI_THREAD_SERIALIZED; the one thread that holds a RawComm is the only one using it.
+unsafe impl Send for RawComm {}
+
+impl RawComm {
+    /// In-place sum of `n` f32 values at `buf` over the ranks.
+    ///
+    /// # Safety
+    /// `buf` points at `n` f32 values nothing else reads or writes during the call.
+    pub unsafe fn all_reduce_f32_sum(&self, buf: *mut f32, n: i32) -> i32 {
+        mpi::ffi::MPI_Allreduce(
+            algpt2_mpi_in_place(),
+            buf as *mut std::ffi::c_void,
+            n,
+            mpi::ffi::RSMPI_FLOAT,
+            mpi::ffi::RSMPI_SUM,
+            self.comm,
+        )
+    }
+
+    /// In-place sum of `n` bf16 words at `buf` over the ranks, each addition in fp32.
+    ///
+    /// # Safety
+    /// As `all_reduce_f32_sum`, for `n` u16 values.
+    pub unsafe fn all_reduce_bf16_sum(&self, buf: *mut u16, n: i32) -> i32 {
+        algpt2_allreduce_bf16_sum(buf as *mut std::ffi::c_void, n, self.comm)
+    }
+
+    pub fn free(mut self) {
+        // SAFETY: the handle came from MPI_Comm_dup and is freed once, here.
+        unsafe {
+            mpi::ffi::MPI_Comm_free(&mut self.comm);
+        }
+    }
+}
+
 /// The process world. Holding it keeps MPI initialized; dropping it finalizes MPI.
 pub struct World {
     rank: usize,
     size: usize,
     local_rank: usize,
     local_size: usize,
+    /// MPI allows calls from a second thread, one call at a time (the overlapped
+    /// gradient exchange's communication thread).
+    serialized_threads: bool,
     // Field order matters: communicators must drop before the universe finalizes MPI.
     comm: SimpleCommunicator,
     _universe: Universe,
@@ -32,7 +78,11 @@ pub struct World {
 impl World {
     /// Joins the MPI world (a singleton world when not started by mpirun).
     pub fn init() -> anyhow::Result<World> {
-        let universe = mpi::initialize().ok_or_else(|| anyhow::anyhow!("MPI was already initialized in this process"))?;
+        // Serialized: the overlapped exchange's thread calls MPI while the main thread
+        // computes (and never calls MPI) until it has waited for that thread.
+        let (universe, threading) = mpi::initialize_with_threading(mpi::Threading::Serialized)
+            .ok_or_else(|| anyhow::anyhow!("MPI was already initialized in this process"))?;
+        let serialized_threads = matches!(threading, mpi::Threading::Serialized | mpi::Threading::Multiple);
         let comm = universe.world();
         // Ranks sharing a node (shared memory) give the local rank, which picks the GPU.
         let node = comm.split_shared(comm.rank());
@@ -41,6 +91,7 @@ impl World {
             size: comm.size() as usize,
             local_rank: node.rank() as usize,
             local_size: node.size() as usize,
+            serialized_threads,
             comm,
             _universe: universe,
         })
@@ -59,6 +110,22 @@ impl World {
     pub fn local_size(&self) -> usize {
         self.local_size
     }
+    /// A second thread may call MPI (one call at a time).
+    pub fn allows_a_communication_thread(&self) -> bool {
+        self.serialized_threads
+    }
+
+    /// A communicator of its own for a communication thread (a collective: every rank
+    /// calls it at the same point), so that its calls never match the main thread's.
+    pub fn duplicate(&self) -> anyhow::Result<RawComm> {
+        let mut dup: mpi::ffi::MPI_Comm = unsafe { std::mem::zeroed() };
+        let _waiting = InCollective::enter();
+        // SAFETY: MPI_Comm_dup writes one communicator handle into `dup`.
+        let rc = unsafe { mpi::ffi::MPI_Comm_dup(self.comm.as_raw(), &mut dup) };
+        anyhow::ensure!(rc == 0, "MPI_Comm_dup failed on rank {} with code {rc}", self.rank);
+        Ok(RawComm { comm: dup, size: self.size })
+    }
+
     /// Rank 0 alone writes files, logs and reports.
     pub fn is_main(&self) -> bool {
         self.rank == 0

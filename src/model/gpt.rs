@@ -57,7 +57,7 @@ impl LayerNorm {
     }
 }
 
-struct Block {
+pub(super) struct Block {
     ln_1: LayerNorm,
     c_attn: Linear,
     attn_proj: Linear,
@@ -132,7 +132,7 @@ impl Block {
     }
 
     /// The residual stream `x` is fp32; the branches run in the compute type.
-    fn forward(&self, x: &Tensor, n_head: i64, dropout: Option<&Dropout>, layer: usize) -> Tensor {
+    pub(super) fn forward(&self, x: &Tensor, n_head: i64, dropout: Option<&Dropout>, layer: usize) -> Tensor {
         let (b, t, h) = x.size3().expect("activations are [batch, time, hidden]");
         let heads = |z: Tensor| z.view([b, t, n_head, h / n_head]).transpose(1, 2);
         let qkv = self.c_attn.forward(&self.ln_1.forward(x));
@@ -285,7 +285,7 @@ impl Algpt2 {
     /// Token plus position embeddings of `idx` at positions `start..`, projected E→H when
     /// factorized, with dropout where `model.embedding_dropout` puts it; fp32 (the
     /// residual stream's type).
-    fn embed(&self, idx: &Tensor, start: i64, dropout: Option<&Dropout>) -> Tensor {
+    pub(super) fn embed(&self, idx: &Tensor, start: i64, dropout: Option<&Dropout>) -> Tensor {
         let (_, t) = idx.size2().expect("token ids are [batch, time]");
         let positions = Tensor::arange_start(start, start + t, (Kind::Int64, idx.device()));
         let x = self.wte.embedding_at(idx) + self.wpe.embedding_at(&positions);
@@ -302,12 +302,12 @@ impl Algpt2 {
     }
 
     /// The block of layer application `layer`: the one shared block, or the layer's own.
-    fn block(&self, layer: usize) -> &Block {
+    pub(super) fn block(&self, layer: usize) -> &Block {
         &self.blocks[if self.cfg.share_layers { 0 } else { layer }]
     }
 
     /// Final LayerNorm and the H→E projection when factorized.
-    fn final_norm(&self, x: &Tensor) -> Tensor {
+    pub(super) fn final_norm(&self, x: &Tensor) -> Tensor {
         let x = self.ln_f.forward(x);
         match &self.proj_out {
             Some(proj_out) => proj_out.forward(&x),

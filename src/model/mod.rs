@@ -11,3 +11,4 @@ pub mod dropout;
 pub mod flat;
 pub mod objective;
 pub mod precision;
+pub mod stages;

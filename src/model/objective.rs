@@ -7,6 +7,7 @@ use super::classifier;
 use super::dropout::Dropout;
 use super::flat::FlatParams;
 use super::precision::Bf16Weights;
+use super::stages::Staged;
 use super::Algpt2;
 use tch::{Kind, Tensor};
 
@@ -33,7 +34,34 @@ impl Objective {
         targets: &Tensor,
         dropout: Option<&Dropout>,
     ) -> Tensor {
-        let hidden = model.hidden(inputs, dropout);
+        let forwarded = self.forward(model, params, bf16.as_deref(), inputs, targets, dropout, false);
+        let loss = forwarded.loss.shallow_clone();
+        forwarded.backward(params, bf16, &mut |_| {});
+        loss
+    }
+
+    /// The forward and the fused classifier, which already adds the head's gradient into
+    /// `params.grads`; the backward through the model is `Forwarded::backward`. `staged`:
+    /// cut the backward into stages that complete parameters one after another (when
+    /// the model allows it, and in fp32 only: the bf16 copies' gradients reach the fp32
+    /// buffer in one flush at the end).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        model: &Algpt2,
+        params: &FlatParams,
+        bf16: Option<&Bf16Weights>,
+        inputs: &Tensor,
+        targets: &Tensor,
+        dropout: Option<&Dropout>,
+        staged: bool,
+    ) -> Forwarded {
+        let (hidden, stages) = if staged && bf16.is_none() && model.stageable() {
+            let s = model.hidden_staged(inputs, dropout);
+            (s.hidden.shallow_clone(), Some(s))
+        } else {
+            (model.hidden(inputs, dropout), None)
+        };
         let width = *hidden.size().last().expect("hidden is [batch, time, E]");
         let rows = hidden.view([-1, width]);
         let n = rows.size()[0];
@@ -46,11 +74,97 @@ impl Objective {
         let chunk = classifier::chunk_rows(self.chunk_rows, head.size()[0]);
         let scale = 1.0 / (n as f64 * self.grad_accum_steps as f64);
         let out = classifier::forward_backward(&rows.detach(), &head, self.vocab, &targets.reshape([-1]), scale, &mut grad_head, chunk);
-        // Sends the rows' gradient back through the model: d(Σ rows · g)/d rows = g.
-        (&rows * out.grad_hidden).sum(Kind::Float).backward();
-        if let Some(weights) = bf16 {
-            weights.flush_grads(params);
+        Forwarded { rows, stages, grad_rows: out.grad_hidden, loss: out.loss_sum / n as f64, stage_count: model.stage_prefixes().len() }
+    }
+}
+
+/// A micro-batch after its forward: the loss, and the backward still to run.
+pub struct Forwarded {
+    rows: Tensor,
+    stages: Option<Staged>,
+    grad_rows: Tensor,
+    /// The mean token loss, on the device.
+    pub loss: Tensor,
+    stage_count: usize,
+}
+
+impl Forwarded {
+    /// The backward through the model; `done(i)` once stage `i` (`Algpt2::stage_prefixes`,
+    /// backward order) has all its gradients in `params.grads`, every stage once, in
+    /// order (all at the end when the forward was not staged).
+    pub fn backward(self, params: &mut FlatParams, bf16: Option<&mut Bf16Weights>, done: &mut dyn FnMut(usize)) {
+        match self.stages {
+            Some(stages) => {
+                let grad = self.grad_rows.view(stages.hidden.size().as_slice());
+                stages.backward(&grad, done);
+            }
+            None => {
+                // Sends the rows' gradient back through the model: d(Σ rows · g)/d rows = g.
+                (&self.rows * &self.grad_rows).sum(Kind::Float).backward();
+                if let Some(weights) = bf16 {
+                    weights.flush_grads(params);
+                }
+                (0..self.stage_count).for_each(|i| done(i));
+            }
         }
-        out.loss_sum / n as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ModelConfig;
+    use tch::nn::VarStore;
+    use tch::Device;
+
+    /// The flat gradients after `micro` micro-steps, the last one staged or not, and the
+    /// order in which the stages said they were done.
+    fn gradients(share_layers: bool, embedding_size: Option<usize>, micro: usize, staged: bool) -> (Vec<f32>, Vec<usize>) {
+        let cfg = ModelConfig {
+            vocab_size: 61,
+            n_positions: 16,
+            n_embd: 24,
+            embedding_size,
+            n_layer: 3,
+            n_head: 4,
+            share_layers,
+            dropout: 0.1,
+            ..ModelConfig::default()
+        };
+        tch::manual_seed(3);
+        let vs = VarStore::new(Device::Cpu);
+        let model = Algpt2::new(&vs.root(), &cfg);
+        let mut params = FlatParams::new(&vs);
+        let objective = Objective { vocab: 61, chunk_rows: 0, grad_accum_steps: micro };
+        let mut order = Vec::new();
+        for m in 0..micro {
+            let inputs = Tensor::randint(61, [2, 16], (Kind::Int64, Device::Cpu));
+            let targets = Tensor::randint(61, [2, 16], (Kind::Int64, Device::Cpu));
+            let dropout = Dropout::new(0.1, 7, 0, m, 0);
+            let last = m + 1 == micro;
+            let f = objective.forward(&model, &params, None, &inputs, &targets, Some(&dropout), staged && last);
+            f.backward(&mut params, None, &mut |i| {
+                if last {
+                    order.push(i)
+                }
+            });
+        }
+        (Vec::<f32>::try_from(&params.grads).unwrap(), order)
+    }
+
+    #[test]
+    fn a_staged_backward_gives_the_same_gradients_bit_for_bit_stage_by_stage() {
+        for (share, e) in [(false, None), (false, Some(8)), (true, Some(8))] {
+            for micro in [1, 2] {
+                let (whole, whole_order) = gradients(share, e, micro, false);
+                let (staged, staged_order) = gradients(share, e, micro, true);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&whole), bits(&staged), "share {share}, embedding {e:?}, {micro} micro-steps");
+                let stages = if share { 3 } else { 5 };
+                assert_eq!(whole_order, (0..stages).collect::<Vec<_>>());
+                assert_eq!(staged_order, whole_order);
+                assert!(whole.iter().any(|g| *g != 0.0));
+            }
+        }
     }
 }

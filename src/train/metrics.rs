@@ -1,8 +1,9 @@
 //! The training part of a logged row: loss, lr, gradient norm, progress through the data,
 //! and throughput over the steps since the previous logged row (training time only, not
-//! evaluation or saving).
+//! evaluation or saving), with what the gradient exchange cost per step over them.
 
 use crate::config::Config;
+use crate::dist::overlap::CommTimes;
 use crate::dist::World;
 use crate::model::size::training_flops_per_token;
 use crate::trainer::{StepOutcome, StepReport, Trainer};
@@ -16,6 +17,8 @@ pub struct TrainMetrics {
     peak_flops: Option<f64>,
     seconds: f64,
     tokens: u64,
+    /// The exchange's time and the part of it the steps waited for, summed.
+    comm: CommTimes,
     logged_at: u64,
 }
 
@@ -28,14 +31,17 @@ impl TrainMetrics {
             peak_flops,
             seconds: 0.0,
             tokens: 0,
+            comm: CommTimes::default(),
             logged_at: start_step,
         }
     }
 
-    /// One more step of `seconds` on `tokens` tokens (all ranks).
-    pub fn add(&mut self, seconds: f64, tokens: u64) {
+    /// One more step of `seconds` on `tokens` tokens (all ranks), its exchange `comm`.
+    pub fn add(&mut self, seconds: f64, tokens: u64, comm: CommTimes) {
         self.seconds += seconds;
         self.tokens += tokens;
+        self.comm.comm_ms += comm.comm_ms;
+        self.comm.exposed_ms += comm.exposed_ms;
     }
 
     /// True when step `step` is logged: every `train.log_interval` steps and the last.
@@ -64,14 +70,19 @@ impl TrainMetrics {
         row.insert("train/tokens".into(), json!(trainer.tokens_seen));
         row.insert("train/epoch".into(), json!(trainer.epoch()));
         row.insert("train/tokens_per_sec".into(), json!(tokens_per_sec));
-        row.insert("train/step_ms".into(), json!(1000.0 * self.seconds / (step - self.logged_at) as f64));
+        let steps = (step - self.logged_at).max(1) as f64;
+        row.insert("train/step_ms".into(), json!(1000.0 * self.seconds / steps));
+        // Per step: the exchange's own time, and how long the step waited for it after
+        // backward (all of it when not overlapped).
+        row.insert("train/comm_ms".into(), json!(self.comm.comm_ms / steps));
+        row.insert("train/comm_exposed_ms".into(), json!(self.comm.exposed_ms / steps));
         if let Some(peak) = self.peak_flops {
             row.insert("train/mfu".into(), json!(self.flops_per_token * tokens_per_sec / peak));
         }
         if report.skipped {
             row.insert("train/skipped".into(), json!(true));
         }
-        (self.seconds, self.tokens, self.logged_at) = (0.0, 0, step);
+        (self.seconds, self.tokens, self.comm, self.logged_at) = (0.0, 0, CommTimes::default(), step);
         row
     }
 }

@@ -190,7 +190,7 @@ fn train_loop(
         env.watchdog.beat(trainer.step);
         let step_seconds = started.elapsed().as_secs_f64();
         train_seconds += step_seconds;
-        metrics.add(step_seconds, (trainer.global_batch(world) * t.seq_len) as u64);
+        metrics.add(step_seconds, (trainer.global_batch(world) * t.seq_len) as u64, outcome.comm);
         if report.is_some() {
             trainer.settle()?;
         }

@@ -1,0 +1,192 @@
+//! The gradient exchange overlapped with backward, as PyTorch DDP's Reducer does: a
+//! bucket (src/dist/buckets.rs) is all-reduced the moment backward has completed its
+//! gradients, on a communication thread with a communicator of its own, while the main
+//! thread goes on with the earlier stages' backward. The step waits for the last bucket
+//! only after its backward. MPI on CPU tensors (the NCCL exchange runs after backward).
+//!
+//! Each bucket is averaged exactly as the whole-buffer exchange averages it (the same
+//! in-place f32 sum, then the same multiply by 1/ranks; or the same bf16 rounding, fp32
+//! sums and division), so the result is the same: bit for bit on two ranks, and within
+//! the reduction order's rounding on more (MPI may pick another algorithm for another
+//! message size).
+//!
+//! The main thread never calls MPI while a bucket is in flight (MPI_THREAD_SERIALIZED):
+//! it only computes until `Session::finish` has waited for every bucket.
+
+use super::buckets::BucketPlan;
+use super::waiting::InCollective;
+use super::RawComm;
+use crate::config::GradDtype;
+use anyhow::{anyhow, Context};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use tch::{Kind, Tensor};
+
+/// What the exchange of one step cost.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CommTimes {
+    /// The exchange's own time (every bucket's all-reduce).
+    pub comm_ms: f64,
+    /// How long the step waited for it after its backward had ended.
+    pub exposed_ms: f64,
+}
+
+/// One bucket: runs of the flat f32 buffer, as raw addresses for the thread.
+struct Job {
+    runs: Vec<(usize, usize)>,
+}
+
+// SAFETY: the addresses point into the gradient buffer, which outlives the session that
+// sent them (it waits for every job), and which no other thread touches in those runs
+// until the job is done.
+unsafe impl Send for Job {}
+
+pub struct Overlap {
+    jobs: Option<Sender<Job>>,
+    results: Receiver<Result<Duration, String>>,
+    thread: Option<JoinHandle<RawComm>>,
+}
+
+impl Overlap {
+    /// Starts the communication thread on `comm` (from `World::duplicate`).
+    pub fn start(comm: RawComm, wire: GradDtype, bucket_elems: usize) -> anyhow::Result<Overlap> {
+        let (jobs, inbox) = channel::<Job>();
+        let (outbox, results) = channel();
+        let thread = std::thread::Builder::new()
+            .name("gradient-exchange".into())
+            .spawn(move || {
+                for job in inbox {
+                    let started = Instant::now();
+                    let done = average_runs(&comm, &job.runs, wire, bucket_elems).map(|()| started.elapsed());
+                    if outbox.send(done).is_err() {
+                        break;
+                    }
+                }
+                comm
+            })
+            .context("cannot start the gradient exchange thread")?;
+        Ok(Overlap { jobs: Some(jobs), results, thread: Some(thread) })
+    }
+
+    /// One step's exchange of `grads` (the flat f32 buffer, on the CPU) by `plan`.
+    pub fn session<'a>(&'a self, grads: &'a Tensor, plan: &'a BucketPlan) -> anyhow::Result<Session<'a>> {
+        anyhow::ensure!(
+            grads.kind() == Kind::Float && grads.is_contiguous() && grads.device() == tch::Device::Cpu,
+            "the overlapped exchange needs the contiguous f32 gradients in host memory"
+        );
+        Ok(Session { overlap: self, base: grads.data_ptr() as usize, plan, launched: 0, comm: Duration::ZERO, _grads: grads })
+    }
+}
+
+impl Drop for Overlap {
+    fn drop(&mut self) {
+        drop(self.jobs.take());
+        if let Some(comm) = self.thread.take().and_then(|t| t.join().ok()) {
+            comm.free();
+        }
+    }
+}
+
+/// The buckets of one step: launched as their stages complete, waited for at the end.
+pub struct Session<'a> {
+    overlap: &'a Overlap,
+    base: usize,
+    plan: &'a BucketPlan,
+    launched: usize,
+    comm: Duration,
+    /// The buffer the addresses point into, borrowed for the session's life.
+    _grads: &'a Tensor,
+}
+
+impl Session<'_> {
+    /// Stage `stage` (backward order) has its gradients: every bucket complete now starts.
+    pub fn stage_done(&mut self, stage: usize) {
+        while let Some(bucket) = self.plan.buckets.get(self.launched).filter(|b| b.ready_after <= stage) {
+            let runs = bucket.runs.iter().map(|&(offset, len)| (self.base + offset as usize * 4, len as usize)).collect();
+            if let Some(jobs) = &self.overlap.jobs {
+                // A send fails only when the thread has ended; `finish` reports why.
+                let _ = jobs.send(Job { runs });
+            }
+            self.launched += 1;
+        }
+    }
+
+    /// Launches what is left, then waits for every bucket: the gradients are averaged.
+    pub fn finish(mut self) -> anyhow::Result<CommTimes> {
+        self.stage_done(usize::MAX);
+        let backward_ended = Instant::now();
+        let _waiting = InCollective::enter();
+        for _ in 0..self.launched {
+            let took = self
+                .overlap
+                .results
+                .recv()
+                .map_err(|_| anyhow!("the gradient exchange thread ended"))?
+                .map_err(|e| anyhow!("the overlapped gradient exchange failed: {e}"))?;
+            self.comm += took;
+        }
+        Ok(CommTimes { comm_ms: self.comm.as_secs_f64() * 1e3, exposed_ms: backward_ended.elapsed().as_secs_f64() * 1e3 })
+    }
+}
+
+/// Replaces each run (an address and a length of f32 values) by its mean over the ranks,
+/// in MPI calls of at most `bucket_elems` values.
+fn average_runs(comm: &RawComm, runs: &[(usize, usize)], wire: GradDtype, bucket_elems: usize) -> Result<(), String> {
+    let ranks = comm.size;
+    for &(address, len) in runs {
+        // SAFETY: `address` is a run of `len` f32 values of the gradient buffer, which the
+        // session keeps alive and nothing else touches until this job is done.
+        let values = unsafe { std::slice::from_raw_parts_mut(address as *mut f32, len) };
+        for chunk in values.chunks_mut(bucket_elems.clamp(1, i32::MAX as usize)) {
+            let rc = match wire {
+                GradDtype::Fp32 => {
+                    // SAFETY: `chunk` is `chunk.len()` f32 values that only this call uses.
+                    let rc = unsafe { comm.all_reduce_f32_sum(chunk.as_mut_ptr(), chunk.len() as i32) };
+                    // As the whole-buffer exchange: the sum times (f32)(1 / ranks).
+                    let scale = (1.0 / ranks as f64) as f32;
+                    chunk.iter_mut().for_each(|x| *x *= scale);
+                    rc
+                }
+                GradDtype::Bf16 => {
+                    let mut wire: Vec<u16> = chunk.iter().map(|&x| f32_to_bf16(x)).collect();
+                    // SAFETY: `wire` is `wire.len()` u16 values owned here.
+                    let rc = unsafe { comm.all_reduce_bf16_sum(wire.as_mut_ptr(), wire.len() as i32) };
+                    // As write_mean: f32(sum) / ranks.
+                    for (x, w) in chunk.iter_mut().zip(&wire) {
+                        *x = f32::from_bits(u32::from(*w) << 16) / ranks as f32;
+                    }
+                    rc
+                }
+            };
+            if rc != 0 {
+                return Err(format!("MPI_Allreduce of {} values returned code {rc}", chunk.len()));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// To bf16 by rounding to nearest, ties to even, as libtorch's cast (NaN stays NaN).
+fn f32_to_bf16(x: f32) -> u16 {
+    let bits = x.to_bits();
+    if x.is_nan() {
+        return ((bits >> 16) | 0x0040) as u16;
+    }
+    ((bits + 0x7fff + ((bits >> 16) & 1)) >> 16) as u16
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_rounding_matches_libtorch() {
+        let values: Vec<f32> = vec![0.0, -0.0, 1.0, 1.00390625, 1.0039063, 3.1415927, -2.7182817, 1e-40, 3.4e38, f32::INFINITY, -1e-3];
+        let ours: Vec<u16> = values.iter().map(|&x| f32_to_bf16(x)).collect();
+        let theirs = Tensor::from_slice(&values).to_kind(Kind::BFloat16).view_dtype(Kind::Int16);
+        let theirs: Vec<i16> = Vec::try_from(&theirs).unwrap();
+        assert_eq!(ours, theirs.iter().map(|&v| v as u16).collect::<Vec<_>>());
+        assert!(f32::from_bits(u32::from(f32_to_bf16(f32::NAN)) << 16).is_nan());
+    }
+}
