@@ -29,9 +29,13 @@
 # nominal rate x (MTU+14)/(MTU+38): TCP then gets what it gets on a real link (~941 Mbit/s on
 # 1 GbE at MTU 1500). Bucket (burst): rate x 256 us, at least 128 KiB (veth hands tc GSO
 # packets of up to 64 KiB; smaller buckets split them and cost throughput). Queue (latency):
-# 2 ms. With --delay and sch_netem: `netem delay D` at the root and the tbf as its child
-# (tc-netem(8)'s example). Before the rows of each setting the link is measured: TCP
-# goodput each way (Python sockets, 1.5 s each) and the idle round trip (1-byte ping-pong).
+# 5 ms (2 ms dropped ~0.8% of the packets of the training's bursts and cost TCP ~1.5%).
+# With --delay and sch_netem: `netem delay D` at the root and the tbf as its child
+# (tc-netem(8)'s example; not run here: this project's kernel has no sch_netem). Before the
+# rows of each setting the link is measured: TCP goodput each way (Python sockets, 1.5 s
+# each) and the idle round trip (1-byte ping-pong). A veth pair moves data with the CPU: on
+# a 2-core machine it carries only ~6-10 Gbit/s, so `10gbit` there is no slower than
+# `unshaped` (the table shows what was achieved).
 #
 # The model (the issue's shapes): GPT-2, 8 layers, H=512, 8 heads, V=16,384, seq 256,
 # micro-batch 8 per rank, no layer sharing, no factorization, fp32, dropout 0.1, 1 thread
@@ -53,6 +57,9 @@
 # left out; tokens/s of all ranks. PyTorch: its bench JSON (rank 0, all ranks' tokens).
 # Output: the markdown table on stdout and in OUT/table.md; OUT/results.tsv; one log per
 # row (named in any failure). Exit status 1 when any row failed (the others still run).
+#
+# Time: on 2 cores a row is ~20 s of start-up plus (steps + 3) x 6-10 s (1 thread per rank),
+# so the defaults (3 links x 3 rows, 20 steps) take ~35 min; --steps 5 on two links, ~8 min.
 #
 # Environment: ALGPT2_BIN (default target/release/algpt2-ddp), ALGPT2_BENCH_NO_OVERLAP_FLAG,
 # ALGPT2_NETNS_LOCK, ALGPT2_NETNS_BIND, and launch/netns-hosts.sh's ALGPT2_NS1/NS2, IF1/IF2,
@@ -129,13 +136,16 @@ stop_live() {
     for p in "${live[@]}"; do kill -KILL -- "-$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
     live=()
 }
-# Anything still running inside our namespaces (e.g. a remote daemon that left its group).
+# Anything still running inside our namespaces (e.g. a remote daemon or rank that left the
+# row's process group: Open MPI's rsh launcher gives its agent a group of its own). Between
+# rows nothing of ours runs there; we hold the lock, so nothing of anyone else's either.
 kill_ns_pids() {
     local ns pids
     for ns in "$ALGPT2_NS1" "$ALGPT2_NS2"; do
         ip netns list | awk '{print $1}' | grep -qx -- "$ns" || continue
-        pids="$(ip netns pids "$ns" 2>/dev/null || true)"
-        [ -n "$pids" ] || continue
+        pids="$(ip netns pids "$ns" 2>/dev/null | tr '\n' ' ' || true)"
+        [ -n "${pids// }" ] || continue
+        echo "bench-multinode: processes left in $ns: $pids- ending them" >&2
         # shellcheck disable=SC2086
         kill -TERM $pids 2>/dev/null || true
         sleep 1
@@ -198,6 +208,7 @@ run_group() {
         [ "$left" -gt 0 ] && sleep 0.5
     done
     live=()
+    kill_ns_pids
     return "$status"
 }
 
@@ -237,7 +248,7 @@ shape() {
     [ "$1" = unshaped ] && return 0
     local rate burst pair ns dev
     read -r rate burst < <(tbf_params "$1")
-    local tbf=(tbf rate "${rate}bit" burst "$burst" latency 2ms)
+    local tbf=(tbf rate "${rate}bit" burst "$burst" latency 5ms)
     for pair in "$ALGPT2_NS1 $ALGPT2_IF1" "$ALGPT2_NS2 $ALGPT2_IF2"; do
         read -r ns dev <<<"$pair"
         if [ "$netem" = 1 ]; then
@@ -323,6 +334,7 @@ probe_one() {
     timeout 30 ip netns exec "$from" "$PY" "$out/linkprobe.py" client "$addr" "$port" 1.5 </dev/null >"$clog" 2>&1 || ok=0
     wait "$spid" 2>/dev/null || ok=0
     live=()
+    kill_ns_pids
     if [ "$ok" = 0 ]; then
         echo "bench-multinode: link probe $tag failed; logs: $slog $clog" >&2
         probe_gbit=n/a probe_rtt=n/a
@@ -390,14 +402,15 @@ rank 1=$ALGPT2_IP2 slot=$half-$((2 * half - 1))
 RANKS
     bind=(--use-hwthread-cpus --rankfile "$out/rankfile")
     set1=(taskset -c "0-$((half - 1))"); set2=(taskset -c "$half-$((2 * half - 1))")
-    bind_desc="host 1 bound to CPUs 0-$((half - 1)), host 2 to $half-$((2 * half - 1))"
+    bind_desc="host 1 bound to CPUs 0-$((half - 1)), host 2 to CPUs $half-$((2 * half - 1))"
+    [ "$half" = 1 ] && bind_desc="host 1 bound to CPU 0, host 2 to CPU 1"
 fi
 cat >"$out/hostfile" <<HOSTS
 $ALGPT2_IP1 slots=1
 $ALGPT2_IP2 slots=1
 HOSTS
 
-results="$out/results.tsv"   # link, trainer, tokens/s, step ms, comm ms, comm exposed ms, log
+results="$out/results.tsv"   # link, trainer, tokens/s, step ms, comm ms, comm exposed ms, log, load
 links_tsv="$out/links.tsv"   # link, qdisc, gbit 1->2, gbit 2->1, rtt ms
 : >"$results"
 : >"$links_tsv"
@@ -501,9 +514,12 @@ for link in "${links[@]}"; do
     echo "bench-multinode: [$link] qdisc: $qdisc_desc; measured TCP goodput $g12 Gbit/s (1->2)," \
         "$g21 Gbit/s (2->1), idle RTT $rtt ms" >&2
     printf '%s\t%s\t%s\t%s\t%s\n' "$link" "$qdisc_desc" "$g12" "$g21" "$rtt" >>"$links_tsv"
-    ours_row "$link" false
-    ours_row "$link" true
-    torch_row "$link"
+    # The machine's 1-minute load average at each row's end, beside its result: the two
+    # ranks make ~2 of it; more means something else (a build, CI) took CPU from the row.
+    for r in "ours_row $link false" "ours_row $link true" "torch_row $link"; do
+        $r
+        sed -i "\$ s/\$/\t$(cut -d' ' -f1 /proc/loadavg)/" "$results"
+    done
     # What each link setting sent, from the qdisc's counters (before they go).
     ip netns exec "$ALGPT2_NS1" tc -s qdisc show dev "$ALGPT2_IF1" >>"$out/logs/qdisc-$link.txt" 2>&1 || true
 done
@@ -533,19 +549,23 @@ out.append("|---|---|---|---|---|")
 for l in links:
     out.append("| " + " | ".join(l) + " |")
 out.append("")
-out.append("| link | trainer | tokens/s | step ms | comm ms | comm exposed ms | vs DDP |")
-out.append("|---|---|---|---|---|---|---|")
+out.append("| link | trainer | tokens/s | step ms | comm ms | comm exposed ms | vs DDP | load |")
+out.append("|---|---|---|---|---|---|---|---|")
 for r in results:
-    link, name, tps, step_ms, comm, exposed, log = r
+    link, name, tps, step_ms, comm, exposed, log, load = r
     ddp = [x for x in results if x[0] == link and x[1].startswith("PyTorch") and x[2] != "failed"]
     if tps == "failed":
-        out.append(f"| {link} | {name} | failed | | | | |")
+        out.append(f"| {link} | {name} | failed | | | | | {load} |")
         continue
     ratio = "%.2f" % (float(tps) / float(ddp[0][2])) if ddp else "n/a"
     if name.startswith("PyTorch"):
         comm = exposed = "n/a"
         ratio = "1.00" if ddp else "n/a"
-    out.append(f"| {link} | {name} | {int(tps):,} | {step_ms} | {comm} | {exposed} | {ratio} |")
+    out.append(f"| {link} | {name} | {int(tps):,} | {step_ms} | {comm} | {exposed} | {ratio} | {load} |")
+out.append("")
+out.append("comm ms: train/comm_ms, mean over the timed steps (n/a: not in metrics.jsonl); comm exposed ms: "
+           "train/comm_exposed_ms; vs DDP: tokens/s over the PyTorch DDP row of the same link; load: this "
+           "machine's 1-minute load average at the row's end (the two ranks make ~2 of it)")
 text = "\n".join(out) + "\n"
 open(sys.argv[3], "w").write(text)
 print()

@@ -9,6 +9,7 @@ mod heartbeat;
 pub mod nccl;
 pub mod overlap;
 mod replicas;
+mod ring;
 pub mod signals;
 mod waiting;
 pub mod watchdog;

@@ -54,3 +54,19 @@ int algpt2_allreduce_bf16_sum(void *buf, int count, MPI_Comm comm) {
     }
     return MPI_Allreduce(MPI_IN_PLACE, buf, count, MPI_UINT16_T, op, comm);
 }
+
+/* Point-to-point pieces of the overlapped exchange's ring all-reduce (src/dist/ring.rs),
+   non-blocking: its thread polls them with short sleeps instead of spinning in a blocking
+   call on a core the backward needs. */
+int algpt2_isend(const void *buf, int bytes, int dest, int tag, MPI_Comm comm, MPI_Request *request) {
+    return MPI_Isend(buf, bytes, MPI_BYTE, dest, tag, comm, request);
+}
+
+int algpt2_irecv(void *buf, int bytes, int source, int tag, MPI_Comm comm, MPI_Request *request) {
+    return MPI_Irecv(buf, bytes, MPI_BYTE, source, tag, comm, request);
+}
+
+/* *done = whether all `n` requests have completed (then they are freed). */
+int algpt2_testall(int n, MPI_Request *requests, int *done) {
+    return MPI_Testall(n, requests, done, MPI_STATUSES_IGNORE);
+}

@@ -4,16 +4,19 @@
 //! thread goes on with the earlier stages' backward. The step waits for the last bucket
 //! only after its backward. MPI on CPU tensors (the NCCL exchange runs after backward).
 //!
-//! Each bucket is averaged exactly as the whole-buffer exchange averages it (the same
-//! in-place f32 sum, then the same multiply by 1/ranks; or the same bf16 rounding, fp32
-//! sums and division), so the result is the same: bit for bit on two ranks, and within
-//! the reduction order's rounding on more (MPI may pick another algorithm for another
-//! message size).
+//! Each bucket is averaged as the whole-buffer exchange averages it (a sum, then the same
+//! multiply by 1/ranks; or the same bf16 rounding, fp32 sums and division), so the
+//! result is the same: bit for bit on two ranks (a + b = b + a), and within the
+//! reduction order's rounding on more (the ring adds in its own order).
 //!
 //! The main thread never calls MPI while a bucket is in flight (MPI_THREAD_SERIALIZED):
-//! it only computes until `Session::finish` has waited for every bucket.
+//! it only computes until `Session::finish` has waited for every bucket. The thread runs
+//! each all-reduce as a ring of non-blocking sends and receives (src/dist/ring.rs) polled
+//! with short sleeps: Open MPI's blocking calls spin, and a spinning thread takes half
+//! the core from the backward it should hide in.
 
 use super::buckets::BucketPlan;
+use super::ring::{self, Bf16};
 use super::waiting::InCollective;
 use super::RawComm;
 use crate::config::GradDtype;
@@ -22,6 +25,11 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tch::{Kind, Tensor};
+
+/// How often the thread moves a bucket's all-reduce on. Between polls it sleeps, leaving
+/// the core to the backward (a blocking MPI call would spin on it); the kernel's socket
+/// buffers keep the link busy meanwhile (at 10 Gbit/s, 0.2 ms is 250 kB).
+const POLL: Duration = Duration::from_micros(200);
 
 /// What the exchange of one step cost.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -140,27 +148,23 @@ fn average_runs(comm: &RawComm, runs: &[(usize, usize)], wire: GradDtype, bucket
         let values = unsafe { std::slice::from_raw_parts_mut(address as *mut f32, len) };
         for chunk in values.chunks_mut(bucket_elems.clamp(1, i32::MAX as usize)) {
             let rc = match wire {
-                GradDtype::Fp32 => {
-                    // SAFETY: `chunk` is `chunk.len()` f32 values that only this call uses.
-                    let rc = unsafe { comm.all_reduce_f32_sum(chunk.as_mut_ptr(), chunk.len() as i32) };
+                GradDtype::Fp32 => ring::all_reduce_sum(comm, chunk, POLL).map(|()| {
                     // As the whole-buffer exchange: the sum times (f32)(1 / ranks).
                     let scale = (1.0 / ranks as f64) as f32;
                     chunk.iter_mut().for_each(|x| *x *= scale);
-                    rc
-                }
+                }),
                 GradDtype::Bf16 => {
-                    let mut wire: Vec<u16> = chunk.iter().map(|&x| f32_to_bf16(x)).collect();
-                    // SAFETY: `wire` is `wire.len()` u16 values owned here.
-                    let rc = unsafe { comm.all_reduce_bf16_sum(wire.as_mut_ptr(), wire.len() as i32) };
-                    // As write_mean: f32(sum) / ranks.
-                    for (x, w) in chunk.iter_mut().zip(&wire) {
-                        *x = f32::from_bits(u32::from(*w) << 16) / ranks as f32;
-                    }
-                    rc
+                    let mut wire: Vec<Bf16> = chunk.iter().map(|&x| Bf16(f32_to_bf16(x))).collect();
+                    ring::all_reduce_sum(comm, &mut wire, POLL).map(|()| {
+                        // As write_mean: f32(sum) / ranks.
+                        for (x, w) in chunk.iter_mut().zip(&wire) {
+                            *x = f32::from_bits(u32::from(w.0) << 16) / ranks as f32;
+                        }
+                    })
                 }
             };
-            if rc != 0 {
-                return Err(format!("MPI_Allreduce of {} values returned code {rc}", chunk.len()));
+            if let Err(code) = rc {
+                return Err(format!("the ring all-reduce of {} values failed with MPI code {code}", chunk.len()));
             }
         }
     }
@@ -168,7 +172,7 @@ fn average_runs(comm: &RawComm, runs: &[(usize, usize)], wire: GradDtype, bucket
 }
 
 /// To bf16 by rounding to nearest, ties to even, as libtorch's cast (NaN stays NaN).
-fn f32_to_bf16(x: f32) -> u16 {
+pub(super) fn f32_to_bf16(x: f32) -> u16 {
     let bits = x.to_bits();
     if x.is_nan() {
         return ((bits >> 16) | 0x0040) as u16;

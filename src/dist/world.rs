@@ -8,6 +8,24 @@ extern "C" {
     fn algpt2_mpi_in_place() -> *mut std::ffi::c_void;
     /// In-place sum of bf16 words, each pair added in fp32 (src/dist/mpi_in_place.c).
     fn algpt2_allreduce_bf16_sum(buf: *mut std::ffi::c_void, count: i32, comm: mpi::ffi::MPI_Comm) -> i32;
+    /// Non-blocking point-to-point calls and their completion (the same shim).
+    fn algpt2_isend(
+        buf: *const std::ffi::c_void,
+        bytes: i32,
+        dest: i32,
+        tag: i32,
+        comm: mpi::ffi::MPI_Comm,
+        request: *mut mpi::ffi::MPI_Request,
+    ) -> i32;
+    fn algpt2_irecv(
+        buf: *mut std::ffi::c_void,
+        bytes: i32,
+        source: i32,
+        tag: i32,
+        comm: mpi::ffi::MPI_Comm,
+        request: *mut mpi::ffi::MPI_Request,
+    ) -> i32;
+    fn algpt2_testall(n: i32, requests: *mut mpi::ffi::MPI_Request, done: *mut i32) -> i32;
 }
 
 #[cfg(test)]
@@ -23,6 +41,7 @@ use mpi::environment::Universe;
 pub struct RawComm {
     comm: mpi::ffi::MPI_Comm,
     pub size: usize,
+    pub rank: usize,
 }
 
 // SAFETY: an MPI communicator handle may be used from any thread under
@@ -30,27 +49,29 @@ pub struct RawComm {
 unsafe impl Send for RawComm {}
 
 impl RawComm {
-    /// In-place sum of `n` f32 values at `buf` over the ranks.
+    /// Sends `send` to rank `to` while receiving `recv` from rank `from` (the same tag),
+    /// polled every `poll` until both are done.
     ///
     /// # Safety
-    /// `buf` points at `n` f32 values nothing else reads or writes during the call.
-    pub unsafe fn all_reduce_f32_sum(&self, buf: *mut f32, n: i32) -> i32 {
-        mpi::ffi::MPI_Allreduce(
-            algpt2_mpi_in_place(),
-            buf as *mut std::ffi::c_void,
-            n,
-            mpi::ffi::RSMPI_FLOAT,
-            mpi::ffi::RSMPI_SUM,
-            self.comm,
-        )
-    }
-
-    /// In-place sum of `n` bf16 words at `buf` over the ranks, each addition in fp32.
-    ///
-    /// # Safety
-    /// As `all_reduce_f32_sum`, for `n` u16 values.
-    pub unsafe fn all_reduce_bf16_sum(&self, buf: *mut u16, n: i32) -> i32 {
-        algpt2_allreduce_bf16_sum(buf as *mut std::ffi::c_void, n, self.comm)
+    /// The buffers stay untouched by anything else until the call returns.
+    pub unsafe fn send_receive(&self, send: &[u8], to: usize, recv: &mut [u8], from: usize, tag: i32, poll: std::time::Duration) -> i32 {
+        let mut requests: [mpi::ffi::MPI_Request; 2] = std::mem::zeroed();
+        let rc = algpt2_irecv(recv.as_mut_ptr() as *mut std::ffi::c_void, recv.len() as i32, from as i32, tag, self.comm, &mut requests[0]);
+        if rc != 0 {
+            return rc;
+        }
+        let rc = algpt2_isend(send.as_ptr() as *const std::ffi::c_void, send.len() as i32, to as i32, tag, self.comm, &mut requests[1]);
+        if rc != 0 {
+            return rc;
+        }
+        loop {
+            let mut done = 0;
+            let rc = algpt2_testall(2, requests.as_mut_ptr(), &mut done);
+            if rc != 0 || done != 0 {
+                return rc;
+            }
+            std::thread::sleep(poll);
+        }
     }
 
     pub fn free(mut self) {
@@ -123,7 +144,7 @@ impl World {
         // SAFETY: MPI_Comm_dup writes one communicator handle into `dup`.
         let rc = unsafe { mpi::ffi::MPI_Comm_dup(self.comm.as_raw(), &mut dup) };
         anyhow::ensure!(rc == 0, "MPI_Comm_dup failed on rank {} with code {rc}", self.rank);
-        Ok(RawComm { comm: dup, size: self.size })
+        Ok(RawComm { comm: dup, size: self.size, rank: self.rank })
     }
 
     /// Rank 0 alone writes files, logs and reports.
