@@ -180,7 +180,9 @@ impl Trainer {
             let dropout = Dropout::new(self.cfg.model.dropout, t.seed, self.step, micro, world.rank());
             let windows = rank_slice(&batch, micro, t.micro_batch_size, world.size(), world.rank());
             let (inputs, targets) = batch_tensors(&train.tokens, windows, t.seq_len, self.device);
-            let staged = last && replicas.overlaps();
+            // Staged only where stages complete gradients early: with shared layers
+            // nothing is complete before the end, and the exchange runs after backward.
+            let staged = last && replicas.overlaps() && self.model.stageable() && self.bf16.is_none();
             let forwarded =
                 self.objective.forward(&self.model, &self.params, self.bf16.as_ref(), &inputs, &targets, Some(&dropout), staged);
             loss_sum += &forwarded.loss;
@@ -194,7 +196,7 @@ impl Trainer {
             // as backward completes them, when overlapped).
             let grads = self.params.grads.shallow_clone();
             let (params, bf16) = (&mut self.params, self.bf16.as_mut());
-            comm = replicas.backward_and_average(&grads, &self.buckets, |ready| forwarded.backward(params, bf16, ready))?;
+            comm = replicas.backward_and_average(&grads, &self.buckets, staged, |ready| forwarded.backward(params, bf16, ready))?;
         }
         self.step += 1;
         self.tokens_seen += (batch.len() * t.seq_len) as u64;

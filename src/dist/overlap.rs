@@ -16,7 +16,7 @@
 //! the core from the backward it should hide in.
 
 use super::buckets::BucketPlan;
-use super::ring::{self, Bf16};
+use super::ring::{self, f32_to_bf16, Bf16};
 use super::waiting::InCollective;
 use super::RawComm;
 use crate::config::GradDtype;
@@ -169,15 +169,6 @@ fn average_runs(comm: &RawComm, runs: &[(usize, usize)], wire: GradDtype, bucket
         }
     }
     Ok(())
-}
-
-/// To bf16 by rounding to nearest, ties to even, as libtorch's cast (NaN stays NaN).
-pub(super) fn f32_to_bf16(x: f32) -> u16 {
-    let bits = x.to_bits();
-    if x.is_nan() {
-        return ((bits >> 16) | 0x0040) as u16;
-    }
-    ((bits + 0x7fff + ((bits >> 16) & 1)) >> 16) as u16
 }
 
 #[cfg(test)]

@@ -54,14 +54,16 @@ impl<'w> Replicas<'w> {
 
     /// Runs `backward` (which calls `ready(stage)` as its stages complete, backward order)
     /// and replaces `grads` (flat, contiguous f32) by its mean over the ranks: bucket by
-    /// bucket of `plan` while backward runs when overlapped, else all after it.
+    /// bucket of `plan` while backward runs when overlapped and `staged` (the backward
+    /// completes gradients before its end), else all after it.
     pub fn backward_and_average(
         &self,
         grads: &Tensor,
         plan: &BucketPlan,
+        staged: bool,
         backward: impl FnOnce(&mut dyn FnMut(usize)),
     ) -> anyhow::Result<CommTimes> {
-        match &self.overlap {
+        match self.overlap.as_ref().filter(|_| staged) {
             Some(overlap) => {
                 let mut session = overlap.session(grads, plan)?;
                 backward(&mut |stage| session.stage_done(stage));

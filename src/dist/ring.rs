@@ -30,8 +30,17 @@ impl Summable for Bf16 {
     /// As the MPI op of src/dist/mpi_in_place.c: fp32 sum, rounded to nearest even.
     fn add(self, other: Bf16) -> Bf16 {
         let sum = f32::from_bits(u32::from(self.0) << 16) + f32::from_bits(u32::from(other.0) << 16);
-        Bf16(super::overlap::f32_to_bf16(sum))
+        Bf16(f32_to_bf16(sum))
     }
+}
+
+/// To bf16 by rounding to nearest, ties to even, as libtorch's cast (NaN stays NaN).
+pub fn f32_to_bf16(x: f32) -> u16 {
+    let bits = x.to_bits();
+    if x.is_nan() {
+        return ((bits >> 16) | 0x0040) as u16;
+    }
+    ((bits + 0x7fff + ((bits >> 16) & 1)) >> 16) as u16
 }
 
 /// The segment of `n` values rank-slot `i` of `p` owns: `[i·n/p, (i+1)·n/p)`.
