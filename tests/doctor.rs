@@ -30,7 +30,7 @@ fn doctor_under_mpirun_checks_every_rank_and_the_all_reduce() {
     assert!(text.contains("== rank 0") && text.contains("== rank 1"), "{text}");
     assert!(text.contains("[PASS] MPI all-reduce") && text.contains("exact sums across 2 ranks for 1/16 MB"), "{text}");
     assert_eq!(text.matches("busbw").count(), 4, "one bandwidth row per size on each rank:\n{text}");
-    assert!(text.contains("exchange mpi, fp32 gradients, weights equal on all 2 rank(s)"), "{text}");
+    assert!(text.contains("exchange mpi, fp32 gradients, overlapped with backward, weights equal on all 2 rank(s)"), "{text}");
     assert!(text.contains("on 2 rank(s)"), "{text}");
 
     let out = mpirun(2).args([bin(), "doctor", "--sizes-mb", "1", "--json"]).current_dir(repo()).output().unwrap();

@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 
 /// Metric names whose values depend on wall-clock time or the process, not on the
 /// computation; they are the only ones that differ between a run and its exact resume.
-pub const MACHINE_METRICS: [&str; 4] = ["train/tokens_per_sec", "train/step_ms", "train/mfu", "train/rss_mb"];
+pub const MACHINE_METRICS: [&str; 6] =
+    ["train/tokens_per_sec", "train/step_ms", "train/mfu", "train/rss_mb", "train/comm_ms", "train/comm_exposed_ms"];
 
 pub struct MetricsLog {
     path: PathBuf,
