@@ -343,12 +343,13 @@ impl EmbeddingAt for Tensor {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::model::size::param_count;
     use tch::{nn::VarStore, Device};
 
-    fn tiny(share_layers: bool, embedding_size: Option<usize>) -> ModelConfig {
+    /// A tiny model of each variant, without dropout (also for other modules' tests).
+    pub(crate) fn tiny(share_layers: bool, embedding_size: Option<usize>) -> ModelConfig {
         ModelConfig {
             vocab_size: 61,
             n_positions: 16,

@@ -104,7 +104,7 @@ impl Forwarded {
                 if let Some(weights) = bf16 {
                     weights.flush_grads(params);
                 }
-                (0..self.stage_count).for_each(|i| done(i));
+                (0..self.stage_count).for_each(done);
             }
         }
     }
@@ -120,17 +120,7 @@ mod tests {
     /// The flat gradients after `micro` micro-steps, the last one staged or not, and the
     /// order in which the stages said they were done.
     fn gradients(share_layers: bool, embedding_size: Option<usize>, micro: usize, staged: bool) -> (Vec<f32>, Vec<usize>) {
-        let cfg = ModelConfig {
-            vocab_size: 61,
-            n_positions: 16,
-            n_embd: 24,
-            embedding_size,
-            n_layer: 3,
-            n_head: 4,
-            share_layers,
-            dropout: 0.1,
-            ..ModelConfig::default()
-        };
+        let cfg = ModelConfig { dropout: 0.1, ..crate::model::gpt::tests::tiny(share_layers, embedding_size) };
         tch::manual_seed(3);
         let vs = VarStore::new(Device::Cpu);
         let model = Algpt2::new(&vs.root(), &cfg);

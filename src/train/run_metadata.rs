@@ -4,6 +4,7 @@
 //! the world size, and the libtorch, CUDA, NCCL and MPI versions this run uses.
 
 use crate::dist::World;
+use crate::report::system;
 use serde_json::{json, Map, Value};
 
 /// Every rank calls it (one gather of each rank's host and GPU); the main rank gets the
@@ -36,16 +37,16 @@ fn document(ranks: &[Value], world_size: usize) -> Value {
     put("git", json!({"commit": env!("ALGPT2_GIT_REVISION")}));
     let logical = std::thread::available_parallelism().map_or(1, |n| n.get());
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    put("cpu_count", json!(physical_cores(&cpuinfo).unwrap_or(logical)));
+    put("cpu_count", json!(system::physical_cores().unwrap_or(logical)));
     put("cpu_count_logical", json!(logical));
     if let Some(model) = cpuinfo.lines().find_map(|l| l.strip_prefix("model name")).and_then(|l| l.split_once(':')) {
         put("cpu", json!({"model": model.1.trim()}));
     }
-    if let Some(kb) = meminfo_total_kb() {
+    if let Some(total) = system::memory_total_bytes() {
         // The official client writes 64-bit counts as strings.
-        put("memory", json!({"total": (kb * 1024).to_string()}));
+        put("memory", json!({"total": total.to_string()}));
     }
-    if let Some((total, used)) = disk_usage("/") {
+    if let Some((total, used)) = system::root_disk_bytes() {
         put("disk", json!({"/": {"total": total.to_string(), "used": used.to_string()}}));
     }
     let gpus: Vec<&str> = ranks.iter().filter_map(|r| r["gpu"].as_str()).filter(|g| !g.is_empty()).collect();
@@ -76,43 +77,6 @@ fn os_name() -> Option<String> {
     Some(format!("{}-{}-{}", "Linux", release.trim(), std::env::consts::ARCH))
 }
 
-/// Distinct (physical id, core id) pairs of /proc/cpuinfo.
-fn physical_cores(cpuinfo: &str) -> Option<usize> {
-    let mut cores = std::collections::BTreeSet::new();
-    let (mut package, mut core) = (None, None);
-    for line in cpuinfo.lines().chain(std::iter::once("")) {
-        let value = || line.split_once(':').map(|(_, v)| v.trim().to_string());
-        if line.starts_with("physical id") {
-            package = value();
-        } else if line.starts_with("core id") {
-            core = value();
-        } else if line.trim().is_empty() {
-            if let (Some(p), Some(c)) = (package.take(), core.take()) {
-                cores.insert((p, c));
-            }
-        }
-    }
-    (!cores.is_empty()).then_some(cores.len())
-}
-
-fn meminfo_total_kb() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    text.lines().find_map(|l| l.strip_prefix("MemTotal:"))?.trim().trim_end_matches("kB").trim().parse().ok()
-}
-
-/// (total, used) bytes of the file system holding `path`.
-fn disk_usage(path: &str) -> Option<(u64, u64)> {
-    let c = std::ffi::CString::new(path).ok()?;
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: statvfs fills the struct it is given for a NUL-terminated path.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return None;
-    }
-    let frag = st.f_frsize as u64;
-    let total = st.f_blocks as u64 * frag;
-    Some((total, total.saturating_sub(st.f_bfree as u64 * frag)))
-}
-
 /// Now as `2026-12-03T15:38:44.683556Z`.
 fn rfc3339_now() -> String {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
@@ -122,14 +86,6 @@ fn rfc3339_now() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn physical_cores_count_distinct_packages_and_cores() {
-        let two_threads_per_core = "processor\t: 0\nphysical id\t: 0\ncore id\t: 0\n\nprocessor\t: 1\nphysical id\t: 0\ncore id\t: 0\n\n\
-processor\t: 2\nphysical id\t: 0\ncore id\t: 1\n\nprocessor\t: 3\nphysical id\t: 1\ncore id\t: 0\n";
-        assert_eq!(physical_cores(two_threads_per_core), Some(3));
-        assert_eq!(physical_cores("processor : 0\n"), None);
-    }
 
     #[test]
     fn the_document_names_every_rank_and_its_gpu() {

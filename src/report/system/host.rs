@@ -146,13 +146,8 @@ impl HostSource {
         if self.fail {
             return Err(Failure::new(SOURCE, "injected by ALGPT2_FAULT_STATS=proc"));
         }
-        // SAFETY: statvfs only writes the struct it is given; the path is NUL-terminated.
-        let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-        if unsafe { libc::statvfs(c"/".as_ptr(), &mut s) } != 0 {
-            return Err(Failure::new(SOURCE, std::io::Error::last_os_error().to_string()));
-        }
-        let block = if s.f_frsize > 0 { s.f_frsize as u64 } else { s.f_bsize as u64 };
-        let (percent, used) = disk_usage(s.f_blocks as u64, s.f_bfree as u64, s.f_bavail as u64, block);
+        let root = root_file_system().map_err(|e| Failure::new(SOURCE, e.to_string()))?;
+        let (percent, used) = disk_usage(root.blocks, root.free, root.available, root.block_bytes);
         out.push(("disk./.usagePercent", percent));
         out.push(("disk./.usageGB", used as f64 / GIB));
         Ok(())
@@ -384,6 +379,40 @@ pub(super) fn disk_usage(blocks: u64, free: u64, available: u64, block_bytes: u6
     let avail = available.saturating_mul(block_bytes);
     let percent = if used + avail == 0 { 0.0 } else { used as f64 / (used + avail) as f64 * 100.0 };
     (percent, used)
+}
+
+/// The file system that holds "/", in blocks of `block_bytes`.
+struct RootFileSystem {
+    blocks: u64,
+    free: u64,
+    available: u64,
+    block_bytes: u64,
+}
+
+fn root_file_system() -> std::io::Result<RootFileSystem> {
+    // SAFETY: statvfs only writes the struct it is given; the path is NUL-terminated.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c"/".as_ptr(), &mut s) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let block_bytes = if s.f_frsize > 0 { s.f_frsize as u64 } else { s.f_bsize as u64 };
+    Ok(RootFileSystem { blocks: s.f_blocks as u64, free: s.f_bfree as u64, available: s.f_bavail as u64, block_bytes })
+}
+
+/// Facts of this host that do not change during a run (the W&B metadata): physical
+/// cores, total memory in bytes, and the size and use of "/" in bytes.
+pub fn physical_cores() -> Option<usize> {
+    physical_cores_from_sysfs().or_else(|| physical_cores_from_cpuinfo(&std::fs::read_to_string("/proc/cpuinfo").ok()?))
+}
+
+pub fn memory_total_bytes() -> Option<u64> {
+    parse_meminfo(&std::fs::read_to_string("/proc/meminfo").ok()?).map(|m| m.total)
+}
+
+pub fn root_disk_bytes() -> Option<(u64, u64)> {
+    let root = root_file_system().ok()?;
+    let (_, used) = disk_usage(root.blocks, root.free, root.available, root.block_bytes);
+    Some((root.blocks.saturating_mul(root.block_bytes), used))
 }
 
 /// Physical cores: the distinct core_cpus_list (or, on older kernels,

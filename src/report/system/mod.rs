@@ -59,7 +59,7 @@ mod host;
 mod sampler;
 
 pub use gpu::{gpu_keys, GpuReadings, GPU_KEYS, GPU_PROCESS_KEYS};
-pub use host::HOST_KEYS;
+pub use host::{memory_total_bytes, physical_cores, root_disk_bytes, HOST_KEYS};
 pub use sampler::Sampler;
 
 use serde_json::{Map, Value};
