@@ -99,7 +99,9 @@ fn under_mpirun_rank_0_reports_every_ranks_system_metrics_its_console_and_the_ru
     for var in ["WANDB_API_KEY", "WANDB_BASE_URL", "HOME"] {
         cmd.args(["-x", var]);
     }
-    cmd.arg(bin()).args(args(dir.path(), "quickstart", &FAST_STATS)).current_dir(repo());
+    // Steps long enough (8 micro-steps) for several samples: `system.cpu` needs two.
+    let longer = [FAST_STATS[0], FAST_STATS[1], "--set", "train.grad_accum_steps=8"];
+    cmd.arg(bin()).args(args(dir.path(), "quickstart", &longer)).current_dir(repo());
     with_wandb(&mut cmd, &server, dir.path(), None);
     let out = cmd.output().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
