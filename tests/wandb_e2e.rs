@@ -173,14 +173,48 @@ fn a_resumed_run_continues_the_same_wandb_run() {
     assert!(server.errors().is_empty(), "{:?}", server.errors());
 }
 
-/// Wall time of the whole process and the training time it reported in `summary.json`.
-fn timed_run(dir: &Path, run: &str, extra: &[&str], server: &FakeServer) -> (Output, Duration, f64) {
+/// A run's output and its phases as the test saw them: launch to the first step's line
+/// (start-up), the training time it reported in `summary.json`, and its summary's line to
+/// exit (finish).
+struct Timed {
+    status: std::process::ExitStatus,
+    stderr: String,
+    startup: f64,
+    training: f64,
+    finish: f64,
+}
+
+impl std::fmt::Debug for Timed {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(f, "start-up {:.1} s, training {:.1} s, finish {:.1} s", self.startup, self.training, self.finish)
+    }
+}
+
+fn timed_run(dir: &Path, run: &str, extra: &[&str], server: &FakeServer) -> Timed {
+    use std::io::BufRead;
+    let mut cmd = Command::new(bin());
+    cmd.args(args(dir, run, extra)).current_dir(repo()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
+    with_wandb(&mut cmd, server, dir, None);
     let started = Instant::now();
-    let out = train(&args(dir, run, extra), server, dir, None);
-    let elapsed = started.elapsed();
+    let mut child = cmd.spawn().unwrap();
+    let (mut first_step, mut summary_line, mut text) = (None, None, String::new());
+    for line in std::io::BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        if first_step.is_none() && line.contains(" step 1 |") {
+            first_step = Some(started.elapsed());
+        }
+        if summary_line.is_none() && line.contains("run summary") {
+            summary_line = Some(started.elapsed());
+        }
+        text.push_str(&line);
+        text.push('\n');
+    }
+    let status = child.wait().unwrap();
+    let exited = started.elapsed();
     let summary = std::fs::read_to_string(dir.join("runs").join(run).join("summary.json")).unwrap_or_default();
-    let wall = serde_json::from_str::<serde_json::Value>(&summary).ok().and_then(|v| v["wall_seconds"].as_f64()).unwrap_or(f64::NAN);
-    (out, elapsed, wall)
+    let training = serde_json::from_str::<serde_json::Value>(&summary).ok().and_then(|v| v["wall_seconds"].as_f64()).unwrap_or(f64::NAN);
+    let secs = |d: Option<Duration>| d.map_or(f64::NAN, |d| d.as_secs_f64());
+    Timed { status, startup: secs(first_step), training, finish: exited.as_secs_f64() - secs(summary_line), stderr: text }
 }
 
 /// `wandb-sync` of `run_dir` to `server`, which answers.
@@ -194,32 +228,35 @@ fn sync(run_dir: &Path, server: &FakeServer, home: &Path) -> Output {
 #[test]
 fn a_hanging_server_does_not_hold_training_up() {
     // Both runs at once, so that they share whatever load the other tests put on the
-    // machine: a sequential comparison flaked on a loaded 2-core CI runner.
-    let (quiet_dir, slow_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    // machine: a sequential comparison flaked on a loaded 2-core CI runner. They read one
+    // token cache built beforehand: building it (seconds of tokenizer training, more
+    // under load) in each run made start-up times differ by 20 s on CI for no W&B reason.
+    let (quiet_dir, slow_dir, data) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let cache = format!("--set=data.cache_dir={}", data.path().join("cache").display());
+    let mut prepare: Vec<String> = vec!["prepare".into()];
+    prepare.extend(args(data.path(), "prepare", &[&cache]));
+    let prepared = Command::new(bin()).args(&prepare).current_dir(repo()).output().unwrap();
+    assert!(prepared.status.success(), "{}", stderr(&prepared));
     let quiet = FakeServer::start();
     let hanging = FakeServer::start();
     hanging.set_always(Some((Target::Any, Fault::Hang(Duration::from_secs(60)))));
-    let ((quiet_out, quiet_elapsed, quiet_train), (slow_out, slow_elapsed, slow_train)) = std::thread::scope(|s| {
-        let q = s.spawn(|| timed_run(quiet_dir.path(), "fast", &["--set", "train.max_steps=12"], &quiet));
-        let h =
-            s.spawn(|| timed_run(slow_dir.path(), "slow", &["--set", "train.max_steps=12", "--set", "wandb.flush_timeout_s=2"], &hanging));
+    let (fast, slow) = std::thread::scope(|s| {
+        let q = s.spawn(|| timed_run(quiet_dir.path(), "fast", &["--set", "train.max_steps=12", &cache], &quiet));
+        let h = s.spawn(|| {
+            timed_run(slow_dir.path(), "slow", &["--set", "train.max_steps=12", "--set", "wandb.flush_timeout_s=2", &cache], &hanging)
+        });
         (q.join().unwrap(), h.join().unwrap())
     });
-    assert!(quiet_out.status.success(), "{}", stderr(&quiet_out));
-    assert!(slow_out.status.success(), "{}", stderr(&slow_out));
-    // A request held up by the server costs its HTTP timeout (20 s here); training that
-    // waited on one would show it in its own reported time.
-    assert!(
-        slow_train < quiet_train + 10.0,
-        "training took {slow_train:.1} s against a hanging server, {quiet_train:.1} s against a quiet one"
-    );
+    assert!(fast.status.success(), "{}", fast.stderr);
+    assert!(slow.status.success(), "{}", slow.stderr);
+    // A request held up by the server costs its HTTP timeout (20 s here); a phase that
+    // waited on one would show it.
+    let report = format!("against a hanging server: {slow:?}\nagainst a quiet one: {fast:?}");
+    eprintln!("{report}");
+    assert!(slow.startup < fast.startup + 10.0, "start-up waited: {report}");
+    assert!(slow.training < fast.training + 10.0, "training waited: {report}");
     // At exit only the bounded flush (2 s) waits.
-    let slow_tail = slow_elapsed.as_secs_f64() - slow_train;
-    let quiet_tail = quiet_elapsed.as_secs_f64() - quiet_train;
-    assert!(
-        slow_tail < quiet_tail + 2.0 + 10.0,
-        "start-up and exit took {slow_tail:.1} s against a hanging server, {quiet_tail:.1} s against a quiet one"
-    );
+    assert!(slow.finish < fast.finish + 2.0 + 10.0, "finish waited: {report}");
     // Nothing was lost: the rows wait in the run directory for wandb-sync.
     hanging.set_always(None);
     let out = sync(&slow_dir.path().join("runs/slow"), &hanging, slow_dir.path());
