@@ -182,7 +182,7 @@ impl Trainer {
             let (inputs, targets) = batch_tensors(&train.tokens, windows, t.seq_len, self.device);
             // Staged only where stages complete gradients early: with shared layers
             // nothing is complete before the end, and the exchange runs after backward.
-            let staged = last && replicas.overlaps() && self.model.stageable() && self.bf16.is_none();
+            let staged = last && replicas.overlaps() && self.model.stageable();
             let forwarded =
                 self.objective.forward(&self.model, &self.params, self.bf16.as_ref(), &inputs, &targets, Some(&dropout), staged);
             loss_sum += &forwarded.loss;

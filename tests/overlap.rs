@@ -2,7 +2,8 @@
 //! against the exchange after backward, under a real `mpirun`: the same weights and
 //! optimizer state, byte for byte on 2 ranks (sums of two values do not depend on their
 //! grouping into buckets) and within the reduction order's rounding on 3, for the three
-//! variants, with and without gradient accumulation, fp32 and bf16 on the wire; and the
+//! variants, with and without gradient accumulation, fp32 and bf16 on the wire, fp32 and
+//! bf16 compute; and the
 //! exchange's cost in metrics.jsonl.
 
 mod common;
@@ -65,11 +66,14 @@ fn same_bytes(dir: &Path, a: &str, b: &str) {
 fn on_two_ranks_the_overlapped_exchange_gives_the_same_bytes_for_every_variant() {
     let dir = tempfile::tempdir().unwrap();
     let accumulate = ["--set", "train.grad_accum_steps=2"];
-    let cases: [(&str, Vec<&str>); 4] = [
+    let cases: [(&str, Vec<&str>); 5] = [
         ("gpt2_accum", [&GPT2[..], &accumulate[..]].concat()),
         ("sharing", SHARING.to_vec()),
         ("algpt2_accum", [&ALGPT2[..], &accumulate[..]].concat()),
         ("gpt2_bf16_wire", [&GPT2[..], &["--set", "dist.grad_dtype=bf16"][..]].concat()),
+        // bf16 compute: each stage's bf16 gradients are flushed into the fp32 buffer as the
+        // stage completes them.
+        ("gpt2_bf16_compute_accum", [&GPT2[..], &["--set", "train.precision=bf16"][..], &accumulate[..]].concat()),
     ];
     for (name, extra) in &cases {
         let (after, during) = pair(2, dir.path(), name, extra);

@@ -5,6 +5,7 @@
 //! the checkpoints' and the optimizer's): a bucket is a few contiguous runs of it.
 
 use crate::model::flat::Slot;
+use crate::model::stages::stage_of;
 
 /// Elements of the first bucket at most: 1 MiB of fp32, as DDP's first bucket.
 pub const FIRST_BUCKET_ELEMS: i64 = (1 << 20) / 4;
@@ -28,9 +29,7 @@ impl BucketPlan {
     /// slots, stage after stage of `stages` (name prefixes, backward order). A slot no
     /// stage names goes with the last stage. Each slot's padding rows travel with it.
     pub fn new(slots: &[Slot], stages: &[Vec<String>], bucket_elems: i64) -> BucketPlan {
-        let last = stages.len().saturating_sub(1);
-        let stage_of = |slot: &Slot| stages.iter().position(|prefixes| prefixes.iter().any(|p| slot.name.starts_with(p.as_str())));
-        let mut order: Vec<(usize, &Slot)> = slots.iter().map(|s| (stage_of(s).unwrap_or(last), s)).collect();
+        let mut order: Vec<(usize, &Slot)> = slots.iter().map(|s| (stage_of(&s.name, stages), s)).collect();
         // Stage by stage; within one, by place in the buffer (they complete together).
         order.sort_by_key(|(stage, s)| (*stage, s.offset));
         let mut buckets = Vec::new();

@@ -7,7 +7,7 @@ use super::classifier;
 use super::dropout::Dropout;
 use super::flat::FlatParams;
 use super::precision::Bf16Weights;
-use super::stages::Staged;
+use super::stages::{stage_of, Staged};
 use super::Algpt2;
 use tch::{Kind, Tensor};
 
@@ -43,8 +43,8 @@ impl Objective {
     /// The forward and the fused classifier, which already adds the head's gradient into
     /// `params.grads`; the backward through the model is `Forwarded::backward`. `staged`:
     /// cut the backward into stages that complete parameters one after another (when
-    /// the model allows it, and in fp32 only: the bf16 copies' gradients reach the fp32
-    /// buffer in one flush at the end).
+    /// the model allows it; in bf16 each stage's gradients are flushed into the fp32
+    /// buffer as it completes them).
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
@@ -56,9 +56,9 @@ impl Objective {
         dropout: Option<&Dropout>,
         staged: bool,
     ) -> Forwarded {
-        let (hidden, stages) = if staged && bf16.is_none() && model.stageable() {
+        let (hidden, stages) = if staged && model.stageable() {
             let s = model.hidden_staged(inputs, dropout);
-            (s.hidden.shallow_clone(), Some(s))
+            (s.hidden.shallow_clone(), Some((s, stage_runs(model, params))))
         } else {
             (model.hidden(inputs, dropout), None)
         };
@@ -78,10 +78,21 @@ impl Objective {
     }
 }
 
+/// The (offset, elements) runs of the flat buffer each stage completes, backward order.
+fn stage_runs(model: &Algpt2, params: &FlatParams) -> Vec<Vec<(i64, i64)>> {
+    let prefixes = model.stage_prefixes();
+    let mut runs = vec![Vec::new(); prefixes.len()];
+    for slot in &params.slots {
+        runs[stage_of(&slot.name, &prefixes)].push((slot.offset, slot.reserved));
+    }
+    runs
+}
+
 /// A micro-batch after its forward: the loss, and the backward still to run.
 pub struct Forwarded {
     rows: Tensor,
-    stages: Option<Staged>,
+    /// The staged forward, and the runs of the flat buffer each stage completes.
+    stages: Option<(Staged, Vec<Vec<(i64, i64)>>)>,
     grad_rows: Tensor,
     /// The mean token loss, on the device.
     pub loss: Tensor,
@@ -92,11 +103,16 @@ impl Forwarded {
     /// The backward through the model; `done(i)` once stage `i` (`Algpt2::stage_prefixes`,
     /// backward order) has all its gradients in `params.grads`, every stage once, in
     /// order (all at the end when the forward was not staged).
-    pub fn backward(self, params: &mut FlatParams, bf16: Option<&mut Bf16Weights>, done: &mut dyn FnMut(usize)) {
+    pub fn backward(self, params: &mut FlatParams, mut bf16: Option<&mut Bf16Weights>, done: &mut dyn FnMut(usize)) {
         match self.stages {
-            Some(stages) => {
+            Some((stages, runs)) => {
                 let grad = self.grad_rows.view(stages.hidden.size().as_slice());
-                stages.backward(&grad, done);
+                stages.backward(&grad, &mut |stage| {
+                    if let Some(weights) = bf16.as_deref_mut() {
+                        weights.flush_grad_runs(params, &runs[stage]);
+                    }
+                    done(stage)
+                });
             }
             None => {
                 // Sends the rows' gradient back through the model: d(Σ rows · g)/d rows = g.
@@ -117,14 +133,18 @@ mod tests {
     use tch::nn::VarStore;
     use tch::Device;
 
-    /// The flat gradients after `micro` micro-steps, the last one staged or not, and the
-    /// order in which the stages said they were done.
-    fn gradients(share_layers: bool, embedding_size: Option<usize>, micro: usize, staged: bool) -> (Vec<f32>, Vec<usize>) {
+    /// The flat gradients after `micro` micro-steps, the last one staged or not, computed
+    /// in bf16 or fp32, and the order in which the stages said they were done.
+    fn gradients(share_layers: bool, embedding_size: Option<usize>, micro: usize, staged: bool, bf16: bool) -> (Vec<f32>, Vec<usize>) {
         let cfg = ModelConfig { dropout: 0.1, ..crate::model::gpt::tests::tiny(share_layers, embedding_size) };
         tch::manual_seed(3);
         let vs = VarStore::new(Device::Cpu);
-        let model = Algpt2::new(&vs.root(), &cfg);
+        let mut model = Algpt2::new(&vs.root(), &cfg);
         let mut params = FlatParams::new(&vs);
+        let mut weights = bf16.then(|| Bf16Weights::new(&params));
+        if let Some(w) = &weights {
+            model.use_compute_weights(&|name| w.get(name));
+        }
         let objective = Objective { vocab: 61, chunk_rows: 0, grad_accum_steps: micro };
         let mut order = Vec::new();
         for m in 0..micro {
@@ -132,8 +152,8 @@ mod tests {
             let targets = Tensor::randint(61, [2, 16], (Kind::Int64, Device::Cpu));
             let dropout = Dropout::new(0.1, 7, 0, m, 0);
             let last = m + 1 == micro;
-            let f = objective.forward(&model, &params, None, &inputs, &targets, Some(&dropout), staged && last);
-            f.backward(&mut params, None, &mut |i| {
+            let f = objective.forward(&model, &params, weights.as_ref(), &inputs, &targets, Some(&dropout), staged && last);
+            f.backward(&mut params, weights.as_mut(), &mut |i| {
                 if last {
                     order.push(i)
                 }
@@ -144,12 +164,14 @@ mod tests {
 
     #[test]
     fn a_staged_backward_gives_the_same_gradients_bit_for_bit_stage_by_stage() {
-        for (share, e) in [(false, None), (false, Some(8)), (true, Some(8))] {
+        for (share, e, bf16) in
+            [(false, None, false), (false, Some(8), false), (true, Some(8), false), (false, None, true), (false, Some(8), true)]
+        {
             for micro in [1, 2] {
-                let (whole, whole_order) = gradients(share, e, micro, false);
-                let (staged, staged_order) = gradients(share, e, micro, true);
+                let (whole, whole_order) = gradients(share, e, micro, false, bf16);
+                let (staged, staged_order) = gradients(share, e, micro, true, bf16);
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&whole), bits(&staged), "share {share}, embedding {e:?}, {micro} micro-steps");
+                assert_eq!(bits(&whole), bits(&staged), "share {share}, embedding {e:?}, bf16 {bf16}, {micro} micro-steps");
                 let stages = if share { 3 } else { 5 };
                 assert_eq!(whole_order, (0..stages).collect::<Vec<_>>());
                 assert_eq!(staged_order, whole_order);

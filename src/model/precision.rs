@@ -126,6 +126,19 @@ impl Bf16Weights {
         });
     }
 
+    /// `flush_grads` for the runs (offset, elements) of the flat layout only: a staged
+    /// backward flushes each stage's parameters as it completes them, the same
+    /// additions, element for element, as one flush at the end.
+    pub fn flush_grad_runs(&mut self, flat: &mut FlatParams, runs: &[(i64, i64)]) {
+        tch::no_grad(|| {
+            for &(offset, len) in runs {
+                let mut bf16 = self.grads.narrow(0, offset, len);
+                let _ = flat.grads.narrow(0, offset, len).g_add_(&bf16);
+                let _ = bf16.zero_();
+            }
+        });
+    }
+
     /// True while every bf16 variable still views the buffers.
     pub fn is_aliased(&self, flat: &FlatParams) -> bool {
         let (base_v, base_g) = (self.values.data_ptr() as usize, self.grads.data_ptr() as usize);

@@ -18,6 +18,13 @@ use super::dropout::Dropout;
 use super::Algpt2;
 use tch::{Kind, Tensor};
 
+/// The stage (index into `stages`, backward order, as `Algpt2::stage_prefixes`) whose
+/// backward completes the gradient of parameter `name`; one no stage names goes with the
+/// last.
+pub fn stage_of(name: &str, stages: &[Vec<String>]) -> usize {
+    stages.iter().position(|prefixes| prefixes.iter().any(|p| name.starts_with(p.as_str()))).unwrap_or(stages.len().saturating_sub(1))
+}
+
 /// A staged forward: each stage's input leaf and output, in forward order.
 pub struct Staged {
     embedded: Tensor,
