@@ -79,7 +79,9 @@ impl Objective {
 }
 
 /// The (offset, elements) runs of the flat buffer each stage completes, backward order.
-fn stage_runs(model: &Algpt2, params: &FlatParams) -> Vec<Vec<(i64, i64)>> {
+type StageRuns = Vec<Vec<(i64, i64)>>;
+
+fn stage_runs(model: &Algpt2, params: &FlatParams) -> StageRuns {
     let prefixes = model.stage_prefixes();
     let mut runs = vec![Vec::new(); prefixes.len()];
     for slot in &params.slots {
@@ -92,7 +94,7 @@ fn stage_runs(model: &Algpt2, params: &FlatParams) -> Vec<Vec<(i64, i64)>> {
 pub struct Forwarded {
     rows: Tensor,
     /// The staged forward, and the runs of the flat buffer each stage completes.
-    stages: Option<(Staged, Vec<Vec<(i64, i64)>>)>,
+    stages: Option<(Staged, StageRuns)>,
     grad_rows: Tensor,
     /// The mean token loss, on the device.
     pub loss: Tensor,
