@@ -15,7 +15,12 @@
 #     themselves, the differences are compared as in 2); and train.precision: auto
 #     resolving to bf16 on a GPU of compute capability >= 8.0 (fp32 below);
 #  6. the W&B system metrics of the GPU (wandb.mode: offline, a sample a second): the
-#     system.gpu.0.* values of wandb-events.jsonl next to nvidia-smi's, sampled alike.
+#     system.gpu.0.* values of wandb-events.jsonl next to nvidia-smi's, sampled alike;
+#  7. the NCCL exchange overlapped with backward (dist.backend: nccl in a world of one,
+#     the GPT-2 variant, buckets of 10 kB): fp32 and bf16 compute, fp32 and bf16 on the
+#     wire, each against dist.overlap: false (byte-identical weights, or no further apart
+#     than two runs without overlap), the log naming the overlapped exchange, and
+#     train/comm_ms and train/comm_exposed_ms numbers in every row of metrics.jsonl.
 # Checks 2 and 3 run with train.precision: fp32 (auto would pick bf16 on most GPUs).
 # Each prints PASS, FAIL or "skipped: ..." (no GPU: only the CPU parts of 1 run); exit 1
 # when anything failed. Results and logs go to WORK_DIR (default: a temporary directory).
@@ -91,7 +96,7 @@ if [ "$gpus" -eq 0 ]; then
   # Three lines, as tests/bundle.rs expects: the bf16 checks (5) ride on two of them.
   skip "kill and resume on the GPU (fp32 and bf16)" "no GPU"
   skip "checkpoint GPU -> CPU and CPU -> GPU" "no GPU"
-  skip "more ranks than GPUs, bf16 training, train.precision: auto on the GPU, W&B system.gpu.* against nvidia-smi" "no GPU"
+  skip "more ranks than GPUs, bf16 training, train.precision: auto on the GPU, W&B system.gpu.* against nvidia-smi, the overlapped NCCL exchange" "no GPU"
 else
   # --- 2. kill and resume on the GPU -------------------------------------------------
   train gpu_a cuda 12; train gpu_b cuda 12
@@ -227,6 +232,46 @@ PY
   else
     fail "W&B system.gpu.0.*: exit $trained, $compared (see $work/gpu_stats.log)"
   fi
+fi
+if [ "$gpus" -gt 0 ]; then
+  # --- 7. the NCCL exchange overlapped with backward ---------------------------------------
+  gpt2=(--set model.share_layers=false --set model.embedding_size=null --set dist.backend=nccl --set dist.bucket_mb=0.01)
+  comm_numbers() { # RUN: "ok N" when every row has numeric train/comm_ms and train/comm_exposed_ms
+    python3 - "$work/runs/$1/metrics.jsonl" <<'PY'
+import json, math, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if '"train/loss"' in l]
+bad = [r.get("step") for r in rows
+       if not all(isinstance(r.get(k), (int, float)) and math.isfinite(r[k]) and r[k] >= 0 for k in ("train/comm_ms", "train/comm_exposed_ms"))]
+print(f"ok {len(rows)} rows, comm_ms mean {sum(r['train/comm_ms'] for r in rows) / max(len(rows), 1):.3f}" if rows and not bad else f"bad rows {bad[:5]} of {len(rows)}")
+PY
+  }
+  for case in "fp32 fp32" "fp32 bf16" "bf16 fp32" "bf16 bf16"; do
+    read -r precision wire <<< "$case"
+    name="overlap_${precision}_${wire}"
+    for variant in after after2 during; do
+      overlap=false; [ "$variant" = during ] && overlap=true
+      "$bin" "${tiny[@]}" "${gpt2[@]}" --set "run_name=${name}_$variant" --set device=cuda --set train.max_steps=8 \
+        --set "train.precision=$precision" --set "dist.grad_dtype=$wire" --set "dist.overlap=$overlap" >> "$work/${name}_$variant.log" 2>&1
+    done
+    said=$(grep -m1 -o 'gradient exchange: .*' "$work/${name}_during.log" || echo "no exchange line")
+    during=$(weights "${name}_during" 8); after=$(weights "${name}_after" 8); after2=$(weights "${name}_after2" 8)
+    if [ ! -f "$during" ] || [ ! -f "$after" ] || [ ! -f "$after2" ]; then
+      fail "overlapped NCCL exchange ($precision compute, $wire wire): a run failed (see $work/${name}_*.log)"
+    elif [[ "$said" != *"nccl, $wire gradients, overlapped with backward"* ]]; then
+      fail "overlapped NCCL exchange ($precision compute, $wire wire): the log says \"$said\""
+    elif [[ "$(comm_numbers "${name}_during")" != ok* ]]; then
+      fail "overlapped NCCL exchange ($precision compute, $wire wire): metrics.jsonl: $(comm_numbers "${name}_during")"
+    elif cmp -s "$during" "$after"; then
+      pass "overlapped NCCL exchange ($precision compute, $wire wire): weights byte-identical to dist.overlap: false; $(comm_numbers "${name}_during")"
+    else
+      d=$(max_diff "$during" "$after"); a=$(max_diff "$after" "$after2")
+      if awk -v d="$d" -v a="$a" 'BEGIN { exit !(d <= 10 * a + 1e-6) }'; then
+        pass "overlapped NCCL exchange ($precision compute, $wire wire): max |difference| $d to dist.overlap: false, two runs without overlap $a; $(comm_numbers "${name}_during")"
+      else
+        fail "overlapped NCCL exchange ($precision compute, $wire wire): max |difference| $d to dist.overlap: false, but two runs without overlap differ by only $a"
+      fi
+    fi
+  done
 fi
 echo "gpu-checks: $failures failure(s)"
 [ "$failures" -eq 0 ]

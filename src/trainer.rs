@@ -7,7 +7,7 @@ use crate::data::batches::{batch_tensors, rank_slice, Sampler};
 use crate::data::cache::SplitData;
 use crate::device_reads;
 use crate::dist::buckets::BucketPlan;
-use crate::dist::overlap::CommTimes;
+use crate::dist::comm_cost::CommCost;
 use crate::dist::{Replicas, World};
 use crate::model::dropout::Dropout;
 use crate::model::flat::{FlatParams, Padding};
@@ -61,7 +61,7 @@ pub struct StepOutcome {
     grad_norm: Tensor,
     skipped: Tensor,
     /// What the gradient exchange cost (host times, known at once).
-    pub comm: CommTimes,
+    pub comm: CommCost,
 }
 
 impl StepOutcome {
@@ -174,7 +174,7 @@ impl Trainer {
         self.params.zero_grads();
         let mut loss_sum = Tensor::zeros([], (Kind::Float, self.device));
         let mut local_loss = loss_sum.shallow_clone();
-        let mut comm = CommTimes::default();
+        let mut comm = CommCost::default();
         for micro in 0..t.grad_accum_steps {
             let last = micro + 1 == t.grad_accum_steps;
             let dropout = Dropout::new(self.cfg.model.dropout, t.seed, self.step, micro, world.rank());

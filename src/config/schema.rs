@@ -438,10 +438,11 @@ pub struct DistConfig {
     /// (fractions allowed), filled in the order backward produces them; with `overlap`
     /// the first is at most 1 MB, as PyTorch DDP's.
     pub bucket_mb: f64,
-    /// Start each bucket's all-reduce as soon as backward has produced its gradients, on
-    /// a communication thread, while backward goes on (the last micro-step of a step
-    /// only). False: the whole exchange after backward. The averaged gradients are the
-    /// same either way.
+    /// Start each bucket's all-reduce as soon as backward has produced its gradients
+    /// (MPI: on a communication thread; NCCL: on a CUDA stream of its own), while backward
+    /// goes on (the last micro-step of a step only; not with shared layers, whose
+    /// gradients are complete only at the end). False: the whole exchange after backward.
+    /// The averaged gradients are the same either way.
     pub overlap: bool,
     /// A rank with no finished step for this many seconds ends the job (a peer died or
     /// hangs). Start-up (data preparation) is not timed.

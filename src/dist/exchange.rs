@@ -3,8 +3,9 @@
 //! all-reduce in place), `none` (a world of one), `auto` (NCCL on CUDA, else MPI).
 //!
 //! Gradients are exchanged once per optimizer step, on the last micro-step (never on the
-//! others), in buckets of `dist.bucket_mb`: with `dist.overlap` (MPI) each bucket as soon
-//! as backward has completed it (src/dist/overlap.rs), else all after backward.
+//! others), in buckets of `dist.bucket_mb`: with `dist.overlap` each bucket as soon as
+//! backward has completed it (src/dist/overlap.rs for MPI, src/dist/nccl_overlap.rs for
+//! NCCL), else all after backward.
 //!
 //! `dist.grad_dtype: bf16` sends the gradients as bf16, half the bytes: the fp32
 //! gradients (accumulated over micro-steps in fp32) are rounded to bf16, summed across
@@ -61,10 +62,10 @@ impl GradientExchange {
         })
     }
 
-    /// MPI's bucket size and wire type, for the overlapped exchange (None: not MPI).
-    pub fn mpi_buckets(&self) -> Option<(usize, GradDtype)> {
+    /// NCCL's communicator and wire type, for the overlapped exchange (None: not NCCL).
+    pub fn nccl(&self) -> Option<(&NcclComm, GradDtype)> {
         match self {
-            GradientExchange::Mpi { bucket_bytes, wire } => Some((*bucket_bytes, *wire)),
+            GradientExchange::Nccl { comm, wire } => Some((comm, *wire)),
             _ => None,
         }
     }
@@ -128,7 +129,7 @@ impl GradientExchange {
 }
 
 /// grads = f32(summed) / ranks, in place.
-fn write_mean(grads: &mut Tensor, summed: &Tensor, ranks: usize) {
+pub(super) fn write_mean(grads: &mut Tensor, summed: &Tensor, ranks: usize) {
     let mean = summed.to_device(grads.device()).to_kind(Kind::Float) / ranks as f64;
     tch::no_grad(|| grads.copy_(&mean));
 }

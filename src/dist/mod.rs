@@ -4,9 +4,11 @@
 
 mod blame;
 pub mod buckets;
+pub mod comm_cost;
 pub mod exchange;
 mod heartbeat;
 pub mod nccl;
+mod nccl_overlap;
 pub mod overlap;
 mod replicas;
 mod ring;

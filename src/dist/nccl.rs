@@ -334,11 +334,21 @@ impl NcclComm {
     /// - Every rank makes the same sequence of collective calls with the same `count`; NCCL
     ///   hangs or corrupts memory otherwise.
     pub unsafe fn all_reduce_mean_f32(&self, ptr: u64, count: usize) -> anyhow::Result<()> {
+        // SAFETY: the caller's contract, on the stream it names.
+        unsafe { self.all_reduce_mean_f32_on(ptr, count, DEFAULT_STREAM) }
+    }
+
+    /// [`Self::all_reduce_mean_f32`] enqueued on `stream` (a `CudaStream::cu_stream()`
+    /// of this GPU's context, cast): the overlapped exchange's own stream.
+    ///
+    /// # Safety
+    /// As for [`Self::all_reduce_mean_f32`], except that the work writing the values must
+    /// be ordered before this call on `stream` (an event it waits for), and the work
+    /// reading them after it (the reader's stream waits for an event recorded after it).
+    pub unsafe fn all_reduce_mean_f32_on(&self, ptr: u64, count: usize, stream: nccl::cudaStream_t) -> anyhow::Result<()> {
         self.collective("ncclAllReduce (f32 average)", ptr, count, 4, |comm, buf| {
             // SAFETY: the caller's contract; send and receive buffers alias (in place).
-            unsafe {
-                nccl::ncclAllReduce(buf, buf, count, nccl::ncclDataType_t::ncclFloat32, nccl::ncclRedOp_t::ncclAvg, comm, DEFAULT_STREAM)
-            }
+            unsafe { nccl::ncclAllReduce(buf, buf, count, nccl::ncclDataType_t::ncclFloat32, nccl::ncclRedOp_t::ncclAvg, comm, stream) }
         })
     }
 
@@ -348,12 +358,33 @@ impl NcclComm {
     /// # Safety
     /// As for [`Self::all_reduce_mean_f32`], with `count` bf16 (2-byte) values at `ptr`.
     pub unsafe fn all_reduce_sum_bf16(&self, ptr: u64, count: usize) -> anyhow::Result<()> {
+        // SAFETY: the caller's contract, on the stream it names.
+        unsafe { self.all_reduce_sum_bf16_on(ptr, count, DEFAULT_STREAM) }
+    }
+
+    /// [`Self::all_reduce_sum_bf16`] enqueued on `stream`.
+    ///
+    /// # Safety
+    /// As for [`Self::all_reduce_mean_f32_on`], with `count` bf16 values at `ptr`.
+    pub unsafe fn all_reduce_sum_bf16_on(&self, ptr: u64, count: usize, stream: nccl::cudaStream_t) -> anyhow::Result<()> {
         self.collective("ncclAllReduce (bf16 sum)", ptr, count, 2, |comm, buf| {
             // SAFETY: the caller's contract; send and receive buffers alias (in place).
-            unsafe {
-                nccl::ncclAllReduce(buf, buf, count, nccl::ncclDataType_t::ncclBfloat16, nccl::ncclRedOp_t::ncclSum, comm, DEFAULT_STREAM)
-            }
+            unsafe { nccl::ncclAllReduce(buf, buf, count, nccl::ncclDataType_t::ncclBfloat16, nccl::ncclRedOp_t::ncclSum, comm, stream) }
         })
+    }
+
+    /// Runs `calls` (collectives of this communicator) as one NCCL group: one launch for
+    /// a bucket's few runs instead of one each. The group is closed on every path.
+    pub fn group(&self, calls: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()> {
+        self.bind()?;
+        // SAFETY: ncclGroupStart takes no arguments; a matching ncclGroupEnd follows.
+        let res = guarded("calling ncclGroupStart", || unsafe { nccl::ncclGroupStart() })?;
+        nccl_check(res, "ncclGroupStart", self.comm).with_context(|| self.who())?;
+        let inside = calls();
+        // SAFETY: closes the group opened above.
+        let res = guarded("calling ncclGroupEnd", || unsafe { nccl::ncclGroupEnd() })?;
+        inside?;
+        nccl_check(res, "ncclGroupEnd", self.comm).with_context(|| self.who())
     }
 
     /// In-place broadcast of `count` f32 from `root` (initial weights).

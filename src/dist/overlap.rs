@@ -16,6 +16,7 @@
 //! the core from the backward it should hide in.
 
 use super::buckets::BucketPlan;
+use super::comm_cost::CommTimes;
 use super::ring::{self, f32_to_bf16, Bf16};
 use super::waiting::InCollective;
 use super::RawComm;
@@ -30,15 +31,6 @@ use tch::{Kind, Tensor};
 /// the core to the backward (a blocking MPI call would spin on it); the kernel's socket
 /// buffers keep the link busy meanwhile (at 10 Gbit/s, 0.2 ms is 250 kB).
 const POLL: Duration = Duration::from_micros(200);
-
-/// What the exchange of one step cost.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct CommTimes {
-    /// The exchange's own time (every bucket's all-reduce).
-    pub comm_ms: f64,
-    /// How long the step waited for it after its backward had ended.
-    pub exposed_ms: f64,
-}
 
 /// One bucket: runs of the flat f32 buffer, as raw addresses for the thread.
 struct Job {

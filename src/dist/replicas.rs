@@ -3,17 +3,26 @@
 //! with `dist.overlap` its communication thread).
 
 use super::buckets::BucketPlan;
-use super::overlap::{CommTimes, Overlap};
+use super::comm_cost::{timing_event, CommCost, CommTimes, DeviceClock};
+use super::nccl_overlap::NcclOverlap;
+use super::overlap::Overlap;
 use super::{GradientExchange, World};
 use crate::config::DistConfig;
+use anyhow::anyhow;
 use std::time::Instant;
 use tch::{Device, Tensor};
+
+/// The overlapped exchange: MPI's communication thread, or NCCL's stream.
+enum Overlapped {
+    Mpi(Overlap),
+    Nccl(NcclOverlap),
+}
 
 pub struct Replicas<'w> {
     pub world: &'w World,
     exchange: GradientExchange,
     /// The overlapped exchange, when `dist.overlap` is on and possible here.
-    overlap: Option<Overlap>,
+    overlap: Option<Overlapped>,
     /// Why `dist.overlap` is not in effect, for the log.
     not_overlapped: Option<&'static str>,
 }
@@ -23,17 +32,21 @@ impl<'w> Replicas<'w> {
     /// the overlapped exchange's thread and communicator). Every rank calls it.
     pub fn new(cfg: &DistConfig, world: &'w World, device: Device) -> anyhow::Result<Replicas<'w>> {
         let exchange = GradientExchange::new(cfg, world, device)?;
-        let why_not = match exchange.mpi_buckets() {
+        let why_not = match &exchange {
             _ if !cfg.overlap => Some("dist.overlap is false"),
-            _ if world.size() == 1 => Some("one rank"),
-            None => Some("the NCCL exchange is not overlapped yet: it runs after backward"),
-            Some(_) if device != Device::Cpu => Some("MPI exchanges CPU tensors only"),
-            Some(_) if !world.allows_a_communication_thread() => Some("this MPI allows no second thread"),
-            Some(_) => None,
+            GradientExchange::Single => Some("one rank"),
+            GradientExchange::Nccl { .. } => None,
+            GradientExchange::Mpi { .. } if world.size() == 1 => Some("one rank"),
+            GradientExchange::Mpi { .. } if device != Device::Cpu => Some("MPI exchanges CPU tensors only"),
+            GradientExchange::Mpi { .. } if !world.allows_a_communication_thread() => Some("this MPI allows no second thread"),
+            GradientExchange::Mpi { .. } => None,
         };
-        let overlap = match (why_not, exchange.mpi_buckets()) {
-            (None, Some((bucket_bytes, wire))) => Some(Overlap::start(world.duplicate()?, wire, bucket_bytes / 4)?),
-            _ => None,
+        let overlap = match (why_not, &exchange) {
+            (Some(_), _) | (None, GradientExchange::Single) => None,
+            (None, GradientExchange::Mpi { bucket_bytes, wire }) => {
+                Some(Overlapped::Mpi(Overlap::start(world.duplicate()?, *wire, bucket_bytes / 4)?))
+            }
+            (None, GradientExchange::Nccl { comm, .. }) => Some(Overlapped::Nccl(NcclOverlap::new(comm)?)),
         };
         Ok(Replicas { world, exchange, overlap, not_overlapped: why_not })
     }
@@ -62,21 +75,41 @@ impl<'w> Replicas<'w> {
         plan: &BucketPlan,
         staged: bool,
         backward: impl FnOnce(&mut dyn FnMut(usize)),
-    ) -> anyhow::Result<CommTimes> {
+    ) -> anyhow::Result<CommCost> {
         match self.overlap.as_ref().filter(|_| staged) {
-            Some(overlap) => {
+            Some(Overlapped::Mpi(overlap)) => {
                 let mut session = overlap.session(grads, plan)?;
+                backward(&mut |stage| session.stage_done(stage));
+                Ok(CommCost::Measured(session.finish()?))
+            }
+            Some(Overlapped::Nccl(overlap)) => {
+                let (comm, wire) = self.exchange.nccl().ok_or_else(|| anyhow!("the NCCL overlap without an NCCL exchange"))?;
+                let mut session = overlap.session(comm, wire, grads, plan)?;
                 backward(&mut |stage| session.stage_done(stage));
                 session.finish()
             }
             None => {
                 backward(&mut |_| {});
-                let started = Instant::now();
-                self.exchange.average(self.world, &mut grads.shallow_clone())?;
-                let ms = if self.world.size() > 1 { started.elapsed().as_secs_f64() * 1e3 } else { 0.0 };
-                Ok(CommTimes { comm_ms: ms, exposed_ms: ms })
+                self.average_after_backward(grads)
             }
         }
+    }
+
+    /// The whole buffer's exchange after backward: timed on the host for MPI, on the GPU
+    /// (all of it exposed) for NCCL.
+    fn average_after_backward(&self, grads: &Tensor) -> anyhow::Result<CommCost> {
+        let Some((comm, _)) = self.exchange.nccl() else {
+            let started = Instant::now();
+            self.exchange.average(self.world, &mut grads.shallow_clone())?;
+            let ms = if self.world.size() > 1 { started.elapsed().as_secs_f64() * 1e3 } else { 0.0 };
+            return Ok(CommCost::Measured(CommTimes { comm_ms: ms, exposed_ms: ms }));
+        };
+        let compute = comm.context().default_stream();
+        let event = || timing_event(&compute).map_err(|e| anyhow!("recording a CUDA event around the exchange: {e:?}"));
+        let (started, backward_ended) = (event()?, event()?);
+        self.exchange.average(self.world, &mut grads.shallow_clone())?;
+        let (done, waited) = (event()?, event()?);
+        Ok(CommCost::OnDevice(DeviceClock { started, done, backward_ended, waited }))
     }
 
     /// Replaces `grads` (flat, contiguous f32) by its mean over the ranks.

@@ -3,7 +3,7 @@
 //! evaluation or saving), with what the gradient exchange cost per step over them.
 
 use crate::config::Config;
-use crate::dist::overlap::CommTimes;
+use crate::dist::comm_cost::{CommCost, CommTimes};
 use crate::dist::World;
 use crate::model::size::training_flops_per_token;
 use crate::trainer::{StepOutcome, StepReport, Trainer};
@@ -19,6 +19,8 @@ pub struct TrainMetrics {
     tokens: u64,
     /// The exchange's time and the part of it the steps waited for, summed.
     comm: CommTimes,
+    /// Steps' costs still on the GPU (NCCL), read when the next row is made.
+    comm_on_device: Vec<CommCost>,
     logged_at: u64,
 }
 
@@ -32,16 +34,38 @@ impl TrainMetrics {
             seconds: 0.0,
             tokens: 0,
             comm: CommTimes::default(),
+            comm_on_device: Vec::new(),
             logged_at: start_step,
         }
     }
 
     /// One more step of `seconds` on `tokens` tokens (all ranks), its exchange `comm`.
-    pub fn add(&mut self, seconds: f64, tokens: u64, comm: CommTimes) {
+    pub fn add(&mut self, seconds: f64, tokens: u64, comm: CommCost) {
         self.seconds += seconds;
         self.tokens += tokens;
-        self.comm.comm_ms += comm.comm_ms;
-        self.comm.exposed_ms += comm.exposed_ms;
+        match comm {
+            CommCost::Measured(t) => self.add_comm(t),
+            on_device => self.comm_on_device.push(on_device),
+        }
+    }
+
+    fn add_comm(&mut self, t: CommTimes) {
+        self.comm.comm_ms += t.comm_ms;
+        self.comm.exposed_ms += t.exposed_ms;
+    }
+
+    /// Reads the costs still on the GPU (this waits for it: only for a logged row). One
+    /// that cannot be read makes the row's exchange times NaN, with a warning.
+    fn read_comm_on_device(&mut self) {
+        for cost in std::mem::take(&mut self.comm_on_device) {
+            match cost.times() {
+                Ok(t) => self.add_comm(t),
+                Err(e) => {
+                    tracing::warn!("the gradient exchange's time is unknown: {e:#}");
+                    self.add_comm(CommTimes { comm_ms: f64::NAN, exposed_ms: f64::NAN });
+                }
+            }
+        }
     }
 
     /// True when step `step` is logged: every `train.log_interval` steps and the last.
@@ -64,6 +88,7 @@ impl TrainMetrics {
             return row;
         };
         let tokens_per_sec = self.tokens as f64 / self.seconds.max(1e-9);
+        self.read_comm_on_device();
         row.insert("train/loss".into(), json!(report.loss));
         row.insert("train/lr".into(), json!(lr));
         row.insert("train/grad_norm".into(), json!(report.grad_norm));
