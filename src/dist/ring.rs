@@ -71,9 +71,8 @@ pub fn all_reduce_sum<T: Summable>(comm: &RawComm, values: &mut [T], poll: Durat
     for s in 0..p - 1 {
         let (send, recv) = (segment(n, p, (r + p - s) % p), segment(n, p, (r + 2 * p - s - 1) % p));
         let buffer = &mut incoming[..recv.len()];
-        let send_bytes = bytes_of(&values[send]).to_vec();
         // SAFETY: both buffers are ours and untouched until the call returns.
-        let rc = unsafe { comm.send_receive(&send_bytes, next, bytes_of_mut(buffer), prev, s as i32, poll) };
+        let rc = unsafe { comm.send_receive(bytes_of(&values[send]), next, bytes_of_mut(buffer), prev, s as i32, poll) };
         if rc != 0 {
             return Err(rc);
         }
@@ -84,9 +83,15 @@ pub fn all_reduce_sum<T: Summable>(comm: &RawComm, values: &mut [T], poll: Durat
     // All-gather: the summed segments go round.
     for s in 0..p - 1 {
         let (send, recv) = (segment(n, p, (r + 1 + p - s) % p), segment(n, p, (r + p - s) % p));
-        let send_bytes = bytes_of(&values[send]).to_vec();
-        // SAFETY: as above; `recv` is a segment of `values` no other step touches now.
-        let rc = unsafe { comm.send_receive(&send_bytes, next, bytes_of_mut(&mut values[recv]), prev, (p + s) as i32, poll) };
+        // The two segments are disjoint (p > 1): one is read while the other is written.
+        let base = values.as_mut_ptr();
+        // SAFETY: `send` and `recv` are disjoint ranges inside `values`, which nothing
+        // else touches until the call returns.
+        let rc = unsafe {
+            let sending = std::slice::from_raw_parts(base.add(send.start), send.len());
+            let receiving = std::slice::from_raw_parts_mut(base.add(recv.start), recv.len());
+            comm.send_receive(bytes_of(sending), next, bytes_of_mut(receiving), prev, (p + s) as i32, poll)
+        };
         if rc != 0 {
             return Err(rc);
         }
