@@ -3,16 +3,18 @@
 
 use crate::checkpoint::{self, Found, OtherParts, TrainerState, MODEL_FILE, OPTIMIZER_FILE};
 use crate::config::{Config, NonFinite};
-use crate::data::batches::{batch_tensors, rank_slice, Sampler};
+use crate::data::batches::{batch_tensors, input_ids, rank_slice, Sampler};
 use crate::data::cache::SplitData;
 use crate::device_reads;
 use crate::dist::buckets::BucketPlan;
 use crate::dist::comm_cost::CommCost;
+use crate::dist::table_rows::touched_rows;
 use crate::dist::{Replicas, World};
 use crate::model::dropout::Dropout;
 use crate::model::flat::{FlatParams, Padding};
 use crate::model::objective::Objective;
 use crate::model::precision::{self, Bf16Weights, Resolved};
+use crate::model::stages::TOKEN_TABLE;
 use crate::model::Algpt2;
 use crate::optim::adamw::norm_clip_and_skip;
 use crate::optim::AdamW;
@@ -93,7 +95,7 @@ impl Trainer {
         }
         let opt = AdamW::new(&params, &cfg.optim);
         let bucket_elems = ((cfg.dist.bucket_mb * (1 << 20) as f64) as i64 / 4).max(1);
-        let buckets = BucketPlan::new(&params.slots, &model.stage_prefixes(), bucket_elems);
+        let buckets = BucketPlan::with_table(&params.slots, &model.stage_prefixes(), bucket_elems, Some(TOKEN_TABLE));
         Trainer {
             cfg: cfg.clone(),
             device,
@@ -195,8 +197,13 @@ impl Trainer {
             // The last backward, and the gradients' exchange with it (bucket by bucket
             // as backward completes them, when overlapped).
             let grads = self.params.grads.shallow_clone();
+            let touched = (staged && self.buckets.table.is_some()).then(|| {
+                let every_rank = (0..world.size()).flat_map(|r| rank_slice(&batch, micro, t.micro_batch_size, world.size(), r));
+                touched_rows(input_ids(&train.tokens, &every_rank.copied().collect::<Vec<_>>(), t.seq_len), self.device)
+            });
             let (params, bf16) = (&mut self.params, self.bf16.as_mut());
-            comm = replicas.backward_and_average(&grads, &self.buckets, staged, |ready| forwarded.backward(params, bf16, ready))?;
+            comm = replicas
+                .backward_and_average(&grads, &self.buckets, staged, touched.as_ref(), |ready| forwarded.backward(params, bf16, ready))?;
         }
         self.step += 1;
         self.tokens_seen += (batch.len() * t.seq_len) as u64;

@@ -101,6 +101,15 @@ pub fn eval_windows(windows: u64, limit: Option<u64>, world: usize, rank: usize)
     (rank as u64..end).step_by(world)
 }
 
+/// The input token ids of the given windows (each window's first `seq_len` tokens).
+pub fn input_ids(tokens: &TokenFile, windows: &[u64], seq_len: usize) -> Vec<i64> {
+    let mut ids = Vec::with_capacity(windows.len() * seq_len);
+    for &w in windows {
+        tokens.extend_range(w * seq_len as u64, seq_len, &mut ids);
+    }
+    ids
+}
+
 /// Inputs and targets [windows, seq_len] of the given windows, on `device`: window w
 /// holds tokens `w·seq_len ..= (w+1)·seq_len`, inputs its first `seq_len`, targets its last.
 pub fn batch_tensors(tokens: &TokenFile, windows: &[u64], seq_len: usize, device: Device) -> (Tensor, Tensor) {

@@ -4,6 +4,7 @@
 //! DDP's (so that the exchange starts early). The buffer's layout is not changed (it is
 //! the checkpoints' and the optimizer's): a bucket is a few contiguous runs of it.
 
+use super::table_rows::TableRows;
 use crate::model::flat::Slot;
 use crate::model::stages::stage_of;
 
@@ -22,6 +23,9 @@ pub struct Bucket {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct BucketPlan {
     pub buckets: Vec<Bucket>,
+    /// The token table, exchanged in two parts of its own (src/dist/table_rows.rs) and
+    /// in no bucket.
+    pub table: Option<TableRows>,
 }
 
 impl BucketPlan {
@@ -29,7 +33,20 @@ impl BucketPlan {
     /// slots, stage after stage of `stages` (name prefixes, backward order). A slot no
     /// stage names goes with the last stage. Each slot's padding rows travel with it.
     pub fn new(slots: &[Slot], stages: &[Vec<String>], bucket_elems: i64) -> BucketPlan {
-        let mut order: Vec<(usize, &Slot)> = slots.iter().map(|s| (stage_of(&s.name, stages), s)).collect();
+        BucketPlan::with_table(slots, stages, bucket_elems, None)
+    }
+
+    /// As `new`, with the slot named `table` (a [rows, width] matrix whose last stage
+    /// adds to the rows of the input tokens only) left to its own two-part exchange.
+    pub fn with_table(slots: &[Slot], stages: &[Vec<String>], bucket_elems: i64, table: Option<&str>) -> BucketPlan {
+        let is_table = |s: &Slot| Some(s.name.as_str()) == table && s.shape.len() == 2;
+        let table = slots.iter().find(|s| is_table(s)).map(|s| TableRows {
+            offset: s.offset,
+            rows: s.reserved / s.shape[1],
+            width: s.shape[1],
+            ready_after: stage_of(&s.name, stages),
+        });
+        let mut order: Vec<(usize, &Slot)> = slots.iter().filter(|s| !is_table(s)).map(|s| (stage_of(&s.name, stages), s)).collect();
         // Stage by stage; within one, by place in the buffer (they complete together).
         order.sort_by_key(|(stage, s)| (*stage, s.offset));
         let mut buckets = Vec::new();
@@ -48,7 +65,7 @@ impl BucketPlan {
         if let Some((runs, elems, ready_after)) = open {
             buckets.push(Bucket { runs: merged(runs), elems, ready_after });
         }
-        BucketPlan { buckets }
+        BucketPlan { buckets, table }
     }
 }
 
@@ -104,5 +121,12 @@ mod tests {
         let plan = BucketPlan::new(&big, &stages, 1 << 30);
         assert_eq!(plan.buckets.len(), 2);
         assert_eq!(plan.buckets[0].ready_after, 0);
+        // The token table apart: in no bucket, its rows complete with its stage.
+        let mut with_table = slots.clone();
+        with_table[2].shape = vec![100, 3];
+        let plan = BucketPlan::with_table(&with_table, &stages, 150, Some("wte"));
+        assert_eq!(plan.table, Some(TableRows { offset: 200, rows: 100, width: 3, ready_after: 3 }));
+        assert!(plan.buckets.iter().all(|b| b.runs.iter().all(|&(o, l)| o + l <= 200 || o >= 500)), "{plan:?}");
+        assert_eq!(plan.buckets.iter().map(|b| b.elems).sum::<i64>(), 230);
     }
 }

@@ -13,6 +13,7 @@ pub mod overlap;
 mod replicas;
 mod ring;
 pub mod signals;
+pub mod table_rows;
 mod waiting;
 pub mod watchdog;
 mod world;

@@ -11,12 +11,13 @@
 //! exchange after backward's: bit for bit where the reduction order does not depend on
 //! how the buffer is cut (two ranks; one).
 
-use super::buckets::{Bucket, BucketPlan};
+use super::buckets::BucketPlan;
 use super::comm_cost::{timing_event, CommCost, DeviceClock};
 use super::exchange::write_mean;
 use super::nccl::NcclComm;
+use super::table_rows::TableRows;
 use crate::config::GradDtype;
-use anyhow::{anyhow, Context};
+use anyhow::anyhow;
 use cudarc::driver::{CudaEvent, CudaStream, DriverError};
 use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
@@ -39,21 +40,52 @@ impl NcclOverlap {
         Ok(NcclOverlap { stream, compute: ctx.default_stream() })
     }
 
-    /// One step's exchange of `grads` (the flat f32 buffer on this rank's GPU) by `plan`.
+    /// One step's exchange of `grads` (the flat f32 buffer on this rank's GPU) by `plan`;
+    /// with the plan's token table, `touched` holds the rows this micro-step's inputs
+    /// look up on any rank (src/dist/table_rows.rs), and the table's early part starts now.
     pub fn session<'a>(
         &'a self,
         comm: &'a NcclComm,
         wire: GradDtype,
         grads: &'a Tensor,
         plan: &'a BucketPlan,
+        touched: Option<&'a Tensor>,
     ) -> anyhow::Result<NcclSession<'a>> {
         anyhow::ensure!(
             grads.kind() == Kind::Float && grads.is_contiguous() && grads.device() == Device::Cuda(comm.device()),
             "the overlapped NCCL exchange needs the contiguous f32 gradients on GPU {}",
             comm.device()
         );
-        Ok(NcclSession { overlap: self, comm, wire, grads, plan, launched: 0, started: None, on_the_wire: Vec::new(), failed: None })
+        let table = match (plan.table, touched) {
+            (Some(rows), Some(touched)) => Some(Table { rows, touched, early: rows.early_copy(grads), packed: None }),
+            _ => None,
+        };
+        let mut session = NcclSession {
+            overlap: self,
+            comm,
+            wire,
+            grads,
+            plan,
+            launched: 0,
+            started: None,
+            on_the_wire: Vec::new(),
+            table,
+            failed: None,
+        };
+        if let Some(early) = session.table.as_ref().map(|t| t.early.shallow_clone()) {
+            session.enqueue_or_keep_error(vec![early], "the token table's early part");
+        }
+        Ok(session)
     }
+}
+
+/// The token table's parts: the early copy, and the touched rows once packed; averaged
+/// in place on the exchange's stream, written back after the join.
+struct Table<'a> {
+    rows: TableRows,
+    touched: &'a Tensor,
+    early: Tensor,
+    packed: Option<Tensor>,
 }
 
 /// The buckets of one step: enqueued as their stages complete, joined at the end.
@@ -65,62 +97,78 @@ pub struct NcclSession<'a> {
     plan: &'a BucketPlan,
     launched: usize,
     started: Option<CudaEvent>,
-    /// bf16 on the wire: each run's bf16 copy (offset, elements, copy), kept alive until
-    /// its mean is written back after the join.
-    on_the_wire: Vec<(i64, i64, Tensor)>,
+    /// bf16 on the wire: each piece's f32 values (a view) and its bf16 copy, kept alive
+    /// until its mean is written back after the join.
+    on_the_wire: Vec<(Tensor, Tensor)>,
+    table: Option<Table<'a>>,
     /// The first failure; `finish` reports it.
     failed: Option<anyhow::Error>,
 }
 
 impl NcclSession<'_> {
-    /// Stage `stage` (backward order) has its gradients: every bucket complete now starts.
+    /// Stage `stage` (backward order) has its gradients: every bucket complete now starts
+    /// (then the table's rows, when theirs is this stage).
     pub fn stage_done(&mut self, stage: usize) {
         while let Some(bucket) = self.plan.buckets.get(self.launched).filter(|b| b.ready_after <= stage) {
             self.launched += 1;
-            if self.failed.is_none() {
-                if let Err(e) = self.launch(bucket) {
-                    self.failed = Some(e);
-                }
+            let pieces = bucket.runs.iter().map(|&(offset, len)| self.grads.narrow(0, offset, len)).collect();
+            self.enqueue_or_keep_error(pieces, "a bucket");
+        }
+        let grads = self.grads;
+        let packed = match &mut self.table {
+            Some(t) if t.packed.is_none() && t.rows.ready_after <= stage => {
+                let packed = t.rows.rows_copy(grads, t.touched);
+                t.packed = Some(packed.shallow_clone());
+                Some(packed)
+            }
+            _ => None,
+        };
+        if let Some(packed) = packed {
+            self.enqueue_or_keep_error(vec![packed], "the token table's rows");
+        }
+    }
+
+    fn enqueue_or_keep_error(&mut self, pieces: Vec<Tensor>, what: &str) {
+        if self.failed.is_none() {
+            if let Err(e) = self.enqueue(pieces) {
+                self.failed = Some(e.context(format!("the overlapped NCCL all-reduce of {what}")));
             }
         }
     }
 
-    fn launch(&mut self, bucket: &Bucket) -> anyhow::Result<()> {
+    /// All-reduces `pieces` (contiguous f32 on this GPU: views of the gradients or the
+    /// table's copies) as one group on the exchange's stream, after the compute stream's
+    /// work so far.
+    fn enqueue(&mut self, pieces: Vec<Tensor>) -> anyhow::Result<()> {
         let o = self.overlap;
-        if self.wire == GradDtype::Bf16 {
-            // The casts run on the compute stream, before the event below.
-            for &(offset, len) in &bucket.runs {
-                self.on_the_wire.push((offset, len, self.grads.narrow(0, offset, len).to_kind(Kind::BFloat16)));
-            }
-        }
+        // The casts run on the compute stream, before the event below.
+        let wires: Vec<Tensor> = match self.wire {
+            GradDtype::Bf16 => pieces.iter().map(|p| p.to_kind(Kind::BFloat16)).collect(),
+            GradDtype::Fp32 => Vec::new(),
+        };
         let ready = o.compute.record_event(None).map_err(cuda("recording a bucket's ready event"))?;
         o.stream.wait(&ready).map_err(cuda("ordering a bucket after its gradients"))?;
         if self.started.is_none() {
             self.started = Some(timing_event(&o.stream).map_err(cuda("recording the exchange's start"))?);
         }
         let stream = o.stream.cu_stream() as cudarc::nccl::sys::cudaStream_t;
-        let base = self.grads.data_ptr() as u64;
-        let first_wire = self.on_the_wire.len().saturating_sub(bucket.runs.len());
-        self.comm
-            .group(|| {
-                for (i, &(offset, len)) in bucket.runs.iter().enumerate() {
-                    match self.wire {
-                        // SAFETY: the run lies inside `grads`, a live contiguous f32 buffer on
-                        // this GPU that the session borrows; the stream waits for the event
-                        // recorded after its writers, and the compute stream joins the stream
-                        // before anything reads it (`finish`).
-                        GradDtype::Fp32 => unsafe { self.comm.all_reduce_mean_f32_on(base + offset as u64 * 4, len as usize, stream)? },
-                        GradDtype::Bf16 => {
-                            let copy = &self.on_the_wire[first_wire + i].2;
-                            // SAFETY: as above, for the run's bf16 copy, which lives until the
-                            // session has written its mean back after the join.
-                            unsafe { self.comm.all_reduce_sum_bf16_on(copy.data_ptr() as u64, len as usize, stream)? }
-                        }
-                    }
+        self.comm.group(|| {
+            for (i, piece) in pieces.iter().enumerate() {
+                match self.wire {
+                    // SAFETY: the piece is a live contiguous f32 tensor on this GPU (a view
+                    // of `grads`, which the session borrows, or a copy it keeps); the
+                    // stream waits for the event recorded after its writers, and the
+                    // compute stream joins the stream before anything reads it (`finish`).
+                    GradDtype::Fp32 => unsafe { self.comm.all_reduce_mean_f32_on(piece.data_ptr() as u64, piece.numel(), stream)? },
+                    // SAFETY: as above, for the piece's bf16 copy, which lives until the
+                    // session has written its mean back after the join.
+                    GradDtype::Bf16 => unsafe { self.comm.all_reduce_sum_bf16_on(wires[i].data_ptr() as u64, wires[i].numel(), stream)? },
                 }
-                Ok(())
-            })
-            .with_context(|| format!("the overlapped NCCL all-reduce of a bucket of {} values", bucket.elems))
+            }
+            Ok(())
+        })?;
+        self.on_the_wire.extend(pieces.into_iter().zip(wires));
+        Ok(())
     }
 
     /// Launches what is left, then orders the compute stream after every bucket: the
@@ -139,8 +187,11 @@ impl NcclSession<'_> {
         let done = timing_event(&o.stream).map_err(cuda("recording the exchange's end"))?;
         o.compute.wait(&done).map_err(cuda("ordering the optimizer after the exchange"))?;
         let waited = timing_event(&o.compute).map_err(cuda("recording the exchange's join"))?;
-        for (offset, len, summed) in &self.on_the_wire {
-            write_mean(&mut self.grads.narrow(0, *offset, *len), summed, self.comm.world());
+        for (values, summed) in &self.on_the_wire {
+            write_mean(&mut values.shallow_clone(), summed, self.comm.world());
+        }
+        if let Some(t) = &self.table {
+            t.rows.write_back(self.grads, t.touched, &t.early, t.packed.as_ref().expect("packed at the last stage"));
         }
         Ok(CommCost::OnDevice(DeviceClock { started, done, backward_ended, waited }))
     }
@@ -169,7 +220,7 @@ mod tests {
         for wire in [GradDtype::Fp32, GradDtype::Bf16] {
             let source = Tensor::randn([6000], (Kind::Float, Device::Cuda(0)));
             let grads = source.zeros_like();
-            let mut session = overlap.session(&comm, wire, &grads, &plan).unwrap();
+            let mut session = overlap.session(&comm, wire, &grads, &plan, None).unwrap();
             for stage in 0..3 {
                 // The stage's gradients are written on the compute stream, then it is done.
                 for slot in slots.iter().filter(|s| s.name.starts_with(&stages[stage][0])) {

@@ -18,6 +18,7 @@
 use super::buckets::BucketPlan;
 use super::comm_cost::CommTimes;
 use super::ring::{self, f32_to_bf16, Bf16};
+use super::table_rows::TableRows;
 use super::waiting::InCollective;
 use super::RawComm;
 use crate::config::GradDtype;
@@ -37,9 +38,9 @@ struct Job {
     runs: Vec<(usize, usize)>,
 }
 
-// SAFETY: the addresses point into the gradient buffer, which outlives the session that
-// sent them (it waits for every job), and which no other thread touches in those runs
-// until the job is done.
+// SAFETY: the addresses point into the gradient buffer or the session's copies of the
+// token table's parts, which outlive the session that sent them (it waits for every
+// job), and which no other thread touches in those runs until the job is done.
 unsafe impl Send for Job {}
 
 pub struct Overlap {
@@ -69,13 +70,33 @@ impl Overlap {
         Ok(Overlap { jobs: Some(jobs), results, thread: Some(thread) })
     }
 
-    /// One step's exchange of `grads` (the flat f32 buffer, on the CPU) by `plan`.
-    pub fn session<'a>(&'a self, grads: &'a Tensor, plan: &'a BucketPlan) -> anyhow::Result<Session<'a>> {
+    /// One step's exchange of `grads` (the flat f32 buffer, on the CPU) by `plan`; with
+    /// the plan's token table, `touched` holds the rows this micro-step's inputs look up
+    /// on any rank (src/dist/table_rows.rs), and the table's early part starts now.
+    pub fn session<'a>(&'a self, grads: &'a Tensor, plan: &'a BucketPlan, touched: Option<&'a Tensor>) -> anyhow::Result<Session<'a>> {
         anyhow::ensure!(
             grads.kind() == Kind::Float && grads.is_contiguous() && grads.device() == tch::Device::Cpu,
             "the overlapped exchange needs the contiguous f32 gradients in host memory"
         );
-        Ok(Session { overlap: self, base: grads.data_ptr() as usize, plan, launched: 0, comm: Duration::ZERO, _grads: grads })
+        let table = match (plan.table, touched) {
+            (Some(rows), Some(touched)) => Some(Table { rows, touched, early: rows.early_copy(grads), packed: None }),
+            _ => None,
+        };
+        let mut session = Session {
+            overlap: self,
+            base: grads.data_ptr() as usize,
+            plan,
+            launched: 0,
+            sent: 0,
+            received: 0,
+            comm: Duration::ZERO,
+            table,
+            grads,
+        };
+        if let Some(early) = session.table.as_ref().map(|t| t.early.shallow_clone()) {
+            session.send(vec![(early.data_ptr() as usize, early.numel())]);
+        }
+        Ok(session)
     }
 }
 
@@ -93,22 +114,55 @@ pub struct Session<'a> {
     overlap: &'a Overlap,
     base: usize,
     plan: &'a BucketPlan,
+    /// Buckets of the plan launched.
     launched: usize,
+    /// Jobs sent to the thread (buckets and the table's parts), and results received.
+    sent: usize,
+    received: usize,
     comm: Duration,
+    /// The token table's two parts, when the plan keeps it apart.
+    table: Option<Table<'a>>,
     /// The buffer the addresses point into, borrowed for the session's life.
-    _grads: &'a Tensor,
+    grads: &'a Tensor,
+}
+
+/// The token table's parts: the early copy, and the touched rows once packed. The
+/// thread averages them in place; they live until written back.
+struct Table<'a> {
+    rows: TableRows,
+    touched: &'a Tensor,
+    early: Tensor,
+    packed: Option<Tensor>,
 }
 
 impl Session<'_> {
-    /// Stage `stage` (backward order) has its gradients: every bucket complete now starts.
+    fn send(&mut self, runs: Vec<(usize, usize)>) {
+        if let Some(jobs) = &self.overlap.jobs {
+            // A send fails only when the thread has ended; `finish` reports why.
+            let _ = jobs.send(Job { runs });
+        }
+        self.sent += 1;
+    }
+
+    /// Stage `stage` (backward order) has its gradients: every bucket complete now starts
+    /// (then the table's rows, when theirs is this stage).
     pub fn stage_done(&mut self, stage: usize) {
         while let Some(bucket) = self.plan.buckets.get(self.launched).filter(|b| b.ready_after <= stage) {
             let runs = bucket.runs.iter().map(|&(offset, len)| (self.base + offset as usize * 4, len as usize)).collect();
-            if let Some(jobs) = &self.overlap.jobs {
-                // A send fails only when the thread has ended; `finish` reports why.
-                let _ = jobs.send(Job { runs });
-            }
+            self.send(runs);
             self.launched += 1;
+        }
+        let grads = self.grads;
+        let packed = match &mut self.table {
+            Some(t) if t.packed.is_none() && t.rows.ready_after <= stage => {
+                let packed = t.rows.rows_copy(grads, t.touched);
+                t.packed = Some(packed.shallow_clone());
+                Some(packed)
+            }
+            _ => None,
+        };
+        if let Some(packed) = packed {
+            self.send(vec![(packed.data_ptr() as usize, packed.numel())]);
         }
     }
 
@@ -116,17 +170,43 @@ impl Session<'_> {
     pub fn finish(mut self) -> anyhow::Result<CommTimes> {
         self.stage_done(usize::MAX);
         let backward_ended = Instant::now();
-        let _waiting = InCollective::enter();
-        for _ in 0..self.launched {
-            let took = self
-                .overlap
-                .results
-                .recv()
-                .map_err(|_| anyhow!("the gradient exchange thread ended"))?
-                .map_err(|e| anyhow!("the overlapped gradient exchange failed: {e}"))?;
-            self.comm += took;
+        let outcome = {
+            let _waiting = InCollective::enter();
+            self.wait_for_every_job()
+        };
+        outcome?;
+        if let Some(t) = &self.table {
+            t.rows.write_back(self.grads, t.touched, &t.early, t.packed.as_ref().expect("packed at the last stage"));
         }
         Ok(CommTimes { comm_ms: self.comm.as_secs_f64() * 1e3, exposed_ms: backward_ended.elapsed().as_secs_f64() * 1e3 })
+    }
+
+    /// Waits for every job sent (all of them, also after a failure: a job may write into
+    /// the session's copies until it is done), then says how the first that failed did.
+    fn wait_for_every_job(&mut self) -> anyhow::Result<()> {
+        let mut first_error = None;
+        while self.received < self.sent {
+            let Ok(result) = self.overlap.results.recv() else {
+                self.received = self.sent; // the thread is gone: nothing runs any more
+                return Err(anyhow!("the gradient exchange thread ended"));
+            };
+            self.received += 1;
+            match result {
+                Ok(took) => self.comm += took,
+                Err(e) => {
+                    first_error.get_or_insert_with(|| anyhow!("the overlapped gradient exchange failed: {e}"));
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for Session<'_> {
+    /// A session left without `finish` (an error or a panic in backward) still waits for
+    /// its jobs, which may write into its copies.
+    fn drop(&mut self) {
+        let _ = self.wait_for_every_job();
     }
 }
 

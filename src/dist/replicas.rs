@@ -68,23 +68,26 @@ impl<'w> Replicas<'w> {
     /// Runs `backward` (which calls `ready(stage)` as its stages complete, backward order)
     /// and replaces `grads` (flat, contiguous f32) by its mean over the ranks: bucket by
     /// bucket of `plan` while backward runs when overlapped and `staged` (the backward
-    /// completes gradients before its end), else all after it.
+    /// completes gradients before its end), else all after it. `touched`: the token
+    /// table's rows the micro-step's inputs look up on any rank, for a plan that keeps
+    /// the table apart (src/dist/table_rows.rs).
     pub fn backward_and_average(
         &self,
         grads: &Tensor,
         plan: &BucketPlan,
         staged: bool,
+        touched: Option<&Tensor>,
         backward: impl FnOnce(&mut dyn FnMut(usize)),
     ) -> anyhow::Result<CommCost> {
         match self.overlap.as_ref().filter(|_| staged) {
             Some(Overlapped::Mpi(overlap)) => {
-                let mut session = overlap.session(grads, plan)?;
+                let mut session = overlap.session(grads, plan, touched)?;
                 backward(&mut |stage| session.stage_done(stage));
                 Ok(CommCost::Measured(session.finish()?))
             }
             Some(Overlapped::Nccl(overlap)) => {
                 let (comm, wire) = self.exchange.nccl().ok_or_else(|| anyhow!("the NCCL overlap without an NCCL exchange"))?;
-                let mut session = overlap.session(comm, wire, grads, plan)?;
+                let mut session = overlap.session(comm, wire, grads, plan, touched)?;
                 backward(&mut |stage| session.stage_done(stage));
                 session.finish()
             }

@@ -18,6 +18,11 @@ use super::dropout::Dropout;
 use super::Algpt2;
 use tch::{Kind, Tensor};
 
+/// The token table (also the head): its gradient before the last backward is complete
+/// but for what the embedding lookup adds in the last stage, to the rows of the input
+/// tokens only (src/dist/table_rows.rs exchanges it in two parts).
+pub const TOKEN_TABLE: &str = "wte";
+
 /// The stage (index into `stages`, backward order, as `Algpt2::stage_prefixes`) whose
 /// backward completes the gradient of parameter `name`; one no stage names goes with the
 /// last.

@@ -1,0 +1,105 @@
+//! The token table's gradient in two parts, so that most of it travels during backward.
+//! The table is also the head: its gradient is the head's (dense, every row; added by the
+//! fused classifier in the forward, before backward starts) plus the embedding lookup's,
+//! which the very last stage of backward adds, to the rows of the step's input tokens
+//! only. Exchanged whole, it could go only after backward, the largest single bucket of
+//! a GPT-2 step at its end (DDP's Reducer waits for it the same way). Instead:
+//!
+//! - *early*: when the last backward starts, a copy of the whole table's gradient goes
+//!   first;
+//! - *rows*: when backward ends, only the rows of the tokens any rank fed in this
+//!   micro-step (every rank knows them: the global batch is the same everywhere) go,
+//!   packed;
+//! - *written back*: the early mean, then the rows' means over it.
+//!
+//! A row no rank looked up got `+0.0` from the lookup's backward (a dense gradient, zero
+//! there): the copy adds the same `+0.0` (which turns a `-0.0` into `+0.0`, as the
+//! lookup's addition does), so every element is averaged from the same values as the
+//! whole-buffer exchange's: bit for bit on two ranks, within reduction-order rounding on
+//! more.
+
+use tch::{Device, Kind, Tensor};
+
+/// Where the table lies in the flat buffer, and when its rows are complete.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TableRows {
+    /// Offset of the table in the flat buffer (elements).
+    pub offset: i64,
+    /// Rows, padding included.
+    pub rows: i64,
+    /// Values per row.
+    pub width: i64,
+    /// The stage (backward order) after which its rows are complete.
+    pub ready_after: usize,
+}
+
+impl TableRows {
+    /// The table's gradient as [rows, width], a view of `grads`.
+    fn view(&self, grads: &Tensor) -> Tensor {
+        grads.narrow(0, self.offset, self.rows * self.width).view([self.rows, self.width])
+    }
+
+    /// The early part: a contiguous copy of the table's gradient, plus `+0.0` (see the
+    /// module's doc).
+    pub fn early_copy(&self, grads: &Tensor) -> Tensor {
+        tch::no_grad(|| self.view(grads) + 0.0).contiguous()
+    }
+
+    /// The rows part: rows `touched` (i64, ascending, on the gradients' device), packed.
+    pub fn rows_copy(&self, grads: &Tensor, touched: &Tensor) -> Tensor {
+        tch::no_grad(|| self.view(grads).index_select(0, touched)).contiguous()
+    }
+
+    /// Writes the averaged parts into `grads`: the early mean everywhere, then the rows'.
+    pub fn write_back(&self, grads: &Tensor, touched: &Tensor, early: &Tensor, rows: &Tensor) {
+        tch::no_grad(|| {
+            let mut table = self.view(grads);
+            let _ = table.copy_(early);
+            let _ = table.index_copy_(0, touched, rows);
+        });
+    }
+}
+
+/// The rows `ids` name, ascending and once each, as a tensor on `device`.
+pub fn touched_rows(mut ids: Vec<i64>, device: Device) -> Tensor {
+    ids.sort_unstable();
+    ids.dedup();
+    Tensor::from_slice(&ids).to_kind(Kind::Int64).to_device(device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn early_and_rows_written_back_give_the_whole_table_exchange() {
+        // Two "ranks": a table of 6 rows x 3 whose rows 1 and 4 the lookup changes
+        // after the early copy; row 2 holds a -0.0, which the lookup's +0.0 makes +0.0.
+        let table = TableRows { offset: 2, rows: 6, width: 3, ready_after: 4 };
+        let before = |seed: f32| {
+            let mut v: Vec<f32> = (0..20).map(|i| seed * (i as f32 - 7.5)).collect();
+            v[2 + 2 * 3] = -0.0;
+            Tensor::from_slice(&v)
+        };
+        let touched = touched_rows(vec![4, 1, 4], Device::Cpu);
+        let lookup = |grads: &Tensor| {
+            let mut dense = Tensor::zeros([6, 3], (Kind::Float, Device::Cpu));
+            let _ = dense.get(1).fill_(0.25);
+            let _ = dense.get(4).fill_(-1.5);
+            let mut t = grads.narrow(0, 2, 18).view([6, 3]);
+            let _ = t.g_add_(&dense);
+        };
+        let (a, b) = (before(1.0), before(0.5));
+        let (early_a, early_b) = (table.early_copy(&a), table.early_copy(&b));
+        lookup(&a);
+        lookup(&b);
+        let (rows_a, rows_b) = (table.rows_copy(&a, &touched), table.rows_copy(&b, &touched));
+        let mean = |x: &Tensor, y: &Tensor| (x + y) * 0.5;
+        let whole = mean(&a, &b);
+        let out = a.copy();
+        table.write_back(&out, &touched, &mean(&early_a, &early_b), &mean(&rows_a, &rows_b));
+        let bits = |t: &Tensor| Vec::<f32>::try_from(t.narrow(0, 2, 18)).unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&out), bits(&whole));
+        assert_eq!(Vec::<i64>::try_from(&touched).unwrap(), vec![1, 4]);
+    }
+}
