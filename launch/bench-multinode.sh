@@ -4,7 +4,8 @@
 # per host, on each link setting in turn. Needs root.
 #
 #   launch/bench-multinode.sh [--rates "unshaped,10gbit,1gbit"] [--delay 0.1ms]
-#                             [--steps N] [--out DIR] [--row-timeout S]
+#                             [--steps N] [--variant gpt2|sharing|algpt2] [--out DIR]
+#                             [--row-timeout S]
 #
 #   --rates        comma-separated link settings: `unshaped` (the bare veth pair, no qdisc)
 #                  or a rate as tc writes it (1gbit, 10gbit, 2.5gbit, 500mbit)
@@ -14,6 +15,8 @@
 #                  latency
 #   --steps        timed steps per row (default 20); 3 warm-up steps more are run and left
 #                  out of the timing, as launch/bench.sh does
+#   --variant      the model's switches: gpt2 (the default: own blocks, no factorization),
+#                  sharing (one shared block), algpt2 (sharing + factorized, E=128)
 #   --out          where logs, the token cache, results.tsv and table.md go
 #                  (default target/bench-multinode)
 #   --row-timeout  seconds one row may take before it is killed (default 600 + 30 x steps)
@@ -37,8 +40,8 @@
 # a 2-core machine it carries only ~6-10 Gbit/s, so `10gbit` there is no slower than
 # `unshaped` (the table shows what was achieved).
 #
-# The model (the issue's shapes): GPT-2, 8 layers, H=512, 8 heads, V=16,384, seq 256,
-# micro-batch 8 per rank, no layer sharing, no factorization, fp32, dropout 0.1, 1 thread
+# The model (the issue's shapes): GPT-2 (or --variant's), 8 layers, H=512, 8 heads,
+# V=16,384, seq 256, micro-batch 8 per rank, fp32, dropout 0.1, 1 thread
 # per rank (OMP_NUM_THREADS=1), ranks bound to the two halves of this machine's CPUs
 # (ALGPT2_NETNS_BIND=none: unbound), on the synthetic corpus (its BPE stops at ~1,400
 # tokens; the model's tables have V=16,384 rows all the same). `algpt2-ddp prepare` builds
@@ -79,6 +82,7 @@ usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2; ex
 rates="unshaped,10gbit,1gbit"
 delay="0.1ms"
 steps=20
+variant=gpt2
 out="$ROOT/target/bench-multinode"
 row_timeout=
 while [ $# -gt 0 ]; do
@@ -86,6 +90,7 @@ while [ $# -gt 0 ]; do
         --rates) [ $# -ge 2 ] || usage; rates="$2"; shift 2 ;;
         --delay) [ $# -ge 2 ] || usage; delay="$2"; shift 2 ;;
         --steps) [ $# -ge 2 ] || usage; steps="$2"; shift 2 ;;
+        --variant) [ $# -ge 2 ] || usage; variant="$2"; shift 2 ;;
         --out) [ $# -ge 2 ] || usage; out="$2"; shift 2 ;;
         --row-timeout) [ $# -ge 2 ] || usage; row_timeout="$2"; shift 2 ;;
         -h | --help) usage ;;
@@ -93,6 +98,12 @@ while [ $# -gt 0 ]; do
     esac
 done
 [[ "$steps" =~ ^[1-9][0-9]*$ ]] || die "--steps must be a positive integer, not '$steps'"
+case "$variant" in
+    gpt2) switches=(--set model.share_layers=false --set model.embedding_size=null) ;;
+    sharing) switches=(--set model.share_layers=true --set model.embedding_size=null) ;;
+    algpt2) switches=(--set model.share_layers=true --set model.embedding_size=128) ;;
+    *) die "--variant must be gpt2, sharing or algpt2, not '$variant'" ;;
+esac
 row_timeout="${row_timeout:-$((600 + 30 * steps))}"
 [[ "$row_timeout" =~ ^[1-9][0-9]*$ ]] || die "--row-timeout must be a positive integer (seconds)"
 [[ "$delay" =~ ^(0|[0-9]+(\.[0-9]+)?(s|ms|us))$ ]] || die "--delay must look like 0, 0.1ms, 100us or 1s, not '$delay'"
@@ -355,7 +366,7 @@ overlap_flag() { [ "${ALGPT2_BENCH_NO_OVERLAP_FLAG:-0}" = 1 ] || printf '%s\n' -
 sets=(--config configs/quickstart.yaml
       --set model.n_layer=8 --set model.n_embd=512 --set model.n_head=8
       --set model.vocab_size=16384 --set tokenizer.vocab_size=16384 --set model.n_positions=256
-      --set model.share_layers=false --set model.embedding_size=null --set model.dropout=0.1
+      "${switches[@]}" --set model.dropout=0.1
       --set train.seq_len=256 --set train.micro_batch_size=8 --set train.grad_accum_steps=1
       --set train.precision=fp32 --set device=cpu --set wandb.mode=disabled
       --set "data.cache_dir=$out/cache" --set data.valid=null --set data.test=null
@@ -537,7 +548,7 @@ out.append("## ours vs PyTorch DDP across two hosts (network namespaces on one m
 out.append("")
 out.append("- date: $(date -u '+%Y-%m-%d %H:%M UTC')")
 out.append("- CPU: ${cpu_model:-unknown} (${cpu_flags% }), ${cpus} logical CPUs on this machine, ${bind_desc}; kernel $(uname -r)")
-out.append("- model: GPT-2, 8 layers, H 512, 8 heads, V 16,384, seq 256, micro-batch 8 per rank, no sharing, no factorization, fp32${params:+, ${params} parameters}")
+out.append("- model: ${variant} (${switches[*]}), 8 layers, H 512, 8 heads, V 16,384, seq 256, micro-batch 8 per rank, fp32${params:+, ${params} parameters}")
 out.append("- 2 ranks (one per host), 1 thread each; ${steps} timed steps after ${WARMUP} warm-up steps; tokens/s of both ranks together")
 out.append("- ours: $("$BIN" --version 2>/dev/null) (repo $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo '?')), Open MPI $(mpirun --version 2>/dev/null | head -1 | awk '{print $NF}'), btl tcp; overlap flag: $([ "${ALGPT2_BENCH_NO_OVERLAP_FLAG:-0}" = 1 ] && echo 'omitted (ALGPT2_BENCH_NO_OVERLAP_FLAG=1: both rows are the binary default)' || echo 'dist.overlap=false/true')")
 out.append("- PyTorch: torch $("$PY" -c 'import torch; print(torch.__version__)' 2>/dev/null), DDP over gloo, default buckets, reference/algpt2.py bench fp32_eager")

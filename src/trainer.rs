@@ -182,9 +182,10 @@ impl Trainer {
             let dropout = Dropout::new(self.cfg.model.dropout, t.seed, self.step, micro, world.rank());
             let windows = rank_slice(&batch, micro, t.micro_batch_size, world.size(), world.rank());
             let (inputs, targets) = batch_tensors(&train.tokens, windows, t.seq_len, self.device);
-            // Staged only where stages complete gradients early: with shared layers
-            // nothing is complete before the end, and the exchange runs after backward.
+            // Staged only where stages complete gradients early: with shared layers only
+            // the token table's early part is complete before the end.
             let staged = last && replicas.overlaps() && self.model.stageable();
+            let table_apart = last && replicas.overlaps() && self.buckets.table.is_some();
             let forwarded =
                 self.objective.forward(&self.model, &self.params, self.bf16.as_ref(), &inputs, &targets, Some(&dropout), staged);
             loss_sum += &forwarded.loss;
@@ -197,13 +198,11 @@ impl Trainer {
             // The last backward, and the gradients' exchange with it (bucket by bucket
             // as backward completes them, when overlapped).
             let grads = self.params.grads.shallow_clone();
-            let touched = (staged && self.buckets.table.is_some()).then(|| {
-                let every_rank = (0..world.size()).flat_map(|r| rank_slice(&batch, micro, t.micro_batch_size, world.size(), r));
-                touched_rows(input_ids(&train.tokens, &every_rank.copied().collect::<Vec<_>>(), t.seq_len), self.device)
-            });
+            let touched = table_apart.then(|| self.rows_looked_up(train, &batch, micro, world));
             let (params, bf16) = (&mut self.params, self.bf16.as_mut());
+            let early = staged || table_apart;
             comm = replicas
-                .backward_and_average(&grads, &self.buckets, staged, touched.as_ref(), |ready| forwarded.backward(params, bf16, ready))?;
+                .backward_and_average(&grads, &self.buckets, early, touched.as_ref(), |ready| forwarded.backward(params, bf16, ready))?;
         }
         self.step += 1;
         self.tokens_seen += (batch.len() * t.seq_len) as u64;
@@ -216,6 +215,15 @@ impl Trainer {
         }
         self.refresh_compute_weights();
         Ok(StepOutcome { local_loss, grad_norm, skipped, comm })
+    }
+
+    /// The token table's rows that micro-step `micro` of `batch` looks up on any rank
+    /// (every rank knows the global batch), for the table's two-part exchange.
+    fn rows_looked_up(&self, train: &SplitData, batch: &[u64], micro: usize, world: &World) -> Tensor {
+        let t = &self.cfg.train;
+        let windows: Vec<u64> =
+            (0..world.size()).flat_map(|r| rank_slice(batch, micro, t.micro_batch_size, world.size(), r)).copied().collect();
+        touched_rows(input_ids(&train.tokens, &windows, t.seq_len), self.device)
     }
 
     /// Before the last backward: a non-finite loss on any rank poisons its gradients

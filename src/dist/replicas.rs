@@ -67,19 +67,19 @@ impl<'w> Replicas<'w> {
 
     /// Runs `backward` (which calls `ready(stage)` as its stages complete, backward order)
     /// and replaces `grads` (flat, contiguous f32) by its mean over the ranks: bucket by
-    /// bucket of `plan` while backward runs when overlapped and `staged` (the backward
-    /// completes gradients before its end), else all after it. `touched`: the token
-    /// table's rows the micro-step's inputs look up on any rank, for a plan that keeps
-    /// the table apart (src/dist/table_rows.rs).
+    /// bucket of `plan` while backward runs when overlapped and `early` (the backward
+    /// completes gradients before its end, or the plan's token table goes in two parts),
+    /// else all after it. `touched`: the token table's rows the micro-step's inputs look
+    /// up on any rank, for a plan that keeps the table apart (src/dist/table_rows.rs).
     pub fn backward_and_average(
         &self,
         grads: &Tensor,
         plan: &BucketPlan,
-        staged: bool,
+        early: bool,
         touched: Option<&Tensor>,
         backward: impl FnOnce(&mut dyn FnMut(usize)),
     ) -> anyhow::Result<CommCost> {
-        match self.overlap.as_ref().filter(|_| staged) {
+        match self.overlap.as_ref().filter(|_| early) {
             Some(Overlapped::Mpi(overlap)) => {
                 let mut session = overlap.session(grads, plan, touched)?;
                 backward(&mut |stage| session.stage_done(stage));

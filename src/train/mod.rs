@@ -92,7 +92,9 @@ fn run_in_world(cfg: &Config, world: &World, device: tch::Device) -> anyhow::Res
     let replicas = Replicas::new(&cfg.dist, world, device)?;
     info!("gradient exchange: {}", replicas.exchange_name());
     if replicas.overlaps() && !trainer.model.stageable() {
-        info!("  shared layers complete their gradients only when backward ends: this model's exchange runs after it");
+        info!(
+            "  shared layers complete their gradients only when backward ends: only the token table's early part goes during backward, the rest after it"
+        );
     }
     trainer.broadcast_weights(&replicas)?;
     world.barrier();
