@@ -37,7 +37,10 @@ fn two_ranks(a: &[String], fault: Option<&str>) -> Output {
 
 fn rows(dir: &Path, run: &str) -> Vec<Value> {
     let path = dir.join("runs").join(run).join("metrics.jsonl");
-    std::fs::read_to_string(&path).unwrap_or_default().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    let text = std::fs::read_to_string(&path).unwrap_or_default();
+    // A run still going may be caught mid-line: only complete lines count.
+    let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+    complete.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
 fn series(rows: &[Value], key: &str) -> Vec<f64> {
