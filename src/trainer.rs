@@ -198,7 +198,7 @@ impl Trainer {
             // The last backward, and the gradients' exchange with it (bucket by bucket
             // as backward completes them, when overlapped).
             let grads = self.params.grads.shallow_clone();
-            let touched = table_apart.then(|| self.rows_looked_up(train, &batch, micro, world));
+            let touched = table_apart.then(|| self.rows_looked_up(train, windows, world));
             let (params, bf16) = (&mut self.params, self.bf16.as_mut());
             let early = staged || table_apart;
             comm = replicas
@@ -217,13 +217,21 @@ impl Trainer {
         Ok(StepOutcome { local_loss, grad_norm, skipped, comm })
     }
 
-    /// The token table's rows that micro-step `micro` of `batch` looks up on any rank
-    /// (every rank knows the global batch), for the table's two-part exchange.
-    fn rows_looked_up(&self, train: &SplitData, batch: &[u64], micro: usize, world: &World) -> Tensor {
-        let t = &self.cfg.train;
-        let windows: Vec<u64> =
-            (0..world.size()).flat_map(|r| rank_slice(batch, micro, t.micro_batch_size, world.size(), r)).copied().collect();
-        touched_rows(input_ids(&train.tokens, &windows, t.seq_len), self.device)
+    /// The token table's rows that any rank's `windows` (each rank's own, of the last
+    /// micro-step) look up, for the table's two-part exchange. Agreed through one small
+    /// all-reduce rather than computed from the global batch: ranks whose token files
+    /// differ (doctor's do) must still send rows of the same count.
+    fn rows_looked_up(&self, train: &SplitData, windows: &[u64], world: &World) -> Tensor {
+        let rows = self.buckets.table.map_or(0, |t| t.rows) as usize;
+        let mut looked_up = vec![0f64; rows];
+        for id in input_ids(&train.tokens, windows, self.cfg.train.seq_len) {
+            if let Some(flag) = looked_up.get_mut(id as usize) {
+                *flag = 1.0;
+            }
+        }
+        world.all_reduce_max(&mut looked_up);
+        let ids = looked_up.iter().enumerate().filter(|(_, f)| **f > 0.0).map(|(i, _)| i as i64).collect();
+        touched_rows(ids, self.device)
     }
 
     /// Before the last backward: a non-finite loss on any rank poisons its gradients

@@ -8,8 +8,8 @@
 //! - *early*: when the last backward starts, a copy of the whole table's gradient goes
 //!   first;
 //! - *rows*: when backward ends, only the rows of the tokens any rank fed in this
-//!   micro-step (every rank knows them: the global batch is the same everywhere) go,
-//!   packed;
+//!   micro-step go, packed (the ranks agree on them with one small all-reduce of
+//!   looked-up flags before backward);
 //! - *written back*: the early mean, then the rows' means over it.
 //!
 //! A row no rank looked up got `+0.0` from the lookup's backward (a dense gradient, zero
