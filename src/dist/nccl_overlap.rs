@@ -15,7 +15,7 @@ use super::buckets::BucketPlan;
 use super::comm_cost::{timing_event, CommCost, DeviceClock};
 use super::exchange::write_mean;
 use super::nccl::NcclComm;
-use super::table_rows::TableRows;
+use super::table_rows::TableParts;
 use crate::config::GradDtype;
 use anyhow::anyhow;
 use cudarc::driver::{CudaEvent, CudaStream, DriverError};
@@ -56,10 +56,7 @@ impl NcclOverlap {
             "the overlapped NCCL exchange needs the contiguous f32 gradients on GPU {}",
             comm.device()
         );
-        let table = match (plan.table, touched) {
-            (Some(rows), Some(touched)) => Some(Table { rows, touched, early: rows.early_copy(grads), packed: None }),
-            _ => None,
-        };
+        let table = TableParts::start(plan.table, touched, grads);
         let mut session = NcclSession {
             overlap: self,
             comm,
@@ -79,15 +76,6 @@ impl NcclOverlap {
     }
 }
 
-/// The token table's parts: the early copy, and the touched rows once packed; averaged
-/// in place on the exchange's stream, written back after the join.
-struct Table<'a> {
-    rows: TableRows,
-    touched: &'a Tensor,
-    early: Tensor,
-    packed: Option<Tensor>,
-}
-
 /// The buckets of one step: enqueued as their stages complete, joined at the end.
 pub struct NcclSession<'a> {
     overlap: &'a NcclOverlap,
@@ -100,7 +88,7 @@ pub struct NcclSession<'a> {
     /// bf16 on the wire: each piece's f32 values (a view) and its bf16 copy, kept alive
     /// until its mean is written back after the join.
     on_the_wire: Vec<(Tensor, Tensor)>,
-    table: Option<Table<'a>>,
+    table: Option<TableParts<'a>>,
     /// The first failure; `finish` reports it.
     failed: Option<anyhow::Error>,
 }
@@ -115,15 +103,7 @@ impl NcclSession<'_> {
             self.enqueue_or_keep_error(pieces, "a bucket");
         }
         let grads = self.grads;
-        let packed = match &mut self.table {
-            Some(t) if t.packed.is_none() && t.rows.ready_after <= stage => {
-                let packed = t.rows.rows_copy(grads, t.touched);
-                t.packed = Some(packed.shallow_clone());
-                Some(packed)
-            }
-            _ => None,
-        };
-        if let Some(packed) = packed {
+        if let Some(packed) = self.table.as_mut().and_then(|t| t.pack_if_ready(grads, stage)) {
             self.enqueue_or_keep_error(vec![packed], "the token table's rows");
         }
     }
@@ -191,7 +171,7 @@ impl NcclSession<'_> {
             write_mean(&mut values.shallow_clone(), summed, self.comm.world());
         }
         if let Some(t) = &self.table {
-            t.rows.write_back(self.grads, t.touched, &t.early, t.packed.as_ref().expect("packed at the last stage"));
+            t.write_back(self.grads);
         }
         Ok(CommCost::OnDevice(DeviceClock { started, done, backward_ended, waited }))
     }

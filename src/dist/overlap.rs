@@ -18,7 +18,7 @@
 use super::buckets::BucketPlan;
 use super::comm_cost::CommTimes;
 use super::ring::{self, f32_to_bf16, Bf16};
-use super::table_rows::TableRows;
+use super::table_rows::TableParts;
 use super::waiting::InCollective;
 use super::RawComm;
 use crate::config::GradDtype;
@@ -78,10 +78,7 @@ impl Overlap {
             grads.kind() == Kind::Float && grads.is_contiguous() && grads.device() == tch::Device::Cpu,
             "the overlapped exchange needs the contiguous f32 gradients in host memory"
         );
-        let table = match (plan.table, touched) {
-            (Some(rows), Some(touched)) => Some(Table { rows, touched, early: rows.early_copy(grads), packed: None }),
-            _ => None,
-        };
+        let table = TableParts::start(plan.table, touched, grads);
         let mut session = Session {
             overlap: self,
             base: grads.data_ptr() as usize,
@@ -121,18 +118,9 @@ pub struct Session<'a> {
     received: usize,
     comm: Duration,
     /// The token table's two parts, when the plan keeps it apart.
-    table: Option<Table<'a>>,
+    table: Option<TableParts<'a>>,
     /// The buffer the addresses point into, borrowed for the session's life.
     grads: &'a Tensor,
-}
-
-/// The token table's parts: the early copy, and the touched rows once packed. The
-/// thread averages them in place; they live until written back.
-struct Table<'a> {
-    rows: TableRows,
-    touched: &'a Tensor,
-    early: Tensor,
-    packed: Option<Tensor>,
 }
 
 impl Session<'_> {
@@ -153,15 +141,7 @@ impl Session<'_> {
             self.launched += 1;
         }
         let grads = self.grads;
-        let packed = match &mut self.table {
-            Some(t) if t.packed.is_none() && t.rows.ready_after <= stage => {
-                let packed = t.rows.rows_copy(grads, t.touched);
-                t.packed = Some(packed.shallow_clone());
-                Some(packed)
-            }
-            _ => None,
-        };
-        if let Some(packed) = packed {
+        if let Some(packed) = self.table.as_mut().and_then(|t| t.pack_if_ready(grads, stage)) {
             self.send(vec![(packed.data_ptr() as usize, packed.numel())]);
         }
     }
@@ -176,7 +156,7 @@ impl Session<'_> {
         };
         outcome?;
         if let Some(t) = &self.table {
-            t.rows.write_back(self.grads, t.touched, &t.early, t.packed.as_ref().expect("packed at the last stage"));
+            t.write_back(self.grads);
         }
         Ok(CommTimes { comm_ms: self.comm.as_secs_f64() * 1e3, exposed_ms: backward_ended.elapsed().as_secs_f64() * 1e3 })
     }

@@ -60,6 +60,41 @@ impl TableRows {
     }
 }
 
+/// One step's two parts of the table, for a session (MPI's thread or NCCL's stream),
+/// which averages them in place: the early copy, taken at the start, and the looked-up
+/// rows, packed when their stage is done; both live until written back.
+pub struct TableParts<'a> {
+    rows: TableRows,
+    touched: &'a Tensor,
+    pub early: Tensor,
+    packed: Option<Tensor>,
+}
+
+impl<'a> TableParts<'a> {
+    /// The parts of the plan's table (`table`), when it keeps one apart and the rows
+    /// looked up are given; takes the early copy of `grads` now.
+    pub fn start(table: Option<TableRows>, touched: Option<&'a Tensor>, grads: &Tensor) -> Option<TableParts<'a>> {
+        let (rows, touched) = (table?, touched?);
+        Some(TableParts { rows, touched, early: rows.early_copy(grads), packed: None })
+    }
+
+    /// Stage `stage` is done: the looked-up rows of `grads`, packed, the first time their
+    /// stage is among those done (None otherwise).
+    pub fn pack_if_ready(&mut self, grads: &Tensor, stage: usize) -> Option<Tensor> {
+        if self.packed.is_some() || self.rows.ready_after > stage {
+            return None;
+        }
+        let packed = self.rows.rows_copy(grads, self.touched);
+        self.packed = Some(packed.shallow_clone());
+        Some(packed)
+    }
+
+    /// Writes the averaged parts into `grads` (after every stage is done).
+    pub fn write_back(&self, grads: &Tensor) {
+        self.rows.write_back(grads, self.touched, &self.early, self.packed.as_ref().expect("packed at the last stage"));
+    }
+}
+
 /// The rows `ids` name, ascending and once each, as a tensor on `device`.
 pub fn touched_rows(mut ids: Vec<i64>, device: Device) -> Tensor {
     ids.sort_unstable();
