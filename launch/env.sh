@@ -26,7 +26,13 @@ ensure_release_build() {
 # as SIGUSR1, which mpirun forwards to every rank: each saves a checkpoint at the next
 # step boundary and exits 0, and so does mpirun. A second signal sends SIGTERM: mpirun
 # ends the ranks at once. Returns mpirun's exit status.
+# A shell started with SIGINT ignored (a `cmd &` or `nohup cmd &` job of a script or of a
+# shell without job control) cannot trap it: then Ctrl-C cannot stop the job, and it
+# says so at the start; SIGTERM still does.
 run_job() {
+  if [ "$(trap -p INT)" = "trap -- '' SIGINT" ]; then
+    echo "[launch] SIGINT is ignored in this shell (started in the background?): Ctrl-C cannot stop this job; kill -TERM $BASHPID will (it stops cleanly, as Ctrl-C would)" >&2
+  fi
   setsid "$@" &
   local job=$! signals=0 status=0
   trap 'signals=$((signals + 1))

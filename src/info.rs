@@ -18,6 +18,7 @@ pub fn run(cfg: &Config, as_json: bool) {
             "seq_len": cfg.train.seq_len,
             "model": m,
             "config": cfg,
+            "cpu": crate::host_cpu::on_this_cpu(cfg.train.precision).json(),
         });
         println!("{out}");
         return;
@@ -49,4 +50,5 @@ pub fn run(cfg: &Config, as_json: bool) {
     println!("  blocks              {:>14}  ({} stored x {})", group(p.stored_blocks * p.per_block), p.stored_blocks, group(p.per_block));
     println!("  final LayerNorm     {:>14}", group(p.final_norm));
     println!("training FLOPs per token at seq_len {}: {}", cfg.train.seq_len, group(flops));
+    print!("{}", crate::host_cpu::on_this_cpu(cfg.train.precision).text());
 }

@@ -20,6 +20,7 @@ pub mod exit_code;
 pub mod export;
 pub mod faults;
 pub mod generate;
+pub mod host_cpu;
 pub mod info;
 pub mod model;
 pub mod optim;

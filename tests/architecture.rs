@@ -3,7 +3,7 @@
 //! modules: `data/`, `evaluation.rs`, `report/`, `runtime.rs`, ...), and rustfmt's formatting.
 
 mod common;
-use common::repo;
+use common::{repo, run_bounded, LIMIT};
 use std::collections::{BTreeMap, BTreeSet};
 
 const COMMANDS: [&str; 7] = ["train", "eval", "bench", "info", "generate", "export", "doctor"];
@@ -121,7 +121,7 @@ fn no_circles_between_the_files_of_a_module_directory() {
 #[test]
 fn the_code_is_formatted() {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = std::process::Command::new(cargo).args(["fmt", "--all", "--check"]).current_dir(repo()).output().unwrap();
+    let out = run_bounded(std::process::Command::new(cargo).args(["fmt", "--all", "--check"]).current_dir(repo()), LIMIT);
     assert!(
         out.status.success(),
         "`cargo fmt --all --check` failed; run `cargo fmt --all`:\n{}{}",

@@ -20,11 +20,17 @@ fn host_path() -> String {
 }
 
 fn bundle(out: &Path) -> PathBuf {
-    let made = Command::new("bash")
-        .arg(repo().join("launch/bundle.sh"))
-        .args(["--out", out.to_str().unwrap(), "--trainer", bin(), "--launcher", launcher().to_str().unwrap()])
-        .output()
-        .unwrap();
+    let made = run_bounded(
+        Command::new("bash").arg(repo().join("launch/bundle.sh")).args([
+            "--out",
+            out.to_str().unwrap(),
+            "--trainer",
+            bin(),
+            "--launcher",
+            launcher().to_str().unwrap(),
+        ]),
+        LIMIT,
+    );
     assert!(made.status.success(), "bundle.sh failed:\n{}\n{}", stdout(&made), stderr(&made));
     let tarball = out.join("algpt2-ddp-bundle.tar.gz");
     assert!(tarball.is_file() && out.join("bundle/BUNDLE").is_file());
@@ -38,8 +44,8 @@ fn the_unpacked_bundle_trains_with_the_hosts_torch() {
     // Unpacked somewhere else, as on another machine.
     let host = tmp.path().join("host");
     std::fs::create_dir_all(&host).unwrap();
-    let untar = Command::new("tar").arg("xf").arg(&tarball).current_dir(&host).status().unwrap();
-    assert!(untar.success());
+    let untar = run_bounded(Command::new("tar").arg("xf").arg(&tarball).current_dir(&host), LIMIT);
+    assert!(untar.status.success(), "{}", stderr(&untar));
     let root = host.join("bundle");
     for f in [
         "bin/algpt2-ddp", "libexec/algpt2-ddp", "launch/single-node.sh", "launch/env.sh", "launch/gpu-checks.sh", "launch/bench-gpu.sh",
@@ -48,20 +54,21 @@ fn the_unpacked_bundle_trains_with_the_hosts_torch() {
         assert!(root.join(f).is_file(), "the bundle lacks {f}");
     }
     // Nothing points back at the build machine's venv.
-    let dynamic = Command::new("readelf").args(["-d"]).arg(root.join("libexec/algpt2-ddp")).output().unwrap();
+    let dynamic = run_bounded(Command::new("readelf").args(["-d"]).arg(root.join("libexec/algpt2-ddp")), LIMIT);
     let dynamic = stdout(&dynamic);
     assert!(dynamic.contains("libtorch_cpu.so") && !dynamic.contains("RPATH") && !dynamic.contains("RUNPATH"), "{dynamic}");
 
     // The launcher finds libtorch through python3 and says which one.
     let cache = tmp.path().join("cache");
-    let info = Command::new(root.join("bin/algpt2-ddp"))
-        .args(["info", "--config", "configs/quickstart.yaml", "--json"])
-        .current_dir(&root)
-        .env("PATH", host_path())
-        .env("XDG_CACHE_HOME", &cache)
-        .env_remove("LD_LIBRARY_PATH")
-        .output()
-        .unwrap();
+    let info = run_bounded(
+        Command::new(root.join("bin/algpt2-ddp"))
+            .args(["info", "--config", "configs/quickstart.yaml", "--json"])
+            .current_dir(&root)
+            .env("PATH", host_path())
+            .env("XDG_CACHE_HOME", &cache)
+            .env_remove("LD_LIBRARY_PATH"),
+        LIMIT,
+    );
     assert!(info.status.success(), "{}", stderr(&info));
     assert!(
         stderr(&info).contains("algpt2-ddp: libtorch 2.11.0") && stderr(&info).contains("the torch package of python3"),
@@ -84,18 +91,19 @@ fn the_unpacked_bundle_trains_with_the_hosts_torch() {
         "--set", "optim.warmup_steps=1", "--set", "wandb.mode=disabled",
     ];
     sets.extend(TINY_MODEL);
-    let trained = Command::new("bash")
-        .arg(root.join("launch/single-node.sh"))
-        .arg("configs/quickstart.yaml")
-        .arg("2")
-        .args(&sets)
-        .current_dir(&root)
-        .env("PATH", host_path())
-        .env("XDG_CACHE_HOME", &cache)
-        .env("OMP_NUM_THREADS", "1")
-        .env_remove("LD_LIBRARY_PATH")
-        .output()
-        .unwrap();
+    let trained = run_bounded(
+        Command::new("bash")
+            .arg(root.join("launch/single-node.sh"))
+            .arg("configs/quickstart.yaml")
+            .arg("2")
+            .args(&sets)
+            .current_dir(&root)
+            .env("PATH", host_path())
+            .env("XDG_CACHE_HOME", &cache)
+            .env("OMP_NUM_THREADS", "1")
+            .env_remove("LD_LIBRARY_PATH"),
+        LIMIT,
+    );
     assert!(trained.status.success(), "{}\n{}", stdout(&trained), stderr(&trained));
     let run = root.join("runs/quickstart");
     assert!(run.join("checkpoints/step_00000003/model.safetensors").is_file(), "{}", stderr(&trained));
@@ -103,17 +111,18 @@ fn the_unpacked_bundle_trains_with_the_hosts_torch() {
     assert!(log.lines().count() >= 3, "{log}");
 
     // gpu-checks.sh on a machine without a GPU: doctor passes, the GPU checks say why not.
-    let checks = Command::new("bash")
-        .arg(root.join("launch/gpu-checks.sh"))
-        .arg(tmp.path().join("gpu-checks"))
-        .current_dir(&root)
-        .env("PATH", host_path())
-        .env("XDG_CACHE_HOME", &cache)
-        .env("DOCTOR_SIZES_MB", "1")
-        .env("OMP_NUM_THREADS", "1")
-        .env_remove("LD_LIBRARY_PATH")
-        .output()
-        .unwrap();
+    let checks = run_bounded(
+        Command::new("bash")
+            .arg(root.join("launch/gpu-checks.sh"))
+            .arg(tmp.path().join("gpu-checks"))
+            .current_dir(&root)
+            .env("PATH", host_path())
+            .env("XDG_CACHE_HOME", &cache)
+            .env("DOCTOR_SIZES_MB", "1")
+            .env("OMP_NUM_THREADS", "1")
+            .env_remove("LD_LIBRARY_PATH"),
+        LIMIT,
+    );
     let said = stdout(&checks);
     if !tch::Cuda::is_available() {
         assert!(checks.status.success(), "{said}\n{}", stderr(&checks));
@@ -134,7 +143,7 @@ fn a_missing_or_wrong_libtorch_is_a_clear_error() {
         for (k, v) in envs {
             cmd.env(k, v);
         }
-        cmd.output().unwrap()
+        run_bounded(&mut cmd, LIMIT)
     };
     // No python3 with torch on PATH (only the system's directories, whose python3, if
     // any, has no torch), and no ALGPT2_TORCH.

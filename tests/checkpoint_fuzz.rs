@@ -27,7 +27,7 @@ fn base_args(dir: &Path, extra: &[&str]) -> Vec<String> {
 
 /// A trained tiny run with one checkpoint at step 2.
 fn trained(dir: &Path) -> PathBuf {
-    let out = Command::new(bin()).args(base_args(dir, &[])).current_dir(repo()).output().unwrap();
+    let out = run_bounded(Command::new(bin()).args(base_args(dir, &[])).current_dir(repo()), LIMIT);
     assert!(out.status.success(), "{}", stderr(&out));
     dir.join("runs/fz/checkpoints/step_00000002")
 }
@@ -176,7 +176,7 @@ fn the_binary_gives_exit_1_or_2_on_damaged_checkpoints() {
             resume,
         ];
         for args in commands {
-            let out = Command::new(bin()).args(&args).current_dir(repo()).output().unwrap();
+            let out = run_bounded(Command::new(bin()).args(&args).current_dir(repo()), LIMIT);
             let code = out.status.code();
             assert!(matches!(code, Some(0..=2)), "case {case}: {what}: `{}` exit {code:?}\n{}", args[0], stderr(&out));
             assert!(!stderr(&out).contains("panicked"), "case {case}: {what}: {}", stderr(&out));

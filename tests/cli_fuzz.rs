@@ -68,7 +68,7 @@ fn every_subcommand_survives_bad_argument_values() {
                 if base[0] == "wandb-sync" {
                     cmd.env("WANDB_BASE_URL", "http://127.0.0.1:9").env("WANDB_API_KEY", WANDB_KEY);
                 }
-                let out = cmd.output().unwrap();
+                let out = run_bounded(&mut cmd, LIMIT);
                 runs += 1;
                 let code = out.status.code();
                 let err = stderr(&out);
@@ -105,7 +105,7 @@ fn a_panic_is_a_one_line_error_with_exit_1() {
     let dir = tempfile::tempdir().unwrap();
     let a = tiny_run_args(&["--set", "wandb.mode=disabled", "--set", "optim.warmup_steps=1"], dir.path(), "p", &[]);
     let out =
-        Command::new(bin()).args(&a).env("ALGPT2_FAULT", "panic@2").env_remove("RUST_BACKTRACE").current_dir(repo()).output().unwrap();
+        run_bounded(Command::new(bin()).args(&a).env("ALGPT2_FAULT", "panic@2").env_remove("RUST_BACKTRACE").current_dir(repo()), LIMIT);
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("error: internal failure: injected failure after step 2") && err.contains("src/faults.rs"), "{err}");

@@ -112,6 +112,8 @@ fn train_writes_the_resolved_config_and_tokenizer_into_the_run_dir() {
         "--set",
         "model.n_layer=3",
         "--set",
+        "train.precision=fp32",
+        "--set",
         "device=cpu",
         "--set",
         &format!("data.cache_dir={}", dir.path().join("cache").display()),
@@ -142,17 +144,19 @@ fn train_writes_the_resolved_config_and_tokenizer_into_the_run_dir() {
 fn mpirun_two_ranks_start_together_and_only_rank_0_writes() {
     let dir = tempfile::tempdir().unwrap();
     let out_dir = dir.path().join("runs");
-    let out = mpirun(2)
-        .arg(bin())
-        .args(["--config", "configs/quickstart.yaml", "--set", "device=cpu", "--set", "train.max_steps=3"])
-        .args(["--set", "optim.warmup_steps=1", "--set", "wandb.mode=disabled"])
-        .arg("--set")
-        .arg(format!("out_dir={}", out_dir.display()))
-        .arg("--set")
-        .arg(format!("data.cache_dir={}", dir.path().join("cache").display()))
-        .current_dir(repo())
-        .output()
-        .expect("mpirun is installed by launch/setup.sh");
+    let out = run_bounded(
+        mpirun(2)
+            .arg(bin())
+            .args(["--config", "configs/quickstart.yaml", "--set", "device=cpu", "--set", "train.max_steps=3"])
+            .args(["--set", "train.precision=fp32"])
+            .args(["--set", "optim.warmup_steps=1", "--set", "wandb.mode=disabled"])
+            .arg("--set")
+            .arg(format!("out_dir={}", out_dir.display()))
+            .arg("--set")
+            .arg(format!("data.cache_dir={}", dir.path().join("cache").display()))
+            .current_dir(repo()),
+        LIMIT,
+    );
     let err = stderr(&out);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("world: 2 rank(s), 2 on this node"), "{err}");
@@ -246,7 +250,7 @@ fn sizes_that_cannot_fit_are_refused_before_anything_is_written() {
     assert!(!dir.path().join("runs/huge").exists(), "the run directory was created");
     assert!(!err.contains("panicked"), "{err}");
 
-    let out = mpirun(2).arg(bin()).args(&a).current_dir(repo()).output().unwrap();
+    let out = run_bounded(mpirun(2).arg(bin()).args(&a).current_dir(repo()), LIMIT);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("needs about"), "{}", stderr(&out));
     assert!(!dir.path().join("runs/huge").exists());
@@ -263,29 +267,15 @@ fn sizes_that_cannot_fit_are_refused_before_anything_is_written() {
 /// Runs `info --config path`, killed after 10 s so that a config read that blocks cannot
 /// hang the suite: the exit code (None when killed), stderr and the seconds it took.
 fn info_within_10_s(path: &str) -> (Option<i32>, String, f64) {
-    use std::io::Read;
     let started = std::time::Instant::now();
-    let mut child = std::process::Command::new(bin())
-        .args(["info", "--config", path])
-        .current_dir(repo())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let code = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status.code();
-        }
-        if started.elapsed() > std::time::Duration::from_secs(10) {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
+    let mut child = spawn(std::process::Command::new(bin()).args(["info", "--config", path]).current_dir(repo()));
+    while child.is_running() && started.elapsed() < std::time::Duration::from_secs(10) {
         std::thread::sleep(std::time::Duration::from_millis(20));
-    };
-    let mut err = String::new();
-    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
-    (code, err, started.elapsed().as_secs_f64())
+    }
+    let killed = child.is_running();
+    child.kill();
+    let out = finish_bounded(child, LIMIT);
+    (if killed { None } else { out.status.code() }, stderr(&out), started.elapsed().as_secs_f64())
 }
 
 #[test]

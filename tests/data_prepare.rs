@@ -276,14 +276,10 @@ fn concurrent_prepares_of_one_cache_all_succeed_with_one_build() {
     let train = dir.path().join("train.txt");
     std::fs::write(&train, "alpha beta gamma delta, epsilon zeta eta theta.\n".repeat(3000)).unwrap();
     let cfg = config(dir.path(), "text", &train.display().to_string(), None, 300, "");
-    let racers: Vec<_> = (0..3)
-        .map(|_| {
-            std::process::Command::new(bin()).args(["prepare", "--config", &cfg]).stderr(std::process::Stdio::piped()).spawn().unwrap()
-        })
-        .collect();
+    let racers: Vec<_> = (0..3).map(|_| spawn(std::process::Command::new(bin()).args(["prepare", "--config", &cfg]))).collect();
     let mut logs = String::new();
     for r in racers {
-        let out = r.wait_with_output().unwrap();
+        let out = finish_bounded(r, LIMIT);
         assert!(out.status.success(), "{}", stderr(&out));
         logs += &stderr(&out);
     }
@@ -410,8 +406,7 @@ fn a_killed_prepare_leaves_nothing_behind_for_long() {
     let line: String = (0..200).map(|i| format!("w{} ", i * 31 % 997)).collect::<String>() + "\n";
     std::fs::write(&train, line.repeat(8000)).unwrap();
     let cfg = config(dir.path(), "text", &train.display().to_string(), None, 400, "");
-    let mut child =
-        std::process::Command::new(bin()).args(["prepare", "--config", &cfg]).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let mut child = spawn(std::process::Command::new(bin()).args(["prepare", "--config", &cfg]));
     let temporary = || -> Vec<PathBuf> {
         std::fs::read_dir(dir.path().join("cache"))
             .map(|d| d.map(|e| e.unwrap().path()).filter(|p| p.to_string_lossy().contains(".tmp-")).collect())
@@ -419,12 +414,12 @@ fn a_killed_prepare_leaves_nothing_behind_for_long() {
     };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while temporary().is_empty() {
-        assert!(child.try_wait().unwrap().is_none(), "prepare ended before it could be killed");
+        assert!(child.is_running(), "prepare ended before it could be killed");
         assert!(std::time::Instant::now() < deadline, "no temporary build directory appeared");
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    child.kill();
+    finish_bounded(child, LIMIT);
     let left = temporary();
     assert_eq!(left.len(), 1, "{left:?}");
     let out = prepare(&cfg);

@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 /// A tiny model on the synthetic corpus; dropout off so that runs at different world
@@ -24,7 +24,7 @@ fn args(dir: &Path, run: &str, extra: &[&str]) -> Vec<String> {
 }
 
 fn one_rank(a: &[String]) -> Output {
-    Command::new(bin()).args(a).current_dir(repo()).output().unwrap()
+    run_bounded(Command::new(bin()).args(a).current_dir(repo()), LIMIT)
 }
 
 fn two_ranks(a: &[String], fault: Option<&str>) -> Output {
@@ -32,7 +32,8 @@ fn two_ranks(a: &[String], fault: Option<&str>) -> Output {
     if let Some(f) = fault {
         cmd.args(["-x", &format!("ALGPT2_FAULT={f}")]);
     }
-    cmd.arg(bin()).args(a).current_dir(repo()).output().unwrap()
+    cmd.arg(bin()).args(a).current_dir(repo());
+    run_bounded(&mut cmd, LIMIT)
 }
 
 fn rows(dir: &Path, run: &str) -> Vec<Value> {
@@ -127,6 +128,46 @@ fn two_ranks_of_b_follow_one_rank_of_2b_in_bf16() {
     let diff = weight_norm_difference(&checkpoint(d, "two", 8), &checkpoint(d, "one", 8));
     eprintln!("bf16, 2 ranks of 4 vs 1 rank of 8: normwise weight difference {diff:.4}");
     assert!(diff < 1e-2, "final weights differ normwise by {diff}");
+}
+
+/// Gradient accumulation is the ranks' average, to fp32 rounding, in fp32 and in bf16:
+/// one rank accumulating 2 micro-steps of 4 windows and 2 ranks of 4 windows each train
+/// on the same windows (micro-step m of rank r is window slice m·world + r). The
+/// objective scales each micro-step's loss by 1/(tokens · grad_accum_steps), a power of
+/// two apart between the two runs, which changes no rounding. Dropout is off (its masks
+/// are keyed by rank and micro-step) and every process has one math thread.
+///
+/// What differs is the order of fp32 additions: the one rank adds each micro-step's
+/// gradients into the accumulating fp32 buffer (in bf16, each micro-step's bf16
+/// gradients whole; the tied table's lookup and head parts and, in fp32, each use of the
+/// shared block, one by one), the two ranks add a micro-step's whole gradient to the
+/// other rank's. A few fp32 roundings (2^-24) per step, which AdamW carries into the
+/// weights. Bound: 1e-6 normwise (measured 9.2e-8 in fp32; 0 in bf16, where the weights
+/// came out byte-identical and only a few AdamW second moments differed by an ulp).
+/// Summing micro-steps' gradients in bf16 (tests/sabotage/bf16-gradient-sum.patch) rounds
+/// the one rank's sum to 2^-9: measured 5.0e-4 normwise after 8 steps, 500× the bound.
+#[test]
+fn accumulated_micro_steps_are_the_ranks_average() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for precision in ["fp32", "bf16"] {
+        let pin = ["--set".to_string(), format!("train.precision={precision}")];
+        let pin: Vec<&str> = pin.iter().map(String::as_str).collect();
+        let (two, one) = (format!("two_{precision}"), format!("accum_{precision}"));
+        let out = two_ranks(&args(d, &two, &[&pin[..], &["--set", "train.micro_batch_size=4"]].concat()), None);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(stderr(&out).contains(&format!("precision: {precision}")), "{}", stderr(&out));
+        let mut cmd = Command::new(bin());
+        let a = args(d, &one, &[&pin[..], &["--set", "train.micro_batch_size=4", "--set", "train.grad_accum_steps=2"]].concat());
+        one_math_thread(&mut cmd).args(a).current_dir(repo());
+        let out = run_bounded(&mut cmd, LIMIT);
+        assert!(out.status.success(), "{}", stderr(&out));
+        for step in [4, 8] {
+            let diff = weight_norm_difference(&checkpoint(d, &two, step), &checkpoint(d, &one, step));
+            eprintln!("{precision}, step {step}: 2 ranks of 4 vs 1 rank of 2 micro-steps of 4: normwise weight difference {diff:.3e}");
+            assert!(diff < 1e-6, "{precision}: the weights at step {step} differ normwise by {diff:e}");
+        }
+    }
 }
 
 /// ‖a − b‖ / ‖b‖ over all model tensors of two checkpoints.
@@ -248,31 +289,29 @@ fn line_of_rank(err: &str, rank: usize) -> String {
     err.lines().find(|l| l.contains(&head)).unwrap_or_default().to_string()
 }
 
-/// A two-rank job of the tiny model that runs until stopped, its stderr in `dir/stderr.txt`.
-fn endless_two_ranks(dir: &Path, timeout_s: u64) -> std::process::Child {
+/// A two-rank job of the tiny model that runs until stopped.
+fn endless_two_ranks(dir: &Path, timeout_s: u64) -> Running {
     #[rustfmt::skip]
     let extra = [
         "--set", "train.micro_batch_size=4", "--set", "train.max_steps=100000", "--set", "train.save_interval=0",
         "--set", "train.eval_interval=0", "--set", &format!("dist.timeout_s={timeout_s}"),
     ];
     let a = args(dir, "f", &extra);
-    let err = std::fs::File::create(dir.join("stderr.txt")).unwrap();
-    mpirun(2).arg(bin()).args(&a).current_dir(repo()).stdout(Stdio::null()).stderr(err).spawn().unwrap()
+    spawn(mpirun(2).arg(bin()).args(&a).current_dir(repo()))
 }
 
-fn wait_for_rows(dir: &Path, n: usize, child: &mut std::process::Child) {
+fn wait_for_rows(dir: &Path, n: usize, child: &mut Running) {
     let deadline = Instant::now() + Duration::from_secs(120);
-    let err = || std::fs::read_to_string(dir.join("stderr.txt")).unwrap_or_default();
     while rows(dir, "f").len() < n {
-        assert!(child.try_wait().unwrap().is_none(), "the run ended before {n} rows:\n{}", err());
-        assert!(Instant::now() < deadline, "the run did not reach {n} rows:\n{}", err());
+        assert!(child.is_running(), "the run ended before {n} rows:\n{}", child.stderr_so_far());
+        assert!(Instant::now() < deadline, "the run did not reach {n} rows:\n{}", child.stderr_so_far());
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
 /// The rank processes of an mpirun job (its children), by rank.
-fn rank_pids(mpirun: &std::process::Child) -> Vec<String> {
-    let children = Command::new("pgrep").args(["-P", &mpirun.id().to_string()]).output().unwrap();
+fn rank_pids(mpirun: &Running) -> Vec<String> {
+    let children = run_bounded(Command::new("pgrep").args(["-P", &mpirun.id().to_string()]), LIMIT);
     let mut ranked: Vec<(usize, String)> = stdout(&children)
         .split_whitespace()
         .filter_map(|pid| {
@@ -287,21 +326,13 @@ fn rank_pids(mpirun: &std::process::Child) -> Vec<String> {
 }
 
 fn kill(sig: &str, pids: &[&String]) {
-    Command::new("kill").arg(format!("-{sig}")).args(pids).status().unwrap();
+    run_bounded(Command::new("kill").arg(format!("-{sig}")).args(pids), LIMIT);
 }
 
-fn wait_or_kill(child: &mut std::process::Child, within: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the job did not end within {within:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+/// The job's end: its exit status and stderr, within `within` (else killed, and a panic).
+fn wait_or_kill(child: Running, within: Duration) -> (std::process::ExitStatus, String) {
+    let out = finish_bounded(child, within);
+    (out.status, stderr(&out))
 }
 
 #[test]
@@ -317,14 +348,12 @@ fn a_stopped_rank_is_named_as_silent_and_knows_it_was_frozen() {
     // once rank 0's watchdog gave up on it.
     kill("STOP", &[&pids[1]]);
     let stopped = Instant::now();
-    let err = || std::fs::read_to_string(d.join("stderr.txt")).unwrap_or_default();
-    while line_of_rank(&err(), 0).is_empty() && stopped.elapsed() < Duration::from_secs(30) {
+    while line_of_rank(&child.stderr_so_far(), 0).is_empty() && stopped.elapsed() < Duration::from_secs(30) {
         std::thread::sleep(Duration::from_millis(50));
     }
     let named_after = stopped.elapsed();
     kill("CONT", &[&pids[1]]);
-    let status = wait_or_kill(&mut child, Duration::from_secs(30));
-    let err = err();
+    let (status, err) = wait_or_kill(child, Duration::from_secs(30));
     eprintln!(
         "FIGURE stopped rank: rank 0's watchdog named it {:.1} s after the SIGSTOP; mpirun returned after {:.1} s",
         named_after.as_secs_f64(),
@@ -356,8 +385,7 @@ fn a_job_stopped_and_continued_whole_goes_on_training() {
     wait_for_rows(d, resumed_at + 5, &mut child);
     eprintln!("FIGURE whole job stopped 6 s (dist.timeout_s = 4): 5 more steps {:.1} s after the SIGCONT", resumed.elapsed().as_secs_f64());
     kill("USR1", &[&child.id().to_string()]);
-    let status = wait_or_kill(&mut child, Duration::from_secs(30));
-    let err = std::fs::read_to_string(d.join("stderr.txt")).unwrap();
+    let (status, err) = wait_or_kill(child, Duration::from_secs(30));
     assert!(status.success(), "{err}");
     assert!(!err.contains("no training progress"), "{err}");
     assert!(err.matches("this rank was frozen for").count() >= 2, "{err}");
@@ -376,7 +404,7 @@ fn sigterm_saves_a_checkpoint_and_all_ranks_exit_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let a = args(d, "s", &["--set", "train.micro_batch_size=4", "--set", "train.max_steps=100000", "--set", "train.save_interval=0"]);
-    let mut child = mpirun(2).arg(bin()).args(&a).current_dir(repo()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let child = spawn(mpirun(2).arg(bin()).args(&a).current_dir(repo()));
     let metrics = d.join("runs/s/metrics.jsonl");
     let deadline = Instant::now() + Duration::from_secs(120);
     while std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) < 3 {
@@ -384,13 +412,11 @@ fn sigterm_saves_a_checkpoint_and_all_ranks_exit_cleanly() {
         std::thread::sleep(Duration::from_millis(100));
     }
     // As Slurm does: SIGTERM to every rank process (mpirun's children).
-    let ranks = Command::new("pgrep").args(["-P", &child.id().to_string()]).output().unwrap();
+    let ranks = run_bounded(Command::new("pgrep").args(["-P", &child.id().to_string()]), LIMIT);
     let pids: Vec<String> = stdout(&ranks).split_whitespace().map(String::from).collect();
     assert_eq!(pids.len(), 2, "{pids:?}");
-    Command::new("kill").arg("-TERM").args(&pids).status().unwrap();
-    let status = child.wait().unwrap();
-    let mut err = String::new();
-    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    run_bounded(Command::new("kill").arg("-TERM").args(&pids), LIMIT);
+    let (status, err) = wait_or_kill(child, Duration::from_secs(120));
     assert!(status.success(), "{err}");
     assert!(err.contains("stopped by signal after step"), "{err}");
     let saved: Vec<PathBuf> = std::fs::read_dir(d.join("runs/s/checkpoints")).unwrap().map(|e| e.unwrap().path()).collect();

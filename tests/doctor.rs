@@ -24,7 +24,7 @@ fn doctor_passes_without_a_gpu_and_says_what_it_skipped() {
 
 #[test]
 fn doctor_under_mpirun_checks_every_rank_and_the_all_reduce() {
-    let out = mpirun(2).args([bin(), "doctor", "--sizes-mb", "1,16"]).current_dir(repo()).output().unwrap();
+    let out = run_bounded(mpirun(2).args([bin(), "doctor", "--sizes-mb", "1,16"]).current_dir(repo()), LIMIT);
     let text = stdout(&out);
     assert!(out.status.success(), "exit {:?}\n{text}\n{}", out.status.code(), stderr(&out));
     assert!(text.contains("== rank 0") && text.contains("== rank 1"), "{text}");
@@ -33,7 +33,7 @@ fn doctor_under_mpirun_checks_every_rank_and_the_all_reduce() {
     assert!(text.contains("exchange mpi, fp32 gradients, overlapped with backward, weights equal on all 2 rank(s)"), "{text}");
     assert!(text.contains("on 2 rank(s)"), "{text}");
 
-    let out = mpirun(2).args([bin(), "doctor", "--sizes-mb", "1", "--json"]).current_dir(repo()).output().unwrap();
+    let out = run_bounded(mpirun(2).args([bin(), "doctor", "--sizes-mb", "1", "--json"]).current_dir(repo()), LIMIT);
     assert!(out.status.success(), "{}", stderr(&out));
     let report: serde_json::Value = serde_json::from_str(stdout(&out).trim()).expect("one JSON object");
     assert_eq!(report["ok"], true);
@@ -53,12 +53,13 @@ fn a_failed_check_makes_doctor_exit_1() {
     let tmp = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(tmp.path().join("torch/lib")).unwrap();
     std::fs::write(tmp.path().join("torch/version.py"), "__version__ = '2.13.0+cpu'\ncuda = None\n").unwrap();
-    let out = std::process::Command::new(bin())
-        .args(["doctor", "--sizes-mb", "1"])
-        .env("ALGPT2_TORCH_DIR", tmp.path().join("torch"))
-        .current_dir(repo())
-        .output()
-        .unwrap();
+    let out = run_bounded(
+        std::process::Command::new(bin())
+            .args(["doctor", "--sizes-mb", "1"])
+            .env("ALGPT2_TORCH_DIR", tmp.path().join("torch"))
+            .current_dir(repo()),
+        LIMIT,
+    );
     let text = stdout(&out);
     assert_eq!(out.status.code(), Some(1), "{text}\n{}", stderr(&out));
     assert!(text.contains("[FAIL] libtorch version") && text.contains("2.13.0+cpu") && text.contains("binds PyTorch 2.11.x"), "{text}");

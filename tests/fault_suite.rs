@@ -36,7 +36,7 @@ fn one_rank(a: &[String], fault: Option<&str>) -> Output {
     if let Some(f) = fault {
         cmd.env("ALGPT2_FAULT", f);
     }
-    cmd.output().unwrap()
+    run_bounded(&mut cmd, LIMIT)
 }
 
 fn two_ranks(a: &[String], fault: Option<&str>) -> Output {
@@ -44,7 +44,7 @@ fn two_ranks(a: &[String], fault: Option<&str>) -> Output {
     if let Some(f) = fault {
         cmd.args(["-x", &format!("ALGPT2_FAULT={f}")]);
     }
-    cmd.arg(bin()).args(a).current_dir(repo()).output().unwrap()
+    run_bounded(cmd.arg(bin()).args(a).current_dir(repo()), LIMIT)
 }
 
 fn checkpoints(dir: &Path, run: &str) -> PathBuf {
@@ -155,7 +155,7 @@ fn a_full_disk_with_on_save_error_continue_trains_on_and_saves_later() {
 
 /// Why a private mount namespace with a tmpfs cannot be made here, if it cannot.
 fn cannot_mount_tmpfs() -> Option<String> {
-    let out = Command::new("unshare").args(["-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"]).output();
+    let out = try_run_bounded(Command::new("unshare").args(["-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"]), LIMIT);
     match out {
         Err(e) => Some(format!("unshare: {e}")),
         Ok(o) if !o.status.success() => Some(format!("unshare -rm + mount tmpfs: {}", stderr(&o).trim())),
@@ -187,15 +187,16 @@ fn a_really_full_disk_keeps_the_last_checkpoints_and_the_run_resumes_elsewhere()
     // The run's checkpoints go to a tmpfs of `size` bytes in a private mount namespace;
     // what is on it when the run ends is copied out before the namespace goes.
     let script = r#"mount -t tmpfs -o size="$SIZE" tmpfs "$MOUNT" || exit 99; "$@"; rc=$?; cp -a "$MOUNT"/. "$RESCUED"/; exit $rc"#;
-    let out = one_math_thread(&mut Command::new("unshare"))
-        .args(["-rm", "sh", "-c", script, "sh", bin()])
-        .args(&a)
-        .env("SIZE", size.to_string())
-        .env("MOUNT", &mount_point)
-        .env("RESCUED", &rescued)
-        .current_dir(repo())
-        .output()
-        .unwrap();
+    let out = run_bounded(
+        one_math_thread(&mut Command::new("unshare"))
+            .args(["-rm", "sh", "-c", script, "sh", bin()])
+            .args(&a)
+            .env("SIZE", size.to_string())
+            .env("MOUNT", &mount_point)
+            .env("RESCUED", &rescued)
+            .current_dir(repo()),
+        LIMIT,
+    );
     assert_ne!(out.status.code(), Some(99), "mount failed: {}", stderr(&out));
     assert!(!out.status.success(), "the run must stop on a full disk");
     let err = stderr(&out);
@@ -230,7 +231,7 @@ fn wandb_run(d: &Path, run: &str, url: Option<&str>, steps: u64) -> (f64, PathBu
     let mut cmd = Command::new(bin());
     cmd.args(&a).current_dir(repo());
     with_wandb_env(&mut cmd, url, d);
-    let out = cmd.output().unwrap();
+    let out = run_bounded(&mut cmd, LIMIT);
     assert!(out.status.success(), "{run}: {}", stderr(&out));
     let run_dir = d.join("runs").join(run);
     let summary: Value = serde_json::from_str(&std::fs::read_to_string(run_dir.join("summary.json")).unwrap()).unwrap();
@@ -239,9 +240,10 @@ fn wandb_run(d: &Path, run: &str, url: Option<&str>, steps: u64) -> (f64, PathBu
 
 fn wandb_sync(d: &Path, run_dir: &Path, server: &FakeServer) {
     let mut cmd = Command::new(bin());
-    cmd.args(["wandb-sync", run_dir.to_str().unwrap()]).current_dir(repo());
+    // Its own limit well inside the test's: a server that stopped answering fails fast.
+    cmd.args(["wandb-sync", run_dir.to_str().unwrap(), "--timeout", "120"]).current_dir(repo());
     with_wandb_env(&mut cmd, Some(&server.url), d);
-    let out = cmd.output().unwrap();
+    let out = run_bounded(&mut cmd, LIMIT);
     assert!(out.status.success(), "{}", stderr(&out));
 }
 
@@ -324,7 +326,7 @@ fn damaged_data_files_and_caches_get_clear_errors_or_a_rebuild() {
     let prepare = |a: &[String]| {
         let mut cmd = Command::new(bin());
         cmd.arg("prepare").args(a).current_dir(repo());
-        cmd.output().unwrap()
+        run_bounded(&mut cmd, LIMIT)
     };
 
     // Binary garbage as training text.
@@ -392,8 +394,8 @@ fn a_truncated_bit_flipped_or_deleted_checkpoint_file_falls_back_to_the_previous
     for (i, (case, damage)) in cases.iter().enumerate() {
         // A copy of the finished run whose newest checkpoint is then damaged.
         let run = format!("damaged-{i}");
-        let copy = Command::new("cp").arg("-a").arg(d.join("runs/whole")).arg(d.join("runs").join(&run)).status().unwrap();
-        assert!(copy.success());
+        let copy = run_bounded(Command::new("cp").arg("-a").arg(d.join("runs/whole")).arg(d.join("runs").join(&run)), LIMIT);
+        assert!(copy.status.success(), "{}", stderr(&copy));
         let newest = checkpoints(d, &run).join("step_00000008");
         damage(&newest);
         let out = one_rank(&args(d, &run, &[]), None);

@@ -24,7 +24,7 @@ fn shared_cache() -> String {
 fn train(dir: &Path, run: &str, extra: &[&str]) -> Output {
     let mut args = tiny_run_args(&SETS, dir, run, extra);
     args.push(shared_cache());
-    Command::new(bin()).args(args).current_dir(repo()).output().unwrap()
+    run_bounded(Command::new(bin()).args(args).current_dir(repo()), LIMIT)
 }
 
 /// A trained tiny run and its checkpoint at step 2.

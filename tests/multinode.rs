@@ -9,7 +9,7 @@ mod common;
 use common::*;
 use serde_json::Value;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// The tiny synthetic-corpus run shared by both launches (deterministic: fixed seed,
@@ -20,7 +20,7 @@ fn args(out_dir: &Path, cache: &Path) -> Vec<String> {
     for set in [
         "device=cpu", "wandb.mode=disabled", "model.n_embd=32", "model.n_head=2", "model.n_layer=2", "model.embedding_size=16",
         "model.n_positions=32", "train.seq_len=32", "train.micro_batch_size=4", "train.max_steps=6", "optim.warmup_steps=1",
-        "train.log_interval=1", "train.eval_interval=0", "train.save_interval=0",
+        "train.log_interval=1", "train.eval_interval=0", "train.save_interval=0", "train.precision=fp32",
     ] {
         a.push("--set".into());
         a.push(set.into());
@@ -45,16 +45,15 @@ fn losses(run_dir: &Path) -> Vec<f64> {
 
 /// Why this machine cannot make network namespaces, if it cannot.
 fn cannot_make_namespaces() -> Option<String> {
-    let uid = Command::new("id").arg("-u").output().ok()?;
-    if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+    if !is_root() {
         return Some("not root: network namespaces need root".into());
     }
     let probe = format!("algpt2-probe-{}", std::process::id());
-    match Command::new("ip").args(["netns", "add", &probe]).output() {
+    match try_run_bounded(Command::new("ip").args(["netns", "add", &probe]), LIMIT) {
         Err(e) => Some(format!("cannot run `ip` (iproute2): {e}")),
         Ok(out) if !out.status.success() => Some(format!("`ip netns add` failed: {}", String::from_utf8_lossy(&out.stderr).trim())),
         Ok(_) => {
-            let _ = Command::new("ip").args(["netns", "del", &probe]).status();
+            run_bounded(Command::new("ip").args(["netns", "del", &probe]), LIMIT);
             None
         }
     }
@@ -70,51 +69,42 @@ fn two_namespace_hosts_train_exactly_like_two_local_ranks() {
     let dir = tempfile::tempdir().unwrap();
 
     // (a) 2 ranks on this host: shared memory, one node.
-    let local = mpirun(2)
-        .arg(bin())
-        .args(args(&dir.path().join("local"), &dir.path().join("cache-local")))
-        .current_dir(repo())
-        .output()
-        .expect("mpirun starts");
+    let local =
+        run_bounded(mpirun(2).arg(bin()).args(args(&dir.path().join("local"), &dir.path().join("cache-local"))).current_dir(repo()), LIMIT);
     let local_log = format!("{}{}", stdout(&local), stderr(&local));
     assert!(local.status.success(), "local run failed:\n{local_log}");
     assert!(local_log.contains("world: 2 rank(s), 2 on this node"), "{local_log}");
 
     // (b) 1 rank on each namespace host, over TCP on the veth pair. Its own cache: rank 0
     // builds it while the rank on the other host waits at the barrier, on the shared
-    // filesystem. Output goes to files (no pipe to fill); a hung launch is stopped with
-    // SIGTERM, on which the launcher stops mpirun and removes the namespaces.
-    let log_path = dir.path().join("multinode.log");
-    let log = std::fs::File::create(&log_path).unwrap();
-    let mut child = Command::new(repo().join("launch/multinode-netns.sh"))
-        .args(args(&dir.path().join("netns"), &dir.path().join("cache-netns")))
-        .env("ALGPT2_BIN", bin())
-        .env_remove("ALGPT2_NETNS_KEEP")
-        .env_remove("ALGPT2_NETNS_BIND")
-        .env_remove("ALGPT2_NS1")
-        .env_remove("ALGPT2_NS2")
-        .env_remove("ALGPT2_IP1")
-        .env_remove("ALGPT2_IP2")
-        .current_dir(repo())
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .expect("launch/multinode-netns.sh starts");
+    // filesystem. Its output is read while it runs (no pipe to fill); a hung launch is
+    // stopped with SIGTERM, on which the launcher stops mpirun and removes the
+    // namespaces (and killed if that does not end it).
+    let mut child = spawn(
+        Command::new(repo().join("launch/multinode-netns.sh"))
+            .args(args(&dir.path().join("netns"), &dir.path().join("cache-netns")))
+            .env("ALGPT2_BIN", bin())
+            .env_remove("ALGPT2_NETNS_KEEP")
+            .env_remove("ALGPT2_NETNS_BIND")
+            .env_remove("ALGPT2_NS1")
+            .env_remove("ALGPT2_NS2")
+            .env_remove("ALGPT2_IP1")
+            .env_remove("ALGPT2_IP2")
+            .current_dir(repo()),
+    );
     let deadline = Instant::now() + Duration::from_secs(180);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
+    while child.is_running() {
         if Instant::now() > deadline {
-            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-            let _ = child.wait();
-            panic!("the two-namespace run hung; stopped it:\n{}", std::fs::read_to_string(&log_path).unwrap_or_default());
+            // SAFETY: kill has no memory preconditions.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let out = finish_bounded(child, Duration::from_secs(60));
+            panic!("the two-namespace run hung; stopped it (exit {}):\n{}{}", out.status, stdout(&out), stderr(&out));
         }
         std::thread::sleep(Duration::from_millis(100));
-    };
-    let netns_log = std::fs::read_to_string(&log_path).unwrap();
-    assert!(status.success(), "two-namespace run failed:\n{netns_log}");
+    }
+    let out = finish_bounded(child, LIMIT);
+    let netns_log = format!("{}\n{}", stdout(&out), stderr(&out));
+    assert!(out.status.success(), "two-namespace run failed:\n{netns_log}");
 
     // It really crossed hosts: the second daemon was started inside the second namespace,
     // MPI put each rank on a node of its own, and the gradients went over the veth pair.
@@ -132,7 +122,7 @@ fn two_namespace_hosts_train_exactly_like_two_local_ranks() {
     assert_eq!(sent.len(), 2, "{netns_log}");
     assert!(sent.iter().all(|&b| b > 6 * 45_000), "veth bytes sent {sent:?}");
     // And the launcher took its namespaces down.
-    let list = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let list = run_bounded(Command::new("ip").args(["netns", "list"]), LIMIT);
     let list = String::from_utf8_lossy(&list.stdout);
     assert!(!list.contains("algpt2-n1") && !list.contains("algpt2-n2"), "namespaces left: {list}");
 

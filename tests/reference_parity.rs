@@ -25,12 +25,11 @@ fn reference(command: &str, dir: &Path) -> String {
 fn reference_with(command: &str, dir: &Path, extra: &[&str]) -> String {
     let python = repo().join(".venv/bin/python");
     assert!(python.exists(), "the project venv is missing: run launch/setup.sh (launch/test.sh does)");
-    let out = Command::new(python)
-        .arg(repo().join("reference/algpt2.py"))
-        .args([command, dir.to_str().unwrap()])
-        .args(extra)
-        .output()
-        .expect("python starts");
+    let out = run_bounded(
+        Command::new(python).arg(repo().join("reference/algpt2.py")).args([command, dir.to_str().unwrap()]).args(extra),
+        // PyTorch's import and the reference's work on a loaded 2-core machine.
+        std::time::Duration::from_secs(600),
+    );
     let text = format!("{}{}", stdout(&out), stderr(&out));
     assert!(out.status.success(), "reference {command} disagrees:\n{text}");
     text

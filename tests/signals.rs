@@ -1,15 +1,36 @@
 //! Stopping a run by signal, under a real `mpirun -n 2` and alone: SIGUSR1 (what the
 //! launch scripts send on Ctrl-C) stops cleanly with mpirun exiting 0; a second signal,
 //! or a launcher that returned and left its ranks behind, ends every rank within
-//! `dist.stop_grace_s`; the last good checkpoint always survives and resumes.
+//! `dist.stop_grace_s`; the last good checkpoint always survives and resumes. The
+//! launch scripts' `run_job` turns Ctrl-C into that clean stop, and says so when it
+//! cannot (SIGINT ignored, as in a background job).
 
 mod common;
 use common::*;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const GRACE_S: u64 = 2;
+
+/// How long a run may take to end once told to stop: a step, a checkpoint and the exit,
+/// or the grace period; minutes only on a badly loaded machine.
+const STOP_LIMIT: Duration = Duration::from_secs(120);
+
+/// SIGINT, SIGTERM and SIGQUIT set to `disposition` (`SIG_DFL` or `SIG_IGN`) in the
+/// process `cmd` starts, whatever this test process has.
+fn with_signals(cmd: &mut Command, disposition: libc::sighandler_t) {
+    // SAFETY: signal(2) is async-signal-safe, as a pre_exec closure needs.
+    unsafe {
+        cmd.pre_exec(move || {
+            for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGQUIT] {
+                libc::signal(sig, disposition);
+            }
+            Ok(())
+        });
+    }
+}
 
 fn args(dir: &Path, extra: &[&str]) -> Vec<String> {
     #[rustfmt::skip]
@@ -27,18 +48,18 @@ fn rows(dir: &Path) -> usize {
     std::fs::read_to_string(dir.join("runs/sig/metrics.jsonl")).map_or(0, |t| t.lines().count())
 }
 
-fn wait_for_rows(dir: &Path, n: usize, child: &mut Child) {
+fn wait_for_rows(dir: &Path, n: usize, child: &mut Running) {
     let deadline = Instant::now() + Duration::from_secs(120);
     while rows(dir) < n {
-        assert!(child.try_wait().unwrap().is_none(), "the run ended before {n} rows");
-        assert!(Instant::now() < deadline, "the run did not reach {n} rows");
+        assert!(child.is_running(), "the run ended before {n} rows:\n{}", child.stderr_so_far());
+        assert!(Instant::now() < deadline, "the run did not reach {n} rows:\n{}", child.stderr_so_far());
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
 /// Processes whose command line names this test's run directory (the ranks).
 fn ranks_alive(dir: &Path) -> Vec<String> {
-    let out = Command::new("pgrep").args(["-f", &format!("out_dir={}", dir.join("runs").display())]).output().unwrap();
+    let out = run_bounded(Command::new("pgrep").args(["-f", &format!("out_dir={}", dir.join("runs").display())]), LIMIT);
     stdout(&out).split_whitespace().map(String::from).collect()
 }
 
@@ -52,7 +73,8 @@ fn wait_until_no_rank(dir: &Path, within: Duration) -> Duration {
 }
 
 fn signal(pid: u32, sig: &str) {
-    assert!(Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status().unwrap().success());
+    let out = run_bounded(Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]), LIMIT);
+    assert!(out.status.success(), "kill -{sig} {pid}: {}", stderr(&out));
 }
 
 /// The newest checkpoint resumes: the same command with a nearby max_steps finishes.
@@ -66,7 +88,7 @@ fn resumes(dir: &Path) {
     let newest = rows(dir) as u64;
     let mut a = args(dir, &[]);
     a.push(format!("--set=train.max_steps={}", newest + 2));
-    let out = Command::new(bin()).args(&a).current_dir(repo()).output().unwrap();
+    let out = run_bounded(Command::new(bin()).args(&a).current_dir(repo()), LIMIT);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stderr(&out).contains("resumed from"), "{}", stderr(&out));
 }
@@ -75,14 +97,12 @@ fn resumes(dir: &Path) {
 fn sigusr1_to_mpirun_stops_every_rank_cleanly_and_mpirun_exits_0() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let mut child =
-        mpirun(2).arg(bin()).args(args(d, &[])).current_dir(repo()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = spawn(mpirun(2).arg(bin()).args(args(d, &[])).current_dir(repo()));
     wait_for_rows(d, 3, &mut child);
     signal(child.id(), "USR1");
-    let status = child.wait().unwrap();
-    let mut err = String::new();
-    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
-    assert!(status.success(), "mpirun exit {:?}\n{err}", status.code());
+    let out = finish_bounded(child, STOP_LIMIT);
+    let err = stderr(&out);
+    assert!(out.status.success(), "mpirun exit {:?}\n{err}", out.status.code());
     assert!(err.contains("stopped by signal after step"), "{err}");
     let last_row = rows(d);
     assert!(d.join(format!("runs/sig/checkpoints/step_{last_row:08}")).is_dir(), "no checkpoint at the last step {last_row}");
@@ -94,15 +114,7 @@ fn a_second_signal_to_mpirun_leaves_no_rank_behind() {
     let d = dir.path();
     // Rank 1 hangs after step 7 (rank 0 then waits for it in a collective): no step
     // boundary comes, so only the grace period can end them.
-    let mut child = mpirun(2)
-        .args(["-x", "ALGPT2_FAULT=hang@7:1"])
-        .arg(bin())
-        .args(args(d, &[]))
-        .current_dir(repo())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn(mpirun(2).args(["-x", "ALGPT2_FAULT=hang@7:1"]).arg(bin()).args(args(d, &[])).current_dir(repo()));
     wait_for_rows(d, 6, &mut child);
     std::thread::sleep(Duration::from_millis(500));
     // What the issue reported: INT, then TERM half a second later.
@@ -110,13 +122,15 @@ fn a_second_signal_to_mpirun_leaves_no_rank_behind() {
     std::thread::sleep(Duration::from_millis(500));
     signal(child.id(), "TERM");
     let returned = Instant::now();
-    child.wait().unwrap();
+    child.wait_bounded(STOP_LIMIT);
     let gone = wait_until_no_rank(d, Duration::from_secs(GRACE_S + 8));
     eprintln!(
         "FIGURE second signal: mpirun returned {:.1} s after the TERM; the last rank ended {:.1} s after mpirun",
         returned.elapsed().as_secs_f64() - gone.as_secs_f64(),
         gone.as_secs_f64()
     );
+    // Its output ends once the last rank is gone.
+    finish_bounded(child, LIMIT);
     resumes(d);
 }
 
@@ -125,26 +139,18 @@ fn two_signals_to_a_stuck_rank_end_it_within_the_grace_period() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     // Hangs after step 6's update, before its row: 5 rows, then nothing.
-    let mut child = Command::new(bin())
-        .args(args(d, &[]))
-        .env("ALGPT2_FAULT", "hang@6")
-        .current_dir(repo())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn(Command::new(bin()).args(args(d, &[])).env("ALGPT2_FAULT", "hang@6").current_dir(repo()));
     wait_for_rows(d, 5, &mut child);
     std::thread::sleep(Duration::from_millis(500));
     signal(child.id(), "INT");
     std::thread::sleep(Duration::from_millis(300));
     // Stuck: the first signal alone cannot stop it (no step boundary comes).
-    assert!(child.try_wait().unwrap().is_none());
+    assert!(child.is_running(), "{}", child.stderr_so_far());
     let second = Instant::now();
     signal(child.id(), "INT");
-    let status = child.wait().unwrap();
+    let status = child.wait_bounded(STOP_LIMIT);
     let took = second.elapsed();
-    let mut err = String::new();
-    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    let err = stderr(&finish_bounded(child, LIMIT));
     eprintln!(
         "FIGURE two signals to a stuck rank: exit {:?} {:.1} s after the second (dist.stop_grace_s = {GRACE_S})",
         status.code(),
@@ -166,16 +172,80 @@ fn the_launch_scripts_turn_ctrl_c_into_a_clean_stop() {
         bin(),
         args(d, &[]).iter().map(|a| format!("'{a}'")).collect::<Vec<_>>().join(" ")
     );
-    let mut child =
-        Command::new("bash").args(["-c", &script]).current_dir(repo()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut cmd = Command::new("bash");
+    cmd.args(["-c", &script]).current_dir(repo());
+    // As from a terminal, whatever the shell that started the tests ignores (a `nohup
+    // cargo test &` job ignores SIGINT, and a bash started so cannot trap it).
+    with_signals(&mut cmd, libc::SIG_DFL);
+    let mut child = spawn(&mut cmd);
     wait_for_rows(d, 3, &mut child);
     signal(child.id(), "INT");
-    let status = child.wait().unwrap();
-    let mut err = String::new();
-    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
-    assert!(status.success(), "exit {:?}\n{err}", status.code());
+    let out = finish_bounded(child, STOP_LIMIT);
+    let err = stderr(&out);
+    assert!(out.status.success(), "exit {:?}\n{err}", out.status.code());
     assert!(err.contains("[launch] stopping") && err.contains("stopped by signal after step"), "{err}");
+    assert!(!err.contains("Ctrl-C cannot stop"), "{err}");
     let last_row = rows(d);
     assert!(d.join(format!("runs/sig/checkpoints/step_{last_row:08}")).is_dir(), "no checkpoint at the last step {last_row}");
     assert!(ranks_alive(d).is_empty());
+}
+
+/// A shell that ignores SIGINT (started in the background) cannot trap it: `run_job` says
+/// at once that Ctrl-C cannot stop the job and that `kill -TERM <its pid>` will, and TERM
+/// does (here the job is `sleep`, which the stop's SIGUSR1 ends).
+#[test]
+fn run_job_says_when_ctrl_c_cannot_stop_it_and_term_does() {
+    let mut cmd = Command::new("bash");
+    cmd.args(["-c", "source launch/env.sh; run_job sleep 300"]).current_dir(repo());
+    with_signals(&mut cmd, libc::SIG_DFL);
+    // SAFETY: as in with_signals.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let mut child = spawn(&mut cmd);
+    let said = format!("Ctrl-C cannot stop this job; kill -TERM {} will", child.id());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !child.stderr_so_far().contains(&said) {
+        assert!(child.is_running() && Instant::now() < deadline, "no `{said}` from run_job:\n{}", child.stderr_so_far());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Ctrl-C does nothing; TERM stops the job.
+    signal(child.id(), "INT");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(child.is_running(), "SIGINT ended it:\n{}", child.stderr_so_far());
+    signal(child.id(), "TERM");
+    let out = finish_bounded(child, Duration::from_secs(60));
+    let err = stderr(&out);
+    assert!(err.contains("[launch] stopping"), "{err}");
+    assert_eq!(err.matches("[launch] SIGINT is ignored").count(), 1, "{err}");
+    // sleep ended by SIGUSR1: 128 + 10.
+    assert_eq!(out.status.code(), Some(128 + libc::SIGUSR1), "{err}");
+}
+
+/// The tests' own helper (tests/common): a process past its limit is killed with all it
+/// started, here a grandchild in a session of its own, and the failure names the
+/// command, the limit and what the process said.
+#[test]
+fn a_process_past_its_limit_is_killed_with_all_it_started() {
+    let child = spawn(Command::new("bash").args(["-c", "setsid sleep 300 & echo grandchild $!; sleep 300"]));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !child.stdout_so_far().ends_with('\n') {
+        assert!(Instant::now() < deadline, "bash said nothing");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let said = child.stdout_so_far();
+    let grandchild: u32 = said.trim().strip_prefix("grandchild ").unwrap().parse().unwrap();
+    let failure = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| finish_bounded(child, Duration::from_secs(1))));
+    let message = *failure.expect_err("it ran past its limit").downcast::<String>().unwrap();
+    assert!(message.contains("setsid sleep 300") && message.contains("limit of 1s") && message.contains(said.trim()), "{message}");
+    // Gone, or a zombie until its new parent reaps it.
+    let gone = Instant::now() + Duration::from_secs(10);
+    let alive = || std::fs::read_to_string(format!("/proc/{grandchild}/stat")).is_ok_and(|s| !s.contains(") Z "));
+    while alive() {
+        assert!(Instant::now() < gone, "the grandchild {grandchild} outlived the time-out");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }

@@ -37,7 +37,7 @@ fn train(args: &[String], fault: Option<&str>) -> Output {
     if let Some(f) = fault {
         cmd.env("ALGPT2_FAULT", f);
     }
-    cmd.output().expect("the binary starts")
+    run_bounded(&mut cmd, LIMIT)
 }
 
 fn rows(run_dir: &Path) -> Vec<Value> {
@@ -117,10 +117,10 @@ fn loss_falls_and_a_finished_run_resumes_as_complete() {
     assert!(dir.path().join("runs/quickstart/plots.png").is_file());
     let compare = dir.path().join("compare.png");
     let run_dir = dir.path().join("runs/quickstart");
-    let out = Command::new(bin())
-        .args(["plot", run_dir.to_str().unwrap(), run_dir.to_str().unwrap(), "--out", compare.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = run_bounded(
+        Command::new(bin()).args(["plot", run_dir.to_str().unwrap(), run_dir.to_str().unwrap(), "--out", compare.to_str().unwrap()]),
+        LIMIT,
+    );
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(&std::fs::read(&compare).unwrap()[..4], b"\x89PNG");
     let again = train(&a, None);
@@ -181,7 +181,7 @@ fn eval_command_reproduces_the_logged_validation_loss() {
     let mut e: Vec<String> = vec!["eval".into()];
     e.extend(a.iter().cloned());
     e.extend(["--checkpoint".into(), ckpt.display().to_string()]);
-    let out = Command::new(bin()).args(&e).current_dir(repo()).output().unwrap();
+    let out = run_bounded(Command::new(bin()).args(&e).current_dir(repo()), LIMIT);
     assert!(out.status.success(), "{}", stderr(&out));
     let report: Value = serde_json::from_str(stdout(&out).trim()).unwrap();
     let loss = report["loss"].as_f64().unwrap();
@@ -203,6 +203,8 @@ fn three_variants_train_on_wikitext2_with_falling_val_ppl() {
             "configs/wikitext103.yaml",
             "--set",
             "device=cpu",
+            "--set",
+            "train.precision=fp32",
             "--set",
             "wandb.mode=disabled",
             "--set",
@@ -271,7 +273,7 @@ fn bench_reports_throughput_mfu_and_memory_as_json() {
     let mut b: Vec<String> = vec!["bench".into()];
     b.extend(args(&dir.path().join("runs"), &dir.path().join("cache"), &["--set", "train.peak_flops=1e11"]));
     b.extend(["--steps".into(), "3".into(), "--json".into()]);
-    let out = Command::new(bin()).args(&b).current_dir(repo()).output().unwrap();
+    let out = run_bounded(Command::new(bin()).args(&b).current_dir(repo()), LIMIT);
     assert!(out.status.success(), "{}", stderr(&out));
     let r: Value = serde_json::from_str(stdout(&out).trim()).unwrap();
     let tps = r["tokens_per_sec"].as_f64().unwrap();
@@ -292,7 +294,7 @@ fn generate_from_a_checkpoint_with_and_without_the_cache() {
     let gen = |extra: &[&str]| {
         let mut a = vec!["generate", "--checkpoint", ckpt.to_str().unwrap(), "--prompt", "Kaiso", "--max-new-tokens", "20"];
         a.extend_from_slice(extra);
-        let out = Command::new(bin()).args(&a).current_dir(repo()).output().unwrap();
+        let out = run_bounded(Command::new(bin()).args(&a).current_dir(repo()), LIMIT);
         assert!(out.status.success(), "{}", stderr(&out));
         stdout(&out)
     };
@@ -307,11 +309,11 @@ fn a_second_training_on_the_same_run_directory_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let a =
         args(&dir.path().join("runs"), &dir.path().join("cache"), &["--set", "train.max_steps=100000", "--set", "train.save_interval=0"]);
-    let mut first = Command::new(bin()).args(&a).current_dir(repo()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let mut first = spawn(Command::new(bin()).args(&a).current_dir(repo()));
     let metrics = dir.path().join("runs/quickstart/metrics.jsonl");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     while std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) < 2 {
-        assert!(std::time::Instant::now() < deadline, "the first training did not start");
+        assert!(first.is_running() && std::time::Instant::now() < deadline, "the first training did not start:\n{}", first.stderr_so_far());
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     let second = train(&a, None);
@@ -322,8 +324,8 @@ fn a_second_training_on_the_same_run_directory_is_refused() {
     // The first one goes on undisturbed.
     std::thread::sleep(std::time::Duration::from_millis(1500));
     assert!(std::fs::read_to_string(&metrics).unwrap().lines().count() > rows_before);
-    first.kill().unwrap();
-    first.wait().unwrap();
+    first.kill();
+    finish_bounded(first, LIMIT);
     // Once it is gone (even killed), the directory can be used again.
     let again = train(&args(&dir.path().join("runs"), &dir.path().join("cache"), &["--set", "train.max_steps=2"]), None);
     assert!(!stderr(&again).contains("in use by another training"), "{}", stderr(&again));
@@ -368,7 +370,7 @@ fn a_kill_while_saving_loses_nothing_but_the_unsaved_steps() {
 fn a_two_rank_resume_with_changed_settings_says_so_once() {
     let dir = tempfile::tempdir().unwrap();
     let (out_dir, cache) = (dir.path().join("runs"), dir.path().join("cache"));
-    let two_ranks = |extra: &[&str]| mpirun(2).arg(bin()).args(args(&out_dir, &cache, extra)).current_dir(repo()).output().unwrap();
+    let two_ranks = |extra: &[&str]| run_bounded(mpirun(2).arg(bin()).args(args(&out_dir, &cache, extra)).current_dir(repo()), LIMIT);
     let first = two_ranks(&["--set", "train.max_steps=4", "--set", "optim.lr=6e-4"]);
     assert!(first.status.success(), "{}", stderr(&first));
     let log_path = out_dir.join("quickstart/train.log");

@@ -35,7 +35,7 @@ fn train(a: &[String], server: &FakeServer, dir: &Path, fault: Option<&str>) -> 
     let mut cmd = Command::new(bin());
     cmd.args(a).current_dir(repo());
     with_wandb(&mut cmd, server, dir, fault);
-    cmd.output().unwrap()
+    run_bounded(&mut cmd, LIMIT)
 }
 
 /// The one run the server holds.
@@ -103,7 +103,7 @@ fn under_mpirun_rank_0_reports_every_ranks_system_metrics_its_console_and_the_ru
     let longer = [FAST_STATS[0], FAST_STATS[1], "--set", "train.grad_accum_steps=8"];
     cmd.arg(bin()).args(args(dir.path(), "quickstart", &longer)).current_dir(repo());
     with_wandb(&mut cmd, &server, dir.path(), None);
-    let out = cmd.output().unwrap();
+    let out = run_bounded(&mut cmd, LIMIT);
     assert!(out.status.success(), "{}", stderr(&out));
     let id = only_run(&server);
     assert_eq!(server.steps(&id), (1..=8).collect::<Vec<u64>>());
@@ -191,38 +191,45 @@ impl std::fmt::Debug for Timed {
 }
 
 fn timed_run(dir: &Path, run: &str, extra: &[&str], server: &FakeServer) -> Timed {
-    use std::io::BufRead;
     let mut cmd = Command::new(bin());
-    cmd.args(args(dir, run, extra)).current_dir(repo()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
+    cmd.args(args(dir, run, extra)).current_dir(repo());
     with_wandb(&mut cmd, server, dir, None);
     let started = Instant::now();
-    let mut child = cmd.spawn().unwrap();
-    let (mut first_step, mut summary_line, mut text) = (None, None, String::new());
-    for line in std::io::BufReader::new(child.stderr.take().unwrap()).lines() {
-        let line = line.unwrap();
-        if first_step.is_none() && line.contains(" step 1 |") {
+    let mut child = spawn(&mut cmd);
+    let (mut first_step, mut summary_line) = (None, None);
+    // Its stderr, looked at every 20 ms while it runs, and once more after.
+    loop {
+        let running = child.is_running();
+        let err = child.stderr_so_far();
+        if first_step.is_none() && err.contains(" step 1 |") {
             first_step = Some(started.elapsed());
         }
-        if summary_line.is_none() && line.contains("run summary") {
+        if summary_line.is_none() && err.contains("run summary") {
             summary_line = Some(started.elapsed());
         }
-        text.push_str(&line);
-        text.push('\n');
+        if !running || started.elapsed() > LIMIT {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
-    let status = child.wait().unwrap();
+    // Past its limit, it is killed here and the test fails with its output.
+    let status = child.wait_bounded(Duration::ZERO);
     let exited = started.elapsed();
+    let text = stderr(&finish_bounded(child, LIMIT));
     let summary = std::fs::read_to_string(dir.join("runs").join(run).join("summary.json")).unwrap_or_default();
     let training = serde_json::from_str::<serde_json::Value>(&summary).ok().and_then(|v| v["wall_seconds"].as_f64()).unwrap_or(f64::NAN);
     let secs = |d: Option<Duration>| d.map_or(f64::NAN, |d| d.as_secs_f64());
     Timed { status, startup: secs(first_step), training, finish: exited.as_secs_f64() - secs(summary_line), stderr: text }
 }
 
-/// `wandb-sync` of `run_dir` to `server`, which answers.
+/// `wandb-sync` of `run_dir` to `server`, which answers: within 60 s (its default is
+/// 300 s), so that a server that stopped answering fails the test quickly; syncing a
+/// tiny run to a fake server that answers takes a second or two.
 fn sync(run_dir: &Path, server: &FakeServer, home: &Path) -> Output {
     let mut cmd = Command::new(bin());
-    cmd.args(["wandb-sync", run_dir.to_str().unwrap()]).current_dir(repo());
+    cmd.args(["wandb-sync", run_dir.to_str().unwrap(), "--timeout", "60"]).current_dir(repo());
     with_wandb(&mut cmd, server, home, None);
-    cmd.output().unwrap()
+    run_bounded(&mut cmd, LIMIT)
 }
 
 #[test]
@@ -235,7 +242,7 @@ fn a_hanging_server_does_not_hold_training_up() {
     let cache = format!("--set=data.cache_dir={}", data.path().join("cache").display());
     let mut prepare: Vec<String> = vec!["prepare".into()];
     prepare.extend(args(data.path(), "prepare", &[&cache]));
-    let prepared = Command::new(bin()).args(&prepare).current_dir(repo()).output().unwrap();
+    let prepared = run_bounded(Command::new(bin()).args(&prepare).current_dir(repo()), LIMIT);
     assert!(prepared.status.success(), "{}", stderr(&prepared));
     let quiet = FakeServer::start();
     let hanging = FakeServer::start();
@@ -300,7 +307,7 @@ fn wandb_sync_gives_up_after_its_timeout_and_loses_nothing() {
     with_wandb_env(&mut cmd, Some("http://127.0.0.1:9"), dir.path());
     cmd.env("WANDB_X_FILE_STREAM_RETRY_WAIT_MIN_SECONDS", "0.05").env("WANDB_X_FILE_STREAM_RETRY_WAIT_MAX_SECONDS", "0.2");
     let started = Instant::now();
-    let out = cmd.output().unwrap();
+    let out = run_bounded(&mut cmd, LIMIT);
     let took = started.elapsed();
     let err = stderr(&out);
     eprintln!("FIGURE wandb-sync to no server, --timeout 3: exit {:?} after {:.1} s", out.status.code(), took.as_secs_f64());
@@ -329,7 +336,7 @@ fn train_2_ranks(a: &[String], server: &FakeServer, dir: &Path) -> Output {
     cmd.arg(bin()).args(a).current_dir(repo());
     with_wandb(&mut cmd, server, dir, None);
     cmd.env(UPLOAD_AT_ONCE.0, UPLOAD_AT_ONCE.1);
-    cmd.output().unwrap()
+    run_bounded(&mut cmd, LIMIT)
 }
 
 /// The step named by the line `stopped from the W&B dashboard after step S;`.
@@ -430,7 +437,7 @@ fn with_honor_stop_false_a_dashboard_stop_only_warns() {
     cmd.args(args(dir.path(), "quickstart", &["--set", "wandb.honor_stop=false"])).current_dir(repo());
     with_wandb(&mut cmd, &server, dir.path(), None);
     cmd.env(UPLOAD_AT_ONCE.0, UPLOAD_AT_ONCE.1);
-    let out = cmd.output().unwrap();
+    let out = run_bounded(&mut cmd, LIMIT);
     let err = stderr(&out);
     assert!(out.status.success(), "{err}");
     let id = only_run(&server);
@@ -454,7 +461,7 @@ fn system_metrics_turn_off_and_a_failing_sampler_never_stops_training() {
                 cmd.args(args(dir, "quickstart", &[&FAST_STATS[..], extra].concat())).current_dir(repo());
                 with_wandb(&mut cmd, server, dir, None);
                 cmd.env(env.0, env.1);
-                cmd.output().unwrap()
+                run_bounded(&mut cmd, LIMIT)
             })
         };
         let handles = [

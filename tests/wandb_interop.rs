@@ -21,7 +21,7 @@ fn official_client(server: &FakeServer, home: &Path, run_id: &str, first: u64, l
         .args(full.then_some("full"))
         .env("WANDB_DIR", home);
     with_wandb_env(&mut cmd, Some(&server.url), home);
-    cmd.output().unwrap()
+    run_bounded(&mut cmd, LIMIT)
 }
 
 fn ours(server: &FakeServer, dir: &Path, run_id: Option<&str>, steps: u64) -> Output {
@@ -42,7 +42,7 @@ fn ours_with(server: &FakeServer, dir: &Path, run_id: Option<&str>, steps: u64, 
     if let Some(id) = run_id {
         cmd.env("WANDB_RUN_ID", id);
     }
-    cmd.output().unwrap()
+    run_bounded(&mut cmd, LIMIT)
 }
 
 #[test]

@@ -118,7 +118,7 @@ mod tests {
         };
         let touched = touched_rows(vec![4, 1, 4], Device::Cpu);
         let lookup = |grads: &Tensor| {
-            let mut dense = Tensor::zeros([6, 3], (Kind::Float, Device::Cpu));
+            let dense = Tensor::zeros([6, 3], (Kind::Float, Device::Cpu));
             let _ = dense.get(1).fill_(0.25);
             let _ = dense.get(4).fill_(-1.5);
             let mut t = grads.narrow(0, 2, 18).view([6, 3]);

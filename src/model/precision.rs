@@ -39,39 +39,56 @@ pub fn cpu_bf16_features() -> Vec<&'static str> {
     ["amx_bf16", "avx512_bf16"].into_iter().filter(|f| flags.split_whitespace().any(|x| x == *f)).collect()
 }
 
-/// Whether `auto` computes in bf16 on this CPU: only with AMX's tile units. With
-/// AVX512-BF16 alone, libtorch's bf16 matrix products ran no faster than fp32's (141.7
-/// against 146.6 GFLOP/s, 2048×512×2048, 2 threads of a Xeon, 2026-12-03) and our bf16
-/// step at 0.55× our fp32 step (the casts cost and nothing pays for them).
-pub fn cpu_bf16_feature() -> Option<&'static str> {
-    cpu_bf16_features().into_iter().find(|f| *f == "amx_bf16")
+/// What `auto` decides on: the CPU's bf16 features (`cpu_bf16_features`), or a CUDA
+/// GPU's compute capability (None where it cannot be read).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Hardware {
+    Cpu { bf16_features: Vec<&'static str> },
+    Gpu { compute_capability: Option<(i32, i32)> },
+}
+
+impl Hardware {
+    /// The hardware behind `device`, as this machine reports it.
+    pub fn of(device: Device) -> Hardware {
+        match device {
+            Device::Cuda(ordinal) => Hardware::Gpu { compute_capability: crate::cuda::peak::compute_capability(ordinal) },
+            _ => Hardware::Cpu { bf16_features: cpu_bf16_features() },
+        }
+    }
 }
 
 /// `train.precision` on `device`: `auto` is bf16 where the hardware computes it natively.
 pub fn resolve(wanted: Precision, device: Device) -> Resolved {
-    match wanted {
-        Precision::Fp32 => Resolved { bf16: false, reason: "train.precision: fp32".into() },
-        Precision::Bf16 => Resolved { bf16: true, reason: "train.precision: bf16".into() },
-        Precision::Auto => match device {
-            Device::Cuda(ordinal) => match crate::cuda::peak::compute_capability(ordinal) {
-                Some((major, minor)) if major >= 8 => {
-                    Resolved { bf16: true, reason: format!("auto: GPU of compute capability {major}.{minor} (bf16 tensor cores)") }
-                }
-                Some((major, minor)) => {
-                    Resolved { bf16: false, reason: format!("auto: GPU of compute capability {major}.{minor} has no bf16 tensor cores") }
-                }
-                None => Resolved { bf16: false, reason: "auto: the GPU's compute capability is unknown".into() },
-            },
-            _ => match cpu_bf16_feature() {
-                Some(feature) => Resolved { bf16: true, reason: format!("auto: this CPU has {feature}") },
-                None if cpu_bf16_features().contains(&"avx512_bf16") => Resolved {
-                    bf16: false,
-                    reason: "auto: this CPU has AVX512-BF16 but no AMX-BF16, and there bf16 is slower than fp32".into(),
-                },
-                None => Resolved { bf16: false, reason: "auto: this CPU has no AMX-BF16".into() },
-            },
-        },
-    }
+    resolve_on(wanted, &Hardware::of(device))
+}
+
+/// `train.precision` on `hardware`. `auto` is bf16 on GPUs of compute capability 8.0 or
+/// newer (bf16 tensor cores) and on CPUs with AMX's tile units. With AVX512-BF16 alone,
+/// libtorch's bf16 matrix products ran no faster than fp32's (141.7 against 146.6
+/// GFLOP/s, 2048×512×2048, 2 threads of a Xeon, 2026-12-03) and our bf16 step at 0.55×
+/// our fp32 step (the casts cost and nothing pays for them).
+pub fn resolve_on(wanted: Precision, hardware: &Hardware) -> Resolved {
+    let (bf16, reason) = match (wanted, hardware) {
+        (Precision::Fp32, _) => (false, "train.precision: fp32".to_string()),
+        (Precision::Bf16, _) => (true, "train.precision: bf16".to_string()),
+        (Precision::Auto, Hardware::Gpu { compute_capability: Some((major, minor)) }) if *major >= 8 => {
+            (true, format!("auto: GPU of compute capability {major}.{minor} (bf16 tensor cores)"))
+        }
+        (Precision::Auto, Hardware::Gpu { compute_capability: Some((major, minor)) }) => {
+            (false, format!("auto: GPU of compute capability {major}.{minor} has no bf16 tensor cores"))
+        }
+        (Precision::Auto, Hardware::Gpu { compute_capability: None }) => {
+            (false, "auto: the GPU's compute capability is unknown".to_string())
+        }
+        (Precision::Auto, Hardware::Cpu { bf16_features }) if bf16_features.contains(&"amx_bf16") => {
+            (true, "auto: this CPU has amx_bf16".to_string())
+        }
+        (Precision::Auto, Hardware::Cpu { bf16_features }) if bf16_features.contains(&"avx512_bf16") => {
+            (false, "auto: this CPU has AVX512-BF16 but no AMX-BF16, and there bf16 is slower than fp32".to_string())
+        }
+        (Precision::Auto, Hardware::Cpu { .. }) => (false, "auto: this CPU has no AMX-BF16".to_string()),
+    };
+    Resolved { bf16, reason }
 }
 
 /// The bf16 copies of the parameters and their gradients, in the flat layout.
@@ -194,10 +211,32 @@ mod tests {
 
     #[test]
     fn auto_is_bf16_only_with_hardware_for_it() {
-        let r = resolve(Precision::Auto, Device::Cpu);
-        assert_eq!(r.bf16, cpu_bf16_feature().is_some(), "{r:?}");
-        assert!(r.reason.starts_with("auto: "), "{r:?}");
-        assert!(resolve(Precision::Bf16, Device::Cpu).bf16);
-        assert!(!resolve(Precision::Fp32, Device::Cpu).bf16);
+        let cpu = |features: &[&'static str]| Hardware::Cpu { bf16_features: features.to_vec() };
+        let gpu = |cc: Option<(i32, i32)>| Hardware::Gpu { compute_capability: cc };
+        let auto = |hw: &Hardware| resolve_on(Precision::Auto, hw);
+        // CPUs: only AMX's tile units make bf16 pay.
+        assert!(auto(&cpu(&["amx_bf16", "avx512_bf16"])).bf16);
+        assert!(auto(&cpu(&["amx_bf16"])).bf16);
+        let avx512 = auto(&cpu(&["avx512_bf16"]));
+        assert!(!avx512.bf16 && avx512.reason.contains("AVX512-BF16 but no AMX"), "{avx512:?}");
+        let plain = auto(&cpu(&[]));
+        assert!(!plain.bf16 && plain.reason.contains("no AMX-BF16"), "{plain:?}");
+        // GPUs: bf16 tensor cores from compute capability 8.0 (A100, RTX 6000 Ada 8.9, H100 9.0).
+        for cc in [(8, 0), (8, 9), (9, 0), (10, 0)] {
+            let r = auto(&gpu(Some(cc)));
+            assert!(r.bf16 && r.reason.contains(&format!("{}.{}", cc.0, cc.1)), "{r:?}");
+        }
+        for cc in [(7, 0), (7, 5), (6, 1)] {
+            assert!(!auto(&gpu(Some(cc))).bf16, "{cc:?}");
+        }
+        assert!(!auto(&gpu(None)).bf16);
+        // Every `auto` says so; an explicit precision wins on any hardware.
+        for hw in [cpu(&["amx_bf16"]), cpu(&[]), gpu(Some((9, 0))), gpu(Some((7, 0)))] {
+            assert!(auto(&hw).reason.starts_with("auto: "), "{hw:?}");
+            assert!(resolve_on(Precision::Bf16, &hw).bf16, "{hw:?}");
+            assert!(!resolve_on(Precision::Fp32, &hw).bf16, "{hw:?}");
+        }
+        // This machine: what `resolve` reads off it is what `resolve_on` decides for it.
+        assert_eq!(resolve(Precision::Auto, Device::Cpu), auto(&Hardware::of(Device::Cpu)));
     }
 }

@@ -3,8 +3,9 @@
 //! history offsets, summary, completion) and checks it: an offset past the end, or a
 //! line rewritten with different content, is recorded in `errors`. Faults can be queued
 //! for the next matching requests or set for all of them. A user pressing Stop in the W&B
-//! interface can be played ([`FakeServer::press_stop_at`]). It stops when dropped, after
-//! `MAX_REQUESTS`, or after `LIFETIME`.
+//! interface can be played ([`FakeServer::press_stop_at`]). It accepts connections until
+//! it is dropped, however long the test takes (a test on a loaded machine can take
+//! minutes between two requests), and stops answering after `MAX_REQUESTS`.
 
 use serde_json::{json, Value};
 use std::collections::{HashMap, VecDeque};
@@ -16,7 +17,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 const MAX_REQUESTS: usize = 20_000;
-const LIFETIME: Duration = Duration::from_secs(120);
 pub const DEFAULT_ENTITY: &str = "fake-entity";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -132,13 +132,23 @@ impl FakeServer {
         let accept = {
             let (state, stop) = (state.clone(), stop.clone());
             std::thread::spawn(move || {
-                let born = Instant::now();
-                while !stop.load(Ordering::Relaxed) && born.elapsed() < LIFETIME {
+                // Until the server is dropped, and no longer: the listener closes when
+                // this loop ends, and a client then gets "Connection refused". (It once
+                // ended after a fixed 120 s; a test on a loaded machine outlived that.)
+                while !stop.load(Ordering::Relaxed) {
                     match listener.accept() {
                         Ok((stream, _)) => {
+                            // Blocking, whatever the platform passes on from the listener.
+                            let _ = stream.set_nonblocking(false);
                             let (state, stop) = (state.clone(), stop.clone());
-                            std::thread::spawn(move || serve(stream, state, stop));
+                            // A thread that cannot start (a crowded machine) loses this
+                            // connection, which the client retries, not the listener:
+                            // `thread::spawn` would panic and end this loop.
+                            let _ = std::thread::Builder::new().spawn(move || serve(stream, state, stop));
                         }
+                        // WouldBlock (nothing pending), or a failed accept (a connection
+                        // reset before it was taken, out of file descriptors): the listener
+                        // stays open and the next try may succeed.
                         Err(_) => std::thread::sleep(Duration::from_millis(2)),
                     }
                 }
