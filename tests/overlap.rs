@@ -31,7 +31,7 @@ fn train(ranks: usize, dir: &Path, run: &str, overlap: bool, extra: &[&str]) -> 
     a.extend(["--set".to_string(), flag]);
     let mut cmd = mpirun(ranks);
     cmd.arg(bin()).args(a).current_dir(repo());
-    cmd.output().unwrap()
+    run_bounded(&mut cmd, LIMIT)
 }
 
 fn checkpoint(dir: &Path, run: &str) -> PathBuf {

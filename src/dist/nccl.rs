@@ -706,6 +706,38 @@ mod tests {
         None
     }
 
+    /// `cmd`'s output, waited for at most two minutes and read while it runs: a child
+    /// that hangs (in a driver stub, say) is killed and fails its test instead of holding
+    /// the suite.
+    fn output_within(cmd: &mut std::process::Command) -> std::process::Output {
+        use std::io::Read;
+        use std::process::Stdio;
+        use std::time::{Duration, Instant};
+        let limit = Duration::from_secs(120);
+        let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("the child starts");
+        fn drain(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>> {
+            std::thread::spawn(move || {
+                let mut bytes = Vec::new();
+                let _ = pipe.read_to_end(&mut bytes);
+                bytes
+            })
+        }
+        let (stdout, stderr) = (drain(child.stdout.take().unwrap()), drain(child.stderr.take().unwrap()));
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{cmd:?} still ran after {limit:?}: killed");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        std::process::Output { status, stdout: stdout.join().unwrap(), stderr: stderr.join().unwrap() }
+    }
+
     /// NCCL loadable (through a `libnccl.so` symlink on LD_LIBRARY_PATH), driver absent: runs
     /// `child_nccl_without_driver` in a subprocess, since the loader reads LD_LIBRARY_PATH once.
     #[test]
@@ -722,12 +754,12 @@ mod tests {
         let dir = &tmp.0;
         std::os::unix::fs::symlink(&lib, dir.join("libnccl.so")).unwrap();
 
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", &test_name("child_nccl_without_driver"), "--ignored", "--nocapture"])
-            .env("LD_LIBRARY_PATH", dir)
-            .env("ALGPT2_NCCL_TEST_CHILD", "1")
-            .output()
-            .unwrap();
+        let out = output_within(
+            std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", &test_name("child_nccl_without_driver"), "--ignored", "--nocapture"])
+                .env("LD_LIBRARY_PATH", dir)
+                .env("ALGPT2_NCCL_TEST_CHILD", "1"),
+        );
         let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         eprintln!("{text}");
         assert!(out.status.success(), "child failed:\n{text}");
@@ -789,7 +821,7 @@ int cuGetErrorName(int e, const char **s) { (void)e; *s = "STUB"; return 0; }
             let mut cc = std::process::Command::new("cc");
             cc.args(["-shared", "-fPIC", "-o"]).arg(root.join(format!("libcuda-{name}.so"))).arg(&src);
             cc.args(extra);
-            match cc.status() {
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| output_within(&mut cc).status)) {
                 Ok(s) if s.success() => {}
                 other => {
                     eprintln!("skipped: cc could not build the stub driver ({other:?})");
@@ -823,14 +855,14 @@ int cuGetErrorName(int e, const char **s) { (void)e; *s = "STUB"; return 0; }
             if *with_nccl {
                 std::os::unix::fs::symlink(&lib, dir.join("libnccl.so")).unwrap();
             }
-            let out = std::process::Command::new(std::env::current_exe().unwrap())
-                .args(["--exact", &test_name("child_stub_driver"), "--ignored", "--nocapture"])
-                .env("LD_LIBRARY_PATH", &dir)
-                .env("ALGPT2_NCCL_TEST_CHILD", "1")
-                .env("EXPECT", expect)
-                .envs(vars.iter().copied())
-                .output()
-                .unwrap();
+            let out = output_within(
+                std::process::Command::new(std::env::current_exe().unwrap())
+                    .args(["--exact", &test_name("child_stub_driver"), "--ignored", "--nocapture"])
+                    .env("LD_LIBRARY_PATH", &dir)
+                    .env("ALGPT2_NCCL_TEST_CHILD", "1")
+                    .env("EXPECT", expect)
+                    .envs(vars.iter().copied()),
+            );
             let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
             eprintln!("--- case {i}: {stub} stub, nccl {with_nccl}, {vars:?}\n{text}");
             assert!(out.status.success() && text.contains("1 passed"), "case {i} failed:\n{text}");
