@@ -18,15 +18,13 @@ declare -A catcher=(
   [bf16-master-weights]="--test lean_step bf16_trains_as_well_as_fp32_over_three_seeds"
   [bf16-gradient-sum]="--test distributed accumulated_micro_steps_are_the_ranks_average"
 )
-names=("${@:-bf16-master-weights bf16-gradient-sum}")
-# shellcheck disable=SC2206
-names=(${names[*]})
+if [ $# -eq 0 ]; then set -- "${!catcher[@]}"; fi
 applied=""
 revert() { if [ -n "$applied" ]; then git apply -R "$applied"; applied=""; fi; }
 trap revert EXIT
 trap 'revert; exit 130' INT TERM
 uncaught=0
-for name in "${names[@]}"; do
+for name in "$@"; do
   patch="tests/sabotage/$name.patch"
   [ -f "$patch" ] && [ -n "${catcher[$name]:-}" ] || { echo "sabotage.sh: no sabotage '$name' (${!catcher[*]})" >&2; exit 2; }
   git apply "$patch"

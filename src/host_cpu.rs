@@ -3,7 +3,7 @@
 //! says which machine its figures came from.
 
 use crate::config::Precision;
-use crate::model::precision::{cpu_bf16_features, resolve, Resolved};
+use crate::model::precision::{cpu_bf16_features, resolve_on, Hardware, Resolved};
 use serde_json::{json, Value};
 
 /// The CPU and the precision a run on it would use.
@@ -18,7 +18,9 @@ pub struct CpuPrecision {
 
 /// `wanted` resolved on this host's CPU (never a GPU's: `info` starts no device).
 pub fn on_this_cpu(wanted: Precision) -> CpuPrecision {
-    CpuPrecision { model: model_name(), bf16_features: cpu_bf16_features(), wanted, resolved: resolve(wanted, tch::Device::Cpu) }
+    let bf16_features = cpu_bf16_features();
+    let resolved = resolve_on(wanted, &Hardware::Cpu { bf16_features: bf16_features.clone() });
+    CpuPrecision { model: model_name(), bf16_features, wanted, resolved }
 }
 
 fn model_name() -> String {

@@ -93,23 +93,6 @@ fn on_two_ranks_the_overlapped_exchange_gives_the_same_bytes_for_every_variant()
     }
 }
 
-/// The model tensors of a run's last checkpoint.
-fn weights(dir: &Path, run: &str) -> std::collections::BTreeMap<String, tch::Tensor> {
-    tch::Tensor::read_safetensors(checkpoint(dir, run).join("model.safetensors")).unwrap().into_iter().collect()
-}
-
-/// ‖a − b‖ / ‖b‖ over all the model's tensors.
-fn normwise_difference(x: &std::collections::BTreeMap<String, tch::Tensor>, y: &std::collections::BTreeMap<String, tch::Tensor>) -> f64 {
-    assert_eq!(x.len(), y.len());
-    let (mut diff, mut norm) = (0.0, 0.0);
-    for (key, t) in x {
-        let (t, u) = (t.to_kind(tch::Kind::Double), y[key].to_kind(tch::Kind::Double));
-        diff += (&t - &u).square().sum(tch::Kind::Double).double_value(&[]);
-        norm += u.square().sum(tch::Kind::Double).double_value(&[]);
-    }
-    (diff / norm).sqrt()
-}
-
 /// On 3 ranks the ring adds three values in another order than the exchange after
 /// backward, so the averaged gradients differ by fp32 rounding (a few ulps, 2^-24
 /// relative). AdamW's update divides by √v, which carries that into the weights at about
@@ -124,7 +107,7 @@ fn on_three_ranks_the_overlapped_exchange_differs_by_rounding_at_most() {
     let dir = tempfile::tempdir().unwrap();
     for (name, extra) in [("gpt2", GPT2.to_vec()), ("algpt2", [&ALGPT2[..], &["--set", "train.grad_accum_steps=2"][..]].concat())] {
         let (after, during) = pair(3, dir.path(), name, &extra);
-        let relative = normwise_difference(&weights(dir.path(), &after), &weights(dir.path(), &during));
+        let relative = weight_norm_difference(&checkpoint(dir.path(), &after), &checkpoint(dir.path(), &during));
         eprintln!("{name}: 3 ranks, overlapped vs after backward, normwise weight difference {relative:.3e}");
         assert!(relative < 1e-5, "{name}: weights differ normwise by {relative:e}");
     }
@@ -147,7 +130,7 @@ fn on_three_ranks_the_overlapped_exchange_in_bf16_stays_within_bf16_rounding() {
         ("algpt2_bf16", [&ALGPT2[..], &bf16[..], &["--set", "train.grad_accum_steps=2"][..]].concat()),
     ] {
         let (after, during) = pair(3, dir.path(), name, &extra);
-        let relative = normwise_difference(&weights(dir.path(), &after), &weights(dir.path(), &during));
+        let relative = weight_norm_difference(&checkpoint(dir.path(), &after), &checkpoint(dir.path(), &during));
         eprintln!("{name}: 3 ranks, overlapped vs after backward, normwise weight difference {relative:.3e}");
         assert!(relative < 1.0 / 256.0, "{name}: weights differ normwise by {relative:e}");
     }

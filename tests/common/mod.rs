@@ -121,6 +121,22 @@ pub fn tiny_run_args(sets: &[&str], dir: &Path, run: &str, extra: &[&str]) -> Ve
     a
 }
 
+/// ‖a − b‖ / ‖b‖ over all the model tensors of two checkpoint directories.
+pub fn weight_norm_difference(a: &Path, b: &Path) -> f64 {
+    let load = |p: &Path| -> std::collections::BTreeMap<String, tch::Tensor> {
+        tch::Tensor::read_safetensors(p.join("model.safetensors")).unwrap().into_iter().collect()
+    };
+    let (x, y) = (load(a), load(b));
+    assert_eq!(x.len(), y.len(), "{} and {} hold different tensors", a.display(), b.display());
+    let (mut diff, mut norm) = (0.0, 0.0);
+    for (name, t) in &x {
+        let u = y[name].to_kind(tch::Kind::Double);
+        diff += (t.to_kind(tch::Kind::Double) - &u).square().sum(tch::Kind::Double).double_value(&[]);
+        norm += u.square().sum(tch::Kind::Double).double_value(&[]);
+    }
+    (diff / norm).sqrt()
+}
+
 /// The API key the fake W&B servers of the tests accept.
 pub const WANDB_KEY: &str = "0123456789abcdef0123456789abcdef01234567";
 
