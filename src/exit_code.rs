@@ -1,10 +1,16 @@
 //! The exit codes, in one place: 0 success, 1 anything that went wrong while running
 //! (including a failed `doctor` check), 2 bad configuration or usage (the config, a flag,
-//! a device that is not there, a size that cannot fit): nothing was started.
+//! a device that is not there, a size that cannot fit, a W&B setting that can never work
+//! such as a malformed `WANDB_BASE_URL`): nothing was started.
+
+use crate::report::wandb::BadSetting;
 
 /// The exit code of a command that ended with `e`.
 pub fn of(e: &anyhow::Error) -> u8 {
-    if e.downcast_ref::<crate::config::ConfigError>().is_some() || e.downcast_ref::<crate::device::DeviceError>().is_some() {
+    if e.downcast_ref::<crate::config::ConfigError>().is_some()
+        || e.downcast_ref::<crate::device::DeviceError>().is_some()
+        || e.downcast_ref::<BadSetting>().is_some()
+    {
         2
     } else {
         1

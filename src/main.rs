@@ -72,8 +72,8 @@ fn install_panic_hook() {
 
 fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        None => train::run(cli.run.load()?),
-        Some(Command::Train(args)) => train::run(args.load()?),
+        None => run_training(cli.run.load()?),
+        Some(Command::Train(args)) => run_training(args.load()?),
         Some(Command::Info { args, json }) => {
             info::run(&args.load()?, json);
             Ok(())
@@ -131,6 +131,13 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Training, once the W&B settings that can never work are refused (exit 2, before
+/// anything is started or written).
+fn run_training(cfg: config::Config) -> anyhow::Result<()> {
+    report::wandb_run::WandbRun::check_settings(&cfg)?;
+    train::run(cfg)
 }
 
 /// Exact resume on CPU needs the same sums in the same order on every run, which MKL

@@ -490,3 +490,215 @@ fn system_metrics_turn_off_and_a_failing_sampler_never_stops_training() {
     let events = servers[2].run(&only_run(&servers[2])).unwrap().events;
     assert!(events.iter().all(|l| !l.contains("system.proc.memory.rssMB")), "{events:?}");
 }
+
+/// 1 GiB: the answer a server, or a proxy before it, gave during training in issue 29.
+const GIB: u64 = 1 << 30;
+
+/// Runs `cmd` to its end (bounded) and returns its output and its peak resident memory
+/// in MB: VmHWM, which only grows, read from /proc every 10 ms while it runs.
+fn run_with_peak_rss(cmd: &mut Command) -> (Output, f64) {
+    let mut child = spawn(cmd);
+    let status = format!("/proc/{}/status", child.id());
+    let (started, mut peak_kb) = (Instant::now(), 0u64);
+    while child.is_running() && started.elapsed() < LIMIT {
+        let text = std::fs::read_to_string(&status).unwrap_or_default();
+        let hwm = text.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok());
+        peak_kb = peak_kb.max(hwm.unwrap_or(0));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    (finish_bounded(child, LIMIT), peak_kb as f64 / 1024.0)
+}
+
+/// `dir` copied to `to`, files and folders.
+fn copy_dir(dir: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &to.join(entry.file_name()));
+        } else {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+}
+
+/// Retries 50 to 200 ms apart (the defaults are 2 to 60 s), so that a few failed
+/// requests cost a tiny run nothing.
+const FAST_RETRIES: [(&str, &str); 2] =
+    [("WANDB_X_FILE_STREAM_RETRY_WAIT_MIN_SECONDS", "0.05"), ("WANDB_X_FILE_STREAM_RETRY_WAIT_MAX_SECONDS", "0.2")];
+
+/// The next GraphQL answer and the next 3 file_stream answers are 1 GiB each (one of
+/// them with its Content-Length, the others chunked, as a proxy streams).
+fn answer_a_gigabyte(server: &FakeServer) {
+    server.fail_next(Target::Graphql, Fault::HugeReply { bytes: GIB, chunked: true });
+    for chunked in [true, false, true] {
+        server.fail_next(Target::FileStream, Fault::HugeReply { bytes: GIB, chunked });
+    }
+}
+
+/// How many answers of `server` were 1 GiB.
+fn huge_answers(server: &FakeServer) -> usize {
+    server.requests().iter().filter(|r| r.fault.as_deref().is_some_and(|f| f.starts_with("HugeReply"))).count()
+}
+
+/// A server answering 1 GiB (issue 29: 3.55 GB RSS in training against 0.52 GB, 6.5 GB in
+/// wandb-sync against a 3 GB answer): rank 0 and wandb-sync read at most 16 MiB of an
+/// answer, take it as a failed request (retried, said once) and lose nothing; each one's
+/// peak memory stays within 50 MB of the same work against a quiet server.
+#[test]
+fn a_server_answering_a_gigabyte_costs_no_memory_and_loses_nothing() {
+    const MARGIN_MB: f64 = 50.0;
+    // One token cache for every run: each building its own would put the tokenizer's
+    // training, not W&B, at the top of their memory.
+    let dirs: Vec<tempfile::TempDir> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let cache = format!("--set=data.cache_dir={}", dirs[3].path().join("cache").display());
+    let mut prepare: Vec<String> = vec!["prepare".into()];
+    prepare.extend(args(dirs[3].path(), "prepare", &[&cache]));
+    let prepared = run_bounded(Command::new(bin()).args(&prepare).current_dir(repo()), LIMIT);
+    assert!(prepared.status.success(), "{}", stderr(&prepared));
+
+    // Training against a quiet server and against one answering 1 GiB, at once (they share
+    // the machine's load); an offline run beside them, for wandb-sync below.
+    let (quiet, huge) = (FakeServer::start(), FakeServer::start());
+    answer_a_gigabyte(&huge);
+    let train_measured = |dir: &Path, server: &FakeServer, extra: &[&str]| {
+        let mut cmd = Command::new(bin());
+        cmd.args(args(dir, "quickstart", &[&[cache.as_str()][..], extra].concat())).current_dir(repo());
+        with_wandb(&mut cmd, server, dir, None);
+        // Three runs on what may be 2 cores: threads spinning for each other's cores cost
+        // minutes on a loaded machine.
+        one_math_thread(cmd.envs(FAST_RETRIES));
+        run_with_peak_rss(&mut cmd)
+    };
+    let ((quiet_out, quiet_mb), (huge_out, huge_mb), (offline_out, _)) = std::thread::scope(|s| {
+        let q = s.spawn(|| train_measured(dirs[0].path(), &quiet, &[]));
+        let h = s.spawn(|| train_measured(dirs[1].path(), &huge, &[]));
+        let o = s.spawn(|| train_measured(dirs[2].path(), &quiet, &["--set", "wandb.mode=offline"]));
+        (q.join().unwrap(), h.join().unwrap(), o.join().unwrap())
+    });
+    for out in [&quiet_out, &huge_out, &offline_out] {
+        assert!(out.status.success(), "{}", stderr(out));
+    }
+    eprintln!("FIGURE training's peak RSS: {huge_mb:.0} MB against 1 GiB answers, {quiet_mb:.0} MB against a quiet server");
+    assert!(huge_mb < quiet_mb + MARGIN_MB, "training: {huge_mb:.0} MB against 1 GiB answers, {quiet_mb:.0} MB against a quiet server");
+    let err = stderr(&huge_out);
+    assert_eq!(huge_answers(&huge), 4, "{err}");
+    assert_eq!(err.matches("an answer over 16 MiB").count(), 1, "said once:\n{err}");
+    assert!(err.contains("W&B: file_stream keeps failing (an answer over 16 MiB, the most read); retrying with backoff"), "{err}");
+    let id = only_run(&huge);
+    assert_eq!(huge.steps(&id), (1..=8).collect::<Vec<u64>>(), "every row once the server behaves");
+    assert!(huge.run(&id).unwrap().complete);
+    assert!(huge.errors().is_empty(), "{:?}", huge.errors());
+
+    // wandb-sync of two copies of the offline run, to a quiet server and to one answering 1 GiB.
+    let offline_run = dirs[2].path().join("runs/quickstart");
+    let copies = [dirs[2].path().join("copy-quiet"), dirs[2].path().join("copy-huge")];
+    let (quiet, huge) = (FakeServer::start(), FakeServer::start());
+    answer_a_gigabyte(&huge);
+    let mut syncs = Vec::new();
+    for (copy, server) in copies.iter().zip([&quiet, &huge]) {
+        copy_dir(&offline_run, copy);
+        let mut cmd = Command::new(bin());
+        cmd.args(["wandb-sync", copy.to_str().unwrap(), "--timeout", "60"]).current_dir(repo());
+        with_wandb(&mut cmd, server, dirs[2].path(), None);
+        cmd.envs(FAST_RETRIES);
+        syncs.push(run_with_peak_rss(&mut cmd));
+    }
+    let [(quiet_out, quiet_mb), (huge_out, huge_mb)] = <[(Output, f64); 2]>::try_from(syncs).unwrap();
+    assert!(quiet_out.status.success(), "{}", stderr(&quiet_out));
+    assert!(huge_out.status.success(), "{}", stderr(&huge_out));
+    eprintln!("FIGURE wandb-sync's peak RSS: {huge_mb:.0} MB against 1 GiB answers, {quiet_mb:.0} MB against a quiet server");
+    assert!(huge_mb < quiet_mb + MARGIN_MB, "wandb-sync: {huge_mb:.0} MB against 1 GiB answers, {quiet_mb:.0} MB against a quiet server");
+    let err = stderr(&huge_out);
+    assert_eq!(huge_answers(&huge), 4, "{err}");
+    assert_eq!(err.matches("an answer over 16 MiB").count(), 1, "said once:\n{err}");
+    let id = only_run(&huge);
+    assert_eq!(huge.steps(&id), (1..=8).collect::<Vec<u64>>());
+    assert!(huge.run(&id).unwrap().complete);
+    assert!(huge.errors().is_empty(), "{:?}", huge.errors());
+}
+
+/// A WANDB_BASE_URL that no request can go to (unparseable, a port past 65535, another
+/// scheme) is refused at once with exit code 2, naming the variable and never its
+/// password: by training before it writes anything, and by wandb-sync, instead of
+/// retrying it as a network failure until a timeout.
+#[test]
+fn a_malformed_wandb_base_url_is_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    for url in ["http://[::1", "http://alice:PASSWORD@127.0.0.1:99999", "ftp://127.0.0.1"] {
+        let mut train = Command::new(bin());
+        train.args(args(dir.path(), "quickstart", &[])).current_dir(repo());
+        let mut sync = Command::new(bin());
+        sync.args(["wandb-sync", dir.path().join("runs/quickstart").to_str().unwrap(), "--timeout", "60"]).current_dir(repo());
+        for (what, cmd) in [("training", &mut train), ("wandb-sync", &mut sync)] {
+            with_wandb_env(cmd, Some(url), dir.path());
+            let started = Instant::now();
+            let out = run_bounded(cmd, LIMIT);
+            let (took, err) = (started.elapsed(), stderr(&out));
+            assert_eq!(out.status.code(), Some(2), "{what}, {url}: {err}");
+            assert!(err.contains("error: WANDB_BASE_URL \"") && err.contains("(expected http(s)://host[:port][/path])"), "{what}: {err}");
+            assert!(!err.contains("PASSWORD") && !stdout(&out).contains("PASSWORD"), "{what}: {err}");
+            assert!(took < Duration::from_secs(30), "{what}, {url}: {took:?}");
+        }
+        let written: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert!(written.is_empty(), "{url}: training wrote {written:?}");
+    }
+}
+
+/// Every file under `dir`.
+fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+/// WANDB_BASE_URL=http://alice:PASSWORD@host: no line that training or wandb-sync prints
+/// holds the password (a refused key's warning, the retries' warnings, sync's errors),
+/// nor any file of the run directory.
+#[test]
+fn a_password_in_wandb_base_url_is_never_printed_nor_written() {
+    let server = FakeServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let with_password = |url: &str| url.replacen("://", "://alice:PASSWORD@", 1);
+    let run_with = |cmd: &mut Command, url: &str| {
+        with_wandb_env(cmd, Some(&with_password(url)), dir.path());
+        cmd.envs(FAST_RETRIES);
+        let out = run_bounded(cmd, LIMIT);
+        let text = format!("{}{}", stdout(&out), stderr(&out));
+        assert!(!text.contains("PASSWORD"), "{cmd:?} printed the password:\n{text}");
+        (out.status.code(), text)
+    };
+    // Training against a server that refuses the key: it warns, naming the server.
+    server.require_key("another key, not the one given");
+    let (code, text) = run_with(Command::new(bin()).args(args(dir.path(), "quickstart", &[])).current_dir(repo()), &server.url);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("alice@127.0.0.1") && text.contains("refused the API key (HTTP 401)"), "{text}");
+    let run_dir = dir.path().join("runs/quickstart");
+    let sync = |timeout: &str| {
+        let mut cmd = Command::new(bin());
+        cmd.args(["wandb-sync", run_dir.to_str().unwrap(), "--timeout", timeout]).current_dir(repo());
+        cmd
+    };
+    // wandb-sync: the same refusal, then a server that is not there, then one that answers.
+    let (code, text) = run_with(&mut sync("60"), &server.url);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("alice@127.0.0.1") && text.contains("refused the API key (HTTP 401)"), "{text}");
+    let (code, text) = run_with(&mut sync("3"), "http://127.0.0.1:9");
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("keeps failing") && text.contains("gave up after 3 s"), "{text}");
+    let answers = FakeServer::start();
+    let (code, text) = run_with(&mut sync("60"), &answers.url);
+    assert_eq!(code, Some(0), "{text}");
+    assert_eq!(answers.steps(&only_run(&answers)), (1..=8).collect::<Vec<u64>>());
+    for file in files_under(&run_dir) {
+        let bytes = std::fs::read(&file).unwrap();
+        assert!(!bytes.windows(8).any(|w| w == b"PASSWORD"), "{} holds the password", file.display());
+    }
+}

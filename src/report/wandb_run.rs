@@ -36,25 +36,7 @@ impl WandbRun {
             return Ok(WandbRun::inert());
         }
         let w = &cfg.wandb;
-        let mode = match w.mode {
-            WandbMode::Online => "online",
-            WandbMode::Offline => "offline",
-            WandbMode::Disabled => "disabled",
-        };
-        let name = w.name.clone().or_else(|| cfg.run_name.clone());
-        let env = |key: &str| std::env::var(key).ok();
-        let home = std::env::var_os("HOME").map(std::path::PathBuf::from);
-        let mut settings = Settings::resolve(
-            mode,
-            &w.project,
-            w.entity.as_deref(),
-            name.as_deref(),
-            w.group.as_deref(),
-            &w.tags,
-            run_dir,
-            &env,
-            home.as_deref(),
-        )?;
+        let mut settings = settings(cfg, run_dir)?;
         settings.flush_timeout = std::time::Duration::from_secs_f64(w.flush_timeout_s);
         let mut config = match serde_json::to_value(cfg)? {
             Value::Object(m) => m,
@@ -82,6 +64,18 @@ impl WandbRun {
                 Ok(WandbRun::inert())
             }
         }
+    }
+
+    /// Refuses, before training starts anything, W&B settings that can never work: a
+    /// malformed `WANDB_BASE_URL` (unparseable, a port out of range, another scheme), an
+    /// unknown `WANDB_MODE`, a bad `WANDB_RUN_ID` or project. The error is a
+    /// [`BadSetting`](super::wandb::BadSetting), exit code 2. Rank 0 only: it alone
+    /// reports, and the others' environment is not used.
+    pub fn check_settings(cfg: &Config) -> anyhow::Result<()> {
+        if algpt2_launch::launcher_rank(&|key| std::env::var(key).ok()) != 0 {
+            return Ok(());
+        }
+        settings(cfg, &crate::run_dir::RunDir::for_config(cfg).root).map(drop)
     }
 
     /// Whether system metrics are sampled for this run, as every rank can tell alike:
@@ -166,4 +160,18 @@ impl WandbRun {
             }
         }
     }
+}
+
+/// The run's W&B settings: the config section, then the `WANDB_*` environment.
+fn settings(cfg: &Config, run_dir: &Path) -> anyhow::Result<Settings> {
+    let w = &cfg.wandb;
+    let mode = match w.mode {
+        WandbMode::Online => "online",
+        WandbMode::Offline => "offline",
+        WandbMode::Disabled => "disabled",
+    };
+    let name = w.name.clone().or_else(|| cfg.run_name.clone());
+    let env = |key: &str| std::env::var(key).ok();
+    let home = std::env::var_os("HOME").map(std::path::PathBuf::from);
+    Settings::resolve(mode, &w.project, w.entity.as_deref(), name.as_deref(), w.group.as_deref(), &w.tags, run_dir, &env, home.as_deref())
 }

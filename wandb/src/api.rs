@@ -2,10 +2,21 @@
 //! is classified (retry, wrong key, or a permanent refusal) and backed off.
 
 use serde_json::{json, Map, Value};
+use std::io::Read;
 use std::time::{Duration, SystemTime};
 
 /// Sent on every request.
 pub(super) const USER_AGENT: &str = concat!("algpt2-ddp-wandb/", env!("CARGO_PKG_VERSION"));
+
+/// The longest answer read from the server, GraphQL and file_stream alike; a longer one
+/// (a proxy's page, a broken server) is a failed request, retried, and is read no further
+/// than one byte past this. Real answers are far smaller: file_stream answers
+/// `{"exitcode": null, "limits": {}}`, and the largest, RunResumeStatus, holds a summary
+/// and a few history lines, each at most the line limit (10 MiB − 100 KiB, which our
+/// uploads and the official client's keep to) and in practice a few KB. 16 MiB leaves a
+/// whole line-limit summary room for its JSON-in-JSON escaping, and is what an answer can
+/// cost rank 0's memory.
+pub(super) const MAX_ANSWER_BYTES: u64 = 16 << 20;
 
 /// The official client's text (protocol notes §4.2).
 pub(super) const UPSERT_BUCKET: &str = "mutation UpsertBucket($id: String, $name: String, $project: String, $entity: String, \
@@ -210,7 +221,7 @@ impl Api {
             Some(Failure::Transient { why, .. }) => return Err(Failure::Transient { why, retry_after }),
             Some(other) => return Err(other),
         }
-        let bytes = response.bytes().map_err(|e| Failure::Transient { why: describe(&e), retry_after: None })?;
+        let bytes = read_bounded(response, MAX_ANSWER_BYTES)?;
         Ok(serde_json::from_slice(&bytes).unwrap_or(Value::Null))
     }
 
@@ -232,6 +243,7 @@ impl Api {
 
     /// PUTs a run file to a signed URL from CreateRunFiles. Such a URL carries its own
     /// authorization (and may point at another host): the API key is never sent with it.
+    /// Only the status counts: the answer's body is never read.
     pub fn upload(&self, url: &str, headers: &[(String, String)], bytes: Vec<u8>, timeout: Duration) -> Result<Value, Failure> {
         let mut request = self.client.put(url).timeout(timeout).body(bytes);
         for (name, value) in headers {
@@ -255,6 +267,27 @@ impl Api {
         let url = format!("{}/files/{}/{}/{}/file_stream", self.base_url, path_segment(entity), path_segment(project), path_segment(run));
         self.post(&url, body, timeout, Op::FileStream)
     }
+}
+
+/// The body of an answer, if it is at most `limit` bytes; a longer one is a transient
+/// failure, found from its `Content-Length` without reading it, else after reading
+/// `limit + 1` bytes of it (a chunked answer says no length). What is left unread is
+/// dropped with the connection.
+fn read_bounded(response: reqwest::blocking::Response, limit: u64) -> Result<Vec<u8>, Failure> {
+    let too_long = || Failure::Transient { why: format!("an answer over {} MiB, the most read", limit >> 20), retry_after: None };
+    let declared = response.content_length();
+    if declared.is_some_and(|n| n > limit) {
+        return Err(too_long());
+    }
+    let mut bytes = Vec::with_capacity(declared.unwrap_or(0) as usize);
+    response
+        .take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Failure::Transient { why: format!("connection error: reading the answer: {e}"), retry_after: None })?;
+    if bytes.len() as u64 > limit {
+        return Err(too_long());
+    }
+    Ok(bytes)
 }
 
 fn describe(e: &reqwest::Error) -> String {

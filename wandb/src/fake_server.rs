@@ -40,6 +40,10 @@ pub enum Fault {
     DropBefore,
     /// Apply, then close without answering.
     DropAfter,
+    /// Answer 200 with a JSON object of this many bytes, made as it is sent (the server
+    /// never holds it), changing nothing: with its `Content-Length`, or chunked with no
+    /// length, as a proxy streams. The client may read part of it and hang up.
+    HugeReply { bytes: u64, chunked: bool },
 }
 
 /// How long a Stop pressed in the interface keeps being answered.
@@ -258,6 +262,40 @@ fn respond(stream: &mut TcpStream, status: u16, body: &Value, retry_after: Optio
     let _ = stream.flush();
 }
 
+/// `{"pad":"xxx…"}` of `bytes` bytes (at least 10), made 64 KiB at a time.
+fn respond_huge(stream: &mut TcpStream, bytes: u64, chunked: bool) -> std::io::Result<()> {
+    // A client that stops reading without closing must not hold this thread for ever.
+    stream.set_write_timeout(Some(Duration::from_secs(30)))?;
+    let (head, tail) = (b"{\"pad\":\"", b"\"}");
+    let bytes = bytes.max((head.len() + tail.len()) as u64);
+    let length = if chunked { "Transfer-Encoding: chunked".to_string() } else { format!("Content-Length: {bytes}") };
+    // Whole chunks per write: small writes would wait on delayed ACKs.
+    let mut out = std::io::BufWriter::with_capacity(256 << 10, &mut *stream);
+    out.write_all(format!("HTTP/1.1 200 X\r\nContent-Type: application/json\r\n{length}\r\n\r\n").as_bytes())?;
+    let mut send = |part: &[u8]| -> std::io::Result<()> {
+        if chunked {
+            out.write_all(format!("{:x}\r\n", part.len()).as_bytes())?;
+            out.write_all(part)?;
+            out.write_all(b"\r\n")
+        } else {
+            out.write_all(part)
+        }
+    };
+    let pad = vec![b'x'; 64 << 10];
+    let mut pad_left = bytes - (head.len() + tail.len()) as u64;
+    send(head)?;
+    while pad_left > 0 {
+        let n = pad_left.min(pad.len() as u64) as usize;
+        send(&pad[..n])?;
+        pad_left -= n as u64;
+    }
+    send(tail)?;
+    if chunked {
+        out.write_all(b"0\r\n\r\n")?;
+    }
+    out.flush()
+}
+
 fn serve(stream: TcpStream, state: Arc<Mutex<State>>, stop: Arc<AtomicBool>) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
     let mut writer = match stream.try_clone() {
@@ -319,6 +357,12 @@ fn serve(stream: TcpStream, state: Arc<Mutex<State>>, stop: Arc<AtomicBool>) {
             Some(Fault::DropAfter) => {
                 apply();
                 return;
+            }
+            Some(Fault::HugeReply { bytes, chunked }) => {
+                if respond_huge(&mut writer, bytes, chunked).is_err() {
+                    // The client hung up part way.
+                    return;
+                }
             }
             Some(Fault::SlowReply(d)) => {
                 let (status, reply) = apply();

@@ -71,7 +71,7 @@ mod tests;
 
 pub use reporter::{spool_dir, FinishReport, Reporter};
 pub use settings::{
-    api_key_looks_valid, generate_run_id, Mode, Settings, Tuning, DEFAULT_BASE_URL, DEFAULT_FLUSH_TIMEOUT, DEFAULT_PROJECT,
+    api_key_looks_valid, generate_run_id, BadSetting, Mode, Settings, Tuning, DEFAULT_BASE_URL, DEFAULT_FLUSH_TIMEOUT, DEFAULT_PROJECT,
 };
 pub use side::console_timestamp;
 pub use sync::{sync, sync_within, CRASHED_EXIT_CODE, DEFAULT_TIMEOUT as DEFAULT_SYNC_TIMEOUT};

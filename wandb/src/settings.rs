@@ -1,7 +1,7 @@
 //! Settings as W&B users know them: the config section's values, overridden by the
 //! `WANDB_*` environment variables, the API key from `WANDB_API_KEY` or `~/.netrc`.
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -14,6 +14,18 @@ pub const DEFAULT_PROJECT: &str = "uncategorized";
 /// The Forge front; a netrc lookup for it falls back to `api.wandb.ai`, as the SDK does.
 const FORGE_HOST: &str = "api.forge.coreweave.com";
 const CLOUD_HOST: &str = "api.wandb.ai";
+
+/// A W&B setting that can never work: a malformed `WANDB_BASE_URL` (unparseable, a port
+/// out of range, another scheme), an unknown mode, a bad run id or project. It is refused
+/// at once, before anything is sent or written, rather than retried as a network failure;
+/// commands exit with the code for bad configuration. Its text never holds a password.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BadSetting(String);
+
+fn bad_setting(message: String) -> anyhow::Error {
+    BadSetting(message).into()
+}
 
 /// Where rows go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,7 +45,7 @@ impl Mode {
             "online" | "run" | "shared" => Ok(Mode::Online),
             "offline" | "dryrun" => Ok(Mode::Offline),
             "disabled" => Ok(Mode::Disabled),
-            other => bail!("unknown W&B mode {other:?}: expected online, offline or disabled"),
+            other => Err(bad_setting(format!("unknown W&B mode {other:?}: expected online, offline or disabled"))),
         }
     }
 
@@ -168,7 +180,7 @@ impl std::fmt::Debug for Settings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Settings")
             .field("mode", &self.mode)
-            .field("base_url", &self.base_url)
+            .field("base_url", &without_password(&self.base_url).0)
             .field("api_key", &self.api_key.as_ref().map(|_| "<set>"))
             .field("entity", &self.entity)
             .field("project", &self.project)
@@ -215,7 +227,10 @@ impl Settings {
             Some(m) => Mode::parse(&m).context("WANDB_MODE")?,
             None => Mode::parse(mode).context("wandb.mode")?,
         };
-        let base_url = normalize_base_url(&var("WANDB_BASE_URL").unwrap_or_else(|| DEFAULT_BASE_URL.to_string()))?;
+        let base_url = match var("WANDB_BASE_URL") {
+            Some(url) => normalize_base_url(&url, "WANDB_BASE_URL")?,
+            None => DEFAULT_BASE_URL.to_string(),
+        };
         let api_key = match var("WANDB_API_KEY") {
             Some(key) => Some(key),
             None => netrc_api_key(&base_url, env, home),
@@ -230,7 +245,7 @@ impl Settings {
         };
         let project = var("WANDB_PROJECT").or_else(|| given(Some(project))).unwrap_or_else(|| DEFAULT_PROJECT.to_string());
         if project.contains('/') {
-            bail!("W&B project {project:?} must not contain '/'");
+            return Err(bad_setting(format!("W&B project {project:?} must not contain '/'")));
         }
         Ok(Settings {
             mode,
@@ -258,21 +273,30 @@ pub(super) fn split_tags(list: &str) -> Vec<String> {
     list.split(',').map(str::trim).filter(|t| !t.is_empty()).map(str::to_string).collect()
 }
 
-/// Trims, drops trailing `/`, requires `http(s)://host`, refuses `http://` to `*.wandb.ai`
-/// (as the SDK does: the key would travel in clear).
-pub(super) fn normalize_base_url(url: &str) -> anyhow::Result<String> {
+/// Trims, drops trailing `/`, requires a well-formed `http(s)://host[:port][/path]`,
+/// refuses `http://` to `*.wandb.ai` (as the SDK does: the key would travel in clear).
+/// `from` names where the URL came from (`WANDB_BASE_URL`) for the error, a
+/// [`BadSetting`], which shows the URL without its password.
+pub(super) fn normalize_base_url(url: &str, from: &str) -> anyhow::Result<String> {
     let url = url.trim().trim_end_matches('/').to_string();
-    let Some((scheme, _)) = url.split_once("://") else { bail!("W&B base URL {url:?} must start with https:// or http://") };
+    let bad = |why: &str| bad_setting(format!("{from} {:?} {why}", without_password(&url).0));
+    let expected = "expected http(s)://host[:port][/path]";
+    let Some((scheme, _)) = url.split_once("://") else { return Err(bad(&format!("must start with https:// or http:// ({expected})"))) };
     let scheme = scheme.to_ascii_lowercase();
     if scheme != "https" && scheme != "http" {
-        bail!("W&B base URL {url:?} must start with https:// or http://");
+        return Err(bad(&format!("must start with https:// or http:// ({expected})")));
     }
     let host = host_of(&url);
     if host.is_empty() {
-        bail!("W&B base URL {url:?} has no host");
+        return Err(bad(&format!("has no host ({expected})")));
+    }
+    // What every request would fail on (an unclosed `[`, a port past 65535, a space in
+    // the host): refused now, not retried as a network failure until a timeout.
+    if let Err(e) = reqwest::Url::parse(&url) {
+        return Err(bad(&format!("is malformed: {e} ({expected})")));
     }
     if scheme == "http" && (host == "wandb.ai" || host.ends_with(".wandb.ai")) {
-        bail!("W&B base URL {url:?}: http:// is refused for *.wandb.ai hosts, use https://");
+        return Err(bad("is refused: http:// to *.wandb.ai hosts would send the API key in clear, use https://"));
     }
     Ok(url)
 }
@@ -404,7 +428,7 @@ pub(super) fn check_run_id(id: &str) -> anyhow::Result<()> {
     let ok =
         !id.is_empty() && id.len() <= 128 && id != "." && id != ".." && id.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
     if !ok {
-        bail!("W&B run id {id:?}: use 1 to 128 letters, digits, '_', '.' or '-'");
+        return Err(bad_setting(format!("W&B run id {id:?}: use 1 to 128 letters, digits, '_', '.' or '-'")));
     }
     Ok(())
 }

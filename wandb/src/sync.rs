@@ -2,7 +2,7 @@
 //! by a crash or by `finish`'s timeout) and marks them finished.
 
 use super::api::Api;
-use super::settings::{api_key_looks_valid, netloc_of, netrc_api_key, normalize_base_url, Tuning};
+use super::settings::{api_key_looks_valid, netloc_of, netrc_api_key, normalize_base_url, without_password, Tuning};
 use super::side::{Written, SIDES};
 use super::spool::{self, FinishRecord, RunRecord, Spool, UploadState};
 use super::uploader::{End, Inner, Shared, Uploader};
@@ -22,7 +22,9 @@ pub const CRASHED_EXIT_CODE: i32 = 1;
 /// recorded, or as failed ([`CRASHED_EXIT_CODE`]) when the run was cut off. Resumes
 /// where earlier uploads stopped; rows the server already holds are not sent again.
 /// `WANDB_BASE_URL`, `WANDB_API_KEY` (else netrc), `WANDB_ENTITY` and `WANDB_PROJECT`
-/// override what the spool recorded. Refuses a run that a live process still reports.
+/// override what the spool recorded; a malformed `WANDB_BASE_URL` is refused at once (a
+/// [`super::BadSetting`]). Refuses a run that a live process still reports. No line
+/// it prints holds the password of a base URL.
 pub fn sync(run_dir: &Path, env: &dyn Fn(&str) -> Option<String>, home: Option<&Path>) -> anyhow::Result<()> {
     sync_within(run_dir, env, home, DEFAULT_TIMEOUT)
 }
@@ -33,11 +35,15 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 /// [`sync`], giving up after `timeout` in all: what is unsent then stays in the spool for
 /// a later sync, and the error says how much.
 pub fn sync_within(run_dir: &Path, env: &dyn Fn(&str) -> Option<String>, home: Option<&Path>, timeout: Duration) -> anyhow::Result<()> {
+    let base_url = match env("WANDB_BASE_URL").map(|v| v.trim().to_string()).filter(|v| !v.is_empty()) {
+        Some(url) => Some(normalize_base_url(&url, "WANDB_BASE_URL")?),
+        None => None,
+    };
     let spools = Spool::find(run_dir)?;
     let deadline = std::time::Instant::now() + timeout;
     let mut failed = Vec::new();
     for s in &spools {
-        if let Err(e) = sync_one(s, env, home, deadline, timeout) {
+        if let Err(e) = sync_one(s, base_url.as_deref(), env, home, deadline, timeout) {
             warn!("W&B sync of {}: {e:#}", s.dir.display());
             failed.push(format!("{}: {e:#}", s.dir.display()));
         }
@@ -48,8 +54,10 @@ pub fn sync_within(run_dir: &Path, env: &dyn Fn(&str) -> Option<String>, home: O
     Ok(())
 }
 
+/// `base_url`: `WANDB_BASE_URL`, checked; else the URL the spool recorded.
 fn sync_one(
     s: &Spool,
+    base_url: Option<&str>,
     env: &dyn Fn(&str) -> Option<String>,
     home: Option<&Path>,
     deadline: std::time::Instant,
@@ -58,20 +66,26 @@ fn sync_one(
     let var = |key: &str| env(key).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
     let mut record: RunRecord = spool::read_json(&s.settings())?.context("settings.json is missing")?;
     let lock = Arc::new(s.lock(Duration::from_secs(1))?);
-    if record.base_url_password_removed && var("WANDB_BASE_URL").is_none() {
+    if record.base_url_password_removed && base_url.is_none() {
         bail!(
             "the run's W&B base URL ({}) had a password, which is never written to disk: set WANDB_BASE_URL to the full URL again to sync",
             record.base_url
         );
     }
-    record.base_url = normalize_base_url(&var("WANDB_BASE_URL").unwrap_or(record.base_url))?;
+    // The full URL goes to the HTTP client only; messages show the record's, which,
+    // as training's, has no password.
+    let base_url = match base_url {
+        Some(url) => url.to_string(),
+        None => normalize_base_url(&record.base_url, &format!("the base URL in {}", s.settings().display()))?,
+    };
+    record.base_url = without_password(&base_url).0;
     if let Some(entity) = var("WANDB_ENTITY") {
         record.entity = Some(entity);
     }
     if let Some(project) = var("WANDB_PROJECT") {
         record.project = project;
     }
-    let Some(key) = var("WANDB_API_KEY").or_else(|| netrc_api_key(&record.base_url, env, home)) else {
+    let Some(key) = var("WANDB_API_KEY").or_else(|| netrc_api_key(&base_url, env, home)) else {
         bail!("no API key: set WANDB_API_KEY or add `machine {}` to ~/.netrc", netloc_of(&record.base_url));
     };
     if !api_key_looks_valid(&key) {
@@ -128,7 +142,7 @@ fn sync_one(
         ..Inner::default()
     });
     let api = Api::new(
-        &record.base_url,
+        &base_url,
         &key,
         var("WANDB_USERNAME").as_deref(),
         var("WANDB_USER_EMAIL").as_deref(),

@@ -1232,3 +1232,129 @@ fn a_failed_upload_is_retried_and_a_refused_one_never_stops_the_finish() {
     let run = server.run(&id).unwrap();
     assert!(run.complete && run.exit_code == Some(0) && run.uploaded.is_empty());
 }
+
+// ---------------------------------------------------------------- bounded answers
+
+/// 1 GiB: what a server, or a proxy before it, answered during training in issue 29.
+const GIB: u64 = 1 << 30;
+
+#[test]
+fn answers_are_read_up_to_the_cap_and_no_further() {
+    use super::api::{Api, Failure, Op, MAX_ANSWER_BYTES};
+    let server = FakeServer::start();
+    let api = Api::new(&server.url, KEY, None, None, Duration::from_secs(5)).unwrap();
+    let limit = Duration::from_secs(60);
+    // An answer of exactly the cap is read whole; a byte more, with its length or chunked
+    // (no length, as a proxy streams), is a transient failure: retried, like a 5xx.
+    for (bytes, chunked, accepted) in [
+        (MAX_ANSWER_BYTES, false, true),
+        (MAX_ANSWER_BYTES, true, true),
+        (MAX_ANSWER_BYTES + 1, false, false),
+        (MAX_ANSWER_BYTES + 1, true, false),
+        (GIB, false, false),
+        (GIB, true, false),
+    ] {
+        let what = format!("{bytes} bytes, chunked {chunked}");
+        server.fail_next(Target::FileStream, Fault::HugeReply { bytes, chunked });
+        let started = Instant::now();
+        match api.file_stream("e", "p", "r", b"{}".to_vec(), limit) {
+            Ok(answer) => {
+                assert!(accepted, "{what}: read whole");
+                assert_eq!(answer["pad"].as_str().map(str::len), Some(bytes as usize - 10), "{what}");
+            }
+            Err(Failure::Transient { why, retry_after: None }) => {
+                assert!(!accepted, "{what}: {why}");
+                assert_eq!(why, "an answer over 16 MiB, the most read", "{what}");
+            }
+            Err(other) => panic!("{what}: {other:?}"),
+        }
+        // Reading a gigabyte over loopback would take seconds more.
+        assert!(started.elapsed() < Duration::from_secs(20), "{what}: {:?}", started.elapsed());
+    }
+    server.fail_next(Target::Graphql, Fault::HugeReply { bytes: GIB, chunked: true });
+    let answer = api.graphql(Op::Upsert, "query", json!({}), limit);
+    assert!(matches!(&answer, Err(Failure::Transient { why, .. }) if why.contains("over 16 MiB")), "{answer:?}");
+}
+
+#[test]
+fn an_overlong_answer_is_retried_like_a_failed_request_and_loses_nothing() {
+    let server = FakeServer::start();
+    server.fail_next(Target::Graphql, Fault::HugeReply { bytes: GIB, chunked: true });
+    for chunked in [true, false, true] {
+        server.fail_next(Target::FileStream, Fault::HugeReply { bytes: GIB, chunked });
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let reporter = Reporter::start(settings(&server.url, dir.path()), config(), None).unwrap();
+    let id = reporter.run_id().to_string();
+    for step in 1..=5 {
+        reporter.log(step, &row(step));
+    }
+    let report = reporter.finish(0);
+    assert!(report.completed && report.pending_rows == 0, "{report:?}");
+    assert_eq!(server.steps(&id), range(1, 5));
+    assert!(server.errors().is_empty(), "{:?}", server.errors());
+    let huge = server.requests().iter().filter(|r| r.fault.as_deref().is_some_and(|f| f.starts_with("HugeReply"))).count();
+    assert_eq!(huge, 4, "every huge answer was asked for again");
+    // Three failures in a row of one request: said once, as any outage.
+    let said: Vec<&String> = report.warnings.iter().filter(|w| w.contains("an answer over 16 MiB")).collect();
+    assert_eq!(said.len(), 1, "{:?}", report.warnings);
+    assert!(said[0].contains("file_stream keeps failing") && said[0].contains("rows are kept"), "{}", said[0]);
+}
+
+// ---------------------------------------------------------------- malformed URLs, passwords
+
+#[test]
+fn a_malformed_base_url_is_refused_at_once_naming_the_variable_without_its_password() {
+    for url in [
+        "http://[::1", "http://127.0.0.1:99999", "http://alice:PASSWORD@127.0.0.1:99999", "https://alice:PASSWORD@[::1/x",
+        "ftp://alice:PASSWORD@host", "http://", "http://exa mple.com", "127.0.0.1:8080",
+    ] {
+        let env = env_of(&[("WANDB_BASE_URL", url), ("WANDB_API_KEY", KEY)]);
+        let e = resolve(&env, None).unwrap_err();
+        let started = Instant::now();
+        // sync refuses before it looks at the run directory or the network.
+        let e_sync = sync(Path::new("/nonexistent/run"), &env, None).unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(1));
+        for e in [e, e_sync] {
+            let text = format!("{e:#}");
+            assert!(e.downcast_ref::<BadSetting>().is_some(), "{url}: {text}");
+            assert!(text.starts_with("WANDB_BASE_URL \"") && !text.contains("PASSWORD"), "{url}: {text}");
+        }
+    }
+    let e = resolve(&env_of(&[("WANDB_BASE_URL", "http://alice:PASSWORD@127.0.0.1:99999")]), None).unwrap_err();
+    assert_eq!(
+        format!("{e:#}"),
+        "WANDB_BASE_URL \"http://alice@127.0.0.1:99999\" is malformed: invalid port number (expected http(s)://host[:port][/path])"
+    );
+    for url in ["http://[::1]:8080", "https://host:65535/path/", "http://alice:PASSWORD@host:1"] {
+        assert!(resolve(&env_of(&[("WANDB_BASE_URL", url)]), None).is_ok(), "{url}");
+    }
+    // The other settings that can never work are refused the same way.
+    for (k, v) in [("WANDB_MODE", "sometimes"), ("WANDB_RUN_ID", "a/b"), ("WANDB_PROJECT", "a/b")] {
+        let e = resolve(&env_of(&[(k, v)]), None).unwrap_err();
+        assert!(e.downcast_ref::<BadSetting>().is_some(), "{k}: {e:#}");
+    }
+    let s = settings("http://alice:PASSWORD@host", Path::new("x"));
+    assert!(!format!("{s:?}").contains("PASSWORD"), "Debug hides the password: {s:?}");
+}
+
+/// sync with WANDB_BASE_URL=http://alice:PASSWORD@host: its errors name the server
+/// without the password, as training's warnings do.
+#[test]
+fn sync_never_says_the_password_of_the_base_url() {
+    let server = FakeServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(&server.url, dir.path());
+    s.mode = Mode::Offline;
+    let reporter = Reporter::start(s, config(), None).unwrap();
+    reporter.log(1, &row(1));
+    reporter.finish(0);
+    let with_password = server.url.replacen("://", "://alice:PASSWORD@", 1);
+    // A refused key, then a refused run: each error names the server.
+    server.require_key(GOOD_KEY);
+    let e = format!("{:#}", sync(dir.path(), &sync_env(&with_password, KEY), None).unwrap_err());
+    assert!(e.contains("refused the API key") && e.contains("://alice@127.0.0.1") && !e.contains("PASSWORD"), "{e}");
+    server.set_always(Some((Target::Graphql, Fault::Status(404, None))));
+    let e = format!("{:#}", sync(dir.path(), &sync_env(&with_password, KEY), None).unwrap_err());
+    assert!(e.contains("refused run") && e.contains("://alice@127.0.0.1") && !e.contains("PASSWORD"), "{e}");
+}
