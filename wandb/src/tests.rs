@@ -44,6 +44,13 @@ fn settings(url: &str, dir: &Path) -> Settings {
     }
 }
 
+/// A reporter of `settings(url, dir)` in offline mode: its rows wait in the spool for `sync`.
+fn offline_reporter(url: &str, dir: &Path) -> Reporter {
+    let mut s = settings(url, dir);
+    s.mode = Mode::Offline;
+    Reporter::start(s, config(), None).unwrap()
+}
+
 /// The environment `sync` sees: this server, this key, short waits.
 fn sync_env(url: &str, key: &str) -> impl Fn(&str) -> Option<String> {
     let (url, key) = (url.to_string(), key.to_string());
@@ -461,9 +468,7 @@ fn resume_elsewhere_skips_steps_the_server_already_has() {
 fn offline_spool_then_sync_uploads_and_finishes() {
     let server = FakeServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let mut s = settings(&server.url, dir.path());
-    s.mode = Mode::Offline;
-    let reporter = Reporter::start(s, config(), None).unwrap();
+    let reporter = offline_reporter(&server.url, dir.path());
     let id = reporter.run_id().to_string();
     for step in 1..=50 {
         reporter.log(step, &row(step));
@@ -744,9 +749,7 @@ fn disabled_mode_does_nothing_and_steps_must_increase() {
     reporter.finish(0);
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 
-    let mut s = settings("http://127.0.0.1:9", dir.path());
-    s.mode = Mode::Offline;
-    let reporter = Reporter::start(s, config(), None).unwrap();
+    let reporter = offline_reporter("http://127.0.0.1:9", dir.path());
     let id = reporter.run_id().to_string();
     reporter.log(5, &row(5));
     reporter.log(5, &row(5));
@@ -995,9 +998,7 @@ fn rows_spilled_to_disk_during_an_outage_go_up_in_order_when_it_ends() {
 fn sync_refuses_a_run_that_is_still_reporting() {
     let server = FakeServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let mut s = settings(&server.url, dir.path());
-    s.mode = Mode::Offline;
-    let reporter = Reporter::start(s, config(), None).unwrap();
+    let reporter = offline_reporter(&server.url, dir.path());
     reporter.log(1, &row(1));
     let err = sync(dir.path(), &sync_env(&server.url, KEY), None).unwrap_err();
     assert!(format!("{err:#}").contains("another process is reporting"), "{err:#}");
@@ -1048,9 +1049,7 @@ fn a_password_in_the_base_url_is_never_written_to_disk() {
     let server = FakeServer::start();
     let dir = tempfile::tempdir().unwrap();
     let with_password = server.url.replacen("://", "://alice:PASSWORD@", 1);
-    let mut s = settings(&with_password, dir.path());
-    s.mode = Mode::Offline;
-    let reporter = Reporter::start(s, config(), None).unwrap();
+    let reporter = offline_reporter(&with_password, dir.path());
     let id = reporter.run_id().to_string();
     for step in 1..=3 {
         reporter.log(step, &row(step));
@@ -1344,9 +1343,7 @@ fn a_malformed_base_url_is_refused_at_once_naming_the_variable_without_its_passw
 fn sync_never_says_the_password_of_the_base_url() {
     let server = FakeServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let mut s = settings(&server.url, dir.path());
-    s.mode = Mode::Offline;
-    let reporter = Reporter::start(s, config(), None).unwrap();
+    let reporter = offline_reporter(&server.url, dir.path());
     reporter.log(1, &row(1));
     reporter.finish(0);
     let with_password = server.url.replacen("://", "://alice:PASSWORD@", 1);
