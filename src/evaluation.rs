@@ -49,6 +49,8 @@ pub fn evaluate(
             loss_sum += per_token.to_kind(Kind::Double).sum(Kind::Double);
             totals[1] += targets.numel() as f64;
             totals[2] += chunk.len() as f64;
+            // A long evaluation is progress, batch by batch, for the watchdog.
+            crate::dist::phase::progress_made();
         }
     });
     totals[0] = crate::device_reads::read(&loss_sum)[0];

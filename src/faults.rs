@@ -15,6 +15,11 @@
 //!   still under the temporary name), or right after the rename.
 //! - `save_disk_full@N`: writing step N's checkpoint fails as on a full disk (ENOSPC),
 //!   after its model file is on disk.
+//! - `unchecked_ranks@0`: the ranks skip comparing their settings (src/dist/same_job.rs),
+//!   so that tests reach the size checks of the exchanges behind it.
+//! - `stats_extra@0`: this rank's system sample carries one value too many.
+//! - `hang_in_<phase>@0`: the process hangs when it enters that phase of start-up or the
+//!   finish (src/dist/phase.rs names them: `comm_dup`, `weight_broadcast`, ...).
 
 /// One fault of the plan: `name@step`, for one rank or all.
 #[derive(Debug, Clone, PartialEq)]
@@ -69,6 +74,25 @@ pub fn kill_or_hang_at(step: u64, rank: usize) {
         panic!("injected failure after step {step} (ALGPT2_FAULT=panic@{step})");
     }
     if fault_step("hang", rank) == Some(step) {
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
+    }
+}
+
+/// True when a test asked the ranks not to compare their settings.
+pub fn unchecked_ranks() -> bool {
+    plan().iter().any(|f| f.name == "unchecked_ranks")
+}
+
+/// True when a test asked this rank's system sample to carry one value too many.
+pub fn stats_extra(rank: usize) -> bool {
+    fault_step("stats_extra", rank).is_some()
+}
+
+/// Hangs for good when a test chose phase `slug` for this rank.
+pub fn hang_in_phase(slug: &str, rank: usize) {
+    if fault_step(&format!("hang_in_{slug}"), rank).is_some() {
         loop {
             std::thread::sleep(std::time::Duration::from_secs(3600));
         }

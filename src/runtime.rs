@@ -44,7 +44,7 @@ impl Runtime {
 /// 2 for a bad config or a missing device, else 1). Alone, the error is returned.
 fn abort_job_on_error<T>(world: &World, result: anyhow::Result<T>) -> anyhow::Result<T> {
     if let Err(e) = &result {
-        if world.size() > 1 {
+        if world.size() > 1 && !crate::exit_code::every_rank_knows(e) {
             crate::report::log::stderr_line(&format!("error on rank {}: {e:#}", world.rank()));
             tracing::error!("rank {} failed: {e:#}", world.rank());
             world.abort(crate::exit_code::of(e) as i32);

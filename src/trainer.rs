@@ -148,6 +148,17 @@ impl Trainer {
         Ok(())
     }
 
+    /// What the gradient exchange's collectives are shaped by, for the ranks to agree on
+    /// before the first (src/dist/same_job.rs): a rank whose buffer or buckets differ
+    /// would send or receive past another's buffer.
+    pub fn exchange_layout(&self) -> crate::dist::same_job::Facts {
+        let mut facts = crate::dist::same_job::Facts::default();
+        facts.add("gradient values", self.params.grads.numel().to_string());
+        facts.add("gradient buckets", hex::encode(Sha256::digest(format!("{:?}", self.buckets).as_bytes())));
+        facts.add("token table rows", format!("{:?}", self.buckets.table));
+        facts
+    }
+
     /// Stops the run when the ranks' parameters are no longer identical (they must be:
     /// same start, same averaged gradients, same update), naming the ranks that differ.
     pub fn check_ranks_agree(&self, world: &World) -> anyhow::Result<()> {

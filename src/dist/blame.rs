@@ -5,6 +5,7 @@
 //! one furthest behind), or the one that went silent altogether.
 
 use super::heartbeat::Status;
+use super::phase::Phase;
 use std::time::Duration;
 
 /// A peer silent this long is stopped, frozen, dead or cut off (it sends every 0.5 s).
@@ -31,6 +32,8 @@ pub(crate) struct View {
     pub allowed: Duration,
     /// The peer whose watchdog fired first and ended the job, when not this rank's.
     pub fired_on: Option<usize>,
+    /// Where this rank is: a start-up phase, the steps, or the finish.
+    pub phase: Phase,
 }
 
 /// The one line a firing watchdog writes.
@@ -40,8 +43,12 @@ pub(crate) fn message(v: &View) -> String {
         Some(h) => (Duration::from_millis(h.status.stalled_ms), format!(" on rank {}", h.status.rank)),
         None => (Duration::from_millis(v.me.stalled_ms), String::new()),
     };
+    let progress = match v.phase {
+        Phase::Training => "no training progress".to_string(),
+        phase => format!("no progress in {}", phase.describe()),
+    };
     format!(
-        "error on rank {}: no training progress for {:.1} s{on} (dist.timeout_s): {}; ending this rank so the job stops",
+        "error on rank {}: {progress} for {:.1} s{on} (dist.timeout_s): {}; ending this rank so the job stops",
         v.me.rank,
         secs(stalled),
         blame(v)
@@ -138,7 +145,7 @@ mod tests {
     }
 
     fn view(me: Status, peers: Vec<Option<Heard>>) -> View {
-        View { me, frozen: Duration::ZERO, peers, allowed: ALLOWED, fired_on: None }
+        View { me, frozen: Duration::ZERO, peers, allowed: ALLOWED, fired_on: None, phase: Phase::Training }
     }
 
     #[test]
@@ -193,6 +200,17 @@ mod tests {
         assert!(m.contains("this rank stopped making progress outside any collective after step 3"), "{m}");
         // One rank alone.
         assert!(message(&view(status(0, 3, false, 4.0), vec![None])).contains("this rank stopped"));
+    }
+
+    #[test]
+    fn before_the_first_step_the_message_names_the_start_up_phase() {
+        let mut v = view(status(0, 0, true, 4.1), vec![None, heard(status(1, 0, false, 4.2), 0.2)]);
+        v.phase = Phase::WeightBroadcast;
+        let m = message(&v);
+        assert!(
+            m.starts_with("error on rank 0: no progress in start-up: weight broadcast for 4.1 s (dist.timeout_s): rank 1 stopped"),
+            "{m}"
+        );
     }
 
     #[test]

@@ -51,6 +51,7 @@ impl GradientExchange {
                     bail!("dist.backend: nccl needs CUDA tensors, but rank {} runs on {device:?} (use dist.backend: mpi)", world.rank())
                 };
                 nccl::check_available().with_context(|| format!("dist.backend: nccl on rank {}", world.rank()))?;
+                super::phase::Phase::NcclInit.begin(world.rank());
                 // Rank 0 makes the id; MPI carries it to the others.
                 let mut id = [0u8; 128];
                 if world.is_main() {
@@ -118,12 +119,12 @@ impl GradientExchange {
     pub fn broadcast(&self, world: &World, t: &mut Tensor) -> anyhow::Result<()> {
         match self {
             GradientExchange::Single => Ok(()),
-            GradientExchange::Mpi { .. } => {
-                world.broadcast_from_main(t);
-                Ok(())
+            GradientExchange::Mpi { .. } => world.broadcast_from_main(t),
+            GradientExchange::Nccl { comm, .. } => {
+                world.check_same_length("the weight broadcast", t.numel())?;
+                // SAFETY: as in `average`.
+                unsafe { comm.broadcast_f32(t.data_ptr() as u64, t.numel(), 0) }
             }
-            // SAFETY: as in `average`.
-            GradientExchange::Nccl { comm, .. } => unsafe { comm.broadcast_f32(t.data_ptr() as u64, t.numel(), 0) },
         }
     }
 }

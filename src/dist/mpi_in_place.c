@@ -67,6 +67,36 @@ int algpt2_irecv(void *buf, int bytes, int source, int tag, MPI_Comm comm, MPI_R
 }
 
 /* *done = whether all `n` requests have completed (then they are freed). */
-int algpt2_testall(int n, MPI_Request *requests, int *done) {
-    return MPI_Testall(n, requests, done, MPI_STATUSES_IGNORE);
+/* Like MPI_Testall for a receive (requests[0]) and a send: once both are done,
+   *received is the receive's size in bytes, so that a peer sending fewer bytes than
+   expected is seen. An error inside a status (a peer sending more: MPI_ERR_TRUNCATE) is
+   returned as that status's code. */
+int algpt2_testall(int n, MPI_Request *requests, int *done, int *received) {
+    MPI_Status statuses[2];
+    if (n < 1 || n > 2) {
+        return MPI_ERR_COUNT;
+    }
+    int rc = MPI_Testall(n, requests, done, statuses);
+    if (rc == MPI_ERR_IN_STATUS) {
+        for (int i = 0; i < n; i++) {
+            if (statuses[i].MPI_ERROR != MPI_SUCCESS) {
+                return statuses[i].MPI_ERROR;
+            }
+        }
+    }
+    if (rc == MPI_SUCCESS && *done) {
+        rc = MPI_Get_count(&statuses[0], MPI_BYTE, received);
+    }
+    return rc;
+}
+
+/* A communicator whose errors come back as codes instead of ending the job, so that a
+   receive of the wrong size is an error that names the rank. */
+int algpt2_errors_return(MPI_Comm comm) { return MPI_Comm_set_errhandler(comm, MPI_ERRORS_RETURN); }
+
+/* MPI's words for an error code. */
+void algpt2_error_string(int code, char *text, int *len) {
+    if (MPI_Error_string(code, text, len) != MPI_SUCCESS) {
+        *len = 0;
+    }
 }

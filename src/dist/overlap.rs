@@ -215,8 +215,8 @@ fn average_runs(comm: &RawComm, runs: &[(usize, usize)], wire: GradDtype, bucket
                     })
                 }
             };
-            if let Err(code) = rc {
-                return Err(format!("the ring all-reduce of {} values failed with MPI code {code}", chunk.len()));
+            if let Err(why) = rc {
+                return Err(format!("the ring all-reduce of {} values: {why}", chunk.len()));
             }
         }
     }

@@ -44,6 +44,7 @@ impl<'w> Replicas<'w> {
         let overlap = match (why_not, &exchange) {
             (Some(_), _) | (None, GradientExchange::Single) => None,
             (None, GradientExchange::Mpi { bucket_bytes, wire }) => {
+                super::phase::Phase::CommunicatorDup.begin(world.rank());
                 Some(Overlapped::Mpi(Overlap::start(world.duplicate()?, *wire, bucket_bytes / 4)?))
             }
             (None, GradientExchange::Nccl { comm, .. }) => Some(Overlapped::Nccl(NcclOverlap::new(comm)?)),

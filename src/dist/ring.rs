@@ -59,8 +59,9 @@ fn bytes_of_mut<T>(values: &mut [T]) -> &mut [u8] {
 }
 
 /// Replaces `values` by its sum over the ranks of `comm` (every rank calls it with the
-/// same length). Returns MPI's code on failure.
-pub fn all_reduce_sum<T: Summable>(comm: &RawComm, values: &mut [T], poll: Duration) -> Result<(), i32> {
+/// same length; a rank whose length differs is an error naming it, from
+/// `RawComm::send_receive`).
+pub fn all_reduce_sum<T: Summable>(comm: &RawComm, values: &mut [T], poll: Duration) -> Result<(), String> {
     let (p, r, n) = (comm.size, comm.rank, values.len());
     if p == 1 || n == 0 {
         return Ok(());
@@ -72,10 +73,7 @@ pub fn all_reduce_sum<T: Summable>(comm: &RawComm, values: &mut [T], poll: Durat
         let (send, recv) = (segment(n, p, (r + p - s) % p), segment(n, p, (r + 2 * p - s - 1) % p));
         let buffer = &mut incoming[..recv.len()];
         // SAFETY: both buffers are ours and untouched until the call returns.
-        let rc = unsafe { comm.send_receive(bytes_of(&values[send]), next, bytes_of_mut(buffer), prev, s as i32, poll) };
-        if rc != 0 {
-            return Err(rc);
-        }
+        unsafe { comm.send_receive(bytes_of(&values[send]), next, bytes_of_mut(buffer), prev, s as i32, poll)? };
         for (v, x) in values[recv].iter_mut().zip(buffer.iter()) {
             *v = x.add(*v);
         }
@@ -87,13 +85,10 @@ pub fn all_reduce_sum<T: Summable>(comm: &RawComm, values: &mut [T], poll: Durat
         let base = values.as_mut_ptr();
         // SAFETY: `send` and `recv` are disjoint ranges inside `values`, which nothing
         // else touches until the call returns.
-        let rc = unsafe {
+        unsafe {
             let sending = std::slice::from_raw_parts(base.add(send.start), send.len());
             let receiving = std::slice::from_raw_parts_mut(base.add(recv.start), recv.len());
-            comm.send_receive(bytes_of(sending), next, bytes_of_mut(receiving), prev, (p + s) as i32, poll)
-        };
-        if rc != 0 {
-            return Err(rc);
+            comm.send_receive(bytes_of(sending), next, bytes_of_mut(receiving), prev, (p + s) as i32, poll)?;
         }
     }
     Ok(())

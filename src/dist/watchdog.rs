@@ -6,12 +6,20 @@
 //! exchange (src/dist/heartbeat.rs); a firing watchdog tells the others, which then end
 //! at once with their own view of it.
 //!
+//! It starts with the MPI world, before the first step: start-up phases (the ranks'
+//! agreement, the cache check, communicator dup, NCCL init, the weight broadcast; see
+//! src/dist/phase.rs) are timed the same way and named when the watchdog fires in one.
+//! Entering a phase, a completed step and an evaluation batch are progress; preparing the
+//! token cache and the finish after the last collective are not timed.
+//!
 //! Time this process spent stopped (SIGSTOP and SIGCONT, a suspended Slurm job, a
 //! paused VM) is not a hang of this rank: the watchdog sees its own wait overrun and does
-//! not count it.
+//! not count it. An overrun spent waiting for a core (a loaded machine) is not a stop:
+//! the kernel counts that wait in the thread's schedstat, a stopped thread's not.
 
 use super::blame::{self, Heard, View};
 use super::heartbeat::{Heartbeat, Status};
+use super::phase::{self, Phase};
 use super::World;
 use anyhow::Context;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,7 +49,7 @@ struct Progress {
 }
 
 impl Watchdog {
-    /// Starts watching this rank's progress from step `step`. A collective: every rank
+    /// Starts watching this rank's progress, at step `step`. A collective: every rank
     /// calls it at the same point (the ranks exchange their heartbeat addresses).
     pub fn start(world: &World, timeout: Duration, step: u64) -> anyhow::Result<Watchdog> {
         let heartbeat = Heartbeat::open(world);
@@ -58,6 +66,44 @@ impl Watchdog {
     }
 }
 
+/// How long the process was stopped during a tick that took `took`, of which the
+/// watchdog's thread spent `waited_for_a_core` runnable but not running (a loaded
+/// machine): none unless the rest overran the tick by more than [`FROZEN`].
+fn stopped_for(took: Duration, waited_for_a_core: Duration) -> Option<Duration> {
+    let unexplained = took.saturating_sub(TICK).saturating_sub(waited_for_a_core);
+    (unexplained > FROZEN).then_some(unexplained)
+}
+
+/// The time this thread spent waiting on a run queue (`/proc/thread-self/schedstat`'s
+/// second field), read tick after tick. A stopped thread is on no run queue, so a stop
+/// does not add to it; a loaded machine does.
+struct RunQueueWait {
+    file: std::path::PathBuf,
+    last_ns: u64,
+}
+
+impl RunQueueWait {
+    /// None where the kernel keeps no schedstat: every overrun is then taken as a stop.
+    fn of_this_thread() -> Option<RunQueueWait> {
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::syscall(libc::SYS_gettid) };
+        let file = std::path::PathBuf::from(format!("/proc/self/task/{tid}/schedstat"));
+        let last_ns = read_run_queue_ns(&file)?;
+        Some(RunQueueWait { file, last_ns })
+    }
+
+    fn since_last(&mut self) -> Duration {
+        let Some(now) = read_run_queue_ns(&self.file) else { return Duration::ZERO };
+        let waited = now.saturating_sub(self.last_ns);
+        self.last_ns = now;
+        Duration::from_nanos(waited)
+    }
+}
+
+fn read_run_queue_ns(file: &std::path::Path) -> Option<u64> {
+    std::fs::read_to_string(file).ok()?.split_ascii_whitespace().nth(1)?.parse().ok()
+}
+
 struct Watch {
     rank: usize,
     size: usize,
@@ -72,6 +118,8 @@ impl Watch {
         // Told at once, the others know this rank from its first moment.
         self.heartbeat.send(&Status::now(self.rank, self.progress.last_step.load(Ordering::Relaxed), 0, false));
         let (mut seen_beat, mut frozen, mut next_send) = (0, Duration::ZERO, Instant::now() + SEND_EVERY);
+        let mut seen_marks = phase::marks();
+        let mut queued = RunQueueWait::of_this_thread();
         // The last freeze (when it ended, how long), for the message: a step may complete
         // right after it, before a peer's notice arrives.
         let mut last_freeze: Option<(Instant, Duration)> = None;
@@ -90,17 +138,24 @@ impl Watch {
                 let rank = s.rank;
                 peers[rank] = Some((s, now));
             }
+            let marks = phase::marks();
+            let current = Phase::current();
+            if marks != seen_marks || !current.timed() {
+                seen_marks = marks;
+                self.progress.beat_ms.store(self.progress.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+            }
             let beat_ms = self.progress.beat_ms.load(Ordering::Relaxed);
             if beat_ms != seen_beat {
                 (seen_beat, frozen) = (beat_ms, Duration::ZERO);
             }
-            if took > TICK + FROZEN {
-                frozen += took - TICK;
-                last_freeze = Some((now, took - TICK));
+            let waited_for_a_core = queued.as_mut().map_or(Duration::ZERO, RunQueueWait::since_last);
+            if let Some(stopped) = stopped_for(took, waited_for_a_core) {
+                frozen += stopped;
+                last_freeze = Some((now, stopped));
                 tracing::warn!(
                     "rank {}: this rank was frozen for {:.1} s (SIGSTOP, a suspended job or a paused machine); the watchdog does not count that time",
                     self.rank,
-                    (took - TICK).as_secs_f64()
+                    stopped.as_secs_f64()
                 );
             }
             let since_progress = Duration::from_millis((self.progress.started.elapsed().as_millis() as u64).saturating_sub(beat_ms));
@@ -117,7 +172,7 @@ impl Watch {
             let me = Status::now(self.rank, last_step, stalled.as_millis() as u64, true);
             let peers = peers.iter().map(|p| p.as_ref().map(|(s, at)| Heard { status: s.clone(), ago: now.duration_since(*at) })).collect();
             let frozen = last_freeze.filter(|(at, _)| now.duration_since(*at) < self.allowed).map_or(Duration::ZERO, |(_, d)| d);
-            let view = View { me: me.clone(), frozen, peers, allowed: self.allowed, fired_on: fired_on.filter(|_| !fired) };
+            let view = View { me: me.clone(), frozen, peers, allowed: self.allowed, fired_on: fired_on.filter(|_| !fired), phase: current };
             crate::report::log::stderr_line(&blame::message(&view));
             if fired {
                 // Twice, in case a datagram is lost.
@@ -129,5 +184,33 @@ impl Watch {
             // _exit: no destructors, which could block on the same stuck collective.
             unsafe { libc::_exit(3) };
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_overrun_spent_waiting_for_a_core_is_not_a_stop() {
+        let ms = Duration::from_millis;
+        // A loaded machine: 2.8 s for a 0.2 s tick, 2.5 s of it waiting for a core.
+        assert_eq!(stopped_for(ms(2800), ms(2500)), None);
+        // SIGSTOP for 6 s: the thread was on no run queue.
+        assert_eq!(stopped_for(ms(6203), ms(3)), Some(ms(6000)));
+        // Both: only the part not spent waiting counts.
+        assert_eq!(stopped_for(ms(9200), ms(3000)), Some(ms(6000)));
+        assert_eq!(stopped_for(ms(200), Duration::ZERO), None);
+    }
+
+    #[test]
+    fn this_threads_run_queue_wait_can_be_read_and_only_grows() {
+        let Some(mut wait) = RunQueueWait::of_this_thread() else {
+            eprintln!("skipped: this kernel keeps no schedstat (the watchdog then takes every overrun as a stop)");
+            return;
+        };
+        let first = wait.last_ns;
+        let _ = wait.since_last();
+        assert!(wait.last_ns >= first);
     }
 }

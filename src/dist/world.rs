@@ -25,7 +25,20 @@ extern "C" {
         comm: mpi::ffi::MPI_Comm,
         request: *mut mpi::ffi::MPI_Request,
     ) -> i32;
-    fn algpt2_testall(n: i32, requests: *mut mpi::ffi::MPI_Request, done: *mut i32) -> i32;
+    fn algpt2_testall(n: i32, requests: *mut mpi::ffi::MPI_Request, done: *mut i32, received: *mut i32) -> i32;
+    fn algpt2_errors_return(comm: mpi::ffi::MPI_Comm) -> i32;
+    fn algpt2_error_string(code: i32, text: *mut std::ffi::c_char, len: *mut i32);
+}
+
+/// MPI's words for `code`.
+fn mpi_error_text(code: i32) -> String {
+    let mut text = vec![0 as std::ffi::c_char; 1024];
+    let mut len = 0;
+    // SAFETY: MPI_MAX_ERROR_STRING is at most 1024 in Open MPI and MPICH, written into
+    // a buffer of that size.
+    unsafe { algpt2_error_string(code, text.as_mut_ptr(), &mut len) };
+    let bytes: Vec<u8> = text[..len.clamp(0, 1024) as usize].iter().map(|&c| c as u8).collect();
+    format!("MPI code {code}: {}", String::from_utf8_lossy(&bytes))
 }
 
 #[cfg(test)]
@@ -50,25 +63,58 @@ unsafe impl Send for RawComm {}
 
 impl RawComm {
     /// Sends `send` to rank `to` while receiving `recv` from rank `from` (the same tag),
-    /// polled every `poll` until both are done.
+    /// polled every `poll` until both are done. Receiving other than `recv.len()` bytes is
+    /// an error naming rank `from` (the communicator returns errors: `World::duplicate`),
+    /// never a write past `recv`.
     ///
     /// # Safety
     /// The buffers stay untouched by anything else until the call returns.
-    pub unsafe fn send_receive(&self, send: &[u8], to: usize, recv: &mut [u8], from: usize, tag: i32, poll: std::time::Duration) -> i32 {
+    pub unsafe fn send_receive(
+        &self,
+        send: &[u8],
+        to: usize,
+        recv: &mut [u8],
+        from: usize,
+        tag: i32,
+        poll: std::time::Duration,
+    ) -> Result<(), String> {
+        let failed = |what: &str, rc: i32| {
+            format!(
+                "{what} rank {} failed on rank {} ({})",
+                if what == "receiving from" { from } else { to },
+                self.rank,
+                mpi_error_text(rc)
+            )
+        };
         let mut requests: [mpi::ffi::MPI_Request; 2] = std::mem::zeroed();
         let rc = algpt2_irecv(recv.as_mut_ptr() as *mut std::ffi::c_void, recv.len() as i32, from as i32, tag, self.comm, &mut requests[0]);
         if rc != 0 {
-            return rc;
+            return Err(failed("receiving from", rc));
         }
         let rc = algpt2_isend(send.as_ptr() as *const std::ffi::c_void, send.len() as i32, to as i32, tag, self.comm, &mut requests[1]);
         if rc != 0 {
-            return rc;
+            return Err(failed("sending to", rc));
         }
         loop {
-            let mut done = 0;
-            let rc = algpt2_testall(2, requests.as_mut_ptr(), &mut done);
-            if rc != 0 || done != 0 {
-                return rc;
+            let (mut done, mut received) = (0, 0);
+            let rc = algpt2_testall(2, requests.as_mut_ptr(), &mut done, &mut received);
+            if rc != 0 {
+                return Err(format!(
+                    "the exchange between rank {from}, rank {} and rank {to} failed: {} (a rank sent more than rank {} expected: the ranks' gradient layouts differ)",
+                    self.rank,
+                    mpi_error_text(rc),
+                    self.rank
+                ));
+            }
+            if done != 0 {
+                if received as usize != recv.len() {
+                    return Err(format!(
+                        "rank {from} sent {received} bytes where rank {} expected {} (the ranks' gradient layouts differ)",
+                        self.rank,
+                        recv.len()
+                    ));
+                }
+                return Ok(());
             }
             std::thread::sleep(poll);
         }
@@ -144,6 +190,9 @@ impl World {
         // SAFETY: MPI_Comm_dup writes one communicator handle into `dup`.
         let rc = unsafe { mpi::ffi::MPI_Comm_dup(self.comm.as_raw(), &mut dup) };
         anyhow::ensure!(rc == 0, "MPI_Comm_dup failed on rank {} with code {rc}", self.rank);
+        // SAFETY: `dup` is the communicator just made.
+        let rc = unsafe { algpt2_errors_return(dup) };
+        anyhow::ensure!(rc == 0, "MPI_Comm_set_errhandler failed on rank {} with code {rc}", self.rank);
         Ok(RawComm { comm: dup, size: self.size, rank: self.rank })
     }
 
@@ -229,21 +278,36 @@ impl World {
         out
     }
 
-    /// Every rank's `values` (the same length on every rank), rank after rank, on the
-    /// main rank; `None` on the others.
-    pub fn gather_to_main(&self, values: &[f64]) -> Option<Vec<f64>> {
+    /// Every rank's `bytes` (the same length on every rank), rank after rank.
+    pub fn all_gather_bytes(&self, bytes: &[u8]) -> Vec<u8> {
+        let mut out = vec![0u8; bytes.len() * self.size];
         if self.size == 1 {
-            return Some(values.to_vec());
+            out.copy_from_slice(bytes);
+        } else {
+            let _waiting = InCollective::enter();
+            self.comm.all_gather_into(bytes, &mut out[..]);
         }
+        out
+    }
+
+    /// Every rank's `values`, rank after rank, on the main rank; `None` on the others.
+    /// The lengths are compared first (one value each): a rank whose length differs is an
+    /// error naming it, on every rank, where a gather into a buffer sized for the main
+    /// rank's length would write past it.
+    pub fn gather_to_main(&self, values: &[f64]) -> anyhow::Result<Option<Vec<f64>>> {
+        if self.size == 1 {
+            return Ok(Some(values.to_vec()));
+        }
+        self.check_same_length("a gather to rank 0", values.len())?;
         let root = self.comm.process_at_rank(0);
         let _waiting = InCollective::enter();
         if self.is_main() {
             let mut out = vec![0f64; values.len() * self.size];
             root.gather_into_root(values, &mut out[..]);
-            Some(out)
+            Ok(Some(out))
         } else {
             root.gather_into(values);
-            None
+            Ok(None)
         }
     }
 
@@ -300,11 +364,13 @@ impl World {
         }
     }
 
-    /// Rank 0's values of a float tensor on every rank (staged through host memory).
-    pub fn broadcast_from_main(&self, t: &mut tch::Tensor) {
+    /// Rank 0's values of a float tensor on every rank (staged through host memory). A
+    /// rank whose tensor has another length is an error naming it, on every rank.
+    pub fn broadcast_from_main(&self, t: &mut tch::Tensor) -> anyhow::Result<()> {
         if self.size == 1 {
-            return;
+            return Ok(());
         }
+        self.check_same_length("the weight broadcast", t.numel())?;
         let mut data = Vec::<f32>::try_from(&t.to_device(tch::Device::Cpu)).expect("an f32 tensor");
         {
             let _waiting = InCollective::enter();
@@ -312,6 +378,21 @@ impl World {
         }
         let received = tch::Tensor::from_slice(&data).view(t.size().as_slice()).to_device(t.device());
         tch::no_grad(|| t.copy_(&received));
+        Ok(())
+    }
+
+    /// Fails, naming the first rank whose `len` differs from rank 0's, before a collective
+    /// of `len` values (one small all-gather).
+    pub fn check_same_length(&self, what: &str, len: usize) -> anyhow::Result<()> {
+        let lengths = self.all_gather(&[len as f64]);
+        if let Some(rank) = lengths.iter().position(|&n| n != lengths[0]) {
+            anyhow::bail!(
+                "{what}: rank {rank} has {} values where rank 0 has {} (the ranks run different builds or settings)",
+                lengths[rank],
+                lengths[0]
+            );
+        }
+        Ok(())
     }
 
     /// Ends every rank of the job: a rank that cannot go on must not leave the others

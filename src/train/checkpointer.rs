@@ -47,6 +47,8 @@ impl<'a> Checkpointer<'a> {
         if !self.is_due(step, stopping) {
             return Ok(());
         }
+        // The save's time counts from its start, not from the step before it.
+        crate::dist::phase::progress_made();
         let saved =
             if world.is_main() { trainer.save(&self.run.checkpoints(), world, &self.tokenizer_hash, others) } else { Ok(PathBuf::new()) };
         // Every rank learns whether rank 0's save worked, so that all stop together

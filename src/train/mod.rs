@@ -2,6 +2,7 @@
 //! lr → step (micro-steps → sync → clip → update) → log → evaluate → agree → save.
 
 mod checkpointer;
+mod job_facts;
 mod metrics;
 mod run_metadata;
 mod run_summary;
@@ -17,6 +18,8 @@ use crate::data::prepare;
 use crate::data::summary;
 use crate::data::Split;
 use crate::device;
+use crate::dist::phase::Phase;
+use crate::dist::same_job;
 use crate::dist::signals::StopRequest;
 use crate::dist::watchdog::Watchdog;
 use crate::dist::{Replicas, World};
@@ -47,6 +50,12 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
 }
 
 fn run_in_world(cfg: &Config, world: &World, device: tch::Device) -> anyhow::Result<()> {
+    // From here to the first step every phase is timed, and a rank stuck in one is named
+    // (src/dist/phase.rs); the step counter is set once the resume is settled.
+    let watchdog = Watchdog::start(world, Duration::from_secs(cfg.dist.timeout_s), 0)?;
+    // Before anything is written or any collective the settings shape.
+    Phase::SettingsAgreement.begin(world.rank());
+    same_job::agree(world, "settings", &job_facts::settings(cfg, device))?;
     let run = RunDir::for_config(cfg);
     // Held until the run ends: a second training on this directory is refused. The run's
     // config and tokenizer are written only once the resume is settled (below): a refused
@@ -63,6 +72,7 @@ fn run_in_world(cfg: &Config, world: &World, device: tch::Device) -> anyhow::Res
     announce(cfg, world, device, &run);
 
     let data = prepare::open_on_every_rank(cfg, world)?;
+    Phase::DataAgreement.begin(world.rank());
     summary::print(cfg, &data, world.size());
     let train = data.split(Split::Train).expect("the train split always exists");
     let seq_len = cfg.train.seq_len;
@@ -75,7 +85,10 @@ fn run_in_world(cfg: &Config, world: &World, device: tch::Device) -> anyhow::Res
     let metrics = MetricsLog::new(&run.metrics());
     let mut validator = Validator::new(cfg, data.split(Split::Valid), world);
     let mut resumed_wandb_run = None;
-    if let Some(found) = resume_point(cfg, &run)? {
+    let resumed = resume_point(cfg, &run)?;
+    same_job::agree(world, "data and checkpoint", &job_facts::data_and_checkpoint(&data, resumed.as_ref())?)?;
+    same_job::agree(world, "gradient layout", &trainer.exchange_layout())?;
+    if let Some(found) = resumed {
         trainer.load(&found, &data.tokenizer.hash_hex(), world)?;
         validator.restore(&found.state);
         resumed_wandb_run = found.state.wandb_run_id.clone();
@@ -96,6 +109,7 @@ fn run_in_world(cfg: &Config, world: &World, device: tch::Device) -> anyhow::Res
             "  shared layers complete their gradients only when backward ends: only the token table's early part goes during backward, the rest after it"
         );
     }
+    Phase::WeightBroadcast.begin(world.rank());
     trainer.broadcast_weights(&replicas)?;
     world.barrier();
     let stop = StopRequest::install(Duration::from_secs(cfg.dist.stop_grace_s))?;
@@ -114,8 +128,8 @@ fn run_in_world(cfg: &Config, world: &World, device: tch::Device) -> anyhow::Res
     let stats = SystemStats::start(cfg, world, gpu, &wandb);
     // Kept in every checkpoint, so that a resumed run continues the same W&B run.
     let wandb_run_id = wandb.run_id().or(resumed_wandb_run);
-    // Start-up (data preparation) is not timed; from here on every step must finish.
-    let watchdog = Watchdog::start(world, Duration::from_secs(cfg.dist.timeout_s), trainer.step)?;
+    Phase::Training.enter();
+    watchdog.beat(trainer.step);
     let progress = Progress::new(world.is_main(), trainer.step, cfg.train.max_steps);
     let charts = Charts { run_root: &run.root, max_steps: cfg.train.max_steps };
     let env = LoopEnv {
@@ -140,6 +154,9 @@ fn run_in_world(cfg: &Config, world: &World, device: tch::Device) -> anyhow::Res
         }
         Ended::AlreadyComplete | Ended::Stopped => Ok(()),
     });
+    // After the last collective nothing waits for another rank: W&B's flush is bounded
+    // by wandb.flush_timeout_s, and a run that trained to the end must not fail here.
+    Phase::Finishing.enter();
     if let Err(e) = &result {
         wandb.console_error(&format!("{e:#}"));
     }
@@ -219,7 +236,7 @@ fn train_loop(
         }
         let agreed = stopping::agree(world, env.stop.requested(), env.wandb.stop_requested(), env.stats.due());
         if agreed.gather_stats {
-            env.stats.gather(world, env.wandb);
+            env.stats.gather(world, env.wandb)?;
         }
         let (stop_cause, stopping) = (agreed.stop, agreed.stop.is_some());
         let (val_loss, best_val_loss) = validator.losses();

@@ -51,6 +51,8 @@ pub(super) fn write(
     // Every rank takes part in the test evaluation; rank 0 alone reports it.
     let test =
         data.split(Split::Test).map(|split| evaluate(&trainer.model, split, t.seq_len, t.micro_batch_size, None, world, trainer.device()));
+    // The last collective: what follows waits for no other rank.
+    crate::dist::phase::Phase::Finishing.enter();
     if !world.is_main() {
         return Ok(());
     }

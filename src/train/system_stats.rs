@@ -42,14 +42,19 @@ impl SystemStats {
 
     /// Every rank, when the ranks agreed on it: gathers the newest samples on rank 0,
     /// which logs them as one row. A rank without a sampler sends an empty sample.
-    pub fn gather(&self, world: &World, wandb: &WandbRun) {
+    pub fn gather(&self, world: &World, wandb: &WandbRun) -> anyhow::Result<()> {
         let mine = self.sampler.as_ref().map(Sampler::latest).unwrap_or_default();
-        let Some(all) = world.gather_to_main(&mine.to_f64s()) else { return };
+        let mut values = mine.to_f64s();
+        if crate::faults::stats_extra(world.rank()) {
+            values.push(0.0);
+        }
+        let Some(all) = world.gather_to_main(&values).map_err(|e| anyhow::anyhow!("system metrics: {e:#}"))? else { return Ok(()) };
         self.last_row.set(Some(Instant::now()));
         let samples: Vec<RankSample> = all.chunks(RankSample::LEN).map(RankSample::from_f64s).collect();
         let row = events_row(&samples);
         if !row.is_empty() {
             wandb.log_system(&row);
         }
+        Ok(())
     }
 }
