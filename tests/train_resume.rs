@@ -390,3 +390,39 @@ fn a_two_rank_resume_with_changed_settings_says_so_once() {
         );
     }
 }
+
+/// `OMP_NUM_THREADS` far above the cores this process may use (it once started over a
+/// thousand threads and said nothing for minutes): capped at the cores, said first, and
+/// the run trains with a handful of threads. The thread count is read from /proc while it
+/// runs; a run past the bound is killed at once, not left to load the machine.
+#[test]
+fn a_thread_count_above_the_cores_is_capped_with_one_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let a = args(&dir.path().join("runs"), &dir.path().join("cache"), &["--set", "train.max_steps=2", "--set", "train.save_interval=0"]);
+    let mut run = spawn(Command::new(bin()).args(&a).current_dir(repo()).env("OMP_NUM_THREADS", "100000").env("MKL_NUM_THREADS", "100000"));
+    let (bound, started) = (cores + 32, std::time::Instant::now());
+    let mut most = 0;
+    while run.is_running() {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", run.id())).unwrap_or_default();
+        let threads = status.lines().find_map(|l| l.strip_prefix("Threads:")).and_then(|n| n.trim().parse::<usize>().ok());
+        most = most.max(threads.unwrap_or(0));
+        if most > bound {
+            run.kill();
+            panic!("{most} threads on {cores} core(s) after {:.1} s:\n{}", started.elapsed().as_secs_f64(), run.stderr_so_far());
+        }
+        assert!(started.elapsed() < LIMIT, "still running after {LIMIT:?}:\n{}", run.stderr_so_far());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = finish_bounded(run, LIMIT);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    eprintln!("FIGURE OMP_NUM_THREADS=100000 on {cores} core(s): at most {most} threads, {:.1} s", started.elapsed().as_secs_f64());
+    for key in ["OMP_NUM_THREADS", "MKL_NUM_THREADS"] {
+        let warning = format!("warning: {key}=100000 asks for more threads than the {cores} core(s) this process may use: using {cores}");
+        assert_eq!(err.matches(&warning).count(), 1, "{err}");
+    }
+    // Before anything else: libtorch sizes its pools later, from the capped values.
+    assert!(err.starts_with("warning: OMP_NUM_THREADS=100000"), "{err}");
+    assert!(err.contains(&format!("device cpu ({cores} threads)")), "{err}");
+}
