@@ -53,6 +53,12 @@ pub struct TrainerState {
     pub tokenizer_hash: String,
     /// W&B run id, so a resumed run continues the same W&B run.
     pub wandb_run_id: Option<String>,
+    /// The run this checkpoint belongs to: drawn when a run starts from scratch, kept by
+    /// every resume. Retention never deletes another run's checkpoint (`retain`). Absent
+    /// before it was recorded: such a checkpoint is told apart only by its model and
+    /// tokenizer.
+    #[serde(default)]
+    pub run_id: Option<String>,
     /// Validation loss at this checkpoint, when evaluated at its step.
     pub val_loss: Option<f64>,
     /// Best validation loss seen up to this step.
@@ -78,6 +84,49 @@ pub struct OtherParts {
 pub struct Found {
     pub dir: PathBuf,
     pub state: TrainerState,
+}
+
+/// What a checkpoint shares with the run that made it: the run id, and what a resume
+/// may not change (the model section, the tokenizer).
+pub struct RunIdentity {
+    pub run_id: String,
+    pub model_config: serde_json::Value,
+    pub tokenizer_hash: String,
+}
+
+impl TrainerState {
+    /// Why this checkpoint is another run's than `ours`, or None when it may be this
+    /// run's own (one without a run id, of the same model and tokenizer, may be).
+    pub fn other_run(&self, ours: &RunIdentity) -> Option<String> {
+        match &self.run_id {
+            Some(id) if *id != ours.run_id => Some(format!("run id {id}, this run's is {}", ours.run_id)),
+            _ if self.model_config != ours.model_config => Some("another model config".to_string()),
+            _ if self.tokenizer_hash != ours.tokenizer_hash => Some("another tokenizer".to_string()),
+            _ => None,
+        }
+    }
+}
+
+/// The step a checkpoint directory's name gives (`step_00000010` → 10), if it has one.
+fn step_in_name(dir: &Path) -> Option<u64> {
+    let digits = dir.file_name()?.to_str()?.strip_prefix("step_")?;
+    digits.bytes().all(|b| b.is_ascii_digit()).then(|| digits.parse().ok()).flatten()
+}
+
+/// An error when `dir` is named for another step than the one its trainer.json holds
+/// (renamed, or its files copied from another checkpoint): the name is what a person,
+/// retention and `checkpoint.resume` go by, and resuming it would continue (and cut
+/// metrics.jsonl back to) another step than the name says.
+pub fn check_name(dir: &Path, state: &TrainerState) -> anyhow::Result<()> {
+    match step_in_name(dir) {
+        Some(named) if named != state.step => bail!(
+            "{} is named for step {named} but its {TRAINER_FILE} holds step {} (renamed, or copied from another checkpoint): rename it to {} to resume from it",
+            dir.display(),
+            state.step,
+            dir_name(state.step)
+        ),
+        _ => Ok(()),
+    }
 }
 
 fn fsync_path(path: &Path) -> anyhow::Result<()> {
@@ -181,38 +230,50 @@ pub fn verify(dir: &Path) -> anyhow::Result<TrainerState> {
     Ok(state)
 }
 
-/// Every complete, verified checkpoint under `root`, oldest first. Damaged ones are
-/// skipped with a warning (they are never deleted: a person may want to look at them).
+/// Every complete, verified checkpoint under `root`, oldest first. Damaged ones, and
+/// ones named for another step than they hold, are skipped with a warning (they are
+/// never deleted: a person may want to look at them).
 pub fn list_valid(root: &Path) -> Vec<Found> {
-    let Ok(entries) = std::fs::read_dir(root) else { return Vec::new() };
-    let mut found: Vec<Found> = entries
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step_")))
-        .filter_map(|dir| match verify(&dir) {
-            Ok(state) => Some(Found { dir, state }),
-            Err(e) => {
-                tracing::warn!("skipping checkpoint: {e:#}");
-                None
-            }
-        })
-        .collect();
-    found.sort_by_key(|f| f.state.step);
+    let (found, skipped) = scan(root);
+    for e in skipped {
+        tracing::warn!("skipping checkpoint: {e:#}");
+    }
     found
 }
 
-/// Deletes checkpoints beyond the `keep_last` newest, sparing the best by val loss.
-pub fn retain(root: &Path, keep_last: usize) -> anyhow::Result<()> {
-    let all = list_valid(root);
+/// `list_valid` without the warnings: the checkpoints, and why each other `step_*`
+/// directory is not one.
+pub fn scan(root: &Path) -> (Vec<Found>, Vec<anyhow::Error>) {
+    let Ok(entries) = std::fs::read_dir(root) else { return (Vec::new(), Vec::new()) };
+    let (mut found, mut skipped) = (Vec::new(), Vec::new());
+    for dir in entries.filter_map(Result::ok).map(|e| e.path()) {
+        if !dir.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step_")) {
+            continue;
+        }
+        match verify(&dir).and_then(|state| check_name(&dir, &state).map(|()| state)) {
+            Ok(state) => found.push(Found { dir, state }),
+            Err(e) => skipped.push(e),
+        }
+    }
+    found.sort_by_key(|f: &Found| f.state.step);
+    (found, skipped)
+}
+
+/// Deletes this run's checkpoints beyond the `keep_last` newest, sparing the best by val
+/// loss. Another run's checkpoints (`TrainerState::other_run`) are never deleted, nor
+/// counted: they are returned, for the caller to name. What is not a valid checkpoint is
+/// left alone without a word at every save: the start of the run named it.
+pub fn retain(root: &Path, keep_last: usize, ours: &RunIdentity) -> anyhow::Result<Vec<Found>> {
+    let (own, others): (Vec<Found>, Vec<Found>) = scan(root).0.into_iter().partition(|f| f.state.other_run(ours).is_none());
     let best =
-        all.iter().filter_map(|f| f.state.val_loss.map(|l| (l, f.state.step))).min_by(|a, b| a.0.total_cmp(&b.0)).map(|(_, step)| step);
-    let newest_kept = all.len().saturating_sub(keep_last);
-    for (i, f) in all.iter().enumerate() {
+        own.iter().filter_map(|f| f.state.val_loss.map(|l| (l, f.state.step))).min_by(|a, b| a.0.total_cmp(&b.0)).map(|(_, step)| step);
+    let newest_kept = own.len().saturating_sub(keep_last);
+    for (i, f) in own.iter().enumerate() {
         if i < newest_kept && Some(f.state.step) != best {
             std::fs::remove_dir_all(&f.dir).with_context(|| format!("cannot delete old checkpoint {}", f.dir.display()))?;
         }
     }
-    Ok(())
+    Ok(others)
 }
 
 /// The tokenizer `dir` was trained with: `chosen` (`--tokenizer`) or else its run's
@@ -332,7 +393,7 @@ mod tests {
         TrainerState {
             format_version: 0,
             step,
-            sampler: SamplerState { epoch: 0, offset: step * 4 },
+            sampler: SamplerState { epoch: 0, offset: step * 4, windows: Some(1000) },
             global_batch: 4,
             world_size: 1,
             seed: 1,
@@ -341,6 +402,7 @@ mod tests {
             settings: None,
             tokenizer_hash: "t".into(),
             wandb_run_id: None,
+            run_id: Some("ours".into()),
             val_loss,
             best_val_loss: val_loss,
             tokens_seen: step * 100,
@@ -384,14 +446,73 @@ mod tests {
         assert_eq!(valid, vec![1]);
     }
 
+    fn ours() -> RunIdentity {
+        RunIdentity { run_id: "ours".into(), model_config: serde_json::json!({"n_layer": 1}), tokenizer_hash: "t".into() }
+    }
+
     #[test]
     fn retention_keeps_the_newest_and_the_best() {
         let dir = tempfile::tempdir().unwrap();
         for (step, loss) in [(1, 5.0), (2, 1.0), (3, 4.0), (4, 3.0), (5, 2.0)] {
             save(dir.path(), &tensors(0.0), &tensors(0.0), state(step, Some(loss))).unwrap();
-            retain(dir.path(), 2).unwrap();
+            assert!(retain(dir.path(), 2, &ours()).unwrap().is_empty());
         }
         let kept: Vec<u64> = list_valid(dir.path()).iter().map(|f| f.state.step).collect();
         assert_eq!(kept, vec![2, 4, 5]);
+    }
+
+    /// Another run's checkpoints (another run id, or, without one, another model or
+    /// tokenizer) are left alone and returned; one without a run id but of the same model
+    /// and tokenizer (an older build's) counts as this run's.
+    #[test]
+    fn retention_never_deletes_another_runs_checkpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let other_id = TrainerState { run_id: Some("theirs".into()), ..state(1, None) };
+        let other_model = TrainerState { run_id: None, model_config: serde_json::json!({"n_layer": 2}), ..state(2, None) };
+        let other_tokenizer = TrainerState { run_id: None, tokenizer_hash: "u".into(), ..state(3, None) };
+        let older_build = TrainerState { run_id: None, ..state(4, None) };
+        for s in [other_id, other_model, other_tokenizer, older_build] {
+            save(dir.path(), &tensors(0.0), &tensors(0.0), s).unwrap();
+        }
+        for step in 5..=7 {
+            save(dir.path(), &tensors(0.0), &tensors(0.0), state(step, None)).unwrap();
+        }
+        let others = retain(dir.path(), 2, &ours()).unwrap();
+        let why: Vec<(u64, String)> = others.iter().map(|f| (f.state.step, f.state.other_run(&ours()).unwrap())).collect();
+        assert_eq!(
+            why,
+            vec![
+                (1, "run id theirs, this run's is ours".to_string()),
+                (2, "another model config".to_string()),
+                (3, "another tokenizer".to_string())
+            ]
+        );
+        let kept: Vec<u64> = list_valid(dir.path()).iter().map(|f| f.state.step).collect();
+        assert_eq!(kept, vec![1, 2, 3, 6, 7]);
+    }
+
+    /// A checkpoint renamed to another step is not trusted: skipped when listed, so it is
+    /// neither resumed nor deleted, and `check_name` says what to rename it to.
+    #[test]
+    fn a_checkpoint_named_for_another_step_is_skipped_and_named() {
+        let dir = tempfile::tempdir().unwrap();
+        save(dir.path(), &tensors(0.0), &tensors(0.0), state(1, None)).unwrap();
+        let saved = save(dir.path(), &tensors(0.0), &tensors(0.0), state(2, None)).unwrap();
+        let renamed = dir.path().join("step_00000009");
+        std::fs::rename(&saved, &renamed).unwrap();
+        let (found, skipped) = scan(dir.path());
+        assert_eq!(found.iter().map(|f| f.state.step).collect::<Vec<_>>(), vec![1]);
+        let err = format!("{:#}", skipped[0]);
+        assert!(
+            err.contains("step_00000009 is named for step 9 but its trainer.json holds step 2")
+                && err.contains("rename it to step_00000002"),
+            "{err}"
+        );
+        assert!(retain(dir.path(), 1, &ours()).unwrap().is_empty());
+        assert!(renamed.is_dir());
+        // Other names are not step names: a copy named `best` is checked by its contents alone.
+        let state = verify(&renamed).unwrap();
+        assert!(check_name(&dir.path().join("best"), &state).is_ok());
+        assert!(check_name(&dir.path().join("step_2x"), &state).is_ok());
     }
 }

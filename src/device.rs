@@ -87,17 +87,39 @@ pub fn describe(device: Device) -> String {
 }
 
 /// Ranks on one node split its cores, so that two ranks do not fight over every core;
-/// `OMP_NUM_THREADS`, as PyTorch users set it, overrides the split.
+/// `OMP_NUM_THREADS`, as PyTorch users set it, overrides the split, up to the cores
+/// this process may use.
 pub fn share_cpu_threads(ranks_on_node: usize) {
-    tch::set_num_threads(cpu_threads(std::env::var("OMP_NUM_THREADS").ok().as_deref(), ranks_on_node) as i32);
+    tch::set_num_threads(cpu_threads(std::env::var("OMP_NUM_THREADS").ok().as_deref(), ranks_on_node, usable_cores()) as i32);
 }
 
-fn cpu_threads(omp_num_threads: Option<&str>, ranks_on_node: usize) -> usize {
-    if let Some(n) = omp_num_threads.and_then(|v| v.trim().parse::<usize>().ok()).filter(|&n| n > 0) {
-        return n;
+fn cpu_threads(omp_num_threads: Option<&str>, ranks_on_node: usize, cores: usize) -> usize {
+    match thread_count(omp_num_threads) {
+        Some(n) => n.min(cores),
+        None => (cores / ranks_on_node.max(1)).max(1),
     }
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    (cores / ranks_on_node.max(1)).max(1)
+}
+
+/// The cores this process may run on: its CPU affinity mask (`taskset`, mpirun's
+/// binding), and a cgroup's CPU quota where one is set.
+pub fn usable_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// A thread count as the OpenMP and MKL variables hold it: a positive integer, else none.
+fn thread_count(value: Option<&str>) -> Option<usize> {
+    value.and_then(|v| v.trim().parse::<usize>().ok()).filter(|&n| n > 0)
+}
+
+/// The variables that size libtorch's CPU thread pools (OpenMP's and MKL's).
+pub const THREAD_VARIABLES: [&str; 2] = ["OMP_NUM_THREADS", "MKL_NUM_THREADS"];
+
+/// Each of [`THREAD_VARIABLES`] (as `get` reads them) that asks for more threads than
+/// `cores`, with its value: `OMP_NUM_THREADS=100000` on 2 cores started over a thousand
+/// threads that fought over 2 cores and made no progress for minutes. Such a value is to
+/// be set to `cores`.
+pub fn excess_thread_variables(get: &dyn Fn(&str) -> Option<String>, cores: usize) -> Vec<(&'static str, usize)> {
+    THREAD_VARIABLES.into_iter().filter_map(|key| thread_count(get(key).as_deref()).filter(|&n| n > cores).map(|n| (key, n))).collect()
 }
 
 /// Peak FLOP/s of one device for MFU: `train.peak_flops`, else the table of known GPUs.
@@ -122,18 +144,33 @@ pub fn allow_tf32(tf32: bool) {
 
 #[cfg(test)]
 mod tests {
-    use super::cpu_threads;
+    use super::{cpu_threads, excess_thread_variables};
 
     #[test]
-    fn omp_num_threads_overrides_the_split_of_the_cores() {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        assert_eq!(cpu_threads(None, 1), cores);
-        assert_eq!(cpu_threads(None, cores * 4), 1);
-        assert_eq!(cpu_threads(Some("3"), 2), 3);
-        assert_eq!(cpu_threads(Some(" 1 "), 1), 1);
+    fn omp_num_threads_overrides_the_split_of_the_cores_up_to_the_cores() {
+        let cores = 8;
+        assert_eq!(cpu_threads(None, 1, cores), cores);
+        assert_eq!(cpu_threads(None, cores * 4, cores), 1);
+        assert_eq!(cpu_threads(Some("3"), 2, cores), 3);
+        assert_eq!(cpu_threads(Some(" 1 "), 1, cores), 1);
+        assert_eq!(cpu_threads(Some("100000"), 1, cores), cores);
         // Unset, empty, zero or garbage: the split, as if it were not set.
         for v in ["", "0", "two", "-1"] {
-            assert_eq!(cpu_threads(Some(v), 1), cores, "{v:?}");
+            assert_eq!(cpu_threads(Some(v), 1, cores), cores, "{v:?}");
         }
+    }
+
+    #[test]
+    fn thread_variables_above_the_cores_are_named_with_their_values() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |key: &str| pairs.iter().find(|(k, _)| *k == key).map(|(_, v)| v.to_string())
+        };
+        let both = env(&[("OMP_NUM_THREADS", "100000"), ("MKL_NUM_THREADS", " 9 ")]);
+        assert_eq!(excess_thread_variables(&both, 8), vec![("OMP_NUM_THREADS", 100000), ("MKL_NUM_THREADS", 9)]);
+        assert_eq!(excess_thread_variables(&both, 9), vec![("OMP_NUM_THREADS", 100000)]);
+        // At or under the cores, unset, or not a count: nothing to cap.
+        let fine = env(&[("OMP_NUM_THREADS", "8"), ("MKL_NUM_THREADS", "lots")]);
+        assert!(excess_thread_variables(&fine, 8).is_empty());
+        assert!(excess_thread_variables(&env(&[]), 1).is_empty());
     }
 }

@@ -150,12 +150,26 @@ fn run_training(cfg: config::Config) -> anyhow::Result<()> {
 ///   nothing measurable on the quickstart model. (It did not remove a rarer divergence,
 ///   about one two-thread run in 30 to 100 on a crowded machine; see README.)
 ///
-/// A value the user set is left alone.
+/// A value the user set is left alone, but for a thread count above the cores this
+/// process may use (`OMP_NUM_THREADS=100000` started over a thousand threads that made no
+/// progress for minutes): that is set to the cores, with one warning, before MKL or
+/// libtorch sizes a thread pool from it (`device::share_cpu_threads` caps the same).
 fn pin_cpu_math_threads() {
     for (key, value) in [("MKL_DYNAMIC", "FALSE"), ("OMP_DYNAMIC", "FALSE"), ("MKL_CBWR", "AUTO,STRICT")] {
         if std::env::var_os(key).is_none() {
             // SAFETY: the first statement of main, before any thread exists.
             unsafe { std::env::set_var(key, value) };
         }
+    }
+    let env = |key: &str| std::env::var(key).ok();
+    let cores = algpt2_ddp::device::usable_cores();
+    for (key, asked) in algpt2_ddp::device::excess_thread_variables(&env, cores) {
+        // SAFETY: as above.
+        unsafe { std::env::set_var(key, cores.to_string()) };
+        let rank =
+            if algpt2_launch::started_by_launcher(&env) { format!("rank {}: ", algpt2_launch::launcher_rank(&env)) } else { String::new() };
+        report::log::stderr_line(&format!(
+            "warning: {rank}{key}={asked} asks for more threads than the {cores} core(s) this process may use: using {cores}"
+        ));
     }
 }

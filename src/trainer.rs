@@ -1,7 +1,7 @@
 //! The state of a training run on one rank, and how it moves one step, saves and loads:
 //! model, flat parameters and gradients, AdamW, the sampler, counters.
 
-use crate::checkpoint::{self, Found, OtherParts, TrainerState, MODEL_FILE, OPTIMIZER_FILE};
+use crate::checkpoint::{self, Found, OtherParts, RunIdentity, TrainerState, MODEL_FILE, OPTIMIZER_FILE};
 use crate::config::{Config, NonFinite};
 use crate::data::batches::{batch_tensors, input_ids, rank_slice, Sampler};
 use crate::data::cache::SplitData;
@@ -20,6 +20,8 @@ use crate::optim::adamw::norm_clip_and_skip;
 use crate::optim::AdamW;
 use anyhow::{anyhow, bail};
 use sha2::{Digest, Sha256};
+use std::cell::RefCell;
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
@@ -43,6 +45,10 @@ pub struct Trainer {
     /// Optimizer steps completed (skipped non-finite steps included).
     pub step: u64,
     pub tokens_seen: u64,
+    /// This run's id (`TrainerState::run_id`): drawn here, or the resumed checkpoint's.
+    run_id: String,
+    /// Another run's checkpoints in this run's directory, each named once (`warn_other_runs`).
+    other_runs_named: RefCell<BTreeSet<PathBuf>>,
 }
 
 /// What one optimizer step did, read back from the device (`StepOutcome::read`).
@@ -115,6 +121,8 @@ impl Trainer {
             nonfinite: Tensor::from_slice(&[0f64, -1.0, 0.0]).to_device(device),
             step: 0,
             tokens_seen: 0,
+            run_id: algpt2_wandb::generate_run_id(),
+            other_runs_named: RefCell::default(),
         }
     }
 
@@ -322,23 +330,54 @@ impl Trainer {
             seed: self.cfg.train.seed,
             model_config: serde_json::to_value(&self.cfg.model)?,
             config_hash: hex::encode(Sha256::digest(self.cfg.to_yaml().as_bytes())),
-            settings: Some(crate::resume_settings::of(&self.cfg)),
+            settings: Some(crate::resume_settings::of(&self.cfg, &self.precision)),
             tokenizer_hash: tokenizer_hash.to_string(),
             wandb_run_id: others.wandb_run_id.clone(),
+            run_id: Some(self.run_id.clone()),
             val_loss: others.val_loss,
             best_val_loss: others.best_val_loss,
             tokens_seen: self.tokens_seen,
             checksums: Default::default(),
         };
         let dir = checkpoint::save(root, &self.named_tensors(), &optimizer, state)?;
-        checkpoint::retain(root, self.cfg.checkpoint.keep_last)?;
+        let ours = self.identity(tokenizer_hash)?;
+        let others = checkpoint::retain(root, self.cfg.checkpoint.keep_last, &ours)?;
+        self.warn_other_runs(&others, &ours);
         Ok(dir)
+    }
+
+    /// What this run's checkpoints share (`checkpoint::RunIdentity`).
+    fn identity(&self, tokenizer_hash: &str) -> anyhow::Result<RunIdentity> {
+        Ok(RunIdentity {
+            run_id: self.run_id.clone(),
+            model_config: serde_json::to_value(&self.cfg.model)?,
+            tokenizer_hash: tokenizer_hash.to_string(),
+        })
+    }
+
+    /// Names each of `found` that belongs to another run, once: retention leaves them,
+    /// and resume never picks them but by path, so without a word they would sit there
+    /// unexplained (they were once skipped silently and then deleted by rotation).
+    fn warn_other_runs(&self, found: &[Found], ours: &RunIdentity) {
+        let mut named = self.other_runs_named.borrow_mut();
+        for f in found {
+            if let Some(why) = f.state.other_run(ours) {
+                if named.insert(f.dir.clone()) {
+                    tracing::warn!(
+                        "checkpoint {} (step {}) belongs to another run ({why}): this run neither resumes nor deletes it; move it out of this run's checkpoints",
+                        f.dir.display(),
+                        f.state.step
+                    );
+                }
+            }
+        }
     }
 
     /// Restores model, optimizer, sampler and counters from a verified checkpoint.
     pub fn load(&mut self, found: &Found, tokenizer_hash: &str, world: &World) -> anyhow::Result<()> {
         let state = &found.state;
         let dir = found.dir.display();
+        checkpoint::check_name(&found.dir, state)?;
         let ours = serde_json::to_value(&self.cfg.model)?;
         if state.model_config != ours {
             bail!(
@@ -359,9 +398,22 @@ impl Trainer {
                     self.global_batch(world)
                 );
             }
-            let changed = crate::resume_settings::changes(state.settings.as_ref(), &crate::resume_settings::of(&self.cfg));
-            if let Some(line) = crate::resume_settings::message(&changed) {
+            // The seed is recorded in every checkpoint, also in those from before the settings were.
+            let mut saved = state.settings.clone().unwrap_or_else(|| serde_json::json!({}));
+            if let Some(settings) = saved.as_object_mut() {
+                settings.entry("train.seed").or_insert(state.seed.into());
+            }
+            let now = crate::resume_settings::of(&self.cfg, &self.precision);
+            if let Some(line) = crate::resume_settings::message(&crate::resume_settings::changes(Some(&saved), &now)) {
                 tracing::info!("{line}");
+            }
+            if let Some(saved) = state.sampler.windows.filter(|&w| w != self.sampler.windows()) {
+                tracing::info!(
+                    "the train split holds {} windows of train.seq_len {} tokens, {saved} when checkpoint {dir} was saved: the data order continues after the same share of epoch {}",
+                    self.sampler.windows(),
+                    self.cfg.train.seq_len,
+                    state.sampler.epoch
+                );
             }
         }
         let model = checkpoint::load_tensors(&found.dir, MODEL_FILE)?;
@@ -378,7 +430,14 @@ impl Trainer {
         self.sampler.restore(state.sampler).map_err(|e| anyhow!("checkpoint {dir}: {e}"))?;
         self.step = state.step;
         self.tokens_seen = state.tokens_seen;
+        if let Some(id) = &state.run_id {
+            self.run_id = id.clone();
+        }
         self.refresh_compute_weights();
+        if world.is_main() {
+            let (in_run_dir, _) = checkpoint::scan(&crate::run_dir::RunDir::for_config(&self.cfg).checkpoints());
+            self.warn_other_runs(&in_run_dir, &self.identity(tokenizer_hash)?);
+        }
         Ok(())
     }
 }

@@ -1,5 +1,7 @@
 //! Training end to end on CPU: exact resume after a real SIGKILL (byte-identical
-//! weights, identical metrics rows), the non-finite policies, and resume refusals.
+//! weights, identical metrics rows), the non-finite policies, resume refusals and what a
+//! resume says (changed settings, another run's or a renamed checkpoint), and the cap on
+//! math threads.
 
 mod common;
 use common::*;
@@ -389,4 +391,127 @@ fn a_two_rank_resume_with_changed_settings_says_so_once() {
             changed[0]
         );
     }
+}
+
+/// A resume that changes the seed, the sequence length and the precision names each in
+/// the one "changed settings" line; the data order continues after the same share of its
+/// epoch, so `train/epoch` never goes back, with shorter windows (32 → 16: twice as many)
+/// or longer ones (16 → 32: the saved offset lies past the end of the shorter epoch).
+#[test]
+fn a_resume_names_a_changed_seed_seq_len_and_precision_and_the_epoch_never_goes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (runs, cache) = (dir.path().join("runs"), dir.path().join("cache"));
+    let first = train(&args(&runs, &cache, &["--set", "train.max_steps=4"]), None);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let shorter = ["--set", "train.max_steps=8", "--set", "train.seq_len=16", "--set", "train.seed=7", "--set", "train.precision=bf16"];
+    let second = train(&args(&runs, &cache, &shorter), None);
+    let err = stderr(&second);
+    assert!(second.status.success(), "{err}");
+    let changed: Vec<&str> = err.lines().filter(|l| l.contains("resuming with changed settings:")).collect();
+    assert_eq!(changed.len(), 1, "{err}");
+    for change in [
+        "train.seq_len 32 -> 16", "train.seed 1337 -> 7", "train.precision fp32 -> bf16", "precision fp32 -> bf16",
+        "train.max_steps 4 -> 8",
+    ] {
+        assert!(changed[0].contains(change), "{change}: {}", changed[0]);
+    }
+    assert!(err.contains("continues after the same share of epoch 0"), "{err}");
+    let longer = train(&args(&runs, &cache, &["--set", "train.max_steps=12", "--set", "train.seed=7"]), None);
+    let err = stderr(&longer);
+    assert!(longer.status.success(), "{err}");
+    assert!(err.contains("train.seq_len 16 -> 32") && err.contains("precision bf16 -> fp32"), "{err}");
+
+    let epochs: Vec<f64> = rows(&runs.join("quickstart")).iter().map(|r| r["train/epoch"].as_f64().unwrap()).collect();
+    assert_eq!(epochs.len(), 12);
+    assert!(epochs.windows(2).all(|w| w[1] > w[0]), "train/epoch went back: {epochs:?}");
+}
+
+/// Another run's checkpoint copied into this run's checkpoints/ is named once and left
+/// where it is, through the resume and every rotation after it. One renamed to another
+/// step is skipped with a warning that says what to rename it to (so it is neither
+/// resumed nor deleted), and refused when named by path.
+#[test]
+fn another_runs_checkpoint_is_named_and_kept_and_a_renamed_one_is_never_resumed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, runs) = (dir.path().join("cache"), dir.path().join("runs"));
+    let ours = |extra: &[&str]| args(&runs, &cache, extra);
+    // Another run of the same model and data, and this run's first 4 steps.
+    let other = train(&args(&dir.path().join("other"), &cache, &["--set", "train.max_steps=2"]), None);
+    assert!(other.status.success(), "{}", stderr(&other));
+    let first = train(&ours(&["--set", "train.max_steps=4"]), None);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let ckpts = runs.join("quickstart/checkpoints");
+    let theirs = ckpts.join("step_00000002");
+    std::fs::create_dir(&theirs).unwrap();
+    for file in std::fs::read_dir(dir.path().join("other/quickstart/checkpoints/step_00000002")).unwrap() {
+        let file = file.unwrap();
+        std::fs::copy(file.path(), theirs.join(file.file_name())).unwrap();
+    }
+
+    // Rotation (keep 2) at steps 8 and 12 would have deleted it; it is named once instead.
+    let resumed = train(&ours(&["--set", "train.max_steps=12", "--set", "checkpoint.keep_last=2"]), None);
+    let err = stderr(&resumed);
+    assert!(resumed.status.success(), "{err}");
+    assert!(err.contains("resumed from") && err.contains("step_00000004 at step 4"), "{err}");
+    let named: Vec<&str> = err.lines().filter(|l| l.contains("belongs to another run")).collect();
+    assert_eq!(named.len(), 1, "{err}");
+    assert!(named[0].contains(&format!("checkpoint {} (step 2) belongs to another run (run id", theirs.display())), "{}", named[0]);
+    let names = |dir: &Path| {
+        let mut n: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+        n.sort();
+        n
+    };
+    assert_eq!(names(&ckpts), ["step_00000002", "step_00000008", "step_00000012"]);
+
+    // Step 12 renamed to step 20: skipped, with its real step, so the run resumes from 8.
+    let renamed = ckpts.join("step_00000020");
+    std::fs::rename(ckpts.join("step_00000012"), &renamed).unwrap();
+    let again = train(&ours(&["--set", "train.max_steps=16", "--set", "checkpoint.keep_last=2"]), None);
+    let err = stderr(&again);
+    assert!(again.status.success(), "{err}");
+    let warning = format!("{} is named for step 20 but its trainer.json holds step 12", renamed.display());
+    assert_eq!(err.matches(&warning).count(), 1, "named once, not at every save: {err}");
+    assert!(err.contains(&warning) && err.contains("rename it to step_00000012 to resume from it"), "{err}");
+    assert!(err.contains("step_00000008 at step 8"), "{err}");
+    assert_eq!(names(&ckpts), ["step_00000002", "step_00000012", "step_00000016", "step_00000020"]);
+    // Named by path, it is refused.
+    let by_path = train(&ours(&["--set", "train.max_steps=24", "--set", &format!("checkpoint.resume={}", renamed.display())]), None);
+    assert_eq!(by_path.status.code(), Some(1), "{}", stderr(&by_path));
+    assert!(stderr(&by_path).contains(&warning), "{}", stderr(&by_path));
+}
+
+/// `OMP_NUM_THREADS` far above the cores this process may use (it once started over a
+/// thousand threads and said nothing for minutes): capped at the cores, said first, and
+/// the run trains with a handful of threads. The thread count is read from /proc while it
+/// runs; a run past the bound is killed at once, not left to load the machine.
+#[test]
+fn a_thread_count_above_the_cores_is_capped_with_one_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let a = args(&dir.path().join("runs"), &dir.path().join("cache"), &["--set", "train.max_steps=2", "--set", "train.save_interval=0"]);
+    let mut run = spawn(Command::new(bin()).args(&a).current_dir(repo()).env("OMP_NUM_THREADS", "100000").env("MKL_NUM_THREADS", "100000"));
+    let (bound, started) = (cores + 32, std::time::Instant::now());
+    let mut most = 0;
+    while run.is_running() {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", run.id())).unwrap_or_default();
+        let threads = status.lines().find_map(|l| l.strip_prefix("Threads:")).and_then(|n| n.trim().parse::<usize>().ok());
+        most = most.max(threads.unwrap_or(0));
+        if most > bound {
+            run.kill();
+            panic!("{most} threads on {cores} core(s) after {:.1} s:\n{}", started.elapsed().as_secs_f64(), run.stderr_so_far());
+        }
+        assert!(started.elapsed() < LIMIT, "still running after {LIMIT:?}:\n{}", run.stderr_so_far());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = finish_bounded(run, LIMIT);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    eprintln!("FIGURE OMP_NUM_THREADS=100000 on {cores} core(s): at most {most} threads, {:.1} s", started.elapsed().as_secs_f64());
+    for key in ["OMP_NUM_THREADS", "MKL_NUM_THREADS"] {
+        let warning = format!("warning: {key}=100000 asks for more threads than the {cores} core(s) this process may use: using {cores}");
+        assert_eq!(err.matches(&warning).count(), 1, "{err}");
+    }
+    // Before anything else: libtorch sizes its pools later, from the capped values.
+    assert!(err.starts_with("warning: OMP_NUM_THREADS=100000"), "{err}");
+    assert!(err.contains(&format!("device cpu ({cores} threads)")), "{err}");
 }

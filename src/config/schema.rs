@@ -189,7 +189,7 @@ impl Default for TokenizerConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
-    /// Tokens per training window; at most `model.n_positions`.
+    /// Tokens per training window; at most `model.n_positions`. A resume may change it: the data order continues after the same share of its epoch.
     pub seq_len: usize,
     /// Windows per forward pass on each rank.
     pub micro_batch_size: usize,
@@ -331,7 +331,7 @@ impl Default for OptimConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CheckpointConfig {
-    /// Newest checkpoints kept (the best by validation loss is kept as well).
+    /// Newest checkpoints of this run kept (the best by validation loss is kept as well; another run's checkpoints in its directory are never deleted).
     pub keep_last: usize,
     /// `auto`: continue from the run's newest valid checkpoint, if any; `none`: start
     /// fresh; anything else: the path of a checkpoint directory to resume from.

@@ -20,6 +20,10 @@ pub fn window_count(tokens: u64, seq_len: usize) -> u64 {
 pub struct SamplerState {
     pub epoch: u64,
     pub offset: u64,
+    /// Windows in an epoch (absent in checkpoints from before it was recorded). A resume
+    /// with another `train.seq_len` has another count: see [`Sampler::restore`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub windows: Option<u64>,
 }
 
 /// Draws training windows: every epoch is a fresh permutation of all windows, fixed by
@@ -44,20 +48,26 @@ impl Sampler {
     }
 
     pub fn state(&self) -> SamplerState {
-        SamplerState { epoch: self.position / self.windows, offset: self.position % self.windows }
+        SamplerState { epoch: self.position / self.windows, offset: self.position % self.windows, windows: Some(self.windows) }
     }
 
-    /// Continues from a saved position; one that cannot be in this data is an error.
+    /// Continues from a saved position; one that cannot be in its data is an error.
+    ///
+    /// Saved with another window count (another `train.seq_len`: windows of 16 tokens are
+    /// twice as many as of 32), the offset in windows no longer means the same place, and
+    /// kept as it was it moved the epoch back (8.7e-4 to 4.8e-4 for 32 → 16) or past the
+    /// end of the epoch (an error for 16 → 32). It continues instead after the same share
+    /// of its epoch, rounded up so that the epoch count never goes back: that share of the
+    /// epoch's tokens is counted as consumed. Which windows the rest of the epoch draws
+    /// cannot follow on exactly: windows of another length are other stretches of text,
+    /// in another order.
     pub fn restore(&mut self, state: SamplerState) -> anyhow::Result<()> {
-        let position =
-            state.epoch.checked_mul(self.windows).and_then(|p| p.checked_add(state.offset)).filter(|_| state.offset < self.windows.max(1));
+        let saved_windows = state.windows.unwrap_or(self.windows);
+        let offset =
+            (state.offset < saved_windows).then(|| (state.offset as u128 * self.windows as u128).div_ceil(saved_windows as u128) as u64);
+        let position = offset.and_then(|offset| state.epoch.checked_mul(self.windows)?.checked_add(offset));
         let Some(position) = position else {
-            anyhow::bail!(
-                "sampler position (epoch {}, offset {}) does not fit data of {} windows",
-                state.epoch,
-                state.offset,
-                self.windows
-            );
+            anyhow::bail!("sampler position (epoch {}, offset {}) does not fit data of {saved_windows} windows", state.epoch, state.offset,);
         };
         self.position = position;
         Ok(())
@@ -67,7 +77,7 @@ impl Sampler {
     pub fn next_batch(&mut self, size: usize) -> Vec<u64> {
         (0..size)
             .map(|_| {
-                let SamplerState { epoch, offset } = self.state();
+                let SamplerState { epoch, offset, .. } = self.state();
                 self.position += 1;
                 self.order_of(epoch)[offset as usize] as u64
             })
@@ -143,7 +153,7 @@ mod tests {
             assert_eq!(set.len(), 10);
         }
         assert_ne!(drawn[..10], drawn[10..20], "epochs are shuffled differently");
-        assert_eq!(s.state(), SamplerState { epoch: 3, offset: 0 });
+        assert_eq!(s.state(), SamplerState { epoch: 3, offset: 0, windows: Some(10) });
     }
 
     #[test]
@@ -164,6 +174,34 @@ mod tests {
         second.restore(state).unwrap();
         resumed.extend((0..5).flat_map(|_| second.next_batch(12)));
         assert_eq!(whole, resumed);
+    }
+
+    /// A state saved with another window count (another seq_len) continues after the same
+    /// share of its epoch, rounded up: the epoch never goes back, whichever way the count
+    /// changes. Without a recorded count (an older checkpoint) the offset is taken as is.
+    #[test]
+    fn restored_with_another_window_count_keeps_the_share_of_the_epoch() {
+        let epoch = |s: &Sampler| s.state().epoch as f64 + s.state().offset as f64 / s.windows() as f64;
+        for (saved, now) in [(1000, 2001), (2001, 1000), (7, 3), (3, 7)] {
+            for offset in 0..saved.min(50) {
+                let state = SamplerState { epoch: 2, offset, windows: Some(saved) };
+                let mut s = Sampler::new(now, 1);
+                s.restore(state).unwrap();
+                let before = 2.0 + offset as f64 / saved as f64;
+                assert!(epoch(&s) >= before && epoch(&s) - before <= 1.0 / now as f64 + 1e-12, "{saved} -> {now}, offset {offset}");
+            }
+        }
+        let mut s = Sampler::new(10, 1);
+        s.restore(SamplerState { epoch: 1, offset: 9, windows: None }).unwrap();
+        assert_eq!(s.state(), SamplerState { epoch: 1, offset: 9, windows: Some(10) });
+        for bad in [
+            SamplerState { epoch: 1, offset: 10, windows: None },
+            SamplerState { epoch: 1, offset: 5, windows: Some(5) },
+            SamplerState { epoch: 1, offset: 0, windows: Some(0) },
+            SamplerState { epoch: u64::MAX, offset: 0, windows: Some(5) },
+        ] {
+            assert!(s.restore(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
