@@ -4,7 +4,7 @@
 use super::lines::{cut_long, lines, LongLines};
 use super::sniff::not_text;
 use super::split::{Piece, Split};
-use crate::config::{DataConfig, DataFormat};
+use crate::config::{file_kind, DataConfig, DataFormat};
 use anyhow::{anyhow, bail, Context};
 use std::path::{Path, PathBuf};
 
@@ -188,22 +188,6 @@ fn split_files(cfg: &DataConfig, split: Split) -> anyhow::Result<Option<SplitFil
     Ok(Some(SplitFiles { split, format, files }))
 }
 
-/// What a path that is there but is no regular file is (a FIFO, a device, a socket).
-fn kind_of(file_type: std::fs::FileType) -> &'static str {
-    use std::os::unix::fs::FileTypeExt;
-    if file_type.is_fifo() {
-        "a FIFO"
-    } else if file_type.is_char_device() {
-        "a character device"
-    } else if file_type.is_block_device() {
-        "a block device"
-    } else if file_type.is_socket() {
-        "a socket"
-    } else {
-        "not a file"
-    }
-}
-
 /// A path, or a glob matching at least one file, sorted so that shard order is stable.
 fn expand(pattern: &str) -> anyhow::Result<Vec<PathBuf>> {
     let is_glob = pattern.contains(['*', '?', '[']);
@@ -219,7 +203,7 @@ fn expand(pattern: &str) -> anyhow::Result<Vec<PathBuf>> {
             bail!("is a directory, not a file: name the file in it, or a glob such as {}/*.parquet", pattern.trim_end_matches('/'));
         }
         if !meta.is_file() {
-            bail!("not a regular file ({}): name a file that holds the data", kind_of(meta.file_type()));
+            bail!("not a regular file ({}): name a file that holds the data", file_kind(meta.file_type()));
         }
         return Ok(vec![path]);
     }
@@ -228,7 +212,7 @@ fn expand(pattern: &str) -> anyhow::Result<Vec<PathBuf>> {
         // Directories a glob takes in are passed over; anything else that is no file is named.
         match std::fs::metadata(&path) {
             Ok(meta) if meta.is_file() => files.push(path),
-            Ok(meta) if !meta.is_dir() => bail!("matches {}, not a regular file ({})", path.display(), kind_of(meta.file_type())),
+            Ok(meta) if !meta.is_dir() => bail!("matches {}, not a regular file ({})", path.display(), file_kind(meta.file_type())),
             _ => {}
         }
     }
