@@ -118,7 +118,8 @@ pub enum Command {
         /// A new or empty directory outside any run directory.
         #[arg(long, value_name = "DIR")]
         out: std::path::PathBuf,
-        /// Replace a non-empty --out (a previous export: files only).
+        /// Replace a non-empty --out, only when it is a previous export: it holds the
+        /// .algpt2-export.json an export writes and nothing but the files that lists.
         #[arg(long)]
         force: bool,
         /// The tokenizer.json to ship instead of the run's (it must be the one the

@@ -20,6 +20,9 @@
 //! - `stats_extra@0`: this rank's system sample carries one value too many.
 //! - `hang_in_<phase>@0`: the process hangs when it enters that phase of start-up or the
 //!   finish (src/dist/phase.rs names them: `comm_dup`, `weight_broadcast`, ...).
+//! - `export_kill_staged@0`, `export_kill_aside@0`: SIGKILL during `export-hf`, once the
+//!   export is whole in its staging directory, or right after the previous export was
+//!   moved aside for it (`--force`). An export has no steps: give 0.
 
 /// One fault of the plan: `name@step`, for one rank or all.
 #[derive(Debug, Clone, PartialEq)]
@@ -102,6 +105,16 @@ pub fn hang_in_phase(slug: &str, rank: usize) {
 /// Dies with SIGKILL at `stage` of saving step `step`'s checkpoint, when chosen.
 pub fn kill_in_save(stage: &str, step: u64) {
     if fault_step(&format!("save_kill_{stage}"), 0) == Some(step) {
+        // SAFETY: as in kill_or_hang_at.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
+        }
+    }
+}
+
+/// Dies with SIGKILL at `stage` of committing an export, when chosen.
+pub fn kill_in_export(stage: &str) {
+    if fault_step(&format!("export_kill_{stage}"), 0).is_some() {
         // SAFETY: as in kill_or_hang_at.
         unsafe {
             libc::kill(libc::getpid(), libc::SIGKILL);

@@ -83,6 +83,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             algpt2_ddp::generate::run(&checkpoint, tokenizer.as_deref(), &prompt, &sampling)
         }
         Some(Command::ExportHf { checkpoint, out, force, tokenizer }) => {
+            // For the warnings about what interrupted exports left behind.
+            report::log::init(0, None)?;
             algpt2_ddp::export::export_hf(&checkpoint, &out, &algpt2_ddp::export::ExportOptions { force, tokenizer })?;
             println!("{}", out.display());
             Ok(())

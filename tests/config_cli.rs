@@ -98,6 +98,23 @@ fn bad_config_starts_no_work() {
 }
 
 #[test]
+fn a_config_file_whose_name_is_no_run_name_needs_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("runs");
+    // `..yaml` would make the run directory out_dir itself, `...yaml` its parent.
+    for (file, stem) in [("..yaml", "\".\""), ("...yaml", "\"..\"")] {
+        let cfg = write_config(dir.path(), file, &format!("out_dir: {}\ndata:\n  format: synthetic\n", out_dir.display()));
+        let out = run(&["--config", &cfg]);
+        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+        let err = stderr(&out);
+        assert!(err.contains(&format!("{file}: run_name: not set")) && err.contains(stem) && err.contains("--set run_name=NAME"), "{err}");
+        assert!(!out_dir.exists(), "a refused config must not create the run directory");
+        let out = run(&["info", "--config", &cfg, "--set", "run_name=mine"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+}
+
+#[test]
 fn train_writes_the_resolved_config_and_tokenizer_into_the_run_dir() {
     let dir = tempfile::tempdir().unwrap();
     let out_dir = dir.path().join("runs");

@@ -428,3 +428,104 @@ fn a_killed_prepare_leaves_nothing_behind_for_long() {
     assert!(err.contains("left by a token cache build that was interrupted"), "{err}");
     assert!(temporary().is_empty(), "{:?}", temporary());
 }
+
+#[test]
+fn a_full_disk_names_the_cache_file_and_says_the_disk_is_full() {
+    if let Some(why) = cannot_mount_tmpfs() {
+        eprintln!("skipped: no small tmpfs for a real full disk ({why}); src/data/token_file.rs fills /dev/full instead");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "wikitext", &shared("wiki.valid.tokens"), None, 512, "");
+    let mount = dir.path().join("cache");
+    std::fs::create_dir_all(&mount).unwrap();
+    // The cache goes to a 128 KiB tmpfs in a private mount namespace: room for the
+    // tokenizer, not for the ~500 KB of train.bin.
+    let script = r#"mount -t tmpfs -o size=128k tmpfs "$MOUNT" || exit 99; "$@""#;
+    let out = run_bounded(
+        std::process::Command::new("unshare")
+            .args(["-rm", "sh", "-c", script, "sh", bin(), "prepare", "--config", &cfg])
+            .env("MOUNT", &mount)
+            .current_dir(repo()),
+        LIMIT,
+    );
+    assert_ne!(out.status.code(), Some(99), "mount failed: {}", stderr(&out));
+    assert!(!out.status.success(), "prepare must fail on a full disk");
+    let err = stderr(&out);
+    assert!(err.contains("the token cache does not fit on the disk of data.cache_dir"), "{err}");
+    assert!(err.contains(&format!("cannot write {}/", mount.display())) && err.contains("train.bin.tmp: No space left on device"), "{err}");
+}
+
+#[test]
+fn files_that_are_not_text_or_not_files_are_named_for_what_they_are() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name).display().to_string();
+    std::fs::write(p("big.txt"), "plenty of words in this training file.\n".repeat(100)).unwrap();
+
+    // A gzip file (its header, then deflated bytes): named as such, with the command that
+    // unpacks it, under data.format: text and under auto (whose extension says nothing).
+    std::fs::write(p("train.txt.gz"), b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03\x2b\xc9\xc8\x2c\x06\x00").unwrap();
+    for format in ["text", "auto"] {
+        let err = refused(&config(dir.path(), format, &p("train.txt.gz"), None, 300, ""));
+        assert!(err.contains("data.train") && err.contains("train.txt.gz is gzip-compressed, not text"), "{err}");
+        assert!(err.contains(&format!("gunzip -k {}", p("train.txt.gz"))) && !err.contains("latin1"), "{err}");
+    }
+    // UTF-16 as Windows editors write it (a byte order mark, then little-endian units).
+    let utf16: Vec<u8> = [0xFF, 0xFE].into_iter().chain("some words\n".encode_utf16().flat_map(u16::to_le_bytes)).collect();
+    std::fs::write(p("utf16.txt"), utf16).unwrap();
+    let err = refused(&config(dir.path(), "text", &p("utf16.txt"), None, 300, ""));
+    assert!(err.contains("utf16.txt is UTF-16 text") && err.contains("iconv -f UTF-16 -t UTF-8") && !err.contains("latin1"), "{err}");
+
+    // Not regular files: said at once, without opening them (a FIFO would block the read).
+    let err = refused(&config(dir.path(), "text", "/dev/zero", None, 300, ""));
+    assert!(err.contains("data.train: /dev/zero: not a regular file (a character device)"), "{err}");
+    let fifo = dir.path().join("fifo.txt");
+    let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo reads a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0, "mkfifo");
+    let started = std::time::Instant::now();
+    let err = refused(&config(dir.path(), "text", &p("big.txt"), Some(&p("fifo.txt")), 300, ""));
+    assert!(err.contains("data.valid") && err.contains("fifo.txt: not a regular file (a FIFO)"), "{err}");
+    assert!(!err.contains("file not found"), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(60), "prepare waited on the FIFO");
+    let err = refused(&config(dir.path(), "text", &format!("{}/*.txt", dir.path().display()), None, 300, ""));
+    assert!(err.contains("fifo.txt, not a regular file (a FIFO)"), "{err}");
+}
+
+#[test]
+fn an_eval_split_that_is_also_trained_on_is_warned_of() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let p = |name: &str| data.join(name).display().to_string();
+    std::fs::write(p("train.txt"), "plenty of words in this training file.\n".repeat(100)).unwrap();
+    std::fs::write(p("valid.txt"), "other words, held out from training, for validation.\n".repeat(20)).unwrap();
+    let leak = "leaks into training";
+
+    // Separate files: no warning.
+    let out = prepare(&config(dir.path(), "text", &p("train.txt"), Some(&p("valid.txt")), 300, ""));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!stderr(&out).contains(leak), "{}", stderr(&out));
+
+    // The same file, by another spelling of its path.
+    let again = format!("{}/../data/train.txt", data.display());
+    let out = prepare(&config(dir.path(), "text", &p("train.txt"), Some(&again), 300, ""));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("data.valid {again} is also in data.train")) && err.contains("the valid split leaks into training"),
+        "{err}"
+    );
+
+    // A glob for train that takes in the valid file.
+    let out = prepare(&config(dir.path(), "text", &format!("{}/*.txt", data.display()), Some(&p("valid.txt")), 300, ""));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains(&format!("data.valid {} is also in data.train", p("valid.txt"))), "{}", stderr(&out));
+
+    // A copy of the train file: the same bytes.
+    std::fs::copy(p("train.txt"), dir.path().join("copy.txt")).unwrap();
+    let copy = dir.path().join("copy.txt").display().to_string();
+    let out = prepare(&config(dir.path(), "text", &p("train.txt"), Some(&copy), 300, ""));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains(&format!("holds the same bytes as the data.train file {}", p("train.txt"))), "{}", stderr(&out));
+}

@@ -153,16 +153,6 @@ fn a_full_disk_with_on_save_error_continue_trains_on_and_saves_later() {
     eprintln!("FIGURE disk full (injected ENOSPC at step 4, continue): warning, training went on; checkpoints 2, 6, 8; final weights byte-identical");
 }
 
-/// Why a private mount namespace with a tmpfs cannot be made here, if it cannot.
-fn cannot_mount_tmpfs() -> Option<String> {
-    let out = try_run_bounded(Command::new("unshare").args(["-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"]), LIMIT);
-    match out {
-        Err(e) => Some(format!("unshare: {e}")),
-        Ok(o) if !o.status.success() => Some(format!("unshare -rm + mount tmpfs: {}", stderr(&o).trim())),
-        Ok(_) => None,
-    }
-}
-
 #[test]
 fn a_really_full_disk_keeps_the_last_checkpoints_and_the_run_resumes_elsewhere() {
     if let Some(why) = cannot_mount_tmpfs() {

@@ -40,6 +40,22 @@ fn export(checkpoint: &Path, out: &Path, extra: &[&str]) -> Output {
     run(&args)
 }
 
+/// `export` with a fault injected (`ALGPT2_FAULT`).
+fn export_with_fault(checkpoint: &Path, out: &Path, extra: &[&str], fault: &str) -> Output {
+    let mut args = vec!["export-hf", "--checkpoint", checkpoint.to_str().unwrap(), "--out", out.to_str().unwrap()];
+    args.extend(extra);
+    run_bounded(Command::new(bin()).args(args).env("ALGPT2_FAULT", fault).current_dir(repo()), LIMIT)
+}
+
+/// The entries of `dir` whose names start with `prefix`.
+fn named(dir: &Path, prefix: &str) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with(prefix))
+        .collect()
+}
+
 fn generate(checkpoint: &Path, extra: &[&str]) -> Output {
     let mut args = vec!["generate", "--checkpoint", checkpoint.to_str().unwrap(), "--prompt", "a", "--max-new-tokens", "3"];
     args.extend(extra);
@@ -100,6 +116,80 @@ fn export_hf_never_writes_into_a_run_and_is_whole_or_absent() {
     // Over a previous export: the old one stays whole.
     refused(&export(&ckpt, &hf, &["--force"]), "tokenizer");
     assert_eq!(bytes(&hf.join("tokenizer.json")), tokenizer);
+}
+
+#[test]
+fn force_replaces_only_a_marked_export_and_the_next_export_cleans_up_after_a_kill() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = trained(dir.path(), "r", &[]);
+    let exports = dir.path().join("exports");
+    std::fs::create_dir(&exports).unwrap();
+
+    // A folder of the user's, files only: refused even with --force, and left as it was.
+    let thesis = exports.join("thesis");
+    std::fs::create_dir(&thesis).unwrap();
+    std::fs::write(thesis.join("thesis.tex"), "\\documentclass{book}").unwrap();
+    std::fs::write(thesis.join("data.csv"), "a,b\n1,2\n").unwrap();
+    refused(&export(&ckpt, &thesis, &["--force"]), "holds no .algpt2-export.json, so it is not a previous export");
+    assert_eq!(bytes(&thesis.join("thesis.tex")), b"\\documentclass{book}");
+    assert_eq!(bytes(&thesis.join("data.csv")), b"a,b\n1,2\n");
+
+    // An export is marked with the files it wrote.
+    let hf = exports.join("hf");
+    let out = export(&ckpt, &hf, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let marker: serde_json::Value = serde_json::from_slice(&bytes(&hf.join(".algpt2-export.json"))).unwrap();
+    assert_eq!(marker["files"], serde_json::json!(["config.json", "model.safetensors", "tokenizer.json"]));
+    // A file put into it later is never deleted: refused, naming it.
+    std::fs::write(hf.join("notes.txt"), "mine").unwrap();
+    let out = export(&ckpt, &hf, &["--force"]);
+    refused(&out, "notes.txt, which the previous export did not write");
+    assert_eq!(bytes(&hf.join("notes.txt")), b"mine");
+    std::fs::remove_file(hf.join("notes.txt")).unwrap();
+    let out = export(&ckpt, &hf, &["--force"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // An export made before exports were marked: refused, saying what to do.
+    let old = exports.join("old");
+    std::fs::create_dir(&old).unwrap();
+    for file in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(hf.join(file), old.join(file)).unwrap();
+    }
+    refused(&export(&ckpt, &old, &["--force"]), "delete it yourself");
+    assert!(old.join("model.safetensors").is_file());
+
+    // Killed once the export is whole in its staging directory: the next export (of
+    // another --out in the same directory) removes it, and leaves a live process's alone.
+    let killed = export_with_fault(&ckpt, &exports.join("hf2"), &[], "export_kill_staged@0");
+    assert_eq!(killed.status.signal(), Some(libc::SIGKILL), "{}", stderr(&killed));
+    let left = named(&exports, ".hf2.export-");
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(left[0].join("model.safetensors").is_file());
+    assert!(!exports.join("hf2").exists());
+    let live = exports.join(format!(".other.export-{}", std::process::id()));
+    std::fs::create_dir(&live).unwrap();
+    std::fs::write(live.join("model.safetensors"), "in progress").unwrap();
+    let out = export(&ckpt, &exports.join("hf3"), &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("the staging directory of an export that was interrupted"), "{}", stderr(&out));
+    assert!(named(&exports, ".hf2.export-").is_empty());
+    assert!(live.join("model.safetensors").is_file());
+
+    // Killed with the previous export moved aside and the new one not yet in place: the
+    // next export puts the previous one back first (and so finds --out not empty).
+    let previous = bytes(&hf.join("model.safetensors"));
+    let killed = export_with_fault(&ckpt, &hf, &["--force"], "export_kill_aside@0");
+    assert_eq!(killed.status.signal(), Some(libc::SIGKILL), "{}", stderr(&killed));
+    assert!(!hf.exists());
+    assert_eq!(named(&exports, ".hf.export-").len(), 2);
+    let out = export(&ckpt, &hf, &[]);
+    refused(&out, "is not empty: pass --force");
+    assert!(stderr(&out).contains("put the previous export back into"), "{}", stderr(&out));
+    assert_eq!(bytes(&hf.join("model.safetensors")), previous);
+    assert!(named(&exports, ".hf.export-").is_empty(), "{:?}", named(&exports, ".hf.export-"));
+    let out = export(&ckpt, &hf, &["--force"]);
+    assert!(out.status.success(), "{}", stderr(&out));
 }
 
 #[test]

@@ -69,14 +69,24 @@ impl ConfigError {
 }
 
 /// Reads `file`, applies `sets` (`key.path=value`, values parsed as YAML) in order, and
-/// checks the result. `run_name` left null becomes the file's stem.
+/// checks the result. `run_name` left null becomes the file's stem, when that is a good
+/// run name; when it is not (`..yaml` gives `.`, the out_dir itself), the config is
+/// refused: any name made up in its place would be one the user never chose.
 pub fn load(file: &Path, sets: &[String]) -> Result<Config, ConfigError> {
     let name = file.display().to_string();
     let text = super::read::config_text(file)
         .map_err(|e| ConfigError::one(Origin::File { file: name.clone(), line: None }, "", format!("cannot read: {e}")))?;
     let mut cfg = parse(&text, &name, sets)?;
     if cfg.run_name.is_none() {
-        cfg.run_name = file.file_stem().map(|s| s.to_string_lossy().into_owned());
+        let stem = file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        if let Some(problem) = super::validate::run_name_problems(&stem).first() {
+            return Err(ConfigError::one(
+                Origin::File { file: name.clone(), line: None },
+                "run_name",
+                format!("not set, so it would be the file's name without its extension, {stem:?}, which {problem}: set run_name in the file, or pass --set run_name=NAME"),
+            ));
+        }
+        cfg.run_name = Some(stem);
     }
     Ok(cfg)
 }

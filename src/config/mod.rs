@@ -7,6 +7,7 @@ mod schema;
 mod validate;
 
 pub use load::{load, parse, ConfigError};
+pub use read::file_kind;
 pub use schema::*;
 pub use validate::{model_violations, Violation};
 

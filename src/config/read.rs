@@ -22,23 +22,29 @@ pub fn config_text(path: &Path) -> Result<String, String> {
     read_capped(file)
 }
 
+/// What a path that is not a regular file is: "a directory", "a FIFO", "a character
+/// device", ... (also for the data files, which are refused the same way).
+pub fn file_kind(kind: std::fs::FileType) -> &'static str {
+    if kind.is_file() {
+        "a regular file"
+    } else if kind.is_dir() {
+        "a directory"
+    } else if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_char_device() {
+        "a character device"
+    } else if kind.is_block_device() {
+        "a block device"
+    } else if kind.is_socket() {
+        "a socket"
+    } else {
+        "not a plain file"
+    }
+}
+
 fn check_regular(meta: &Metadata) -> Result<(), String> {
-    let kind = meta.file_type();
-    if !kind.is_file() {
-        let what = if kind.is_dir() {
-            "a directory"
-        } else if kind.is_fifo() {
-            "a FIFO"
-        } else if kind.is_char_device() {
-            "a character device"
-        } else if kind.is_block_device() {
-            "a block device"
-        } else if kind.is_socket() {
-            "a socket"
-        } else {
-            "not a plain file"
-        };
-        return Err(format!("not a regular file ({what}); a config must be a regular YAML file"));
+    if !meta.file_type().is_file() {
+        return Err(format!("not a regular file ({}); a config must be a regular YAML file", file_kind(meta.file_type())));
     }
     if meta.len() > MAX_CONFIG_BYTES {
         return Err(too_large(meta.len()));

@@ -10,7 +10,8 @@ use std::path::PathBuf;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// Name of the run directory under `out_dir`; null means the config file's stem.
+    /// Name of the run directory under `out_dir`; null means the config file's stem, and a
+    /// stem that is no such name (`..yaml` gives `.`) is refused: set run_name then.
     pub run_name: Option<String>,
     /// Parent directory of run directories.
     pub out_dir: PathBuf,

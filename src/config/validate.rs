@@ -22,6 +22,21 @@ pub struct Violation {
     pub message: String,
 }
 
+/// What is wrong with `name` as a run name (the directory `<out_dir>/<name>`), as
+/// phrases that follow the name: empty when it is a good one.
+pub fn run_name_problems(name: &str) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    // "." or ".." would make the run directory out_dir itself or its parent.
+    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+        out.push("must be a non-empty directory name without '/' (not . or ..)");
+    }
+    // A newline or other control character breaks the directory name and every log line.
+    if name.chars().any(char::is_control) {
+        out.push("must not contain control characters (newline, tab, ...)");
+    }
+    out
+}
+
 /// Every rule the config breaks, in schema order (empty when valid).
 pub fn violations(cfg: &Config) -> Vec<Violation> {
     let mut out = Vec::new();
@@ -35,10 +50,9 @@ pub fn violations(cfg: &Config) -> Vec<Violation> {
     let o = &cfg.optim;
 
     if let Some(name) = &cfg.run_name {
-        let clean = !name.is_empty() && !name.contains('/') && name != "." && name != "..";
-        check(clean, "run_name", format!("{name:?} must be a non-empty directory name without '/'"));
-        // A newline or other control character breaks the directory name and every log line.
-        check(!name.chars().any(char::is_control), "run_name", format!("{name:?} must not contain control characters (newline, tab, ...)"));
+        for problem in run_name_problems(name) {
+            check(false, "run_name", format!("{name:?} {problem}"));
+        }
     }
 
     check(m.vocab_size >= 1, "model.vocab_size", "must be at least 1".into());

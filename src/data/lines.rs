@@ -91,6 +91,11 @@ pub fn lines(path: &Path, long: LongLines) -> Box<dyn Iterator<Item = anyhow::Re
             Ok(line) => Some(Ok((number, line))),
             Err(e) => {
                 failed = true;
+                // A compressed or UTF-16 file fails at its first bytes: say what it is
+                // rather than suggest a conversion from Latin-1.
+                if let Ok(Some(not_text)) = super::sniff::not_text(&path) {
+                    return Some(Err(anyhow!("{}", not_text.why)));
+                }
                 let at = start + e.utf8_error().valid_up_to() as u64;
                 Some(Err(anyhow!(
                     "{}, line {number}: not valid UTF-8 (byte offset {at}); convert the file to UTF-8 first (e.g. iconv -f latin1 -t utf-8)",

@@ -7,6 +7,7 @@ pub mod download;
 mod lines;
 pub mod parquet;
 pub mod prepare;
+mod sniff;
 pub mod source;
 mod split;
 pub mod summary;

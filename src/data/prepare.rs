@@ -26,6 +26,11 @@ const ENCODE_BATCH_BYTES: usize = 8 << 20;
 /// Builds the cache unless a whole one exists (or `force`), then opens it.
 pub fn prepare(cfg: &Config, force: bool) -> anyhow::Result<Prepared> {
     let sources = Sources::resolve(&cfg.data)?;
+    // A warning, not an error: evaluating on training text is sometimes meant (a check
+    // that the model can fit its data, a smoke test on one small file).
+    for shared in sources.shared_with_train() {
+        warn!("{shared}");
+    }
     let location = CacheLocation::of(cfg, &sources)?;
     let _lock = BuildLock::acquire(&cfg.data.cache_dir, &location)?;
     clean_abandoned_builds(&cfg.data.cache_dir, &location);
@@ -156,9 +161,20 @@ fn build(cfg: &Config, sources: &Sources, location: &CacheLocation) -> anyhow::R
     info!("building token cache {}", location.dir.display());
     if let Err(e) = build_into(cfg, sources, &tmp, &location.fingerprint) {
         let _ = std::fs::remove_dir_all(&tmp);
+        if disk_full(&e) {
+            return Err(e.context(format!(
+                "the token cache does not fit on the disk of data.cache_dir ({}): free space there, or set data.cache_dir to a disk with room",
+                cfg.data.cache_dir.display()
+            )));
+        }
         return Err(e);
     }
     std::fs::rename(&tmp, &location.dir).with_context(|| format!("cannot move the token cache into {}", location.dir.display()))
+}
+
+/// Whether `e` comes from a full disk (or an exhausted quota).
+fn disk_full(e: &anyhow::Error) -> bool {
+    e.chain().filter_map(|c| c.downcast_ref::<std::io::Error>()).any(|io| matches!(io.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)))
 }
 
 fn build_into(cfg: &Config, sources: &Sources, dir: &Path, fingerprint: &str) -> anyhow::Result<()> {

@@ -2,8 +2,9 @@
 //! layout, and how they divide into documents.
 
 use super::lines::{cut_long, lines, LongLines};
+use super::sniff::not_text;
 use super::split::{Piece, Split};
-use crate::config::{DataConfig, DataFormat};
+use crate::config::{file_kind, DataConfig, DataFormat};
 use anyhow::{anyhow, bail, Context};
 use std::path::{Path, PathBuf};
 
@@ -58,6 +59,32 @@ impl Sources {
         self.splits.iter().zip(&self.fingerprints).map(|(s, f)| (s.split.name(), f.as_slice())).collect()
     }
 
+    /// The files of the eval splits that are also train files: the same file (by device
+    /// and inode, so through links and other spellings of its path too) or the same
+    /// bytes. Each leaks the split into training: it is measured on text trained on.
+    pub fn shared_with_train(&self) -> Vec<SharedWithTrain> {
+        use std::os::unix::fs::MetadataExt;
+        let stat = |f: &PathBuf| std::fs::metadata(f).ok().map(|m| (m.dev(), m.ino(), m.len()));
+        let train: Vec<(&PathBuf, (u64, u64, u64))> = self.train().files.iter().filter_map(|f| Some((f, stat(f)?))).collect();
+        let mut shared = Vec::new();
+        for files in &self.splits[1..] {
+            for file in &files.files {
+                let Some((dev, ino, len)) = stat(file) else { continue };
+                let same_file = train.iter().find(|(_, (d, i, _))| (*d, *i) == (dev, ino));
+                let found = match same_file {
+                    Some((train_file, _)) => Some(((*train_file).clone(), true)),
+                    None => {
+                        train.iter().find(|(t, (_, _, l))| *l == len && len > 0 && same_bytes(file, t)).map(|(t, _)| ((*t).clone(), false))
+                    }
+                };
+                if let Some((train_file, same_file)) = found {
+                    shared.push(SharedWithTrain { split: files.split, file: file.clone(), train_file, same_file });
+                }
+            }
+        }
+        shared
+    }
+
     /// A readable name for the data: the directory of the first train file.
     pub fn label(&self) -> String {
         match self.train().format {
@@ -67,6 +94,54 @@ impl Sources {
                 .and_then(|p| p.file_name())
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "data".to_string()),
+        }
+    }
+}
+
+/// An eval split's file that is also in the train split (see [`Sources::shared_with_train`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SharedWithTrain {
+    pub split: Split,
+    pub file: PathBuf,
+    pub train_file: PathBuf,
+    /// The same file; otherwise another file with the same bytes.
+    pub same_file: bool,
+}
+
+impl std::fmt::Display for SharedWithTrain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let split = self.split.name();
+        let (file, train_file) = (self.file.display(), self.train_file.display());
+        if self.same_file && self.file == self.train_file {
+            write!(f, "data.{split} {file} is also in data.train")?;
+        } else if self.same_file {
+            write!(f, "data.{split} {file} is also in data.train (as {train_file})")?;
+        } else {
+            write!(f, "data.{split} {file} holds the same bytes as the data.train file {train_file}")?;
+        }
+        write!(
+            f,
+            ": the {split} split leaks into training, so its loss and perplexity are measured on text the model trains on and look better than they are. Name {split} files that data.train (or its glob) does not take in"
+        )
+    }
+}
+
+/// Whether two files of the same length hold the same bytes; read until the first
+/// difference, which for different files comes early.
+fn same_bytes(a: &Path, b: &Path) -> bool {
+    use std::io::Read;
+    let (Ok(mut a), Ok(mut b)) = (std::fs::File::open(a), std::fs::File::open(b)) else { return false };
+    let (mut x, mut y) = (vec![0u8; 1 << 16], vec![0u8; 1 << 16]);
+    loop {
+        let n = match a.read(&mut x) {
+            Ok(n) => n,
+            Err(_) => return false,
+        };
+        if n == 0 {
+            return true;
+        }
+        if b.read_exact(&mut y[..n]).is_err() || x[..n] != y[..n] {
+            return false;
         }
     }
 }
@@ -91,8 +166,24 @@ fn split_files(cfg: &DataConfig, split: Split) -> anyhow::Result<Option<SplitFil
     };
     let files = expand(pattern).with_context(|| format!("{key}: {pattern}"))?;
     let format = match cfg.format {
-        DataFormat::Auto => detect_format(&files[0]).with_context(|| format!("{key}: {pattern}"))?,
-        f => f,
+        DataFormat::Auto => layout_from_extension(&files[0]),
+        f => Some(f),
+    };
+    // Said before the tokenizer reads a byte, and of every shard, not just when reached.
+    // Under an extension `auto` cannot place (`train.txt.gz`), what the file is (gzip) is
+    // the better answer, unless only NUL bytes tell it (it may be a binary layout).
+    if format.is_none_or(|f| matches!(f, DataFormat::Wikitext | DataFormat::Text | DataFormat::Jsonl)) {
+        for file in &files {
+            if let Some(not_text) = not_text(file).with_context(|| format!("{key}: cannot read {}", file.display()))? {
+                if format.is_some() || !not_text.binary {
+                    bail!("{key}: {}", not_text.why);
+                }
+            }
+        }
+    }
+    let Some(format) = format else {
+        let name = files[0].file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        bail!("{key}: {pattern}: cannot tell the layout of {name} from its extension: set data.format (wikitext, parquet, text or jsonl)");
     };
     Ok(Some(SplitFiles { split, format, files }))
 }
@@ -100,18 +191,31 @@ fn split_files(cfg: &DataConfig, split: Split) -> anyhow::Result<Option<SplitFil
 /// A path, or a glob matching at least one file, sorted so that shard order is stable.
 fn expand(pattern: &str) -> anyhow::Result<Vec<PathBuf>> {
     let is_glob = pattern.contains(['*', '?', '[']);
+    // Asked of the file system, never by opening the file: opening a FIFO blocks.
     if !is_glob {
         let path = PathBuf::from(pattern);
-        if path.is_dir() {
+        let meta = match std::fs::metadata(&path) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!("file not found (run `algpt2-ddp download`, or fix the path)"),
+            Err(e) => bail!("cannot read it: {e}"),
+        };
+        if meta.is_dir() {
             bail!("is a directory, not a file: name the file in it, or a glob such as {}/*.parquet", pattern.trim_end_matches('/'));
         }
-        if !path.is_file() {
-            bail!("file not found (run `algpt2-ddp download`, or fix the path)");
+        if !meta.is_file() {
+            bail!("not a regular file ({}): name a file that holds the data", file_kind(meta.file_type()));
         }
         return Ok(vec![path]);
     }
-    let mut files: Vec<PathBuf> =
-        glob::glob(pattern).map_err(|e| anyhow!("bad glob pattern: {e}"))?.filter_map(Result::ok).filter(|p| p.is_file()).collect();
+    let mut files = Vec::new();
+    for path in glob::glob(pattern).map_err(|e| anyhow!("bad glob pattern: {e}"))?.filter_map(Result::ok) {
+        // Directories a glob takes in are passed over; anything else that is no file is named.
+        match std::fs::metadata(&path) {
+            Ok(meta) if meta.is_file() => files.push(path),
+            Ok(meta) if !meta.is_dir() => bail!("matches {}, not a regular file ({})", path.display(), file_kind(meta.file_type())),
+            _ => {}
+        }
+    }
     files.sort();
     if files.is_empty() {
         bail!("the glob matches no files");
@@ -119,16 +223,16 @@ fn expand(pattern: &str) -> anyhow::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-fn detect_format(path: &Path) -> anyhow::Result<DataFormat> {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+/// The layout `auto` reads a file in, from its extension; None when it cannot tell.
+fn layout_from_extension(path: &Path) -> Option<DataFormat> {
     let ext = path.extension().map(|e| e.to_string_lossy().to_lowercase()).unwrap_or_default();
-    Ok(match ext.as_str() {
-        "tokens" | "raw" => DataFormat::Wikitext,
-        "parquet" => DataFormat::Parquet,
-        "jsonl" => DataFormat::Jsonl,
-        "txt" | "text" => DataFormat::Text,
-        _ => bail!("cannot tell the layout of {name} from its extension: set data.format (wikitext, parquet, text or jsonl)"),
-    })
+    match ext.as_str() {
+        "tokens" | "raw" => Some(DataFormat::Wikitext),
+        "parquet" => Some(DataFormat::Parquet),
+        "jsonl" => Some(DataFormat::Jsonl),
+        "txt" | "text" => Some(DataFormat::Text),
+        _ => None,
+    }
 }
 
 /// Size and modification time of each file: a changed file invalidates its token cache.

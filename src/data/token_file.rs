@@ -146,7 +146,7 @@ impl TokenWriter {
         header[8..12].copy_from_slice(&VERSION.to_le_bytes());
         header[12..16].copy_from_slice(&width.to_le_bytes());
         header[24..56].copy_from_slice(tokenizer_hash);
-        out.write_all(&header)?;
+        out.write_all(&header).with_context(|| format!("cannot write {}", tmp.display()))?;
         Ok(TokenWriter { out, tmp, dest: dest.to_path_buf(), width, len: 0, max_id: (1u64 << (8 * width)).saturating_sub(1) as u32 })
     }
 
@@ -155,10 +155,11 @@ impl TokenWriter {
             if id > self.max_id {
                 bail!("token id {id} does not fit in {} bytes", self.width);
             }
-            match self.width {
-                2 => self.out.write_all(&(id as u16).to_le_bytes())?,
-                _ => self.out.write_all(&id.to_le_bytes())?,
-            }
+            let written = match self.width {
+                2 => self.out.write_all(&(id as u16).to_le_bytes()),
+                _ => self.out.write_all(&id.to_le_bytes()),
+            };
+            written.with_context(|| format!("cannot write {}", self.tmp.display()))?;
         }
         self.len += ids.len() as u64;
         Ok(())
@@ -172,8 +173,9 @@ impl TokenWriter {
     pub fn finish(self) -> anyhow::Result<u64> {
         let TokenWriter { out, tmp, dest, len, .. } = self;
         let mut file = out.into_inner().map_err(|e| anyhow::anyhow!("cannot write {}: {}", tmp.display(), e.error()))?;
-        file.seek(SeekFrom::Start(16))?;
-        file.write_all(&len.to_le_bytes())?;
+        file.seek(SeekFrom::Start(16))
+            .and_then(|_| file.write_all(&len.to_le_bytes()))
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
         file.sync_all().with_context(|| format!("cannot sync {}", tmp.display()))?;
         std::fs::rename(&tmp, &dest).with_context(|| format!("cannot rename {} into place", tmp.display()))?;
         Ok(len)
@@ -223,6 +225,20 @@ mod tests {
         let f = TokenFile::open(&path).unwrap();
         let err = f.verify(&sums, 300).unwrap_err();
         assert!(err.contains("bytes 0..2064 do not match their checksum"), "{err}");
+    }
+
+    /// A full disk (/dev/full answers every write with ENOSPC) is named with the file.
+    #[test]
+    fn a_full_disk_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.bin");
+        std::os::unix::fs::symlink("/dev/full", path.with_extension("bin.tmp")).unwrap();
+        let mut w = TokenWriter::create(&path, 2, &[0; 32]).unwrap();
+        // More than the 1 MiB buffer, so that it is written out.
+        let err = (0..2).map(|_| w.push(&vec![1; 1 << 20])).find_map(Result::err).expect("a write to /dev/full fails");
+        let err = format!("{err:#}");
+        assert!(err.contains(&format!("cannot write {}", path.with_extension("bin.tmp").display())), "{err}");
+        assert!(err.contains("No space left on device"), "{err}");
     }
 
     #[test]

@@ -14,6 +14,8 @@
 //!
 //! The export is written beside its destination and renamed into place (`destination`),
 //! so a failed export leaves nothing half-written, and never into a run or checkpoint.
+//! Beside the three files it writes `.algpt2-export.json`, listing them: what marks the
+//! directory as an export that `--force` may replace.
 
 mod destination;
 
@@ -28,7 +30,7 @@ use tch::{Kind, Tensor};
 /// What `export-hf` may do beyond writing a new directory.
 #[derive(Debug, Clone, Default)]
 pub struct ExportOptions {
-    /// Replace a non-empty `--out` (a previous export).
+    /// Replace a non-empty `--out`, when it is a previous export (see `destination`).
     pub force: bool,
     /// The tokenizer to ship instead of the run's `tokenizer.json` (checked all the same).
     pub tokenizer: Option<PathBuf>,

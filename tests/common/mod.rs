@@ -446,3 +446,14 @@ fn kill_tree(root: u32) {
         }
     }
 }
+
+/// Why a private mount namespace with a tmpfs (a real, small disk to fill) cannot be made
+/// here, if it cannot.
+pub fn cannot_mount_tmpfs() -> Option<String> {
+    let out = try_run_bounded(Command::new("unshare").args(["-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"]), LIMIT);
+    match out {
+        Err(e) => Some(format!("unshare: {e}")),
+        Ok(o) if !o.status.success() => Some(format!("unshare -rm + mount tmpfs: {}", stderr(&o).trim())),
+        Ok(_) => None,
+    }
+}
