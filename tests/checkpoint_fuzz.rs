@@ -156,12 +156,14 @@ fn damaged_or_edited_checkpoints_never_panic_in_process() {
 #[test]
 fn the_binary_gives_exit_1_or_2_on_damaged_checkpoints() {
     let dir = tempfile::tempdir().unwrap();
-    let original = trained(dir.path());
+    // The intact checkpoint is kept outside the run: the damaged copy, named for the step
+    // it holds, is the run's only one, which resume must refuse or train past.
+    let original = dir.path().join("intact");
+    std::fs::rename(trained(dir.path()), &original).unwrap();
     let run = dir.path().join("runs/fz/checkpoints");
     let mut rng = SplitMix64::new(5);
     for case in 0..8 {
-        // The newest checkpoint is the damaged one; resume must fall back or refuse.
-        let copy = run.join("step_00000003");
+        let copy = run.join("step_00000002");
         let what = mutate(&original, &copy, &mut rng);
         let copy_s = copy.to_str().unwrap().to_string();
         let hf = dir.path().join("hf").to_str().unwrap().to_string();
@@ -184,9 +186,8 @@ fn the_binary_gives_exit_1_or_2_on_damaged_checkpoints() {
                 assert!(stderr(&out).contains("error"), "case {case}: {what}: no message\n{}", stderr(&out));
             }
         }
-        // Resume ran to step 4 from the intact step 2 (or the edit was harmless): reset.
-        let _ = std::fs::remove_dir_all(dir.path().join("runs/fz/checkpoints/step_00000004"));
-        let _ = std::fs::remove_dir_all(&copy);
+        // Resume ran to step 4 (from the copy when the edit was harmless): reset.
+        let _ = std::fs::remove_dir_all(&run);
     }
 }
 
