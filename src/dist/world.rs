@@ -78,22 +78,14 @@ impl RawComm {
         tag: i32,
         poll: std::time::Duration,
     ) -> Result<(), String> {
-        let failed = |what: &str, rc: i32| {
-            format!(
-                "{what} rank {} failed on rank {} ({})",
-                if what == "receiving from" { from } else { to },
-                self.rank,
-                mpi_error_text(rc)
-            )
-        };
         let mut requests: [mpi::ffi::MPI_Request; 2] = std::mem::zeroed();
         let rc = algpt2_irecv(recv.as_mut_ptr() as *mut std::ffi::c_void, recv.len() as i32, from as i32, tag, self.comm, &mut requests[0]);
         if rc != 0 {
-            return Err(failed("receiving from", rc));
+            return Err(format!("rank {} cannot receive from rank {from} ({})", self.rank, mpi_error_text(rc)));
         }
         let rc = algpt2_isend(send.as_ptr() as *const std::ffi::c_void, send.len() as i32, to as i32, tag, self.comm, &mut requests[1]);
         if rc != 0 {
-            return Err(failed("sending to", rc));
+            return Err(format!("rank {} cannot send to rank {to} ({})", self.rank, mpi_error_text(rc)));
         }
         loop {
             let (mut done, mut received) = (0, 0);
