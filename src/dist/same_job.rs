@@ -64,7 +64,7 @@ pub fn agree(world: &World, what: &'static str, facts: &Facts) -> Result<(), Ran
     if world.size() == 1 || crate::faults::unchecked_ranks() {
         return Ok(());
     }
-    let digests = world.all_gather_bytes(&facts.digest());
+    let digests = world.all_gather(&facts.digest());
     if digests.chunks(32).all(|d| d == &digests[..32]) {
         return Ok(());
     }

@@ -258,26 +258,14 @@ impl World {
         Ok(())
     }
 
-    /// Every rank's `values`, rank after rank.
-    pub fn all_gather(&self, values: &[f64]) -> Vec<f64> {
-        let mut out = vec![0f64; values.len() * self.size];
+    /// Every rank's `values` (the same length on every rank), rank after rank.
+    pub fn all_gather<T: mpi::datatype::Equivalence + Copy + Default>(&self, values: &[T]) -> Vec<T> {
+        let mut out = vec![T::default(); values.len() * self.size];
         if self.size == 1 {
             out.copy_from_slice(values);
         } else {
             let _waiting = InCollective::enter();
             self.comm.all_gather_into(values, &mut out[..]);
-        }
-        out
-    }
-
-    /// Every rank's `bytes` (the same length on every rank), rank after rank.
-    pub fn all_gather_bytes(&self, bytes: &[u8]) -> Vec<u8> {
-        let mut out = vec![0u8; bytes.len() * self.size];
-        if self.size == 1 {
-            out.copy_from_slice(bytes);
-        } else {
-            let _waiting = InCollective::enter();
-            self.comm.all_gather_into(bytes, &mut out[..]);
         }
         out
     }
