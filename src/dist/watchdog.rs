@@ -49,11 +49,12 @@ struct Progress {
 }
 
 impl Watchdog {
-    /// Starts watching this rank's progress, at step `step`. A collective: every rank
-    /// calls it at the same point (the ranks exchange their heartbeat addresses).
-    pub fn start(world: &World, timeout: Duration, step: u64) -> anyhow::Result<Watchdog> {
+    /// Starts watching this rank's progress from the start-up on (no step completed yet:
+    /// `beat` gives the resumed step once it is known). A collective: every rank calls it
+    /// at the same point (the ranks exchange their heartbeat addresses).
+    pub fn start(world: &World, timeout: Duration) -> anyhow::Result<Watchdog> {
         let heartbeat = Heartbeat::open(world);
-        let progress = Arc::new(Progress { started: Instant::now(), beat_ms: AtomicU64::new(0), last_step: AtomicU64::new(step) });
+        let progress = Arc::new(Progress { started: Instant::now(), beat_ms: AtomicU64::new(0), last_step: AtomicU64::new(0) });
         let watch = Watch { rank: world.rank(), size: world.size(), allowed: timeout, heartbeat, progress: Arc::clone(&progress) };
         std::thread::Builder::new().name("watchdog".into()).spawn(move || watch.run()).context("cannot start the watchdog thread")?;
         Ok(Watchdog { progress })

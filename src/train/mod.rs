@@ -52,7 +52,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
 fn run_in_world(cfg: &Config, world: &World, device: tch::Device) -> anyhow::Result<()> {
     // From here to the first step every phase is timed, and a rank stuck in one is named
     // (src/dist/phase.rs); the step counter is set once the resume is settled.
-    let watchdog = Watchdog::start(world, Duration::from_secs(cfg.dist.timeout_s), 0)?;
+    let watchdog = Watchdog::start(world, Duration::from_secs(cfg.dist.timeout_s))?;
     // Before anything is written or any collective the settings shape.
     Phase::SettingsAgreement.begin(world.rank());
     same_job::agree(world, "settings", &job_facts::settings(cfg, device))?;
