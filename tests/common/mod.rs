@@ -214,7 +214,7 @@ pub fn try_spawn(cmd: &mut Command) -> std::io::Result<Running> {
     };
     let (stdout, stderr) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(Vec::new())));
     let readers = vec![read_into(child.stdout.take().unwrap(), &stdout), read_into(child.stderr.take().unwrap(), &stderr)];
-    Ok(Running { child, what, started: Instant::now(), stdout, stderr, readers, status: None, finished: false })
+    Ok(Running { child, what, started: Instant::now(), stdout, stderr, readers, status: None, peak_rss_kb: None, finished: false })
 }
 
 /// Waits at most `limit` (counted from this call) for `running` to exit and for its
@@ -247,6 +247,8 @@ pub struct Running {
     stderr: Arc<Mutex<Vec<u8>>>,
     readers: Vec<JoinHandle<()>>,
     status: Option<ExitStatus>,
+    /// The kernel's account of its peak resident memory, read when it was reaped.
+    peak_rss_kb: Option<u64>,
     finished: bool,
 }
 
@@ -259,12 +261,36 @@ impl Running {
     /// Its exit status if it has exited, else `None`; does not wait.
     pub fn try_wait(&mut self) -> Option<ExitStatus> {
         if self.status.is_none() {
-            self.status = self.child.try_wait().unwrap_or_else(|e| panic!("waiting for {}: {e}", self.what));
+            self.status = self.reap();
             if self.status.is_some() {
                 live().remove(&self.child.id());
             }
         }
         self.status
+    }
+
+    /// Its peak resident memory in MB, as the kernel counted it to the end (`ru_maxrss`,
+    /// which sampling `/proc/<pid>/status` can miss when the peak comes just before the
+    /// exit); `None` while it runs.
+    pub fn peak_rss_mb(&mut self) -> Option<f64> {
+        self.try_wait()?;
+        self.peak_rss_kb.map(|kb| kb as f64 / 1024.0)
+    }
+
+    /// `wait4` without blocking: `Child::try_wait` reaps without the child's resource usage.
+    fn reap(&mut self) -> Option<ExitStatus> {
+        use std::os::unix::process::ExitStatusExt;
+        let (mut status, mut usage) = (0, unsafe { std::mem::zeroed::<libc::rusage>() });
+        // SAFETY: both pointers are to live locals of the types wait4 writes.
+        let reaped = unsafe { libc::wait4(self.child.id() as i32, &mut status, libc::WNOHANG, &mut usage) };
+        match reaped {
+            0 => None,
+            r if r < 0 => panic!("waiting for {}: {}", self.what, std::io::Error::last_os_error()),
+            _ => {
+                self.peak_rss_kb = Some(usage.ru_maxrss as u64);
+                Some(ExitStatus::from_raw(status))
+            }
+        }
     }
 
     /// Whether it still runs.
