@@ -7,6 +7,7 @@
 use super::table_rows::TableRows;
 use crate::model::flat::Slot;
 use crate::model::stages::stage_of;
+use tch::Tensor;
 
 /// Elements of the first bucket at most: 1 MiB of fp32, as DDP's first bucket.
 pub const FIRST_BUCKET_ELEMS: i64 = (1 << 20) / 4;
@@ -66,6 +67,35 @@ impl BucketPlan {
             buckets.push(Bucket { runs: merged(runs), elems, ready_after });
         }
         BucketPlan { buckets, table }
+    }
+}
+
+/// One overlapped step's plan: the buckets, and the token table's rows this step looks
+/// up where the plan keeps the table apart. Made only by [`BucketPlan::for_step`], which
+/// asks for those rows exactly when the plan needs them: an overlapped exchange can no
+/// longer be started without them and silently leave the table unexchanged.
+pub struct StepBuckets<'a> {
+    plan: &'a BucketPlan,
+    table: Option<(TableRows, Tensor)>,
+}
+
+impl StepBuckets<'_> {
+    pub fn plan(&self) -> &BucketPlan {
+        self.plan
+    }
+
+    /// The table apart and the rows looked up (i64, ascending, on the gradients' device).
+    pub fn table(&self) -> Option<(TableRows, &Tensor)> {
+        self.table.as_ref().map(|(rows, touched)| (*rows, touched))
+    }
+}
+
+impl BucketPlan {
+    /// This plan for one overlapped step; `rows_looked_up` gives the table's rows the
+    /// step's inputs look up on any rank, and is called only if the plan keeps the table
+    /// apart.
+    pub fn for_step(&self, rows_looked_up: impl FnOnce(&TableRows) -> Tensor) -> StepBuckets<'_> {
+        StepBuckets { plan: self, table: self.table.map(|t| (t, rows_looked_up(&t))) }
     }
 }
 

@@ -10,6 +10,7 @@ mod heartbeat;
 pub mod nccl;
 mod nccl_overlap;
 pub mod overlap;
+pub mod overlap_session;
 pub mod phase;
 mod replicas;
 mod ring;
@@ -21,5 +22,5 @@ pub mod watchdog;
 mod world;
 
 pub use exchange::GradientExchange;
-pub use replicas::Replicas;
+pub use replicas::{ExchangeOrder, Replicas};
 pub use world::{RawComm, World};

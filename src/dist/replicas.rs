@@ -2,15 +2,39 @@
 //! and how their gradients and weights meet (the exchange `dist.backend` picked, and
 //! with `dist.overlap` its communication thread).
 
-use super::buckets::BucketPlan;
+use super::buckets::StepBuckets;
 use super::comm_cost::{timing_event, CommCost, CommTimes, DeviceClock};
 use super::nccl_overlap::NcclOverlap;
 use super::overlap::Overlap;
+use super::overlap_session::{Session, Transport};
 use super::{GradientExchange, World};
 use crate::config::DistConfig;
 use anyhow::anyhow;
 use std::time::Instant;
 use tch::{Device, Tensor};
+
+/// When a step's gradients are exchanged.
+pub enum ExchangeOrder<'a> {
+    /// The whole buffer after backward.
+    AfterBackward,
+    /// Bucket by bucket as backward completes them, where the exchange overlaps (else
+    /// after backward): worth it where the backward is staged or the plan keeps the token
+    /// table apart.
+    Overlapped(StepBuckets<'a>),
+}
+
+/// One step's overlapped exchange on `transport`: buckets launched as `backward`'s
+/// stages complete, joined after it (also when it panics: the session's drop joins).
+fn overlapped<T: Transport>(
+    transport: T,
+    grads: &Tensor,
+    step: &StepBuckets<'_>,
+    backward: impl FnOnce(&mut dyn FnMut(usize)),
+) -> anyhow::Result<CommCost> {
+    let mut session = Session::start(transport, grads, step);
+    backward(&mut |stage| session.stage_done(stage));
+    session.finish()
+}
 
 /// The overlapped exchange: MPI's communication thread, or NCCL's stream.
 enum Overlapped {
@@ -68,31 +92,21 @@ impl<'w> Replicas<'w> {
 
     /// Runs `backward` (which calls `ready(stage)` as its stages complete, backward order)
     /// and replaces `grads` (flat, contiguous f32) by its mean over the ranks: bucket by
-    /// bucket of `plan` while backward runs when overlapped and `early` (the backward
-    /// completes gradients before its end, or the plan's token table goes in two parts),
-    /// else all after it. `touched`: the token table's rows the micro-step's inputs look
-    /// up on any rank, for a plan that keeps the table apart (src/dist/table_rows.rs).
+    /// bucket of the step's plan while backward runs when `order` says so and this
+    /// exchange overlaps, else all after it.
     pub fn backward_and_average(
         &self,
         grads: &Tensor,
-        plan: &BucketPlan,
-        early: bool,
-        touched: Option<&Tensor>,
+        order: ExchangeOrder<'_>,
         backward: impl FnOnce(&mut dyn FnMut(usize)),
     ) -> anyhow::Result<CommCost> {
-        match self.overlap.as_ref().filter(|_| early) {
-            Some(Overlapped::Mpi(overlap)) => {
-                let mut session = overlap.session(grads, plan, touched)?;
-                backward(&mut |stage| session.stage_done(stage));
-                Ok(CommCost::Measured(session.finish()?))
-            }
-            Some(Overlapped::Nccl(overlap)) => {
+        match (&self.overlap, &order) {
+            (Some(Overlapped::Mpi(overlap)), ExchangeOrder::Overlapped(step)) => overlapped(overlap.transport(), grads, step, backward),
+            (Some(Overlapped::Nccl(overlap)), ExchangeOrder::Overlapped(step)) => {
                 let (comm, wire) = self.exchange.nccl().ok_or_else(|| anyhow!("the NCCL overlap without an NCCL exchange"))?;
-                let mut session = overlap.session(comm, wire, grads, plan, touched)?;
-                backward(&mut |stage| session.stage_done(stage));
-                session.finish()
+                overlapped(overlap.transport(comm, wire, grads)?, grads, step, backward)
             }
-            None => {
+            _ => {
                 backward(&mut |_| {});
                 self.average_after_backward(grads)
             }
