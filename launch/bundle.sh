@@ -5,7 +5,8 @@
 # writes DIR/bundle/ (default DIR: dist) and DIR/algpt2-ddp-bundle.tar.gz:
 #   bin/algpt2-ddp        the launcher: finds the host's libtorch, then runs the trainer
 #   libexec/algpt2-ddp    the trainer (release build, no RPATH to this machine's venv)
-#   launch/, configs/     the launch scripts (single-node, multi-node, Slurm, gpu-checks, bench-gpu)
+#   launch/, configs/     the launch scripts (single-node, multi-node, Slurm, gpu-checks, bench-gpu,
+#                         gpu-prove: both in one call)
 #   reference/algpt2.py   the PyTorch reference (bench-gpu.sh's PyTorch side)
 #   README.md, BUNDLE     how to use it; what it was built from
 # On the host: tar xf algpt2-ddp-bundle.tar.gz && bundle/launch/single-node.sh configs/quickstart.yaml
@@ -49,7 +50,7 @@ strip --strip-debug "$dir/bin/algpt2-ddp" "$dir/libexec/algpt2-ddp"
 patchelf --remove-rpath "$dir/libexec/algpt2-ddp"
 
 cp launch/env.sh launch/single-node.sh launch/multi-node.sh launch/slurm.sbatch launch/hostfile.example \
-   launch/gpu-checks.sh launch/bench-gpu.sh "$dir/launch/"
+   launch/gpu-checks.sh launch/bench-gpu.sh launch/gpu-prove.sh "$dir/launch/"
 # The PyTorch reference: bench-gpu.sh runs it beside ours on the host's PyTorch.
 mkdir -p "$dir/reference"
 cp reference/algpt2.py "$dir/reference/"

@@ -21,7 +21,14 @@
 #     wire, each against dist.overlap: false (byte-identical weights, or no further apart
 #     than two runs without overlap), the log naming the overlapped exchange, and
 #     train/comm_ms and train/comm_exposed_ms numbers in every row of metrics.jsonl.
+#  8. the overlapped NCCL exchange across two GPUs (`mpirun -n 2`, dist.backend: nccl, the
+#     GPT-2 variant): byte-identical weights to dist.overlap: false on both wires, or no
+#     further apart than two runs without overlap; "skipped: needs 2 GPUs" elsewhere.
 # Checks 2 and 3 run with train.precision: fp32 (auto would pick bf16 on most GPUs).
+# GPU_CHECKS (default "1 2 3 4 5 6 7 8") picks the checks by number; the others print
+# "skipped: not in GPU_CHECKS". OVERLAP_CASES (default "fp32 fp32,fp32 bf16,bf16 fp32,bf16
+# bf16": compute and wire precision) picks check 7's cases. launch/gpu-prove.sh runs a
+# subset of both, then bench-gpu.sh, in one call.
 # Each prints PASS, FAIL or "skipped: ..." (no GPU: only the CPU parts of 1 run); exit 1
 # when anything failed. Results and logs go to WORK_DIR (default: a temporary directory).
 # DOCTOR_SIZES_MB (default 1,16,64,256) sets the all-reduce sizes doctor times.
@@ -35,6 +42,10 @@ failures=0
 pass() { echo "PASS  $*"; }
 fail() { echo "FAIL  $*"; failures=$((failures + 1)); }
 skip() { echo "SKIP  $1: skipped: $2"; }
+checks=" ${GPU_CHECKS:-1 2 3 4 5 6 7 8} "
+want() { [[ "$checks" == *" $1 "* ]]; }
+# "skipped" for a check left out, where it has a GPU to run on.
+left_out() { skip "$1" "not in GPU_CHECKS"; }
 
 gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 gpus=${gpus:-0}
@@ -48,7 +59,9 @@ if command -v mpirun >/dev/null; then
 else
   doctor=("$bin" doctor "${sizes[@]}")
 fi
-if timeout 600 "${doctor[@]}" > "$work/doctor.txt" 2>&1; then
+if ! want 1; then
+  left_out "doctor"
+elif timeout 600 "${doctor[@]}" > "$work/doctor.txt" 2>&1; then
   pass "doctor (${doctor[*]:0:3} ...): $(tail -1 "$work/doctor.txt")"
 else
   fail "doctor: $(tail -1 "$work/doctor.txt") (see $work/doctor.txt)"
@@ -97,7 +110,9 @@ if [ "$gpus" -eq 0 ]; then
   skip "kill and resume on the GPU (fp32 and bf16)" "no GPU"
   skip "checkpoint GPU -> CPU and CPU -> GPU" "no GPU"
   skip "more ranks than GPUs, bf16 training, train.precision: auto on the GPU, W&B system.gpu.* against nvidia-smi, the overlapped NCCL exchange" "no GPU"
-else
+fi
+if [ "$gpus" -gt 0 ] && ! want 2; then left_out "kill and resume on the GPU (fp32)"; fi
+if [ "$gpus" -gt 0 ] && want 2; then
   # --- 2. kill and resume on the GPU -------------------------------------------------
   train gpu_a cuda 12; train gpu_b cuda 12
   train gpu_k cuda 12 ALGPT2_FAULT=kill@6; killed=$?
@@ -115,7 +130,11 @@ else
       fail "kill and resume on the GPU: max |difference| $ak, but two uninterrupted runs differ by only $ab"
     fi
   fi
+fi
+if [ "$gpus" -gt 0 ] && ! want 3; then left_out "checkpoint GPU -> CPU and CPU -> GPU"; fi
+if [ "$gpus" -gt 0 ] && want 3; then
   # --- 3. checkpoints across devices ----------------------------------------------------
+  [ -f "$(weights gpu_a 12)" ] || train gpu_a cuda 12
   train gpu_to_cpu cuda 8 && train gpu_to_cpu cpu 12
   if [ $? -eq 0 ] && grep -q "resumed from .*step_00000008 at step 8" "$work/gpu_to_cpu.log" && [ -f "$(weights gpu_to_cpu 12)" ]; then
     pass "checkpoint GPU -> CPU: resumed at step 8, finished step 12 (max |difference| to the GPU run $(max_diff "$(weights gpu_a 12)" "$(weights gpu_to_cpu 12)"))"
@@ -128,6 +147,9 @@ else
   else
     fail "checkpoint CPU -> GPU (see $work/cpu_to_gpu.log)"
   fi
+fi
+if [ "$gpus" -gt 0 ] && ! want 4; then left_out "more ranks than GPUs"; fi
+if [ "$gpus" -gt 0 ] && want 4; then
   # --- 4. more ranks than GPUs ------------------------------------------------------------
   "${MPIRUN[@]}" -n $((gpus + 1)) --bind-to none "$bin" "${tiny[@]}" --set run_name=too_many --set device=cuda > "$work/too_many.log" 2>&1
   code=$?
@@ -136,6 +158,9 @@ else
   else
     fail "more ranks than GPUs: exit $code (want 2 and the no-GPU message; see $work/too_many.log)"
   fi
+fi
+if [ "$gpus" -gt 0 ] && ! want 5; then left_out "bf16 training, kill and resume, train.precision: auto on the GPU"; fi
+if [ "$gpus" -gt 0 ] && want 5; then
   # --- 5. bf16 on the GPU ------------------------------------------------------------------
   train_in bf16 bf16_a cuda 12; trained=$?
   got=$(precision_of bf16_a)
@@ -200,6 +225,9 @@ else
       fail "train.precision: auto on the GPU: compute capability $cc wants $want, summary.json says $got (see $work/auto_a.log)"
     fi
   fi
+fi
+if [ "$gpus" -gt 0 ] && ! want 6; then left_out "W&B system.gpu.* against nvidia-smi"; fi
+if [ "$gpus" -gt 0 ] && want 6; then
   # --- 6. W&B system metrics of the GPU against nvidia-smi ------------------------------
   smi="$work/nvidia-smi.csv"
   ( for _ in $(seq 1 60); do
@@ -233,44 +261,65 @@ PY
     fail "W&B system.gpu.0.*: exit $trained, $compared (see $work/gpu_stats.log)"
   fi
 fi
-if [ "$gpus" -gt 0 ]; then
-  # --- 7. the NCCL exchange overlapped with backward ---------------------------------------
-  gpt2=(--set model.share_layers=false --set model.embedding_size=null --set dist.backend=nccl --set dist.bucket_mb=0.01)
-  comm_numbers() { # RUN: "ok N" when every row has numeric train/comm_ms and train/comm_exposed_ms
-    python3 - "$work/runs/$1/metrics.jsonl" <<'PY'
+# --- 7 and 8. the NCCL exchange overlapped with backward ----------------------------------
+gpt2=(--set model.share_layers=false --set model.embedding_size=null --set dist.backend=nccl --set dist.bucket_mb=0.01)
+comm_numbers() { # RUN: "ok N" when every row has numeric train/comm_ms and train/comm_exposed_ms
+  python3 - "$work/runs/$1/metrics.jsonl" <<'PY'
 import json, math, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if '"train/loss"' in l]
 bad = [r.get("step") for r in rows
        if not all(isinstance(r.get(k), (int, float)) and math.isfinite(r[k]) and r[k] >= 0 for k in ("train/comm_ms", "train/comm_exposed_ms"))]
 print(f"ok {len(rows)} rows, comm_ms mean {sum(r['train/comm_ms'] for r in rows) / max(len(rows), 1):.3f}" if rows and not bad else f"bad rows {bad[:5]} of {len(rows)}")
 PY
-  }
-  for case in "fp32 fp32" "fp32 bf16" "bf16 fp32" "bf16 bf16"; do
-    read -r precision wire <<< "$case"
-    name="overlap_${precision}_${wire}"
-    for variant in after after2 during; do
-      overlap=false; [ "$variant" = during ] && overlap=true
-      "$bin" "${tiny[@]}" "${gpt2[@]}" --set "run_name=${name}_$variant" --set device=cuda --set train.max_steps=8 \
-        --set "train.precision=$precision" --set "dist.grad_dtype=$wire" --set "dist.overlap=$overlap" >> "$work/${name}_$variant.log" 2>&1
-    done
-    said=$(grep -m1 -o 'gradient exchange: .*' "$work/${name}_during.log" || echo "no exchange line")
-    during=$(weights "${name}_during" 8); after=$(weights "${name}_after" 8); after2=$(weights "${name}_after2" 8)
-    if [ ! -f "$during" ] || [ ! -f "$after" ] || [ ! -f "$after2" ]; then
-      fail "overlapped NCCL exchange ($precision compute, $wire wire): a run failed (see $work/${name}_*.log)"
-    elif [[ "$said" != *"nccl, $wire gradients, overlapped with backward"* ]]; then
-      fail "overlapped NCCL exchange ($precision compute, $wire wire): the log says \"$said\""
-    elif [[ "$(comm_numbers "${name}_during")" != ok* ]]; then
-      fail "overlapped NCCL exchange ($precision compute, $wire wire): metrics.jsonl: $(comm_numbers "${name}_during")"
-    elif cmp -s "$during" "$after"; then
-      pass "overlapped NCCL exchange ($precision compute, $wire wire): weights byte-identical to dist.overlap: false; $(comm_numbers "${name}_during")"
+}
+# RANKS PRECISION WIRE: the GPT-2 variant (a staged backward) trained 8 steps with
+# dist.overlap true, and twice with false; one rank per GPU under mpirun for RANKS > 1.
+overlap_case() {
+  local ranks=$1 precision=$2 wire=$3 launch=() label
+  local name="overlap${ranks}_${precision}_${wire}"
+  label="overlapped NCCL exchange on $ranks GPU(s) ($precision compute, $wire wire)"
+  if [ "$ranks" -gt 1 ]; then launch=("${MPIRUN[@]}" -n "$ranks" --bind-to none); fi
+  for variant in after after2 during; do
+    overlap=false; [ "$variant" = during ] && overlap=true
+    timeout 180 "${launch[@]}" "$bin" "${tiny[@]}" "${gpt2[@]}" --set "run_name=${name}_$variant" --set device=cuda \
+      --set train.max_steps=8 --set "train.precision=$precision" --set "dist.grad_dtype=$wire" --set "dist.overlap=$overlap" \
+      >> "$work/${name}_$variant.log" 2>&1
+  done
+  said=$(grep -m1 -o 'gradient exchange: .*' "$work/${name}_during.log" || echo "no exchange line")
+  during=$(weights "${name}_during" 8); after=$(weights "${name}_after" 8); after2=$(weights "${name}_after2" 8)
+  if [ ! -f "$during" ] || [ ! -f "$after" ] || [ ! -f "$after2" ]; then
+    fail "$label: a run failed (see $work/${name}_*.log)"
+  elif [[ "$said" != *"nccl, $wire gradients, overlapped with backward"* ]]; then
+    fail "$label: the log says \"$said\""
+  elif [[ "$(comm_numbers "${name}_during")" != ok* ]]; then
+    fail "$label: metrics.jsonl: $(comm_numbers "${name}_during")"
+  elif cmp -s "$during" "$after"; then
+    pass "$label: weights byte-identical to dist.overlap: false; $(comm_numbers "${name}_during")"
+  else
+    d=$(max_diff "$during" "$after"); a=$(max_diff "$after" "$after2")
+    if awk -v d="$d" -v a="$a" 'BEGIN { exit !(d <= 10 * a + 1e-6) }'; then
+      pass "$label: max |difference| $d to dist.overlap: false, two runs without overlap $a; $(comm_numbers "${name}_during")"
     else
-      d=$(max_diff "$during" "$after"); a=$(max_diff "$after" "$after2")
-      if awk -v d="$d" -v a="$a" 'BEGIN { exit !(d <= 10 * a + 1e-6) }'; then
-        pass "overlapped NCCL exchange ($precision compute, $wire wire): max |difference| $d to dist.overlap: false, two runs without overlap $a; $(comm_numbers "${name}_during")"
-      else
-        fail "overlapped NCCL exchange ($precision compute, $wire wire): max |difference| $d to dist.overlap: false, but two runs without overlap differ by only $a"
-      fi
+      fail "$label: max |difference| $d to dist.overlap: false, but two runs without overlap differ by only $a"
     fi
+  fi
+}
+IFS=, read -r -a overlap_cases <<< "${OVERLAP_CASES:-fp32 fp32,fp32 bf16,bf16 fp32,bf16 bf16}"
+if [ "$gpus" -gt 0 ] && ! want 7; then left_out "the overlapped NCCL exchange"; fi
+if [ "$gpus" -gt 0 ] && want 7; then
+  for case in "${overlap_cases[@]}"; do
+    overlap_case 1 $case
+  done
+fi
+if ! want 8; then
+  [ "$gpus" -lt 2 ] || left_out "the overlapped NCCL exchange on 2 GPUs"
+elif [ "$gpus" -lt 2 ]; then
+  skip "the overlapped NCCL exchange on 2 GPUs (mpirun -n 2)" "needs 2 GPUs (this machine has $gpus)"
+elif ! command -v mpirun >/dev/null; then
+  fail "the overlapped NCCL exchange on 2 GPUs: mpirun is not on PATH"
+else
+  for case in "${overlap_cases[@]}"; do
+    overlap_case 2 $case
   done
 fi
 echo "gpu-checks: $failures failure(s)"

@@ -48,7 +48,7 @@ fn the_unpacked_bundle_trains_with_the_hosts_torch() {
     assert!(untar.status.success(), "{}", stderr(&untar));
     let root = host.join("bundle");
     for f in [
-        "bin/algpt2-ddp", "libexec/algpt2-ddp", "launch/single-node.sh", "launch/env.sh", "launch/gpu-checks.sh", "launch/bench-gpu.sh",
+        "bin/algpt2-ddp", "libexec/algpt2-ddp", "launch/single-node.sh", "launch/env.sh", "launch/gpu-checks.sh", "launch/bench-gpu.sh", "launch/gpu-prove.sh",
         "reference/algpt2.py", "configs/quickstart.yaml", "README.md", "BUNDLE",
     ] {
         assert!(root.join(f).is_file(), "the bundle lacks {f}");
@@ -110,11 +110,12 @@ fn the_unpacked_bundle_trains_with_the_hosts_torch() {
     let log = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     assert!(log.lines().count() >= 3, "{log}");
 
-    // gpu-checks.sh on a machine without a GPU: doctor passes, the GPU checks say why not.
-    let checks = run_bounded(
+    // gpu-prove.sh (gpu-checks.sh, then bench-gpu.sh) on a machine without a GPU: doctor
+    // passes, the GPU checks and the benchmark say why not, and one summary table ends it.
+    let proved = run_bounded(
         Command::new("bash")
-            .arg(root.join("launch/gpu-checks.sh"))
-            .arg(tmp.path().join("gpu-checks"))
+            .arg(root.join("launch/gpu-prove.sh"))
+            .arg(tmp.path().join("gpu-prove"))
             .current_dir(&root)
             .env("PATH", host_path())
             .env("XDG_CACHE_HOME", &cache)
@@ -123,12 +124,16 @@ fn the_unpacked_bundle_trains_with_the_hosts_torch() {
             .env_remove("LD_LIBRARY_PATH"),
         LIMIT,
     );
-    let said = stdout(&checks);
+    let said = stdout(&proved);
     if !tch::Cuda::is_available() {
-        assert!(checks.status.success(), "{said}\n{}", stderr(&checks));
-        assert!(said.contains("PASS  doctor") && said.contains("0 failed"), "{said}");
-        assert_eq!(said.matches("skipped: no GPU").count(), 3, "{said}");
-        assert!(said.ends_with("gpu-checks: 0 failure(s)\n"), "{said}");
+        let checks = std::fs::read_to_string(tmp.path().join("gpu-prove/checks.txt")).unwrap_or_default();
+        assert!(proved.status.success(), "{said}\n{}\n{checks}", stderr(&proved));
+        assert!(said.contains("| doctor (") && said.contains("0 failed") && said.contains("| PASS |"), "{said}");
+        assert_eq!(said.matches("skipped: no GPU | SKIP |").count(), 3, "{said}");
+        assert!(said.contains("skipped: needs 2 GPUs (this machine has 0) | SKIP |"), "{said}");
+        assert!(said.contains("benchmark: skipped: no GPU"), "{said}");
+        assert!(checks.ends_with("gpu-checks: 0 failure(s)\n"), "{checks}");
+        assert!(said.contains("gpu-prove: checks exit 0, benchmark exit 0"), "{said}");
     }
 }
 
