@@ -48,8 +48,8 @@ fn the_unpacked_bundle_trains_with_the_hosts_torch() {
     assert!(untar.status.success(), "{}", stderr(&untar));
     let root = host.join("bundle");
     for f in [
-        "bin/algpt2-ddp", "libexec/algpt2-ddp", "launch/single-node.sh", "launch/env.sh", "launch/gpu-checks.sh", "launch/bench-gpu.sh", "launch/gpu-prove.sh",
-        "reference/algpt2.py", "configs/quickstart.yaml", "README.md", "BUNDLE",
+        "bin/algpt2-ddp", "libexec/algpt2-ddp", "launch/single-node.sh", "launch/env.sh", "launch/gpu-checks.sh", "launch/bench-gpu.sh",
+        "launch/gpu-prove.sh", "reference/algpt2.py", "configs/quickstart.yaml", "README.md", "BUNDLE",
     ] {
         assert!(root.join(f).is_file(), "the bundle lacks {f}");
     }

@@ -22,7 +22,12 @@ use tch::Tensor;
 pub enum Job {
     /// Bucket `index` (from 0) of `of`, `values` long, complete after backward stage
     /// `ready_after`.
-    Bucket { index: usize, of: usize, values: i64, ready_after: usize },
+    Bucket {
+        index: usize,
+        of: usize,
+        values: i64,
+        ready_after: usize,
+    },
     TableEarly,
     TableRows,
 }
@@ -89,8 +94,16 @@ impl<'a, T: Transport> Session<'a, T> {
     /// plan's token table its early part starts now.
     pub fn start(transport: T, grads: &'a Tensor, step: &'a StepBuckets<'_>) -> Session<'a, T> {
         let table = step.table().and_then(|(rows, touched)| TableParts::start(Some(rows), Some(touched), grads));
-        let mut session =
-            Session { transport, grads, buckets: &step.plan().buckets, launched_buckets: 0, table, in_flight: Vec::new(), failed: None, joined: false };
+        let mut session = Session {
+            transport,
+            grads,
+            buckets: &step.plan().buckets,
+            launched_buckets: 0,
+            table,
+            in_flight: Vec::new(),
+            failed: None,
+            joined: false,
+        };
         if let Some(early) = session.table.as_ref().map(|t| t.early.shallow_clone()) {
             session.launch(Job::TableEarly, vec![early]);
         }
