@@ -345,7 +345,9 @@ impl Health for Shared {
         let _ = guarded("binding the CUDA context", || self.ctx.bind_to_thread());
         let mut st = self.lock();
         st.abort_now();
-        st.aborted.get_or_insert_with(|| "NCCL reported an asynchronous error (see the watchdog's message)".into());
+        if st.comm.is_null() {
+            st.aborted.get_or_insert_with(|| "NCCL reported an asynchronous error (see the watchdog's message)".into());
+        }
     }
 }
 
@@ -355,7 +357,8 @@ impl fmt::Debug for NcclComm {
             .field("rank", &self.rank)
             .field("world", &self.world)
             .field("device", &self.device)
-            .field("aborted", &self.shared.lock().comm.is_null())
+            // Never wait for the lock: this may be formatted while a call holds it.
+            .field("aborted", &self.shared.state.try_lock().map(|st| st.comm.is_null()).ok())
             .finish()
     }
 }
