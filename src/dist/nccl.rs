@@ -485,8 +485,11 @@ impl NcclComm {
             bail!("ncclCommInitRankConfig succeeded but returned no communicator");
         }
         let state = State { comm, aborted: None, in_flight: false, group_open: false };
-        let shared =
-            Arc::new(Shared { who: format!("NCCL rank {rank} of {world} on GPU {device}"), ctx: Arc::clone(&ctx), state: Mutex::new(state) });
+        let shared = Arc::new(Shared {
+            who: format!("NCCL rank {rank} of {world} on GPU {device}"),
+            ctx: Arc::clone(&ctx),
+            state: Mutex::new(state),
+        });
         let health: Weak<dyn Health> = Arc::downgrade(&shared) as Weak<dyn Health>;
         let out = NcclComm {
             rank,
@@ -807,9 +810,8 @@ fn poll_async(comm: nccl::ncclComm_t) -> Poll {
     let mut raw: u32 = 0;
     // SAFETY: NCCL writes one ncclResult_t (a C enum, 4 bytes) which we read as u32, so that a
     // value this binding does not know cannot become an invalid Rust enum.
-    let res = match guarded("calling ncclCommGetAsyncError", || unsafe {
-        nccl::ncclCommGetAsyncError(comm, (&mut raw as *mut u32).cast())
-    }) {
+    let res = match guarded("calling ncclCommGetAsyncError", || unsafe { nccl::ncclCommGetAsyncError(comm, (&mut raw as *mut u32).cast()) })
+    {
         Ok(res) => res,
         Err(e) => return Poll::Failed(format!("{e:#}")),
     };
@@ -972,7 +974,8 @@ mod tests {
         // Our fields, in order, from the Debug output: `ncclConfig_v22800 { size: 80, ... }`.
         let debug = format!("{cfg:?}");
         let ours: Vec<&str> = debug.split(['{', ',']).skip(1).filter_map(|f| f.split(':').next()).map(str::trim).collect();
-        let Some(header) = wheel_nccl().map(|lib| lib.parent().unwrap().parent().unwrap().join("include/nccl.h")).filter(|h| h.is_file()) else {
+        let Some(header) = wheel_nccl().map(|lib| lib.parent().unwrap().parent().unwrap().join("include/nccl.h")).filter(|h| h.is_file())
+        else {
             eprintln!("skipped the comparison: no nccl.h beside the wheel's libnccl.so.2");
             return;
         };
@@ -998,7 +1001,11 @@ mod tests {
         assert_eq!(e.to_string(), "NCCL rank 0 of 2 on GPU 0: ncclAllReduce (f32 average) on an aborted communicator");
         st.aborted = Some("training: ncclAllReduce (f32 average) on rank 0 of 2 (GPU 0) failed: x".into());
         let e = st.live("NCCL rank 0 of 2 on GPU 0", "ncclBroadcast (f32)").unwrap_err();
-        assert!(e.to_string().ends_with("aborted after an earlier failure: training: ncclAllReduce (f32 average) on rank 0 of 2 (GPU 0) failed: x"), "{e}");
+        assert!(
+            e.to_string()
+                .ends_with("aborted after an earlier failure: training: ncclAllReduce (f32 average) on rank 0 of 2 (GPU 0) failed: x"),
+            "{e}"
+        );
         // Inside a group NCCL's thread-local group refers to the communicator: no abort (this
         // pointer is never passed to NCCL), the group's end does it.
         let stand_in = std::ptr::NonNull::<nccl::ncclComm>::dangling().as_ptr();

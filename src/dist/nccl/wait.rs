@@ -209,7 +209,12 @@ mod tests {
     fn an_error_is_reported_at_once_with_nccls_text_and_aborts_once() {
         let mut clock = FakeClock::new();
         let (mut polls, aborts) = (0, Cell::new(0));
-        let w = Waiting { phase: Phase::Training, who: "rank 0 of 4 (GPU 0)", step: Step::Call("ncclAllReduce (f32 average)"), allowed: Duration::from_secs(5) };
+        let w = Waiting {
+            phase: Phase::Training,
+            who: "rank 0 of 4 (GPU 0)",
+            step: Step::Call("ncclAllReduce (f32 average)"),
+            allowed: Duration::from_secs(5),
+        };
         let e = wait_until_done(
             &w,
             &mut clock,
@@ -240,7 +245,8 @@ mod tests {
         let mut clock = FakeClock::new();
         let aborts = Cell::new(0);
         let mut answers = [Poll::InProgress, Poll::InProgress, Poll::Done].into_iter();
-        let r = wait_until_done(&init_wait(Duration::from_secs(1)), &mut clock, || answers.next().unwrap(), || aborts.set(aborts.get() + 1));
+        let r =
+            wait_until_done(&init_wait(Duration::from_secs(1)), &mut clock, || answers.next().unwrap(), || aborts.set(aborts.get() + 1));
         assert_eq!(r, Ok(()));
         assert_eq!((aborts.get(), clock.pauses), (0, 2));
         // Done at the first look: no pause at all.
@@ -252,12 +258,16 @@ mod tests {
     #[test]
     fn a_call_still_in_progress_names_the_call_and_the_phase() {
         let mut clock = FakeClock::new();
-        let w = Waiting { phase: Phase::WeightBroadcast, who: "rank 0 of 2 (GPU 0)", step: Step::Call("ncclBroadcast (f32)"), allowed: Duration::from_millis(250) };
+        let w = Waiting {
+            phase: Phase::WeightBroadcast,
+            who: "rank 0 of 2 (GPU 0)",
+            step: Step::Call("ncclBroadcast (f32)"),
+            allowed: Duration::from_millis(250),
+        };
         let e = wait_until_done(&w, &mut clock, || Poll::InProgress, || {}).unwrap_err();
         assert!(
-            e.to_string().starts_with(
-                "start-up: weight broadcast: ncclBroadcast (f32) on rank 0 of 2 (GPU 0) was still in progress after 0.25 s"
-            ),
+            e.to_string()
+                .starts_with("start-up: weight broadcast: ncclBroadcast (f32) on rank 0 of 2 (GPU 0) was still in progress after 0.25 s"),
             "{e}"
         );
     }
