@@ -20,6 +20,10 @@
 //! - `stats_extra@0`: this rank's system sample carries one value too many.
 //! - `hang_in_<phase>@0`: the process hangs when it enters that phase of start-up or the
 //!   finish (src/dist/phase.rs names them: `comm_dup`, `weight_broadcast`, ...).
+//! - `nccl_never_join@0`: the rank never calls ncclCommInitRankConfig (src/dist/nccl.rs),
+//!   so the others' NCCL init waits for it until `dist.timeout_s` and fails naming the
+//!   phase ("start-up: NCCL init: rank 0 of 2 (GPU 0) did not join the NCCL communicator
+//!   within 4 s"); this rank's own wait sees its init in progress for ever and fails alike.
 //! - `export_kill_staged@0`, `export_kill_aside@0`: SIGKILL during `export-hf`, once the
 //!   export is whole in its staging directory, or right after the previous export was
 //!   moved aside for it (`--force`). An export has no steps: give 0.
@@ -52,7 +56,11 @@ fn parse(spec: &str) -> Vec<Fault> {
 }
 
 fn fault_step(name: &str, rank: usize) -> Option<u64> {
-    plan().iter().find(|f| f.name == name && f.rank.is_none_or(|r| r == rank)).map(|f| f.step)
+    step_in(plan(), name, rank)
+}
+
+fn step_in(plan: &[Fault], name: &str, rank: usize) -> Option<u64> {
+    plan.iter().find(|f| f.name == name && f.rank.is_none_or(|r| r == rank)).map(|f| f.step)
 }
 
 /// True when step `step` (1-based) of rank `rank` should see a NaN loss.
@@ -91,6 +99,11 @@ pub fn unchecked_ranks() -> bool {
 /// True when a test asked this rank's system sample to carry one value too many.
 pub fn stats_extra(rank: usize) -> bool {
     fault_step("stats_extra", rank).is_some()
+}
+
+/// True when a test chose this rank to never join the NCCL communicator.
+pub fn never_joins_nccl(rank: usize) -> bool {
+    fault_step("nccl_never_join", rank).is_some()
 }
 
 /// Hangs for good when a test chose phase `slug` for this rank.
@@ -144,5 +157,18 @@ mod tests {
             vec![Fault { name: "kill".into(), step: 6, rank: Some(1) }, Fault { name: "nan_loss".into(), step: 3, rank: None }]
         );
         assert!(parse("").is_empty());
+    }
+
+    #[test]
+    fn a_fault_for_one_rank_is_found_for_that_rank_only() {
+        let plan = parse("nccl_never_join@0:1,hang@4");
+        assert_eq!(step_in(&plan, "nccl_never_join", 1), Some(0));
+        assert_eq!(step_in(&plan, "nccl_never_join", 0), None);
+        assert_eq!(step_in(&plan, "hang", 3), Some(4));
+        assert_eq!(step_in(&plan, "kill", 1), None);
+        // Without ALGPT2_FAULT (as when these tests run), no rank skips its NCCL init.
+        if std::env::var_os("ALGPT2_FAULT").is_none() {
+            assert!(!never_joins_nccl(0) && !never_joins_nccl(1));
+        }
     }
 }

@@ -58,7 +58,10 @@ impl GradientExchange {
                     id = nccl::unique_id()?;
                 }
                 world.broadcast_bytes(&mut id);
-                GradientExchange::Nccl { comm: NcclComm::new(id, world.rank(), world.size(), ordinal)?, wire }
+                // Non-blocking init, given up (and aborted) after dist.timeout_s with an error
+                // naming this phase: a rank that never joins cannot hold the others for good.
+                let timeout = std::time::Duration::from_secs(cfg.timeout_s);
+                GradientExchange::Nccl { comm: NcclComm::new_within(id, world.rank(), world.size(), ordinal, timeout)?, wire }
             }
         })
     }

@@ -30,20 +30,39 @@
 //! they return before the data has moved: read results through libtorch (a copy to the host
 //! waits) or call [`NcclComm::synchronize`].
 //!
-//! Built against NCCL 2.29 (cudarc feature `nccl-02029`, the version in torch 2.13's wheels);
-//! any NCCL 2.10 or later that has the symbols used here works.
+//! # Non-blocking, and bounded
+//! The communicator is made non-blocking (`ncclCommInitRankConfig` with `blocking = 0`): NCCL
+//! answers a call it has not finished with `ncclInProgress` and carries on in its own
+//! threads, and this module polls `ncclCommGetAsyncError` until it is done, for at most
+//! `dist.timeout_s` (src/dist/nccl/wait.rs). So a rank whose peer never joins the init, or
+//! never makes the same call, gives up by itself with an error naming the phase, and aborts
+//! the communicator (`ncclCommAbort`). While a collective is in flight, the watchdog's thread
+//! polls the same error (src/dist/watchdog.rs, [`Health`]).
+//!
+//! Built against NCCL 2.28 (cudarc feature `nccl-02028`, whose `ncclConfig_t` layout is the
+//! one nccl.h 2.28 has); any NCCL 2.14 or later (non-blocking communicators) that has the
+//! symbols used here works.
 
 use std::any::Any;
+use std::cell::Cell;
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::fmt;
+use std::marker::PhantomData;
 use std::mem::MaybeUninit;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _};
 use cudarc::driver::result::DriverError;
 use cudarc::driver::{self, CudaContext};
 use cudarc::nccl::sys as nccl;
+
+use super::phase::{self, Phase};
+use super::watchdog::{Health, Registration, HEALTH};
+use wait::{wait_until_done, Poll, Step, SystemClock, Waiting};
+
+mod wait;
 
 /// What to configure instead of NCCL, appended to every "cannot be used" message.
 const FALLBACK_HINT: &str = "Use `dist.backend: mpi` (gradients averaged on the CPU through MPI) \
@@ -52,8 +71,9 @@ const FALLBACK_HINT: &str = "Use `dist.backend: mpi` (gradients averaged on the 
 /// The oldest driver the CUDA 13 builds of NCCL and libtorch run on (`cuDriverGetVersion`).
 const MIN_DRIVER_CUDA: i32 = 13000;
 
-/// `ncclAvg` appeared in NCCL 2.10.
-const MIN_NCCL: (u32, u32) = (2, 10);
+/// Non-blocking communicators (`ncclConfig_t`'s `blocking`) appeared in NCCL 2.14, after
+/// `ncclAvg` (2.10).
+const MIN_NCCL: (u32, u32) = (2, 14);
 
 /// The legacy default stream: libtorch's default stream, and what stream 0 means to NCCL.
 const DEFAULT_STREAM: nccl::cudaStream_t = std::ptr::null_mut();
@@ -92,7 +112,7 @@ pub enum Unavailable {
         hint = FALLBACK_HINT
     )]
     OldDriver { major: i32, minor: i32 },
-    #[error("NCCL cannot be used: NCCL {0} is older than 2.10, which introduced ncclAvg. {hint}", hint = FALLBACK_HINT)]
+    #[error("NCCL cannot be used: NCCL {0} is older than 2.14, which introduced non-blocking communicators. {hint}", hint = FALLBACK_HINT)]
     OldNccl(String),
     #[error("NCCL cannot be used: {0}. {hint}", hint = FALLBACK_HINT)]
     Failed(String),
@@ -125,7 +145,7 @@ pub fn check_available() -> anyhow::Result<()> {
 }
 
 /// Checks, in order, that the CUDA driver library loads, that the NCCL library loads, that the
-/// driver initializes, supports CUDA 13 and shows at least one GPU, and that NCCL is 2.10 or
+/// driver initializes, supports CUDA 13 and shows at least one GPU, and that NCCL is 2.14 or
 /// later. Never panics.
 pub fn probe() -> Result<NcclInfo, Unavailable> {
     // SAFETY: is_culib_present only dlopens and closes the candidate names.
@@ -218,22 +238,118 @@ pub fn unique_id() -> anyhow::Result<[u8; 128]> {
 /// host only until enqueued; they run on the legacy default stream of the GPU's primary context,
 /// the context libtorch uses.
 ///
+/// The communicator is non-blocking (`blocking = 0`): every call that NCCL answers with
+/// `ncclInProgress` is polled here until done, within the deadline given to
+/// [`NcclComm::new_within`] (`dist.timeout_s`), so callers see calls that return when
+/// enqueued, as before. A call that fails or runs out of time aborts the communicator
+/// (`ncclCommAbort`); the calls after it fail saying why.
+///
 /// Not `Sync`: NCCL communicators must not be used from two threads at once. `Send`: each call
-/// makes the GPU's context current on the calling thread first.
+/// makes the GPU's context current on the calling thread first. The watchdog's thread polls
+/// it for asynchronous errors (src/dist/watchdog.rs) under the same lock as every call here.
 pub struct NcclComm {
     rank: usize,
     world: usize,
     device: usize,
-    /// Null once aborted.
-    comm: nccl::ncclComm_t,
+    /// How long one call may stay in progress.
+    timeout: Duration,
+    shared: Arc<Shared>,
     /// The primary context of `device` (retained; released after the communicator is destroyed,
     /// since `Drop::drop` runs before the fields drop).
     ctx: Arc<CudaContext>,
+    /// This communicator in the watchdog's list; taken out first thing on drop.
+    registration: Option<Registration<'static>>,
+    /// Not Sync (a group is per thread in NCCL); Send.
+    _one_thread_at_a_time: PhantomData<Cell<()>>,
 }
 
-// SAFETY: an NCCL communicator may be used from any thread, one at a time; `&self` methods are
-// not callable from two threads at once because NcclComm is not Sync.
-unsafe impl Send for NcclComm {}
+/// The raw communicator and what is known of it, shared by the owner's thread and the
+/// watchdog's. Every NCCL call on the communicator is made under `state`'s lock, and the
+/// pointer is nulled under that lock when the communicator is freed (aborted or destroyed),
+/// so neither thread can use it after the other freed it.
+struct Shared {
+    /// "NCCL rank R of W on GPU D".
+    who: String,
+    ctx: Arc<CudaContext>,
+    state: Mutex<State>,
+}
+
+struct State {
+    /// Null once aborted or destroyed.
+    comm: nccl::ncclComm_t,
+    /// Why it was aborted, for the calls after.
+    aborted: Option<String>,
+    /// A collective was enqueued that may not have run yet: the watchdog polls for its errors.
+    in_flight: bool,
+    /// Between ncclGroupStart and ncclGroupEnd on the owner's thread, NCCL's (thread-local)
+    /// group refers to the communicator: it must not be freed then.
+    group_open: bool,
+}
+
+// SAFETY: an NCCL communicator may be used from any thread, one at a time; State is only
+// reached through its Mutex.
+unsafe impl Send for State {}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl State {
+    /// The live communicator, or why there is none.
+    fn live(&self, who: &str, what: &str) -> anyhow::Result<nccl::ncclComm_t> {
+        if !self.comm.is_null() {
+            return Ok(self.comm);
+        }
+        match &self.aborted {
+            Some(why) => bail!("{who}: {what} on a communicator aborted after an earlier failure: {why}"),
+            None => bail!("{who}: {what} on an aborted communicator"),
+        }
+    }
+
+    /// Aborts the communicator (the caller made the GPU's context current), unless a group
+    /// on the owner's thread still holds it: that group's end fails, and aborts it then.
+    fn abort_now(&mut self) {
+        if self.group_open || self.comm.is_null() {
+            return;
+        }
+        let comm = std::mem::replace(&mut self.comm, std::ptr::null_mut());
+        self.in_flight = false;
+        if let Err(e) = abort_comm(comm) {
+            eprintln!("warning: {e:#}");
+        }
+    }
+}
+
+/// The watchdog's view: an error NCCL recorded while a collective was in flight.
+impl Health for Shared {
+    fn failure(&self) -> Option<String> {
+        // Never wait: the owner holds the lock only while it calls NCCL, or polls a call of
+        // its own (bounded, and reporting the same errors).
+        let st = match self.state.try_lock() {
+            Ok(st) => st,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        if st.comm.is_null() || !st.in_flight || st.group_open {
+            return None;
+        }
+        match poll_async(st.comm) {
+            Poll::Failed(why) => Some(format!("{}: a collective in flight failed: {why}", self.who)),
+            Poll::Done | Poll::InProgress => None,
+        }
+    }
+
+    fn abort(&self) {
+        let _ = guarded("binding the CUDA context", || self.ctx.bind_to_thread());
+        let mut st = self.lock();
+        st.abort_now();
+        if st.comm.is_null() {
+            st.aborted.get_or_insert_with(|| "NCCL reported an asynchronous error (see the watchdog's message)".into());
+        }
+    }
+}
 
 impl fmt::Debug for NcclComm {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -241,23 +357,73 @@ impl fmt::Debug for NcclComm {
             .field("rank", &self.rank)
             .field("world", &self.world)
             .field("device", &self.device)
-            .field("aborted", &self.comm.is_null())
+            // Never wait for the lock: this may be formatted while a call holds it.
+            .field("aborted", &self.shared.state.try_lock().map(|st| st.comm.is_null()).ok())
             .finish()
     }
 }
 
+/// How long [`NcclComm::new`] waits for every rank to join: `dist.timeout_s`'s default.
+pub const DEFAULT_JOIN_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// `NCCL_VERSION(2, 28, 0)`: the nccl.h whose `ncclConfig_t` layout cudarc's `nccl-02028`
+/// binding has (`ncclConfig_v22800`).
+const CONFIG_VERSION: u32 = 22800;
+
+/// nccl.h's `NCCL_CONFIG_INITIALIZER` with `blocking = 0`: the struct's size, the magic
+/// 0xcafebeef and the version of the header its layout comes from, then every field
+/// "undefined" (`NCCL_CONFIG_UNDEF_INT` is INT_MIN, `NCCL_CONFIG_UNDEF_PTR` NULL) so that
+/// NCCL picks its default. NCCL copies `size` bytes and reads the fields that `version`
+/// has (init.cc, `parseCommConfig`), so a newer NCCL takes it too.
+fn non_blocking_config() -> nccl::ncclConfig_t {
+    const UNDEF_INT: c_int = c_int::MIN;
+    const UNDEF_PTR: *const c_char = std::ptr::null();
+    nccl::ncclConfig_t {
+        size: std::mem::size_of::<nccl::ncclConfig_t>(),
+        magic: 0xcafe_beef,
+        version: CONFIG_VERSION,
+        blocking: 0,
+        cgaClusterSize: UNDEF_INT,
+        minCTAs: UNDEF_INT,
+        maxCTAs: UNDEF_INT,
+        netName: UNDEF_PTR,
+        splitShare: UNDEF_INT,
+        trafficClass: UNDEF_INT,
+        commName: UNDEF_PTR,
+        collnetEnable: UNDEF_INT,
+        CTAPolicy: UNDEF_INT,
+        shrinkShare: UNDEF_INT,
+        nvlsCTAs: UNDEF_INT,
+        nChannelsPerNetPeer: UNDEF_INT,
+        nvlinkCentricSched: UNDEF_INT,
+    }
+}
+
+/// "rank R of W (GPU D)", as the wait's messages name a rank.
+fn rank_text(rank: usize, world: usize, device: usize) -> String {
+    format!("rank {rank} of {world} (GPU {device})")
+}
+
 impl NcclComm {
+    /// [`Self::new_within`] with [`DEFAULT_JOIN_TIMEOUT`].
+    pub fn new(id: [u8; 128], rank: usize, world: usize, device: usize) -> anyhow::Result<NcclComm> {
+        Self::new_within(id, rank, world, device, DEFAULT_JOIN_TIMEOUT)
+    }
+
     /// Joins the communicator: every rank calls this with the same id; binds to GPU `device`.
     ///
     /// Makes `device`'s primary context current on the calling thread (as `cudaSetDevice`
-    /// would) and blocks, with no time limit, until all `world` ranks have called it with the
-    /// same id. `device` is an ordinal among the GPUs CUDA_VISIBLE_DEVICES leaves visible.
-    pub fn new(id: [u8; 128], rank: usize, world: usize, device: usize) -> anyhow::Result<NcclComm> {
-        Self::join(id, rank, world, device)
+    /// would) and waits until all `world` ranks have called it with the same id, for at most
+    /// `timeout`: then it aborts its init and fails naming the phase ("start-up: NCCL init:
+    /// rank R of W (GPU D) did not join the NCCL communicator within N s"). `timeout` also
+    /// bounds each later call that NCCL leaves in progress. `device` is an ordinal among the
+    /// GPUs CUDA_VISIBLE_DEVICES leaves visible.
+    pub fn new_within(id: [u8; 128], rank: usize, world: usize, device: usize, timeout: Duration) -> anyhow::Result<NcclComm> {
+        Self::join(id, rank, world, device, timeout)
             .with_context(|| format!("NCCL rank {rank} of {world} on GPU {device} could not join the communicator"))
     }
 
-    fn join(id: [u8; 128], rank: usize, world: usize, device: usize) -> anyhow::Result<NcclComm> {
+    fn join(id: [u8; 128], rank: usize, world: usize, device: usize, timeout: Duration) -> anyhow::Result<NcclComm> {
         if world == 0 || rank >= world {
             bail!("rank {rank} is not in a world of {world}");
         }
@@ -273,14 +439,68 @@ impl NcclComm {
             .map_err(|e| anyhow!("the primary CUDA context of GPU {device} failed: {}", cuda_error(&e)))?;
         let uid = nccl::ncclUniqueId { internal: id.map(|b| b as c_char) };
         let mut comm: nccl::ncclComm_t = std::ptr::null_mut();
-        // SAFETY: `comm` is a valid out pointer; NCCL uses the device current on this thread,
-        // which CudaContext::new just made `device`.
-        let res = guarded("calling ncclCommInitRank", || unsafe { nccl::ncclCommInitRank(&mut comm, nranks, uid, rank as c_int) })?;
-        nccl_check(res, "ncclCommInitRank", std::ptr::null_mut())?;
-        if comm.is_null() {
-            bail!("ncclCommInitRank succeeded but returned no communicator");
+        // A test's rank that never joins makes no init call; its wait below then sees the
+        // init in progress for ever, as the other ranks' waits do.
+        let never_joins = crate::faults::never_joins_nccl(rank);
+        let first = if never_joins {
+            Poll::InProgress
+        } else {
+            let mut config = non_blocking_config();
+            // SAFETY: `comm` and `config` are valid for the call (NCCL copies the config);
+            // NCCL uses the device current on this thread, which CudaContext::new just made
+            // `device`.
+            let res = guarded("calling ncclCommInitRankConfig", || unsafe {
+                nccl::ncclCommInitRankConfig(&mut comm, nranks, uid, rank as c_int, &mut config)
+            })?;
+            first_poll(res, "ncclCommInitRankConfig", comm)
+        };
+        let who = rank_text(rank, world, device);
+        let waiting = Waiting { phase: Phase::NcclInit, who: &who, step: Step::Join, allowed: timeout };
+        let mut first = Some(first);
+        let poll = || {
+            // Within its deadline this wait is progress: the watchdog, which would end the
+            // rank before it could say why, stays quiet unless the abort hangs.
+            phase::progress_made();
+            match first.take() {
+                Some(p) => p,
+                None if never_joins => Poll::InProgress,
+                None if comm.is_null() => Poll::Failed("ncclCommInitRankConfig returned no communicator".into()),
+                None => poll_async(comm),
+            }
+        };
+        let abort = || {
+            if !comm.is_null() {
+                if let Err(e) = abort_comm(comm) {
+                    eprintln!("warning: {e:#}");
+                }
+            }
+        };
+        let joined = wait_until_done(&waiting, &mut SystemClock, poll, abort);
+        if never_joins {
+            let e = joined.err().map_or_else(|| anyhow!("the init was skipped"), anyhow::Error::new);
+            return Err(e.context("ALGPT2_FAULT=nccl_never_join: this rank made no ncclCommInitRankConfig call"));
         }
-        let out = NcclComm { rank, world, device, comm, ctx };
+        joined?;
+        if comm.is_null() {
+            bail!("ncclCommInitRankConfig succeeded but returned no communicator");
+        }
+        let state = State { comm, aborted: None, in_flight: false, group_open: false };
+        let shared = Arc::new(Shared {
+            who: format!("NCCL rank {rank} of {world} on GPU {device}"),
+            ctx: Arc::clone(&ctx),
+            state: Mutex::new(state),
+        });
+        let health: Weak<dyn Health> = Arc::downgrade(&shared) as Weak<dyn Health>;
+        let out = NcclComm {
+            rank,
+            world,
+            device,
+            timeout,
+            shared,
+            ctx,
+            registration: Some(HEALTH.register(health)),
+            _one_thread_at_a_time: PhantomData,
+        };
         out.verify()?; // on error `out` drops here and destroys the communicator
         Ok(out)
     }
@@ -288,12 +508,14 @@ impl NcclComm {
     /// Asks NCCL what it made of us: a mismatch means a wrong id, device or rank upstream.
     fn verify(&self) -> anyhow::Result<()> {
         let (mut n, mut r, mut d): (c_int, c_int, c_int) = (0, 0, 0);
+        let st = self.shared.lock();
+        let comm = st.live(&self.who(), "querying the communicator")?;
         guarded("querying the communicator", || -> anyhow::Result<()> {
             // SAFETY: valid communicator and out pointers.
             unsafe {
-                nccl_check(nccl::ncclCommCount(self.comm, &mut n), "ncclCommCount", self.comm)?;
-                nccl_check(nccl::ncclCommUserRank(self.comm, &mut r), "ncclCommUserRank", self.comm)?;
-                nccl_check(nccl::ncclCommCuDevice(self.comm, &mut d), "ncclCommCuDevice", self.comm)?;
+                nccl_check(nccl::ncclCommCount(comm, &mut n), "ncclCommCount", comm)?;
+                nccl_check(nccl::ncclCommUserRank(comm, &mut r), "ncclCommUserRank", comm)?;
+                nccl_check(nccl::ncclCommCuDevice(comm, &mut d), "ncclCommCuDevice", comm)?;
             }
             Ok(())
         })??;
@@ -374,17 +596,28 @@ impl NcclComm {
     }
 
     /// Runs `calls` (collectives of this communicator) as one NCCL group: one launch for
-    /// a bucket's few runs instead of one each. The group is closed on every path.
+    /// a bucket's few runs instead of one each. The group is closed on every path; its end,
+    /// which launches the calls, is waited for as a collective is.
     pub fn group(&self, calls: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()> {
         self.bind()?;
-        // SAFETY: ncclGroupStart takes no arguments; a matching ncclGroupEnd follows.
-        let res = guarded("calling ncclGroupStart", || unsafe { nccl::ncclGroupStart() })?;
-        nccl_check(res, "ncclGroupStart", self.comm).with_context(|| self.who())?;
+        {
+            let mut st = self.shared.lock();
+            st.live(&self.who(), "ncclGroupStart")?;
+            // SAFETY: ncclGroupStart takes no arguments; a matching ncclGroupEnd follows.
+            let res = guarded("calling ncclGroupStart", || unsafe { nccl::ncclGroupStart() })?;
+            nccl_check(res, "ncclGroupStart", st.comm).with_context(|| self.who())?;
+            st.group_open = true;
+        }
         let inside = calls();
+        let mut st = self.shared.lock();
         // SAFETY: closes the group opened above.
-        let res = guarded("calling ncclGroupEnd", || unsafe { nccl::ncclGroupEnd() })?;
+        let res = guarded("calling ncclGroupEnd", || unsafe { nccl::ncclGroupEnd() });
+        st.group_open = false;
+        // Settled even when a call inside failed: a group end left in progress must finish
+        // before the communicator takes another call.
+        let ended = res.and_then(|res| self.settle(&mut st, "ncclGroupEnd", res));
         inside?;
-        nccl_check(res, "ncclGroupEnd", self.comm).with_context(|| self.who())
+        ended
     }
 
     /// In-place broadcast of `count` f32 from `root` (initial weights).
@@ -421,41 +654,40 @@ impl NcclComm {
         // SAFETY: synchronizing the null stream of the current (our) context.
         let res = guarded("synchronizing the default stream", || unsafe { driver::sys::cuStreamSynchronize(std::ptr::null_mut()) })?;
         res.result().map_err(|e| anyhow!("{}: waiting for the default stream failed: {}", self.who(), cuda_error(&e)))?;
-        self.check_async_error()
+        self.check_async_error()?;
+        // Everything enqueued has run: nothing for the watchdog to poll until the next one.
+        self.shared.lock().in_flight = false;
+        Ok(())
     }
 
-    /// Reports an asynchronous error NCCL has recorded on this communicator, if any.
+    /// Reports an asynchronous error NCCL has recorded on this communicator, if any, and
+    /// then aborts the communicator.
     pub fn check_async_error(&self) -> anyhow::Result<()> {
-        if self.comm.is_null() {
-            bail!("{}: the communicator was aborted", self.who());
-        }
-        let mut raw: u32 = 0;
-        // SAFETY: NCCL writes one ncclResult_t (a C enum, 4 bytes) which we read as u32, so that
-        // a value this binding does not know cannot become an invalid Rust enum.
-        let res =
-            guarded("calling ncclCommGetAsyncError", || unsafe { nccl::ncclCommGetAsyncError(self.comm, (&mut raw as *mut u32).cast()) })?;
-        nccl_check(res, "ncclCommGetAsyncError", self.comm).with_context(|| self.who())?;
-        match nccl_result_from_raw(raw) {
-            Some(nccl::ncclResult_t::ncclSuccess) | Some(nccl::ncclResult_t::ncclInProgress) => Ok(()),
-            Some(code) => nccl_check(code, "an earlier collective (ncclCommGetAsyncError)", self.comm).with_context(|| self.who()),
-            None => bail!("{}: NCCL reports asynchronous error code {raw}", self.who()),
+        self.bind()?;
+        let mut st = self.shared.lock();
+        let comm = st.live(&self.who(), "ncclCommGetAsyncError")?;
+        match poll_async(comm) {
+            Poll::Done | Poll::InProgress => Ok(()),
+            Poll::Failed(why) => {
+                st.abort_now();
+                let message = format!("{}: an earlier collective failed: {why}. The communicator was aborted (ncclCommAbort)", self.who());
+                st.aborted = Some(message.clone());
+                Err(anyhow!(message))
+            }
         }
     }
 
     /// Tears the communicator down without waiting for peers, for error paths where another
-    /// rank may be gone (a normal drop calls ncclCommDestroy, which can wait for them).
-    pub fn abort(mut self) -> anyhow::Result<()> {
-        let comm = std::mem::replace(&mut self.comm, std::ptr::null_mut());
-        let res = guarded("calling ncclCommAbort", || {
-            let _ = self.ctx.bind_to_thread();
-            // SAFETY: `comm` is a live communicator that nothing uses after this.
-            unsafe { nccl::ncclCommAbort(comm) }
-        })?;
-        nccl_check(res, "ncclCommAbort", std::ptr::null_mut()).with_context(|| self.who())
+    /// rank may be gone (a normal drop calls ncclCommDestroy, which can wait for them). Ok when
+    /// it was aborted already.
+    pub fn abort(self) -> anyhow::Result<()> {
+        let _ = self.bind();
+        let comm = std::mem::replace(&mut self.shared.lock().comm, std::ptr::null_mut());
+        abort_comm(comm).with_context(|| self.who())
     }
 
     fn who(&self) -> String {
-        format!("NCCL rank {} of {} on GPU {}", self.rank, self.world, self.device)
+        self.shared.who.clone()
     }
 
     /// Makes this GPU's primary context current on the calling thread, so that stream 0 is
@@ -466,7 +698,8 @@ impl NcclComm {
     }
 
     /// Checks the arguments common to all collectives, binds the context, runs `call` on the
-    /// communicator and the buffer, and turns its result into an error naming rank and device.
+    /// communicator and the buffer, and waits while NCCL says it is in progress. Inside a
+    /// [`Self::group`] the call is only queued: the group's end launches it.
     fn collective(
         &self,
         what: &str,
@@ -475,9 +708,7 @@ impl NcclComm {
         elem_size: u64,
         call: impl FnOnce(nccl::ncclComm_t, *mut c_void) -> nccl::ncclResult_t,
     ) -> anyhow::Result<()> {
-        if self.comm.is_null() {
-            bail!("{}: {what} on an aborted communicator", self.who());
-        }
+        self.shared.lock().live(&self.who(), what)?;
         if count == 0 {
             return Ok(());
         }
@@ -488,20 +719,57 @@ impl NcclComm {
             bail!("{}: {what} was given device pointer {ptr:#x}, not aligned to {elem_size} bytes", self.who());
         }
         self.bind()?;
-        let res = guarded(what, || call(self.comm, ptr as usize as *mut c_void))?;
-        nccl_check(res, what, self.comm).with_context(|| format!("{}: {what} of {count} values failed", self.who()))
+        let mut st = self.shared.lock();
+        let comm = st.live(&self.who(), what)?;
+        let res = guarded(what, || call(comm, ptr as usize as *mut c_void))?;
+        if st.group_open {
+            if res == nccl::ncclResult_t::ncclInProgress {
+                return Ok(());
+            }
+            return nccl_check(res, what, comm).with_context(|| format!("{}: {what} of {count} values failed", self.who()));
+        }
+        self.settle(&mut st, what, res).with_context(|| format!("{what} of {count} values"))
+    }
+
+    /// Turns the answer `res` of call `what` on this communicator into done or an error:
+    /// ncclInProgress is polled until done, for at most the timeout; an error, or the
+    /// timeout, aborts the communicator, and the error names the phase and the rank.
+    fn settle(&self, st: &mut State, what: &str, res: nccl::ncclResult_t) -> anyhow::Result<()> {
+        let comm = st.live(&self.who(), what)?;
+        let who = rank_text(self.rank, self.world, self.device);
+        let waiting = Waiting { phase: Phase::current(), who: &who, step: Step::Call(what), allowed: self.timeout };
+        let mut first = Some(first_poll(res, what, comm));
+        let poll = || {
+            first.take().unwrap_or_else(|| {
+                phase::progress_made();
+                poll_async(comm)
+            })
+        };
+        match wait_until_done(&waiting, &mut SystemClock, poll, || st.abort_now()) {
+            Ok(()) => {
+                st.in_flight = true;
+                Ok(())
+            }
+            Err(e) => {
+                st.aborted = Some(e.to_string());
+                Err(e.into())
+            }
+        }
     }
 }
 
 impl Drop for NcclComm {
     fn drop(&mut self) {
-        let comm = std::mem::replace(&mut self.comm, std::ptr::null_mut());
+        // Out of the watchdog's list first: it has nothing to poll from here on.
+        drop(self.registration.take());
+        let comm = std::mem::replace(&mut self.shared.lock().comm, std::ptr::null_mut());
         if comm.is_null() {
             return;
         }
         let outcome = guarded("destroying the NCCL communicator", || {
             let _ = self.ctx.bind_to_thread();
-            // SAFETY: `comm` is live and nothing uses it after this.
+            // SAFETY: `comm` is live and nothing uses it after this (its pointer is gone
+            // from the shared state).
             nccl_check(unsafe { nccl::ncclCommDestroy(comm) }, "ncclCommDestroy", std::ptr::null_mut())
         });
         match outcome {
@@ -511,20 +779,71 @@ impl Drop for NcclComm {
     }
 }
 
+/// ncclCommAbort on `comm` (null: nothing to do), whose pointer nothing uses after. Destroy
+/// and abort run synchronously even on a non-blocking communicator (NCCL makes their group
+/// blocking), so an `ncclInProgress` answer is taken as done too.
+fn abort_comm(comm: nccl::ncclComm_t) -> anyhow::Result<()> {
+    if comm.is_null() {
+        return Ok(());
+    }
+    // SAFETY: `comm` is a live communicator that nothing uses after this.
+    let res = guarded("calling ncclCommAbort", || unsafe { nccl::ncclCommAbort(comm) })?;
+    if res == nccl::ncclResult_t::ncclInProgress {
+        return Ok(());
+    }
+    nccl_check(res, "ncclCommAbort", std::ptr::null_mut())
+}
+
+/// What a call's own answer says before any poll: done, in progress, or NCCL's error.
+fn first_poll(res: nccl::ncclResult_t, call: &str, comm: nccl::ncclComm_t) -> Poll {
+    match res {
+        nccl::ncclResult_t::ncclSuccess => Poll::Done,
+        nccl::ncclResult_t::ncclInProgress => Poll::InProgress,
+        err => Poll::Failed(nccl_error_text(err, call, comm)),
+    }
+}
+
+/// One look at a non-blocking communicator: `ncclCommGetAsyncError`, which says whether the
+/// init, a group's end or a collective it left in progress is done, and reports any error
+/// NCCL recorded since (a peer that failed). Callers hold the communicator's lock.
+fn poll_async(comm: nccl::ncclComm_t) -> Poll {
+    let mut raw: u32 = 0;
+    // SAFETY: NCCL writes one ncclResult_t (a C enum, 4 bytes) which we read as u32, so that a
+    // value this binding does not know cannot become an invalid Rust enum.
+    let res = match guarded("calling ncclCommGetAsyncError", || unsafe { nccl::ncclCommGetAsyncError(comm, (&mut raw as *mut u32).cast()) })
+    {
+        Ok(res) => res,
+        Err(e) => return Poll::Failed(format!("{e:#}")),
+    };
+    if res != nccl::ncclResult_t::ncclSuccess {
+        return Poll::Failed(nccl_error_text(res, "ncclCommGetAsyncError", comm));
+    }
+    match nccl_result_from_raw(raw) {
+        Some(nccl::ncclResult_t::ncclSuccess) => Poll::Done,
+        Some(nccl::ncclResult_t::ncclInProgress) => Poll::InProgress,
+        Some(code) => Poll::Failed(nccl_error_text(code, "ncclCommGetAsyncError", comm)),
+        None => Poll::Failed(format!("ncclCommGetAsyncError reports error code {raw}")),
+    }
+}
+
 /// Ok for ncclSuccess, else an error with NCCL's name and text for `res` and, given a
 /// communicator, NCCL's last error message.
 fn nccl_check(res: nccl::ncclResult_t, call: &str, comm: nccl::ncclComm_t) -> anyhow::Result<()> {
     if res == nccl::ncclResult_t::ncclSuccess {
         return Ok(());
     }
+    Err(anyhow!(nccl_error_text(res, call, comm)))
+}
+
+fn nccl_error_text(res: nccl::ncclResult_t, call: &str, comm: nccl::ncclComm_t) -> String {
     // SAFETY: both return static or NCCL-owned NUL-terminated strings (or null, handled).
     let text = unsafe { c_text(nccl::ncclGetErrorString(res)) };
     let last = unsafe { c_text(nccl::ncclGetLastError(comm)) };
     let last = if last.is_empty() { String::new() } else { format!("; NCCL's last error: {last}") };
-    Err(anyhow!("{call} returned {res:?} ({text}){last}. NCCL_DEBUG=INFO shows more"))
+    format!("{call} returned {res:?} ({text}){last}. NCCL_DEBUG=INFO shows more")
 }
 
-/// The ncclResult_t values of NCCL 2.29 (nccl.h), for codes that arrive as plain integers.
+/// The ncclResult_t values of NCCL 2.28 (nccl.h), for codes that arrive as plain integers.
 fn nccl_result_from_raw(raw: u32) -> Option<nccl::ncclResult_t> {
     use nccl::ncclResult_t::*;
     Some(match raw {
@@ -642,6 +961,59 @@ mod tests {
         eprintln!("cudarc driver names: {:?}", cudarc::get_lib_name_candidates("cuda"));
         assert_eq!(names[0], "libnccl.so");
         assert!(!names.iter().any(|n| n == "libnccl.so.2"), "{names:?}");
+    }
+
+    /// The config filled by hand is nccl.h's NCCL_CONFIG_INITIALIZER, field for field, with
+    /// `blocking = 0`: checked against the header of the NCCL wheel where there is one.
+    #[test]
+    fn the_non_blocking_config_is_ncclh_initializer_with_blocking_0() {
+        let cfg = non_blocking_config();
+        assert_eq!((cfg.size, cfg.magic, cfg.version, cfg.blocking), (80, 0xcafe_beef, 22800, 0));
+        assert!(cfg.netName.is_null() && cfg.commName.is_null());
+        assert_eq!((cfg.cgaClusterSize, cfg.nvlinkCentricSched), (i32::MIN, i32::MIN));
+        // Our fields, in order, from the Debug output: `ncclConfig_v22800 { size: 80, ... }`.
+        let debug = format!("{cfg:?}");
+        let ours: Vec<&str> = debug.split(['{', ',']).skip(1).filter_map(|f| f.split(':').next()).map(str::trim).collect();
+        let Some(header) = wheel_nccl().map(|lib| lib.parent().unwrap().parent().unwrap().join("include/nccl.h")).filter(|h| h.is_file())
+        else {
+            eprintln!("skipped the comparison: no nccl.h beside the wheel's libnccl.so.2");
+            return;
+        };
+        let text = std::fs::read_to_string(&header).unwrap();
+        let init = text.split("#define NCCL_CONFIG_INITIALIZER").nth(1).expect("nccl.h defines NCCL_CONFIG_INITIALIZER");
+        let init = &init[..init.find('}').unwrap()];
+        // Each value is followed by `/* field */`.
+        let theirs: Vec<&str> = init.split("/*").skip(1).map(|c| c.split("*/").next().unwrap().trim()).collect();
+        assert_eq!(ours, theirs, "{}", header.display());
+        for line in init.lines().filter(|l| l.contains("/*")) {
+            let field = line.split("/*").nth(1).unwrap().split("*/").next().unwrap().trim();
+            if !["size", "magic", "version"].contains(&field) {
+                assert!(line.contains("NCCL_CONFIG_UNDEF_"), "{field} is not left undefined: {line}");
+            }
+        }
+        assert!(text.contains("#define NCCL_CONFIG_UNDEF_INT INT_MIN"), "{}", header.display());
+    }
+
+    #[test]
+    fn an_aborted_communicator_says_why_and_a_group_keeps_it_from_being_freed() {
+        let mut st = State { comm: std::ptr::null_mut(), aborted: None, in_flight: false, group_open: false };
+        let e = st.live("NCCL rank 0 of 2 on GPU 0", "ncclAllReduce (f32 average)").unwrap_err();
+        assert_eq!(e.to_string(), "NCCL rank 0 of 2 on GPU 0: ncclAllReduce (f32 average) on an aborted communicator");
+        st.aborted = Some("training: ncclAllReduce (f32 average) on rank 0 of 2 (GPU 0) failed: x".into());
+        let e = st.live("NCCL rank 0 of 2 on GPU 0", "ncclBroadcast (f32)").unwrap_err();
+        assert!(
+            e.to_string()
+                .ends_with("aborted after an earlier failure: training: ncclAllReduce (f32 average) on rank 0 of 2 (GPU 0) failed: x"),
+            "{e}"
+        );
+        // Inside a group NCCL's thread-local group refers to the communicator: no abort (this
+        // pointer is never passed to NCCL), the group's end does it.
+        let stand_in = std::ptr::NonNull::<nccl::ncclComm>::dangling().as_ptr();
+        st.comm = stand_in;
+        st.group_open = true;
+        st.in_flight = true;
+        st.abort_now();
+        assert_eq!((st.comm, st.in_flight), (stand_in, true));
     }
 
     #[test]
@@ -964,6 +1336,53 @@ int cuGetErrorName(int e, const char **s) { (void)e; *s = "STUB"; return 0; }
         unsafe { comm.all_reduce_mean_f32(ptr, 0).unwrap() }; // nothing to do
         free(ptr);
         comm.abort().unwrap();
+    }
+
+    /// The non-blocking init of a world of one completes within its deadline, a collective
+    /// and a group run, and the asynchronous-error poll (the watchdog's, and the owner's)
+    /// reports nothing.
+    #[test]
+    #[ignore = "needs 1 CUDA GPU and libnccl.so on the library path"]
+    fn gpu_non_blocking_world_of_one() {
+        require_gpus(1);
+        let started = std::time::Instant::now();
+        let comm = NcclComm::new_within(unique_id().unwrap(), 0, 1, 0, Duration::from_secs(60)).unwrap();
+        eprintln!("joined in {:?}", started.elapsed());
+        assert_eq!(poll_async(comm.shared.lock().comm), Poll::Done);
+        let ptr = upload(&[1.0f32, 2.0, 3.0, 4.0]);
+        unsafe { comm.all_reduce_mean_f32(ptr, 4).unwrap() };
+        assert!(comm.shared.lock().in_flight, "a collective in flight is the watchdog's to poll");
+        assert_eq!(comm.shared.failure(), None);
+        comm.group(|| unsafe {
+            comm.all_reduce_mean_f32(ptr, 2)?;
+            comm.all_reduce_mean_f32(ptr + 8, 2)
+        })
+        .unwrap();
+        comm.synchronize().unwrap();
+        assert!(!comm.shared.lock().in_flight);
+        comm.check_async_error().unwrap();
+        assert_eq!(download::<f32>(ptr, 4), vec![1.0, 2.0, 3.0, 4.0]);
+        free(ptr);
+        drop(comm);
+    }
+
+    /// Rank 1 of 2 never joins (as with ALGPT2_FAULT=nccl_never_join@0:1): rank 0 gives up
+    /// at its deadline naming the phase, aborts its init, and the GPU serves a new
+    /// communicator after it.
+    #[test]
+    #[ignore = "needs 1 CUDA GPU and libnccl.so on the library path"]
+    fn gpu_a_rank_that_never_joins_times_out_and_aborts() {
+        require_gpus(1);
+        let started = std::time::Instant::now();
+        let e = NcclComm::new_within(unique_id().unwrap(), 0, 2, 0, Duration::from_secs(3)).unwrap_err();
+        let took = started.elapsed();
+        let m = format!("{e:#}");
+        eprintln!("after {took:?}: {m}");
+        assert!(m.contains("start-up: NCCL init: rank 0 of 2 (GPU 0) did not join the NCCL communicator within 3 s"), "{m}");
+        assert!(m.contains("The communicator was aborted (ncclCommAbort)"), "{m}");
+        assert!(took >= Duration::from_secs(3) && took < Duration::from_secs(30), "{took:?}");
+        let comm = NcclComm::new_within(unique_id().unwrap(), 0, 1, 0, Duration::from_secs(60)).unwrap();
+        comm.synchronize().unwrap();
     }
 
     /// Two ranks as two threads on GPUs 0 and 1. Each thread runs every collective before

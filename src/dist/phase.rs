@@ -24,7 +24,8 @@ pub enum Phase {
     DataAgreement,
     /// The overlapped exchange's communicator (MPI_Comm_dup).
     CommunicatorDup,
-    /// NCCL's communicator (the id over MPI, then ncclCommInitRank).
+    /// NCCL's communicator (the id over MPI, then the non-blocking ncclCommInitRankConfig,
+    /// which the rank itself gives up after `dist.timeout_s`, naming this phase).
     NcclInit,
     /// Rank 0's weights to every rank.
     WeightBroadcast,

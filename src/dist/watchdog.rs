@@ -12,6 +12,13 @@
 //! Entering a phase, a completed step and an evaluation batch are progress; preparing the
 //! token cache and the finish after the last collective are not timed.
 //!
+//! NCCL reports a failure (a peer that died, a broken link) asynchronously, while this
+//! rank may be waiting on the GPU for the collective that will never finish. While a
+//! collective is in flight on an NCCL communicator, the watchdog polls the communicator's
+//! error (`ncclCommGetAsyncError`, through [`Health`]) every tick: on an error it says so,
+//! naming the rank and the phase, tells the others, aborts the communicator and ends the
+//! rank as when it fires.
+//!
 //! Time this process spent stopped (SIGSTOP and SIGCONT, a suspended Slurm job, a
 //! paused VM) is not a hang of this rank: the watchdog sees its own wait overrun and does
 //! not count it. An overrun spent waiting for a core (a loaded machine) is not a stop:
@@ -23,7 +30,7 @@ use super::phase::{self, Phase};
 use super::World;
 use anyhow::Context;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 /// How often the watchdog looks at the clock.
@@ -35,6 +42,79 @@ const FROZEN: Duration = Duration::from_secs(2);
 /// A firing watchdog waits this long before ending the rank, so that the others, told,
 /// write their view of it before mpirun ends them.
 const LINGER: Duration = Duration::from_millis(300);
+/// How long the watchdog waits for a failed communicator's abort before it ends the rank
+/// anyway (ncclCommAbort itself has hung in some NCCL versions).
+const ABORT_WAIT: Duration = Duration::from_secs(5);
+
+/// Something that can fail while this rank waits elsewhere: an NCCL communicator with
+/// collectives in flight (src/dist/nccl.rs). The watchdog asks it every tick.
+pub(crate) trait Health: Send + Sync {
+    /// Why it failed, naming the rank; None while healthy, idle or busy. Never blocks.
+    fn failure(&self) -> Option<String>;
+    /// Tears it down after a failure. May block.
+    fn abort(&self);
+}
+
+/// The sources the watchdog asks: process-wide, as the phase is, so that a communicator
+/// registers itself without a handle to the watchdog. Held weakly: the watchdog never
+/// keeps one alive, and its owner removes it when it goes.
+pub(crate) static HEALTH: Registry = Registry::new();
+
+pub(crate) struct Registry {
+    sources: Mutex<Vec<(u64, Weak<dyn Health>)>>,
+    next_id: AtomicU64,
+}
+
+/// A source's place in a [`Registry`]; dropping it removes the source.
+pub(crate) struct Registration<'r> {
+    registry: &'r Registry,
+    id: u64,
+}
+
+impl Registry {
+    pub(crate) const fn new() -> Registry {
+        Registry { sources: Mutex::new(Vec::new()), next_id: AtomicU64::new(0) }
+    }
+
+    pub(crate) fn register(&self, source: Weak<dyn Health>) -> Registration<'_> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.sources.lock().unwrap_or_else(PoisonError::into_inner).push((id, source));
+        Registration { registry: self, id }
+    }
+
+    /// The first source that failed, and why. The list's lock is not held while the
+    /// sources are asked.
+    pub(crate) fn first_failure(&self) -> Option<(Arc<dyn Health>, String)> {
+        let live: Vec<Arc<dyn Health>> =
+            self.sources.lock().unwrap_or_else(PoisonError::into_inner).iter().filter_map(|(_, s)| s.upgrade()).collect();
+        live.into_iter().find_map(|s| s.failure().map(|why| (s, why)))
+    }
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        self.registry.sources.lock().unwrap_or_else(PoisonError::into_inner).retain(|(id, _)| *id != self.id);
+    }
+}
+
+/// The line the watchdog writes when a communicator failed.
+fn failure_message(rank: usize, phase: Phase, why: &str) -> String {
+    format!(
+        "error on rank {rank}: NCCL reported an error in {}: {why}; aborting the communicator and ending this rank so the job stops",
+        phase.describe()
+    )
+}
+
+/// Calls `source.abort()` on a thread of its own and waits at most `limit` for it: true
+/// when it returned in time.
+fn abort_within(source: Arc<dyn Health>, limit: Duration) -> bool {
+    let (done, finished) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new().name("nccl-abort".into()).spawn(move || {
+        source.abort();
+        let _ = done.send(());
+    });
+    spawned.is_ok() && finished.recv_timeout(limit).is_ok()
+}
 
 pub struct Watchdog {
     progress: Arc<Progress>,
@@ -162,6 +242,23 @@ impl Watch {
             let since_progress = Duration::from_millis((self.progress.started.elapsed().as_millis() as u64).saturating_sub(beat_ms));
             let stalled = since_progress.saturating_sub(frozen);
             let last_step = self.progress.last_step.load(Ordering::Relaxed);
+            if let Some((source, why)) = HEALTH.first_failure() {
+                crate::report::log::stderr_line(&failure_message(self.rank, current, &why));
+                let me = Status::now(self.rank, last_step, stalled.as_millis() as u64, true);
+                for _ in 0..2 {
+                    self.heartbeat.send(&me);
+                    std::thread::sleep(LINGER / 2);
+                }
+                if !abort_within(source, ABORT_WAIT) {
+                    crate::report::log::stderr_line(&format!(
+                        "rank {}: the communicator's abort did not return within {} s; ending the rank without it",
+                        self.rank,
+                        ABORT_WAIT.as_secs()
+                    ));
+                }
+                // As below: no destructors, which could wait for the failed communicator.
+                unsafe { libc::_exit(3) };
+            }
             let fired = stalled > self.allowed;
             if !fired && fired_on.is_none() {
                 if now >= next_send {
@@ -191,6 +288,81 @@ impl Watch {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A communicator's stand-in: fails when told to, counts its aborts, and may hang in one.
+    #[derive(Default)]
+    struct FakeSource {
+        failure: Mutex<Option<String>>,
+        aborts: AtomicUsize,
+        abort_hangs: bool,
+    }
+
+    impl Health for FakeSource {
+        fn failure(&self) -> Option<String> {
+            self.failure.lock().unwrap().clone()
+        }
+        fn abort(&self) {
+            self.aborts.fetch_add(1, Ordering::SeqCst);
+            if self.abort_hangs {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
+    }
+
+    fn weak(s: &Arc<FakeSource>) -> Weak<dyn Health> {
+        let s: Arc<dyn Health> = s.clone();
+        Arc::downgrade(&s)
+    }
+
+    #[test]
+    fn the_registry_reports_a_failed_source_and_forgets_a_removed_or_dropped_one() {
+        let registry = Registry::new();
+        let (healthy, failed) = (Arc::new(FakeSource::default()), Arc::new(FakeSource::default()));
+        let _a = registry.register(weak(&healthy));
+        let b = registry.register(weak(&failed));
+        assert!(registry.first_failure().is_none());
+        *failed.failure.lock().unwrap() = Some("NCCL rank 1 of 2 on GPU 1: ncclRemoteError".into());
+        let (source, why) = registry.first_failure().expect("the failure is seen");
+        assert_eq!(why, "NCCL rank 1 of 2 on GPU 1: ncclRemoteError");
+        source.abort();
+        assert_eq!(failed.aborts.load(Ordering::SeqCst), 1);
+        drop(source);
+        // The owner removed it (its communicator was dropped): no longer asked.
+        drop(b);
+        assert!(registry.first_failure().is_none());
+        // Gone without being removed: the weak handle is skipped, never used.
+        let gone = Arc::new(FakeSource::default());
+        *gone.failure.lock().unwrap() = Some("x".into());
+        let _c = registry.register(weak(&gone));
+        assert!(registry.first_failure().is_some());
+        drop(gone);
+        assert!(registry.first_failure().is_none());
+        assert_eq!(registry.sources.lock().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn the_abort_is_waited_for_but_a_hung_one_only_until_the_limit() {
+        let quick = Arc::new(FakeSource::default());
+        assert!(abort_within(quick.clone(), Duration::from_secs(60)));
+        assert_eq!(quick.aborts.load(Ordering::SeqCst), 1);
+
+        let hung = Arc::new(FakeSource { abort_hangs: true, ..FakeSource::default() });
+        let started = Instant::now();
+        assert!(!abort_within(hung.clone(), Duration::from_millis(100)));
+        assert!(started.elapsed() < Duration::from_secs(30));
+        assert_eq!(hung.aborts.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn the_failure_message_names_the_rank_and_the_phase() {
+        let m = failure_message(1, Phase::WeightBroadcast, "NCCL rank 1 of 2 on GPU 1: ncclRemoteError (peer gone)");
+        assert_eq!(
+            m,
+            "error on rank 1: NCCL reported an error in start-up: weight broadcast: NCCL rank 1 of 2 on GPU 1: \
+             ncclRemoteError (peer gone); aborting the communicator and ending this rank so the job stops"
+        );
+    }
 
     #[test]
     fn an_overrun_spent_waiting_for_a_core_is_not_a_stop() {
