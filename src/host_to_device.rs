@@ -64,13 +64,15 @@ mod tests {
     use tch::Kind;
 
     #[test]
-    fn on_the_cpu_the_tensor_itself_is_handed_over_and_nothing_waits() {
+    fn on_the_cpu_the_tensor_itself_is_handed_over() {
         let host = Tensor::from_slice(&[3i64, 1, 4, 1, 5, 9]).view([2, 3]);
-        let waits = device_reads::count();
+        let queued = count();
         let on_device = upload(&host, Device::Cpu);
         assert_eq!(on_device.data_ptr(), host.data_ptr(), "a copy was made");
         assert_eq!(on_device.size(), vec![2, 3]);
-        assert_eq!(device_reads::count(), waits, "a CPU upload counted as a wait");
+        // Counted as queued (other tests may count beside it: the exact counts are
+        // tests/lean_step.rs's, in a process of its own).
+        assert!(count() > queued);
     }
 
     /// Needs 1 CUDA GPU: `cargo test --locked --lib host_to_device::tests::cuda -- --ignored`.
