@@ -31,24 +31,35 @@ static QUEUED: AtomicU64 = AtomicU64::new(0);
 /// Where pinning fails (page-locked memory exhausted), or on another kind of device, the
 /// copy is a pageable one, counted by `device_reads`: correct, only not free.
 pub fn upload(host: &Tensor, device: Device) -> Tensor {
-    match device {
-        Device::Cpu => {
+    let queued = match device {
+        Device::Cpu => Some(host.shallow_clone()),
+        Device::Cuda(_) => copy_from_pinned(host, device),
+        _ => None,
+    };
+    match queued {
+        Some(on_device) => {
             QUEUED.fetch_add(1, Ordering::Relaxed);
-            host.shallow_clone()
+            on_device
         }
-        // Contiguous first: a strided source would be gathered into a pageable temporary.
-        Device::Cuda(_) => match host.contiguous().f_internal_pin_memory(device) {
-            Ok(pinned) => {
-                QUEUED.fetch_add(1, Ordering::Relaxed);
-                pinned.to_device_(device, pinned.kind(), true, false)
-            }
-            Err(e) => {
-                static WARNED: Once = Once::new();
-                WARNED.call_once(|| tracing::warn!("cannot pin host memory ({e}): batches are copied to {device:?} from pageable memory, which makes the host wait"));
-                device_reads::upload_pageable(host, device)
-            }
-        },
-        other => device_reads::upload_pageable(host, other),
+        None => device_reads::upload_pageable(host, device),
+    }
+}
+
+/// The non-blocking copy of `host` to CUDA `device` through pinned memory; None where
+/// memory cannot be pinned (said once).
+fn copy_from_pinned(host: &Tensor, device: Device) -> Option<Tensor> {
+    // Contiguous first: a strided source would be gathered into a pageable temporary.
+    match host.contiguous().f_internal_pin_memory(device) {
+        Ok(pinned) => Some(pinned.to_device_(device, pinned.kind(), true, false)),
+        Err(e) => {
+            static WARNED: Once = Once::new();
+            WARNED.call_once(|| {
+                tracing::warn!(
+                    "cannot pin host memory ({e}): copies to {device:?} are made from pageable memory, which makes the host wait"
+                )
+            });
+            None
+        }
     }
 }
 
@@ -101,7 +112,8 @@ mod tests {
         let work = start.elapsed();
         assert!(work > Duration::from_millis(100), "the queued work is too short to measure against: {work:?}");
 
-        let sources: Vec<Tensor> = (0..64).map(|i| Tensor::arange_start(i * 100_000, (i + 1) * 100_000, (Kind::Int64, Device::Cpu))).collect();
+        let sources: Vec<Tensor> =
+            (0..64).map(|i| Tensor::arange_start(i * 100_000, (i + 1) * 100_000, (Kind::Int64, Device::Cpu))).collect();
         // Once untimed: the caching host allocator's first blocks come from cudaHostAlloc.
         let _ = sources.iter().map(|s| upload(s, device)).collect::<Vec<_>>();
         tch::Cuda::synchronize(0);

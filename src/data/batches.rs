@@ -153,7 +153,15 @@ pub struct MicroBatches<'a> {
 
 impl<'a> MicroBatches<'a> {
     /// The micro-batches of `rank` of `world` in `batch` (`rank_slice`'s layout).
-    pub fn new(tokens: &'a TokenFile, batch: &'a [u64], micro_batch: usize, seq_len: usize, world: usize, rank: usize, device: Device) -> Self {
+    pub fn new(
+        tokens: &'a TokenFile,
+        batch: &'a [u64],
+        micro_batch: usize,
+        seq_len: usize,
+        world: usize,
+        rank: usize,
+        device: Device,
+    ) -> Self {
         MicroBatches { tokens, batch, micro_batch, seq_len, world, rank, device, ahead: None }
     }
 
@@ -286,7 +294,10 @@ mod tests {
         let batch: Vec<u64> = (0..12).rev().collect();
         let expected = |windows: &[u64]| -> (Vec<i64>, Vec<i64>) {
             let at = |w: u64, j: u64| tokens.get(w * seq_len as u64 + j) as i64;
-            (windows.iter().flat_map(|&w| (0..4).map(move |j| at(w, j))).collect(), windows.iter().flat_map(|&w| (1..5).map(move |j| at(w, j))).collect())
+            (
+                windows.iter().flat_map(|&w| (0..4).map(move |j| at(w, j))).collect(),
+                windows.iter().flat_map(|&w| (1..5).map(move |j| at(w, j))).collect(),
+            )
         };
         let values = |t: &Tensor| Vec::<i64>::try_from(t.reshape([-1])).unwrap();
         for rank in 0..world {
