@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Shows that the bf16 tests fail for the defects they are meant to catch (not run in CI):
-# each patch in tests/sabotage/ breaks bf16 in one way; with it applied, the tests named
-# for it must fail. The patch is reverted on every exit, Ctrl-C included.
+# Shows that tests fail for the defects they are meant to catch (not run in CI): each
+# patch in tests/sabotage/ breaks bf16 or the lean step in one way; with it applied, the
+# tests named for it must fail. The patch is reverted on every exit, Ctrl-C included.
 #   launch/sabotage.sh            every patch
 #   launch/sabotage.sh NAME       tests/sabotage/NAME.patch only
 # Patches and the tests that must catch them:
@@ -9,6 +9,9 @@
 #                        -> lean_step::bf16_trains_as_well_as_fp32_over_three_seeds
 #   bf16-gradient-sum    micro-steps' gradients summed in bf16
 #                        -> distributed::accumulated_micro_steps_are_the_ranks_average
+#   pageable-batch-copy  micro-batches copied with a plain to_device (pageable memory)
+#   counted-pageable-batch-copy  the same through device_reads::upload_pageable
+#                        -> lean_step::unlogged_steps_read_nothing_from_the_device
 # Exit status: 0 when every sabotage was caught, 1 otherwise.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
@@ -17,6 +20,8 @@ cd "$ROOT"
 declare -A catcher=(
   [bf16-master-weights]="--test lean_step bf16_trains_as_well_as_fp32_over_three_seeds"
   [bf16-gradient-sum]="--test distributed accumulated_micro_steps_are_the_ranks_average"
+  [pageable-batch-copy]="--test lean_step unlogged_steps_read_nothing_from_the_device"
+  [counted-pageable-batch-copy]="--test lean_step unlogged_steps_read_nothing_from_the_device"
 )
 if [ $# -eq 0 ]; then set -- "${!catcher[@]}"; fi
 applied=""
@@ -36,7 +41,7 @@ for name in "$@"; do
     uncaught=1
   else
     echo "[sabotage] $name: caught:" >&2
-    grep -E "panicked at|differ|beyond" "target/sabotage-$name.log" | grep -v "^stack" | head -4 >&2 || true
+    grep -E "panicked at|differ|beyond|must|made the host wait" "target/sabotage-$name.log" | grep -v "^stack" | head -4 >&2 || true
   fi
   revert
 done

@@ -21,6 +21,7 @@ pub mod export;
 pub mod faults;
 pub mod generate;
 pub mod host_cpu;
+pub mod host_to_device;
 pub mod info;
 pub mod model;
 pub mod optim;

@@ -3,7 +3,7 @@
 
 use crate::checkpoint::{self, Found, OtherParts, RunIdentity, TrainerState, MODEL_FILE, OPTIMIZER_FILE};
 use crate::config::{Config, NonFinite};
-use crate::data::batches::{batch_tensors, input_ids, rank_slice, Sampler};
+use crate::data::batches::{input_ids, MicroBatches, Sampler};
 use crate::data::cache::SplitData;
 use crate::device_reads;
 use crate::dist::buckets::BucketPlan;
@@ -196,17 +196,20 @@ impl Trainer {
         let mut loss_sum = Tensor::zeros([], (Kind::Float, self.device));
         let mut local_loss = loss_sum.shallow_clone();
         let mut comm = CommCost::default();
+        let mut feed = MicroBatches::new(&train.tokens, &batch, t.micro_batch_size, t.seq_len, world.size(), world.rank(), self.device);
         for micro in 0..t.grad_accum_steps {
             let last = micro + 1 == t.grad_accum_steps;
             let dropout = Dropout::new(self.cfg.model.dropout, t.seed, self.step, micro, world.rank());
-            let windows = rank_slice(&batch, micro, t.micro_batch_size, world.size(), world.rank());
-            let (inputs, targets) = batch_tensors(&train.tokens, windows, t.seq_len, self.device);
+            let windows = feed.windows(micro);
+            let (inputs, targets) = feed.take(micro);
             // Staged only where stages complete gradients early: with shared layers only
             // the token table's early part is complete before the end.
             let staged = last && replicas.overlaps() && self.model.stageable();
             let overlapped = staged || (last && replicas.overlaps() && self.buckets.table.is_some());
             let forwarded =
                 self.objective.forward(&self.model, &self.params, self.bf16.as_ref(), &inputs, &targets, Some(&dropout), staged);
+            // The next micro-batch, its copy queued while this forward runs, before this backward.
+            feed.prepare(micro + 1);
             loss_sum += &forwarded.loss;
             if !last {
                 forwarded.backward(&mut self.params, self.bf16.as_mut(), &mut |_| {});

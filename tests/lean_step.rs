@@ -1,4 +1,4 @@
-//! The lean step through the binary: no device reads on unlogged steps, and bf16
+//! The lean step through the binary: no waits for the device on unlogged steps, and bf16
 //! training as well as fp32 on real text, over three seeds. Every run pins
 //! `train.precision`: what `auto` picks depends on the CPU.
 
@@ -22,9 +22,13 @@ fn finish(child: Running) -> Output {
     finish_bounded(child, LIMIT)
 }
 
-/// Device reads (each a wait for a GPU) happen for logged rows, saves and evaluations,
-/// never for an unlogged step: 6 and 12 steps with one logged row make the same number;
-/// logging every step makes more (the counter counts).
+/// Nothing in an unlogged step makes the host wait for the device. `device_reads` counts
+/// every transfer that would (a read of a device value, a copy from pageable memory; on
+/// the CPU too, where nothing waits), `queued_uploads` the host tensors copied without a
+/// wait. Two micro-steps per step: 6 and 12 steps with one logged row make the same number
+/// of waits, and the 6 more steps make 12 more queued uploads, one per micro-batch (so a
+/// micro-batch copied any other way, as a plain `to_device` is, fails it too); logging
+/// every step makes more waits (the counter counts) and no more uploads.
 #[test]
 fn unlogged_steps_read_nothing_from_the_device() {
     let dir = tempfile::tempdir().unwrap();
@@ -37,6 +41,7 @@ fn unlogged_steps_read_nothing_from_the_device() {
                 "--set=wandb.mode=disabled",
                 &format!("--set=train.max_steps={steps}"),
                 &format!("--set=train.log_interval={log}"),
+                "--set=train.grad_accum_steps=2",
                 "--set=train.eval_interval=0",
                 "--set=train.eval_steps=2",
                 "--set=train.save_interval=0",
@@ -45,12 +50,16 @@ fn unlogged_steps_read_nothing_from_the_device() {
         );
         let out = finish(start(&a));
         assert!(out.status.success(), "{}", stderr(&out));
-        summary(&dir.path().join("runs").join(name))["device_reads"].as_u64().expect("summary.json has device_reads")
+        let s = summary(&dir.path().join("runs").join(name));
+        let count = |key: &str| s[key].as_u64().unwrap_or_else(|| panic!("summary.json has no {key}: {s}"));
+        (count("device_reads"), count("queued_uploads"))
     };
     let (six, twelve, every) = (run("six", 6, 6), run("twelve", 12, 12), run("every", 12, 1));
-    eprintln!("device reads: 6 steps {six}, 12 steps {twelve}, 12 steps logging each {every}");
-    assert_eq!(six, twelve, "unlogged steps read device values");
-    assert!(every >= twelve + 11, "logging every step must read more: {every} vs {twelve}");
+    eprintln!("(waits, queued uploads): 6 steps {six:?}, 12 steps {twelve:?}, 12 steps logging each {every:?}");
+    assert_eq!(six.0, twelve.0, "unlogged steps made the host wait (a device read, or a copy from pageable memory)");
+    assert_eq!(twelve.1, six.1 + 6 * 2, "6 steps of 2 micro-batches must queue 12 uploads: a micro-batch went another way");
+    assert!(every.0 >= twelve.0 + 11, "logging every step must read more: {every:?} vs {twelve:?}");
+    assert_eq!(every.1, twelve.1, "logging uploaded batches");
 }
 
 /// With a vocabulary that is not a multiple of 64 (600 → 640 rows inside the trainer),

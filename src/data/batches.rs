@@ -4,6 +4,7 @@
 //! disjoint slice of every global batch.
 
 use super::token_file::TokenFile;
+use crate::host_to_device;
 use crate::rng::SplitMix64;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
@@ -122,13 +123,72 @@ pub fn input_ids(tokens: &TokenFile, windows: &[u64], seq_len: usize) -> Vec<i64
 
 /// Inputs and targets [windows, seq_len] of the given windows, on `device`: window w
 /// holds tokens `w·seq_len ..= (w+1)·seq_len`, inputs its first `seq_len`, targets its last.
+/// The copy does not make the host wait (`host_to_device`).
 pub fn batch_tensors(tokens: &TokenFile, windows: &[u64], seq_len: usize, device: Device) -> (Tensor, Tensor) {
     let mut ids = Vec::with_capacity(windows.len() * (seq_len + 1));
     for &w in windows {
         tokens.extend_range(w * seq_len as u64, seq_len + 1, &mut ids);
     }
-    let all = Tensor::from_slice(&ids).view([windows.len() as i64, seq_len as i64 + 1]).to_device(device);
+    let all = host_to_device::upload(&Tensor::from_slice(&ids).view([windows.len() as i64, seq_len as i64 + 1]), device);
     (all.narrow(1, 0, seq_len as i64), all.narrow(1, 1, seq_len as i64))
+}
+
+/// One rank's micro-batches of one global batch, each made one micro-step ahead: called
+/// once micro-step m's forward is queued, `prepare(m + 1)` gathers the next windows'
+/// tokens and queues their copy, so on a GPU the host does that while the forward runs,
+/// and m's backward is queued behind the copy without the host having waited. On the CPU
+/// every operation runs as it is called, so nothing overlaps there: the same tensors are
+/// made at another moment, the results are the same bits.
+pub struct MicroBatches<'a> {
+    tokens: &'a TokenFile,
+    batch: &'a [u64],
+    micro_batch: usize,
+    seq_len: usize,
+    world: usize,
+    rank: usize,
+    device: Device,
+    /// The micro-step made ahead, and its inputs and targets.
+    ahead: Option<(usize, (Tensor, Tensor))>,
+}
+
+impl<'a> MicroBatches<'a> {
+    /// The micro-batches of `rank` of `world` in `batch` (`rank_slice`'s layout).
+    pub fn new(
+        tokens: &'a TokenFile,
+        batch: &'a [u64],
+        micro_batch: usize,
+        seq_len: usize,
+        world: usize,
+        rank: usize,
+        device: Device,
+    ) -> Self {
+        MicroBatches { tokens, batch, micro_batch, seq_len, world, rank, device, ahead: None }
+    }
+
+    /// Micro-steps in the batch.
+    pub fn len(&self) -> usize {
+        self.batch.len() / (self.micro_batch * self.world)
+    }
+
+    /// This rank's windows in micro-step `micro`.
+    pub fn windows(&self, micro: usize) -> &'a [u64] {
+        rank_slice(self.batch, micro, self.micro_batch, self.world, self.rank)
+    }
+
+    /// Inputs and targets of micro-step `micro`: those made ahead, or made now.
+    pub fn take(&mut self, micro: usize) -> (Tensor, Tensor) {
+        match self.ahead.take() {
+            Some((m, tensors)) if m == micro => tensors,
+            _ => batch_tensors(self.tokens, self.windows(micro), self.seq_len, self.device),
+        }
+    }
+
+    /// Makes micro-step `micro`'s tensors now, for `take` (nothing past the last).
+    pub fn prepare(&mut self, micro: usize) {
+        if micro < self.len() {
+            self.ahead = Some((micro, batch_tensors(self.tokens, self.windows(micro), self.seq_len, self.device)));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -218,6 +278,43 @@ mod tests {
         // One rank with micro-batch 2B sees in micro-step m what two ranks with B see.
         let two: Vec<u64> = [rank_slice(&batch, 1, 3, 2, 0), rank_slice(&batch, 1, 3, 2, 1)].concat();
         assert_eq!(two, rank_slice(&batch, 1, 6, 1, 0));
+    }
+
+    /// Each micro-step's tensors, whether made ahead (`prepare`) or when taken, hold its
+    /// windows' tokens: inputs the first `seq_len` of each, targets the last.
+    #[test]
+    fn micro_batches_made_ahead_hold_their_windows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.bin");
+        let mut w = crate::data::token_file::TokenWriter::create(&path, 2, &[0; 32]).unwrap();
+        w.push(&(0..100u32).map(|i| i * 7 % 300).collect::<Vec<_>>()).unwrap();
+        w.finish().unwrap();
+        let tokens = TokenFile::open(&path).unwrap();
+        let (micro, world, seq_len) = (3, 2, 4);
+        let batch: Vec<u64> = (0..12).rev().collect();
+        let expected = |windows: &[u64]| -> (Vec<i64>, Vec<i64>) {
+            let at = |w: u64, j: u64| tokens.get(w * seq_len as u64 + j) as i64;
+            (
+                windows.iter().flat_map(|&w| (0..4).map(move |j| at(w, j))).collect(),
+                windows.iter().flat_map(|&w| (1..5).map(move |j| at(w, j))).collect(),
+            )
+        };
+        let values = |t: &Tensor| Vec::<i64>::try_from(t.reshape([-1])).unwrap();
+        for rank in 0..world {
+            let mut feed = MicroBatches::new(&tokens, &batch, micro, seq_len, world, rank, Device::Cpu);
+            assert_eq!(feed.len(), 2);
+            // Made when taken, then made ahead; ahead past the last micro-step is nothing.
+            let first = feed.take(0);
+            feed.prepare(1);
+            feed.prepare(2);
+            let second = feed.take(1);
+            for (m, (inputs, targets)) in [(0, first), (1, second)] {
+                let windows = rank_slice(&batch, m, micro, world, rank);
+                assert_eq!(feed.windows(m), windows);
+                assert_eq!(inputs.size(), vec![micro as i64, seq_len as i64]);
+                assert_eq!((values(&inputs), values(&targets)), expected(windows), "rank {rank}, micro-step {m}");
+            }
+        }
     }
 
     #[test]

@@ -95,11 +95,13 @@ impl<'a> TableParts<'a> {
     }
 }
 
-/// The rows `ids` name, ascending and once each, as a tensor on `device`.
+/// The rows `ids` name, ascending and once each, as a tensor on `device`. Made between the
+/// last forward and its backward: the copy must not make the host wait for the forward
+/// (`host_to_device`).
 pub fn touched_rows(mut ids: Vec<i64>, device: Device) -> Tensor {
     ids.sort_unstable();
     ids.dedup();
-    Tensor::from_slice(&ids).to_kind(Kind::Int64).to_device(device)
+    crate::host_to_device::upload(&Tensor::from_slice(&ids).to_kind(Kind::Int64), device)
 }
 
 #[cfg(test)]

@@ -21,11 +21,15 @@ struct RunSummary {
     best_achievable_val_ppl: Option<f64>,
     best_val_ppl: Option<f64>,
     checkpoint: String,
-    /// Reads of device values by this process (each a wait for a GPU): a handful per
-    /// logged row, none per unlogged step.
+    /// Transfers by this process that make the host wait for a GPU (`device_reads`: reads
+    /// of device values, copies from pageable memory): a handful per logged row, none per
+    /// unlogged step.
     device_reads: u64,
     /// `bf16` or `fp32`: what `train.precision` resolved to.
     precision: String,
+    /// Host tensors copied to the device without a wait (`host_to_device`): one per
+    /// micro-batch and evaluation batch.
+    queued_uploads: u64,
     steps: u64,
     test_ppl: Option<f64>,
     tokens: u64,
@@ -63,6 +67,7 @@ pub(super) fn write(
         checkpoint: run.checkpoint(trainer.step).display().to_string(),
         device_reads: crate::device_reads::count(),
         precision: trainer.precision.name().to_string(),
+        queued_uploads: crate::host_to_device::count(),
         steps: trainer.step,
         test_ppl: test.map(|e| e.ppl),
         tokens: trainer.tokens_seen,
