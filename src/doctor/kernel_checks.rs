@@ -23,7 +23,7 @@ pub fn run(r: &mut Report, device: Device) {
                 .map(|sizes| format!("PTX for {} ({} bytes)", archs.join(", "), sizes.iter().sum::<usize>()));
             r.outcome(format!("NVRTC kernels/{file}"), compiled);
         }
-        r.skip("kernels vs CPU", "no GPU on this rank (kernels were compiled to PTX only)");
+        r.skip("GPU kernels and AdamW vs CPU", "no GPU on this rank (kernels were compiled to PTX only)");
         return;
     };
     match Kernels::load(ordinal, None) {
