@@ -266,8 +266,8 @@ impl std::fmt::Display for RunDifference {
     }
 }
 
-/// Steps of the sample run; the one at `CLIPPED` has gradients 100× larger (clip factor
-/// ≈ 0.02), the one at `SKIPPED` a NaN gradient.
+/// Steps of the sample run; the one at `CLIPPED` has gradients 100× larger (norm ≈ 30,
+/// clipped to 1), the one at `SKIPPED` a NaN gradient.
 const SAMPLE_STEPS: usize = 6;
 const CLIPPED: usize = 1;
 const SKIPPED: usize = 3;
