@@ -44,7 +44,8 @@ fn build_mpi_shim() {
 fn build_fused_adamw_shim() {
     println!("cargo:rerun-if-changed=src/optim/fused_adamw.cpp");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
-    let lib = env::var("DEP_TCH_LIBTORCH_LIB").unwrap_or_else(|_| panic!("torch-sys did not report its libtorch directory: cannot build src/optim/fused_adamw.cpp"));
+    let lib = env::var("DEP_TCH_LIBTORCH_LIB")
+        .unwrap_or_else(|_| panic!("torch-sys did not report its libtorch directory: cannot build src/optim/fused_adamw.cpp"));
     let include = PathBuf::from(lib).join("../include");
     // The ABI torch-sys builds its own C++ with; PyPI wheels of torch 2.x use the new one.
     let cxx11_abi = env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_string());

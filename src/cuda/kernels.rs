@@ -70,12 +70,7 @@ impl Kernels {
             }
         }
         let mut take = |name: &str| functions.remove(name).with_context(|| format!("kernels/ has no function {name}"));
-        Ok(Kernels {
-            ordinal,
-            arch,
-            stream: ctx.default_stream(),
-            dropout_mask: take("dropout_mask")?,
-        })
+        Ok(Kernels { ordinal, arch, stream: ctx.default_stream(), dropout_mask: take("dropout_mask")? })
     }
 
     /// The architecture the kernels were compiled for, e.g. `sm_90`.

@@ -111,7 +111,8 @@ impl AdamW {
                     continue;
                 }
                 let part = |t: &Tensor| t.narrow(0, start, len);
-                let (param, grad, exp_avg, exp_avg_sq) = (part(&params.values), part(&params.grads), part(&self.exp_avg), part(&self.exp_avg_sq));
+                let (param, grad, exp_avg, exp_avg_sq) =
+                    (part(&params.values), part(&params.grads), part(&self.exp_avg), part(&self.exp_avg_sq));
                 let buffers = FusedBuffers {
                     param: &param,
                     grad: &grad,
@@ -286,12 +287,16 @@ struct SampleRun {
 /// clip factor and skip flag made by `norm_clip_and_skip` as the trainer makes them. The
 /// start and the gradients come from a seeded generator of our own (libtorch's global
 /// one is shared with whatever else runs), so that every run sees the same numbers.
-fn sample_run(device: tch::Device, step: impl Fn(&mut AdamW, &mut FlatParams, f64, &Tensor, &Tensor) -> anyhow::Result<()>) -> anyhow::Result<SampleRun> {
+fn sample_run(
+    device: tch::Device,
+    step: impl Fn(&mut AdamW, &mut FlatParams, f64, &Tensor, &Tensor) -> anyhow::Result<()>,
+) -> anyhow::Result<SampleRun> {
     let mut rng = crate::rng::SplitMix64::new(23);
     // Uniform in [-scale, scale).
     let mut uniform = |shape: &[i64], scale: f64| {
         let n = shape.iter().product::<i64>() as usize;
-        let values: Vec<f32> = (0..n).map(|_| ((rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32 * scale as f32).collect();
+        let values: Vec<f32> =
+            (0..n).map(|_| ((rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32 * scale as f32).collect();
         Tensor::from_slice(&values).reshape(shape)
     };
     let shapes: [&[i64]; 3] = [&[512, 512], &[100, 64], &[999]];

@@ -55,7 +55,13 @@ pub fn fused_adamw_(b: &FusedBuffers, h: &FusedHyper) -> anyhow::Result<()> {
     // libtorch's CPU kernel trusts the buffers' lengths.
     for (t, what) in [(b.grad, "grad"), (b.exp_avg, "exp_avg"), (b.exp_avg_sq, "exp_avg_sq")] {
         if t.size() != b.param.size() || t.device() != b.param.device() || !t.is_contiguous() {
-            bail!("fused AdamW: {what} is {:?} on {:?}, the parameters {:?} on {:?}", t.size(), t.device(), b.param.size(), b.param.device());
+            bail!(
+                "fused AdamW: {what} is {:?} on {:?}, the parameters {:?} on {:?}",
+                t.size(),
+                t.device(),
+                b.param.size(),
+                b.param.device()
+            );
         }
     }
     if !b.param.is_contiguous() {
@@ -115,7 +121,15 @@ mod tests {
     fn libtorch_errors_come_back_as_errors() {
         let ints: Vec<Tensor> = (0..4).map(|_| Tensor::zeros([8], (Kind::Int64, Device::Cpu))).collect();
         let step = Tensor::from(1.0f32);
-        let b = FusedBuffers { param: &ints[0], grad: &ints[1], exp_avg: &ints[2], exp_avg_sq: &ints[3], step: &step, grad_scale: None, found_inf: None };
+        let b = FusedBuffers {
+            param: &ints[0],
+            grad: &ints[1],
+            exp_avg: &ints[2],
+            exp_avg_sq: &ints[3],
+            step: &step,
+            grad_scale: None,
+            found_inf: None,
+        };
         let e = fused_adamw_(&b, &H).unwrap_err().to_string();
         assert!(e.starts_with("libtorch's fused AdamW: ") && e.contains("Long"), "{e}");
     }
@@ -136,7 +150,8 @@ mod tests {
         let [p, g, m, v] = buffers(8);
         let before: Vec<Tensor> = [&p, &g, &m, &v].iter().map(|t| t.copy()).collect();
         let (step, scale, inf) = (Tensor::from(1.0f32), Tensor::from(2.0f32), Tensor::from(1.0f32));
-        let b = FusedBuffers { param: &p, grad: &g, exp_avg: &m, exp_avg_sq: &v, step: &step, grad_scale: Some(&scale), found_inf: Some(&inf) };
+        let b =
+            FusedBuffers { param: &p, grad: &g, exp_avg: &m, exp_avg_sq: &v, step: &step, grad_scale: Some(&scale), found_inf: Some(&inf) };
         fused_adamw_(&b, &H).unwrap();
         for (now, was) in [&p, &g, &m, &v].iter().zip(&before) {
             assert!(now.equal(was));
