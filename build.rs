@@ -6,6 +6,7 @@ use std::path::PathBuf;
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     build_mpi_shim();
+    build_fused_adamw_shim();
     link_libtorch();
     record_git_revision();
 }
@@ -36,6 +37,29 @@ fn build_mpi_shim() {
         build.include(dir);
     }
     build.compile("algpt2_mpi_shim");
+}
+
+/// libtorch's fused AdamW, which tch does not bind (src/optim/fused_adamw.cpp), compiled
+/// against the headers of the libtorch torch-sys links.
+fn build_fused_adamw_shim() {
+    println!("cargo:rerun-if-changed=src/optim/fused_adamw.cpp");
+    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    let lib = env::var("DEP_TCH_LIBTORCH_LIB")
+        .unwrap_or_else(|_| panic!("torch-sys did not report its libtorch directory: cannot build src/optim/fused_adamw.cpp"));
+    let include = PathBuf::from(lib).join("../include");
+    // The ABI torch-sys builds its own C++ with; PyPI wheels of torch 2.x use the new one.
+    let cxx11_abi = env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_string());
+    cc::Build::new()
+        .cpp(true)
+        .pic(true)
+        // libtorch's headers warn about themselves.
+        .warnings(false)
+        .include(&include)
+        .flag("-std=c++17")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={cxx11_abi}"))
+        .flag("-DGLOG_USE_GLOG_EXPORT")
+        .file("src/optim/fused_adamw.cpp")
+        .compile("algpt2_fused_adamw");
 }
 
 fn link_libtorch() {

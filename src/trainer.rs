@@ -232,7 +232,7 @@ impl Trainer {
 
         let (grad_norm, clip_coef, skipped) = norm_clip_and_skip(&self.params.grads, self.cfg.optim.grad_clip);
         self.record_nonfinite(&skipped, &local_loss);
-        self.opt.step_guarded(&mut self.params, lr, &clip_coef, &skipped);
+        self.opt.step_guarded(&mut self.params, lr, &clip_coef, &skipped)?;
         if crate::faults::diverge_at(self.step, world.rank()) {
             let _ = self.params.values.narrow(0, 0, 1).g_add_scalar_(1e-3);
         }
@@ -323,7 +323,7 @@ impl Trainer {
         let optimizer = vec![
             ("exp_avg".to_string(), self.opt.exp_avg.shallow_clone()),
             ("exp_avg_sq".to_string(), self.opt.exp_avg_sq.shallow_clone()),
-            ("steps".to_string(), Tensor::from_slice(&[self.opt.steps as i64])),
+            ("steps".to_string(), Tensor::from_slice(&[self.opt.steps() as i64])),
         ];
         let state = TrainerState {
             format_version: 0,
@@ -430,7 +430,7 @@ impl Trainer {
             }
             Ok(())
         })?;
-        self.opt.steps = optim.get("steps").map(|t| t.int64_value(&[0]) as u64).unwrap_or(state.step);
+        self.opt.set_steps(optim.get("steps").map(|t| t.int64_value(&[0]) as u64).unwrap_or(state.step));
         self.sampler.restore(state.sampler).map_err(|e| anyhow!("checkpoint {dir}: {e}"))?;
         self.step = state.step;
         self.tokens_seen = state.tokens_seen;

@@ -22,10 +22,6 @@ pub struct Kernels {
     ordinal: usize,
     arch: &'static str,
     stream: Arc<CudaStream>,
-    adamw_step: CudaFunction,
-    grad_norm_sq: CudaFunction,
-    f32_to_bf16: CudaFunction,
-    bf16_to_f32_scaled: CudaFunction,
     dropout_mask: CudaFunction,
 }
 
@@ -40,20 +36,6 @@ pub fn shared(ordinal: usize) -> anyhow::Result<Arc<Kernels>> {
     let k = Arc::new(Kernels::load(ordinal, cache.as_deref())?);
     loaded.insert(ordinal, k.clone());
     Ok(k)
-}
-
-/// AdamW's hyper-parameters for one step, as `kernels/adamw.cu` takes them.
-#[derive(Debug, Clone, Copy)]
-pub struct AdamWStep {
-    pub lr: f32,
-    pub beta1: f32,
-    pub beta2: f32,
-    pub eps: f32,
-    pub weight_decay: f32,
-    /// 1 - beta1^t.
-    pub bias_correction1: f32,
-    /// sqrt(1 - beta2^t).
-    pub bias_correction2_sqrt: f32,
 }
 
 /// `sm_XY` for a compute capability; NVRTC wants a `'static` name.
@@ -88,16 +70,7 @@ impl Kernels {
             }
         }
         let mut take = |name: &str| functions.remove(name).with_context(|| format!("kernels/ has no function {name}"));
-        Ok(Kernels {
-            ordinal,
-            arch,
-            stream: ctx.default_stream(),
-            adamw_step: take("adamw_step")?,
-            grad_norm_sq: take("grad_norm_sq")?,
-            f32_to_bf16: take("f32_to_bf16")?,
-            bf16_to_f32_scaled: take("bf16_to_f32_scaled")?,
-            dropout_mask: take("dropout_mask")?,
-        })
+        Ok(Kernels { ordinal, arch, stream: ctx.default_stream(), dropout_mask: take("dropout_mask")? })
     }
 
     /// The architecture the kernels were compiled for, e.g. `sm_90`.
@@ -119,81 +92,6 @@ impl Kernels {
         let blocks = ((n.max(1) as u64).div_ceil(BLOCK as u64)).min(MAX_BLOCKS as u64) as u32;
         LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes }
     }
-
-    /// One fused AdamW update of the flat buffers; `[0, decay_len)` get weight decay.
-    pub fn adamw_step(
-        &self,
-        params: &Tensor,
-        grads: &Tensor,
-        exp_avg: &Tensor,
-        exp_avg_sq: &Tensor,
-        decay_len: i64,
-        h: &AdamWStep,
-    ) -> anyhow::Result<()> {
-        let n = params.numel() as i64;
-        for (t, what) in [(grads, "grads"), (exp_avg, "exp_avg"), (exp_avg_sq, "exp_avg_sq")] {
-            if t.numel() as i64 != n {
-                bail!("adamw_step: {what} has {} values, params {n}", t.numel());
-            }
-        }
-        let p = self.check(params, Kind::Float, "adamw_step params")?;
-        let g = self.check(grads, Kind::Float, "adamw_step grads")?;
-        let m = self.check(exp_avg, Kind::Float, "adamw_step exp_avg")?;
-        let v = self.check(exp_avg_sq, Kind::Float, "adamw_step exp_avg_sq")?;
-        let decay_len = decay_len.clamp(0, n);
-        let mut launch = self.stream.launch_builder(&self.adamw_step);
-        launch.arg(&p).arg(&g).arg(&m).arg(&v).arg(&n).arg(&decay_len);
-        launch.arg(&h.lr).arg(&h.beta1).arg(&h.beta2).arg(&h.eps).arg(&h.weight_decay);
-        launch.arg(&h.bias_correction1).arg(&h.bias_correction2_sqrt);
-        // SAFETY: the four addresses are contiguous f32 tensors of n values on this GPU,
-        // alive until the launch has run (the caller holds them; libtorch's allocator
-        // reuses memory only in stream order).
-        unsafe { launch.launch(Self::config(n, 0)) }.map_err(|e| anyhow!("adamw_step launch: {e:?}"))?;
-        Ok(())
-    }
-
-    /// Sum of squares (f64, on the device, shape [1]) and the count of non-finite values
-    /// (i64, shape [1]) of a flat f32 gradient buffer, in one pass.
-    pub fn grad_norm_sq(&self, grads: &Tensor) -> anyhow::Result<(Tensor, Tensor)> {
-        let g = self.check(grads, Kind::Float, "grad_norm_sq grads")?;
-        let n = grads.numel() as i64;
-        let sum_sq = Tensor::zeros([1], (Kind::Double, grads.device()));
-        let nonfinite = Tensor::zeros([1], (Kind::Int64, grads.device()));
-        let (s, c) = (sum_sq.data_ptr() as u64, nonfinite.data_ptr() as u64);
-        let mut launch = self.stream.launch_builder(&self.grad_norm_sq);
-        launch.arg(&g).arg(&n).arg(&s).arg(&c);
-        // SAFETY: as for adamw_step; the outputs are fresh zeroed tensors of one value each.
-        unsafe { launch.launch(Self::config(n, BLOCK * 8)) }.map_err(|e| anyhow!("grad_norm_sq launch: {e:?}"))?;
-        Ok((sum_sq, nonfinite))
-    }
-
-    /// `dst` (bf16) = `src` (f32) rounded to nearest even.
-    pub fn f32_to_bf16(&self, src: &Tensor, dst: &Tensor) -> anyhow::Result<()> {
-        let n = src.numel() as i64;
-        if dst.numel() as i64 != n {
-            bail!("f32_to_bf16: {} values into {}", n, dst.numel());
-        }
-        let (s, d) = (self.check(src, Kind::Float, "f32_to_bf16 src")?, self.check(dst, Kind::BFloat16, "f32_to_bf16 dst")?);
-        let mut launch = self.stream.launch_builder(&self.f32_to_bf16);
-        launch.arg(&s).arg(&d).arg(&n);
-        // SAFETY: as for adamw_step.
-        unsafe { launch.launch(Self::config(n, 0)) }.map_err(|e| anyhow!("f32_to_bf16 launch: {e:?}"))?;
-        Ok(())
-    }
-
-    /// `dst` (f32) = `src` (bf16) × `scale`.
-    pub fn bf16_to_f32_scaled(&self, src: &Tensor, dst: &Tensor, scale: f32) -> anyhow::Result<()> {
-        let n = src.numel() as i64;
-        if dst.numel() as i64 != n {
-            bail!("bf16_to_f32_scaled: {} values into {}", n, dst.numel());
-        }
-        let (s, d) = (self.check(src, Kind::BFloat16, "bf16_to_f32_scaled src")?, self.check(dst, Kind::Float, "bf16_to_f32_scaled dst")?);
-        let mut launch = self.stream.launch_builder(&self.bf16_to_f32_scaled);
-        launch.arg(&s).arg(&d).arg(&n).arg(&scale);
-        // SAFETY: as for adamw_step.
-        unsafe { launch.launch(Self::config(n, 0)) }.map_err(|e| anyhow!("bf16_to_f32_scaled launch: {e:?}"))?;
-        Ok(())
-    }
 }
 
 impl Kernels {
@@ -203,7 +101,9 @@ impl Kernels {
         let n = out.numel() as i64;
         let mut launch = self.stream.launch_builder(&self.dropout_mask);
         launch.arg(&o).arg(&n).arg(&key).arg(&threshold).arg(&scale);
-        // SAFETY: as for adamw_step.
+        // SAFETY: `out` is a contiguous f32 tensor of n values on this GPU, alive until the
+        // launch has run (the caller holds it; libtorch's allocator reuses memory only in
+        // stream order).
         unsafe { launch.launch(Self::config((n + 3) / 4, 0)) }.map_err(|e| anyhow!("dropout_mask launch: {e:?}"))?;
         Ok(())
     }
@@ -219,7 +119,7 @@ mod tests {
         assert_eq!(arch_name(8, 6), "sm_86");
         assert_eq!(arch_name(7, 5), "sm_75");
         let entries: Vec<&str> = KERNELS.iter().flat_map(|(_, s)| entry_name(s)).collect();
-        assert_eq!(entries, ["adamw_step", "grad_norm_sq", "f32_to_bf16", "bf16_to_f32_scaled", "dropout_mask"]);
+        assert_eq!(entries, ["dropout_mask"]);
     }
 
     #[test]

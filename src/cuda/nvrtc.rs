@@ -6,12 +6,8 @@ use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 
 /// The kernels shipped with the program, embedded at build time: (file name, source).
-pub const KERNELS: [(&str, &str); 4] = [
-    ("adamw.cu", include_str!("../../kernels/adamw.cu")),
-    ("grad_norm.cu", include_str!("../../kernels/grad_norm.cu")),
-    ("bf16_cast.cu", include_str!("../../kernels/bf16_cast.cu")),
-    ("dropout.cu", include_str!("../../kernels/dropout.cu")),
-];
+/// Each is launched by the training step; a kernel nothing launches is not kept.
+pub const KERNELS: [(&str, &str); 1] = [("dropout.cu", include_str!("../../kernels/dropout.cu"))];
 
 /// The directories of the CUDA headers (cuda_bf16.h): the PyPI wheels' beside the
 /// libtorch in use (`ALGPT2_TORCH_DIR`, set by the bundle's launcher), else beside the
