@@ -323,9 +323,13 @@ fn a_second_training_on_the_same_run_directory_is_refused() {
     assert_eq!(second.status.code(), Some(1));
     let err = stderr(&second);
     assert!(err.contains("is in use by another training") && err.contains(&format!("pid {}", first.id())), "{err}");
-    // The first one goes on undisturbed.
-    std::thread::sleep(std::time::Duration::from_millis(1500));
-    assert!(std::fs::read_to_string(&metrics).unwrap().lines().count() > rows_before);
+    // The first one goes on undisturbed: it logs another row (within a minute: on a loaded
+    // 2-core machine 1.5 s was not always enough for a step).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::fs::read_to_string(&metrics).unwrap().lines().count() <= rows_before {
+        assert!(first.is_running() && std::time::Instant::now() < deadline, "the first training stopped logging:\n{}", first.stderr_so_far());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     first.kill();
     finish_bounded(first, LIMIT);
     // Once it is gone (even killed), the directory can be used again.
