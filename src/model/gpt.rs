@@ -131,8 +131,8 @@ fn attention_with_dropout(q: &Tensor, k: &Tensor, v: &Tensor, dropout: &Dropout,
 /// probabilities in the compute type: 10 bytes per element in bf16 (12 in fp32), of
 /// B·H·T² elements. At the WikiText-103 configs (micro-batch 30, 12 heads, T = 256) that
 /// is 23.6 M elements, 236 MB per layer and 2.8 GB per micro-step over 12 layers (16×
-/// that at T = 1024), plus as much again in temporaries while a layer runs; the fused
-/// kernel keeps its output and a [B, H, T] fp32 log-sum-exp (0.37 MB).
+/// that at T = 1024), plus temporaries of that size while a layer runs; the fused kernel
+/// keeps its output and a [B, H, T] fp32 log-sum-exp (0.37 MB).
 ///
 /// Why resume stays exact: seeding sets the generator's seed and resets its offset to 0,
 /// a host-side write that waits on nothing, so the mask is a function of `seed` and of
@@ -141,7 +141,12 @@ fn attention_with_dropout(q: &Tensor, k: &Tensor, v: &Tensor, dropout: &Dropout,
 /// attention as the uninterrupted run did. Nothing else in a step draws from the GPU's
 /// generator (every other dropout site uses the counter-based masks), so seeding it here
 /// changes nothing else. The masks are those of libtorch's kernel: the same on the same
-/// GPU model and libtorch, not equal to the counter-based masks of the CPU path.
+/// GPU model and libtorch, not equal to the counter-based masks of the CPU path. One
+/// limit, shared with the SDPA of the dropout-free forward: unless libtorch runs with
+/// deterministic algorithms (which tch cannot switch on), the flash backward sums the
+/// query gradient over key blocks with atomics, in an order that can vary once there are
+/// more than two blocks (longer sequences): the gradients can then differ in their last
+/// bits between two runs, resumed or not. Unmeasured here (no GPU).
 ///
 /// On the CPU (where the unit tests call it) libtorch takes its math path, whose dropout
 /// draws from the CPU generator seeded the same way; the model's CPU forward does not
