@@ -35,7 +35,7 @@ pub fn evaluate(
     tch::no_grad(|| {
         for chunk in mine.chunks(batch.max(1)) {
             let (inputs, targets) = batch_tensors(&split.tokens, chunk, seq_len, device);
-            let logits = model.forward(&inputs, None);
+            let logits = model.forward(&inputs);
             let v = logits.size()[2];
             // Per-token losses summed in f64: the total then hardly depends on how the
             // windows were batched, i.e. on the world size.

@@ -81,7 +81,7 @@ pub fn generate(model: &Algpt2, prompt: &[i64], end_of_text: i64, s: &Sampling, 
                 model.forward_cached(&idx, &mut cache)
             } else {
                 let context = &tokens[tokens.len().saturating_sub(window)..];
-                model.forward(&Tensor::from_slice(context).view([1, -1]).to_device(device), None)
+                model.forward(&Tensor::from_slice(context).view([1, -1]).to_device(device))
             };
             let last = logits.get(0).get(logits.size()[1] - 1);
             let next = pick(&last, s, &mut rng);
@@ -172,7 +172,7 @@ mod tests {
             }
             // The cached logits themselves agree with a full forward pass.
             let ids = Tensor::from_slice(&[1i64, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]).view([1, 20]);
-            let full = tch::no_grad(|| m.forward(&ids, None));
+            let full = tch::no_grad(|| m.forward(&ids));
             let mut cache = KvCache::new(3, 4);
             let mut parts = Vec::new();
             tch::no_grad(|| {

@@ -18,7 +18,7 @@ use crate::model::stages::TOKEN_TABLE;
 use crate::model::Algpt2;
 use crate::optim::adamw::norm_clip_and_skip;
 use crate::optim::AdamW;
-use anyhow::{anyhow, bail};
+use anyhow::{anyhow, bail, Context};
 use sha2::{Digest, Sha256};
 use std::cell::RefCell;
 use std::collections::BTreeSet;
@@ -206,8 +206,10 @@ impl Trainer {
             // the token table's early part is complete before the end.
             let staged = last && replicas.overlaps() && self.model.stageable();
             let overlapped = staged || (last && replicas.overlaps() && self.buckets.table.is_some());
-            let forwarded =
-                self.objective.forward(&self.model, &self.params, self.bf16.as_ref(), &inputs, &targets, Some(&dropout), staged);
+            let forwarded = self
+                .objective
+                .forward(&self.model, &self.params, self.bf16.as_ref(), &inputs, &targets, Some(&dropout), staged)
+                .with_context(|| format!("step {}, micro-step {micro}: forward", self.step))?;
             // The next micro-batch, its copy queued while this forward runs, before this backward.
             feed.prepare(micro + 1);
             loss_sum += &forwarded.loss;

@@ -41,7 +41,7 @@ fn exports_load_in_transformers_with_our_logits() {
         let cfg: ModelConfig = serde_json::from_value(state.model_config).unwrap();
         let model = checkpoint::load_model(&ckpt, &cfg, Device::Cpu).unwrap().model;
         let idx = Tensor::randint(cfg.vocab_size as i64, [2, 32], (Kind::Int64, Device::Cpu));
-        let logits = tch::no_grad(|| model.forward(&idx, None));
+        let logits = tch::no_grad(|| model.forward(&idx));
         let ours = dir.path().join("ours.safetensors");
         Tensor::write_safetensors(&[("idx", &idx), ("logits", &logits)], &ours).unwrap();
 

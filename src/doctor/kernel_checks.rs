@@ -41,7 +41,7 @@ pub fn run(r: &mut Report, device: Device) {
 fn dropout_masks(device: Device) -> anyhow::Result<String> {
     let d = crate::model::dropout::Dropout::new(0.1, 1337, 12, 1, 3);
     let shape = [N];
-    let gpu = d.mask(7, &shape, device).to_device(Device::Cpu);
+    let gpu = d.mask(7, &shape, device)?.to_device(Device::Cpu);
     let cpu = d.host_mask(7, &shape);
     ensure!(gpu.equal(&cpu), "GPU and CPU dropout masks differ in {} of {N} values", gpu.ne_tensor(&cpu).sum(Kind::Int64).int64_value(&[]));
     Ok(format!("{N} values identical to the CPU generator"))

@@ -8,11 +8,18 @@
 //! `65536 / (65536 − threshold)`, the reciprocal of the exact keep rate, so the
 //! expectation of every activation is unchanged.
 
+use anyhow::Context;
 use tch::{Device, Kind, Tensor};
 
 /// Sites of one forward pass: the embeddings, then three per layer application.
 pub mod site {
     pub const EMBEDDING: u64 = 0;
+    /// The site as errors name it: `embeddings`, `layer 3 attention output`, ...
+    pub fn describe(site: u64) -> String {
+        let Some(after) = site.checked_sub(1) else { return "embeddings".to_string() };
+        let what = ["attention probabilities", "attention output", "MLP output"][(after % 3) as usize];
+        format!("layer {} {what}", after / 3)
+    }
     pub fn attention_probs(layer: usize) -> u64 {
         1 + 3 * layer as u64
     }
@@ -64,7 +71,9 @@ impl Dropout {
         65536.0 / (65536 - self.threshold) as f64
     }
 
-    fn site_key(&self, site: u64) -> u64 {
+    /// The key of `site`'s mask, a function of (seed, step, micro-step, rank, site) only;
+    /// also the seed of the fused attention's dropout on a GPU (model/gpt.rs).
+    pub fn site_key(&self, site: u64) -> u64 {
         mix64(self.key ^ site.wrapping_mul(0xD1B5_4A32_D192_ED03).wrapping_add(GOLDEN))
     }
 
@@ -96,19 +105,27 @@ impl Dropout {
 
     /// The mask of `site` on `device`, shaped `shape`: fp32, 0 where dropped and
     /// `scale()` where kept (fp32 so that the scale is exact whatever the compute type;
-    /// multiplying a bf16 activation by it gives an fp32 result).
-    pub fn mask(&self, site: u64, shape: &[i64], device: Device) -> Tensor {
-        if let Device::Cuda(ordinal) = device {
-            // The same bits from kernels/dropout.cu, made on the GPU (no copy of the mask).
-            let out = Tensor::empty(shape, (Kind::Float, device));
-            let made = crate::cuda::kernels::shared(ordinal)
-                .and_then(|k| k.dropout_mask(&out, self.site_key(site), self.threshold, self.scale() as f32));
-            match made {
-                Ok(()) => return out,
-                Err(e) => panic!("dropout masks on cuda:{ordinal}: {e:#}"),
-            }
+    /// multiplying a bf16 activation by it gives an fp32 result). On a GPU it is made by
+    /// kernels/dropout.cu, which can fail (kernels not loaded, a failed launch): an error
+    /// naming the site and the GPU, for the step to return.
+    pub fn mask(&self, site: u64, shape: &[i64], device: Device) -> anyhow::Result<Tensor> {
+        #[cfg(test)]
+        tests::injected_failure(site)?;
+        match device {
+            Device::Cuda(ordinal) => self
+                .gpu_mask(site, shape, ordinal)
+                .with_context(|| format!("dropout mask of the {} on cuda:{ordinal}", site::describe(site))),
+            _ => Ok(self.host_mask(site, shape).to_device(device)),
         }
-        self.host_mask(site, shape).to_device(device)
+    }
+
+    /// The same bits as `host_mask`, made on GPU `ordinal` (no copy of the mask).
+    fn gpu_mask(&self, site: u64, shape: &[i64], ordinal: usize) -> anyhow::Result<Tensor> {
+        // The kernels first: without them there is no GPU to allocate on either.
+        let kernels = crate::cuda::kernels::shared(ordinal)?;
+        let out = Tensor::f_empty(shape, (Kind::Float, Device::Cuda(ordinal)))?;
+        kernels.dropout_mask(&out, self.site_key(site), self.threshold, self.scale() as f32)?;
+        Ok(out)
     }
 
     /// The mask made on the CPU (what the GPU kernel is checked against).
@@ -125,25 +142,47 @@ impl Dropout {
     }
 
     /// `x` with dropout, in fp32.
-    pub fn apply(&self, site: u64, x: &Tensor) -> Tensor {
+    pub fn apply(&self, site: u64, x: &Tensor) -> anyhow::Result<Tensor> {
         if self.is_identity() {
-            return x.to_kind(Kind::Float);
+            return Ok(x.to_kind(Kind::Float));
         }
-        x * self.mask(site, &x.size(), x.device())
+        Ok(x * self.mask(site, &x.size(), x.device())?)
     }
 
     /// `residual + dropout(branch)` in one pass (addcmul), in fp32.
-    pub fn add_to(&self, site: u64, residual: &Tensor, branch: &Tensor) -> Tensor {
+    pub fn add_to(&self, site: u64, residual: &Tensor, branch: &Tensor) -> anyhow::Result<Tensor> {
         if self.is_identity() {
-            return residual + branch;
+            return Ok(residual + branch);
         }
-        residual.addcmul(branch, &self.mask(site, &branch.size(), branch.device()))
+        Ok(residual.addcmul(branch, &self.mask(site, &branch.size(), branch.device())?))
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use std::cell::Cell;
+
+    thread_local! {
+        /// A site whose mask fails on this thread (the failure of a GPU mask, without a GPU).
+        static FAILING_SITE: Cell<Option<u64>> = const { Cell::new(None) };
+    }
+
+    /// Makes `mask` fail at `site` on the calling thread while `f` runs.
+    pub(crate) fn with_failing_mask<T>(site: u64, f: impl FnOnce() -> T) -> T {
+        FAILING_SITE.with(|s| s.set(Some(site)));
+        let out = f();
+        FAILING_SITE.with(|s| s.set(None));
+        out
+    }
+
+    pub(super) fn injected_failure(site: u64) -> anyhow::Result<()> {
+        match FAILING_SITE.with(|s| s.get()) {
+            Some(failing) if failing == site => Err(anyhow::anyhow!("injected mask failure"))
+                .with_context(|| format!("dropout mask of the {} on cuda:0", site::describe(site))),
+            _ => Ok(()),
+        }
+    }
 
     fn keep_fraction(m: &Tensor) -> f64 {
         m.to_kind(Kind::Double).mean(Kind::Double).double_value(&[])
@@ -153,7 +192,7 @@ mod tests {
     fn keep_rate_matches_p_at_every_size_and_both_kinds() {
         let d = Dropout::new(0.1, 7, 3, 0, 0);
         for n in [4096i64, 1 << 21] {
-            let kept = keep_fraction(&d.mask(5, &[n], Device::Cpu).gt(0.0));
+            let kept = keep_fraction(&d.mask(5, &[n], Device::Cpu).unwrap().gt(0.0));
             // Binomial: 5 standard deviations.
             let sd = (0.09 / n as f64).sqrt();
             assert!((kept - 0.9).abs() < 5.0 * sd + 2e-5, "n={n}: kept {kept}");
@@ -163,11 +202,11 @@ mod tests {
 
     #[test]
     fn masks_are_a_pure_function_of_their_coordinates() {
-        let a = Dropout::new(0.1, 1, 2, 3, 4).mask(9, &[3000], Device::Cpu);
-        let b = Dropout::new(0.1, 1, 2, 3, 4).mask(9, &[3000], Device::Cpu);
+        let a = Dropout::new(0.1, 1, 2, 3, 4).mask(9, &[3000], Device::Cpu).unwrap();
+        let b = Dropout::new(0.1, 1, 2, 3, 4).mask(9, &[3000], Device::Cpu).unwrap();
         assert!(a.equal(&b));
         // The parallel fill gives the same bits as the serial one would for its prefix.
-        let big = Dropout::new(0.1, 1, 2, 3, 4).mask(9, &[1 << 21], Device::Cpu);
+        let big = Dropout::new(0.1, 1, 2, 3, 4).mask(9, &[1 << 21], Device::Cpu).unwrap();
         assert!(big.narrow(0, 0, 3000).equal(&a));
     }
 
@@ -177,15 +216,15 @@ mod tests {
     fn masks_are_independent_across_sites_layers_steps_and_ranks() {
         let n = 1i64 << 18;
         let base = Dropout::new(0.1, 42, 10, 0, 0);
-        let m0 = base.mask(site::attention_out(0), &[n], Device::Cpu);
+        let m0 = base.mask(site::attention_out(0), &[n], Device::Cpu).unwrap();
         let others = [
-            base.mask(site::mlp_out(0), &[n], Device::Cpu),
-            base.mask(site::attention_out(1), &[n], Device::Cpu),
-            base.mask(site::EMBEDDING, &[n], Device::Cpu),
-            Dropout::new(0.1, 42, 11, 0, 0).mask(site::attention_out(0), &[n], Device::Cpu),
-            Dropout::new(0.1, 42, 10, 1, 0).mask(site::attention_out(0), &[n], Device::Cpu),
-            Dropout::new(0.1, 42, 10, 0, 1).mask(site::attention_out(0), &[n], Device::Cpu),
-            Dropout::new(0.1, 43, 10, 0, 0).mask(site::attention_out(0), &[n], Device::Cpu),
+            base.mask(site::mlp_out(0), &[n], Device::Cpu).unwrap(),
+            base.mask(site::attention_out(1), &[n], Device::Cpu).unwrap(),
+            base.mask(site::EMBEDDING, &[n], Device::Cpu).unwrap(),
+            Dropout::new(0.1, 42, 11, 0, 0).mask(site::attention_out(0), &[n], Device::Cpu).unwrap(),
+            Dropout::new(0.1, 42, 10, 1, 0).mask(site::attention_out(0), &[n], Device::Cpu).unwrap(),
+            Dropout::new(0.1, 42, 10, 0, 1).mask(site::attention_out(0), &[n], Device::Cpu).unwrap(),
+            Dropout::new(0.1, 43, 10, 0, 0).mask(site::attention_out(0), &[n], Device::Cpu).unwrap(),
         ];
         let sd = (0.81 * (1.0 - 0.81) / n as f64).sqrt();
         for (i, other) in others.iter().enumerate() {
@@ -204,11 +243,31 @@ mod tests {
     fn applying_keeps_the_expectation() {
         let d = Dropout::new(0.25, 3, 0, 0, 0);
         let x = Tensor::ones([1 << 20], (Kind::Float, Device::Cpu));
-        let y = d.apply(1, &x);
+        let y = d.apply(1, &x).unwrap();
         let mean = y.mean(Kind::Double).double_value(&[]);
         assert!((mean - 1.0).abs() < 5e-3, "{mean}");
-        let z = d.add_to(1, &x, &x);
+        let z = d.add_to(1, &x, &x).unwrap();
         assert!(((z - 1.0) - y).abs().max().double_value(&[]) < 1e-6);
         assert!(Dropout::new(0.0, 1, 1, 1, 1).is_identity());
+    }
+
+    /// A mask asked of a GPU that does not exist (any GPU, on a machine without CUDA)
+    /// fails as the kernels' failure to load would on a real one: an error naming the
+    /// site, its layer and the device, not a panic.
+    #[test]
+    fn a_mask_on_a_missing_gpu_is_an_error_naming_its_site_and_device() {
+        let missing = tch::Cuda::device_count() as usize;
+        let made = Dropout::new(0.1, 1, 2, 3, 4).mask(site::mlp_out(2), &[64], Device::Cuda(missing));
+        let text = format!("{:#}", made.expect_err("a mask on a GPU that does not exist"));
+        assert!(text.starts_with(&format!("dropout mask of the layer 2 MLP output on cuda:{missing}: ")), "{text}");
+        assert!(text.contains(&format!("GPU {missing}")), "the cause is kept: {text}");
+    }
+
+    #[test]
+    fn sites_are_named_by_layer_and_place() {
+        assert_eq!(site::describe(site::EMBEDDING), "embeddings");
+        assert_eq!(site::describe(site::attention_probs(0)), "layer 0 attention probabilities");
+        assert_eq!(site::describe(site::attention_out(3)), "layer 3 attention output");
+        assert_eq!(site::describe(site::mlp_out(11)), "layer 11 MLP output");
     }
 }

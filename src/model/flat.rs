@@ -173,9 +173,9 @@ mod tests {
         let vs = VarStore::new(Device::Cpu);
         let model = Algpt2::new(&vs.root(), &cfg());
         let idx = Tensor::from_slice(&[1i64, 2, 3, 4]).view([1, 4]);
-        let before = model.forward(&idx, None);
+        let before = model.forward(&idx);
         let flat = FlatParams::new(&vs);
-        let after = model.forward(&idx, None);
+        let after = model.forward(&idx);
         assert_eq!((before - after).abs().max().double_value(&[]), 0.0);
         assert_eq!(flat.len() as u64, crate::model::size::param_count(&cfg()).total);
         let first_no_decay = flat.slots.iter().position(|s| !s.decay).unwrap();
@@ -196,12 +196,12 @@ mod tests {
         assert!(flat.is_aliased());
         let idx = Tensor::from_slice(&[1i64, 2, 3, 4, 5, 6, 7, 8]).view([2, 4]);
         let targets = Tensor::from_slice(&[2i64, 3, 4, 5, 6, 7, 8, 9]).view([2, 4]);
-        let loss = Algpt2::loss(&model.forward(&idx, None), &targets);
+        let loss = Algpt2::loss(&model.forward(&idx), &targets);
         loss.backward();
         let once = flat.grads.copy();
         assert!(once.abs().sum(Kind::Float).double_value(&[]) > 0.0);
         // A second backward adds in place; zeroing clears through the same memory.
-        Algpt2::loss(&model.forward(&idx, None), &targets).backward();
+        Algpt2::loss(&model.forward(&idx), &targets).backward();
         let twice = flat.grads.copy();
         assert!((twice - &once * 2.0).abs().max().double_value(&[]) < 1e-6);
         assert!(flat.is_aliased());

@@ -24,7 +24,7 @@ pub struct Objective {
 
 impl Objective {
     /// Adds the gradient of (mean token loss / grad_accum_steps) into `params.grads`;
-    /// returns the mean token loss, on the device.
+    /// returns the mean token loss, on the device. Fails where `forward` does.
     pub fn forward_backward(
         &self,
         model: &Algpt2,
@@ -33,18 +33,19 @@ impl Objective {
         inputs: &Tensor,
         targets: &Tensor,
         dropout: Option<&Dropout>,
-    ) -> Tensor {
-        let forwarded = self.forward(model, params, bf16.as_deref(), inputs, targets, dropout, false);
+    ) -> anyhow::Result<Tensor> {
+        let forwarded = self.forward(model, params, bf16.as_deref(), inputs, targets, dropout, false)?;
         let loss = forwarded.loss.shallow_clone();
         forwarded.backward(params, bf16, &mut |_| {});
-        loss
+        Ok(loss)
     }
 
     /// The forward and the fused classifier, which already adds the head's gradient into
     /// `params.grads`; the backward through the model is `Forwarded::backward`. `staged`:
     /// cut the backward into stages that complete parameters one after another (when
     /// the model allows it; in bf16 each stage's gradients are flushed into the fp32
-    /// buffer as it completes them).
+    /// buffer as it completes them). Fails, before anything is added to the gradients,
+    /// where making a dropout mask does (on a GPU).
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
@@ -55,12 +56,12 @@ impl Objective {
         targets: &Tensor,
         dropout: Option<&Dropout>,
         staged: bool,
-    ) -> Forwarded {
+    ) -> anyhow::Result<Forwarded> {
         let (hidden, stages) = if staged && model.stageable() {
-            let s = model.hidden_staged(inputs, dropout);
+            let s = model.hidden_staged(inputs, dropout)?;
             (s.hidden.shallow_clone(), Some((s, stage_runs(model, params))))
         } else {
-            (model.hidden(inputs, dropout), None)
+            (model.hidden(inputs, dropout)?, None)
         };
         let width = *hidden.size().last().expect("hidden is [batch, time, E]");
         let rows = hidden.view([-1, width]);
@@ -74,7 +75,7 @@ impl Objective {
         let chunk = classifier::chunk_rows(self.chunk_rows, head.size()[0]);
         let scale = 1.0 / (n as f64 * self.grad_accum_steps as f64);
         let out = classifier::forward_backward(&rows.detach(), &head, self.vocab, &targets.reshape([-1]), scale, &mut grad_head, chunk);
-        Forwarded { rows, stages, grad_rows: out.grad_hidden, loss: out.loss_sum / n as f64, stage_count: model.stage_prefixes().len() }
+        Ok(Forwarded { rows, stages, grad_rows: out.grad_hidden, loss: out.loss_sum / n as f64, stage_count: model.stage_prefixes().len() })
     }
 }
 
@@ -161,7 +162,7 @@ mod tests {
             let (inputs, targets) = (tokens(), tokens());
             let dropout = Dropout::new(0.1, 7, 0, m, 0);
             let last = m + 1 == micro;
-            let f = objective.forward(&model, &params, weights.as_ref(), &inputs, &targets, Some(&dropout), staged && last);
+            let f = objective.forward(&model, &params, weights.as_ref(), &inputs, &targets, Some(&dropout), staged && last).unwrap();
             f.backward(&mut params, weights.as_mut(), &mut |i| {
                 if last {
                     order.push(i)
@@ -187,5 +188,29 @@ mod tests {
                 assert!(whole.iter().any(|g| *g != 0.0));
             }
         }
+    }
+
+    /// A dropout mask that fails (as one made on a GPU can) makes the forward an error
+    /// naming the site, staged or not, with nothing added to the gradients: no panic.
+    #[test]
+    fn a_failing_dropout_mask_is_an_error_of_the_forward() {
+        use crate::model::dropout::{site, tests::with_failing_mask};
+        let cfg = ModelConfig { dropout: 0.1, ..crate::model::gpt::tests::tiny(false, None) };
+        let vs = VarStore::new(Device::Cpu);
+        let model = Algpt2::new(&vs.root(), &cfg);
+        let mut params = FlatParams::new(&vs);
+        let objective = Objective { vocab: 61, chunk_rows: 0, grad_accum_steps: 1 };
+        let tokens = Tensor::from_slice(&(0..32).map(|i| i % 61).collect::<Vec<i64>>()).view([2, 16]);
+        let dropout = Dropout::new(0.1, 7, 0, 0, 0);
+        for (failing, staged) in [(site::mlp_out(1), false), (site::attention_probs(2), true), (site::EMBEDDING, true)] {
+            let forwarded =
+                with_failing_mask(failing, || objective.forward(&model, &params, None, &tokens, &tokens, Some(&dropout), staged));
+            let text = format!("{:#}", forwarded.err().expect("the forward fails with its mask"));
+            assert!(text.contains(&site::describe(failing)) && text.contains("injected mask failure"), "{text}");
+            assert_eq!(params.grads.abs().sum(Kind::Float).double_value(&[]), 0.0, "gradients were added");
+        }
+        // Without the failure the same forward goes through.
+        let loss = objective.forward_backward(&model, &mut params, None, &tokens, &tokens, Some(&dropout)).unwrap();
+        assert!(loss.double_value(&[]).is_finite());
     }
 }

@@ -192,7 +192,7 @@ mod tests {
         model.use_compute_weights(&|name| bf16.get(name));
         assert!(bf16.is_aliased(&flat));
         let idx = Tensor::from_slice(&[1i64, 2, 3, 4, 5, 6]).view([1, 6]);
-        Algpt2::loss(&model.forward(&idx, None), &idx).backward();
+        Algpt2::loss(&model.forward(&idx), &idx).backward();
         bf16.flush_grads(&mut flat);
         let slot = flat.slot("h.0.attn.c_attn.weight").unwrap().clone();
         let grad = flat.grads.narrow(0, slot.offset, slot.numel);

@@ -59,21 +59,21 @@ impl Algpt2 {
     }
 
     /// `hidden`, keeping the stages for `Staged::backward`.
-    pub fn hidden_staged(&self, idx: &Tensor, dropout: Option<&Dropout>) -> Staged {
+    pub fn hidden_staged(&self, idx: &Tensor, dropout: Option<&Dropout>) -> anyhow::Result<Staged> {
         let (_, t) = idx.size2().expect("token ids are [batch, time]");
         assert!(t as usize <= self.config().n_positions, "sequence of {t} exceeds n_positions {}", self.config().n_positions);
-        let embedded = self.embed(idx, 0, dropout);
+        let embedded = self.embed(idx, 0, dropout)?;
         let mut x = embedded.shallow_clone();
         let mut layers = Vec::with_capacity(self.config().n_layer);
         for layer in 0..self.config().n_layer {
             let input = x.detach().set_requires_grad(true);
-            let output = self.block(layer).forward(&input, self.config().n_head as i64, dropout, layer);
+            let output = self.block(layer).forward(&input, self.config().n_head as i64, dropout, layer)?;
             x = output.shallow_clone();
             layers.push((input, output));
         }
         let final_input = x.detach().set_requires_grad(true);
         let hidden = self.final_norm(&final_input);
-        Staged { embedded, layers, final_input, hidden }
+        Ok(Staged { embedded, layers, final_input, hidden })
     }
 }
 
