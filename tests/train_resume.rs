@@ -327,7 +327,11 @@ fn a_second_training_on_the_same_run_directory_is_refused() {
     // 2-core machine 1.5 s was not always enough for a step).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while std::fs::read_to_string(&metrics).unwrap().lines().count() <= rows_before {
-        assert!(first.is_running() && std::time::Instant::now() < deadline, "the first training stopped logging:\n{}", first.stderr_so_far());
+        assert!(
+            first.is_running() && std::time::Instant::now() < deadline,
+            "the first training stopped logging:\n{}",
+            first.stderr_so_far()
+        );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     first.kill();
