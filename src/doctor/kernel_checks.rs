@@ -1,7 +1,7 @@
 //! The kernels of `kernels/`: compiled with NVRTC for this rank's GPU and run against
 //! their CPU counterparts on the same input; without a GPU, compiled to PTX for the
 //! architectures we target. And the GPU's AdamW step (libtorch's fused kernel) against
-//! the CPU's.
+//! the CPU's, and the fused attention with dropout against the math path.
 
 use super::Report;
 use crate::cuda::kernels::Kernels;
@@ -34,6 +34,7 @@ pub fn run(r: &mut Report, device: Device) {
         Err(e) => r.fail("NVRTC kernels/", format!("{e:#}")),
     }
     r.outcome("AdamW step (libtorch fused)", adamw(device));
+    r.outcome("attention with dropout (libtorch fused) vs math path", crate::model::gpt::fused_attention_against_the_math_path(device));
 }
 
 /// Masks made on the GPU equal the CPU generator's bit for bit (resume and rank
