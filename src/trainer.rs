@@ -8,8 +8,7 @@ use crate::data::cache::SplitData;
 use crate::device_reads;
 use crate::dist::buckets::BucketPlan;
 use crate::dist::comm_cost::CommCost;
-use crate::dist::table_rows::{touched_rows, TableRows};
-use crate::dist::{ExchangeOrder, Replicas, World};
+use crate::dist::{LastBackward, Replicas, World};
 use crate::model::dropout::Dropout;
 use crate::model::flat::{FlatParams, Padding};
 use crate::model::objective::Objective;
@@ -205,7 +204,6 @@ impl Trainer {
             // Staged only where stages complete gradients early: with shared layers only
             // the token table's early part is complete before the end.
             let staged = last && replicas.overlaps() && self.model.stageable();
-            let overlapped = staged || (last && replicas.overlaps() && self.buckets.table.is_some());
             let forwarded = self
                 .objective
                 .forward(&self.model, &self.params, self.bf16.as_ref(), &inputs, &targets, Some(&dropout), staged)
@@ -222,12 +220,9 @@ impl Trainer {
             // The last backward, and the gradients' exchange with it (bucket by bucket
             // as backward completes them, when overlapped).
             let grads = self.params.grads.shallow_clone();
-            let order = match overlapped {
-                true => ExchangeOrder::Overlapped(self.buckets.for_step(|table| self.rows_looked_up(train, windows, world, table))),
-                false => ExchangeOrder::AfterBackward,
-            };
+            let last_backward = LastBackward { plan: &self.buckets, staged, input_ids: input_ids(&train.tokens, windows, t.seq_len) };
             let (params, bf16) = (&mut self.params, self.bf16.as_mut());
-            comm = replicas.backward_and_average(&grads, order, |ready| forwarded.backward(params, bf16, ready))?;
+            comm = replicas.backward_and_average(&grads, last_backward, |ready| forwarded.backward(params, bf16, ready))?;
         }
         self.step += 1;
         self.tokens_seen += (batch.len() * t.seq_len) as u64;
@@ -240,23 +235,6 @@ impl Trainer {
         }
         self.refresh_compute_weights();
         Ok(StepOutcome { local_loss, grad_norm, skipped, comm })
-    }
-
-    /// The token table's rows that any rank's `windows` (each rank's own, of the last
-    /// micro-step) look up, for the table's two-part exchange. Agreed through one small
-    /// all-reduce rather than computed from the global batch: ranks whose token files
-    /// differ (doctor's do) must still send rows of the same count.
-    fn rows_looked_up(&self, train: &SplitData, windows: &[u64], world: &World, table: &TableRows) -> Tensor {
-        let rows = table.rows as usize;
-        let mut looked_up = vec![0f64; rows];
-        for id in input_ids(&train.tokens, windows, self.cfg.train.seq_len) {
-            if let Some(flag) = looked_up.get_mut(id as usize) {
-                *flag = 1.0;
-            }
-        }
-        world.all_reduce_max(&mut looked_up);
-        let ids = looked_up.iter().enumerate().filter(|(_, f)| **f > 0.0).map(|(i, _)| i as i64).collect();
-        touched_rows(ids, self.device)
     }
 
     /// Before the last backward: a non-finite loss on any rank poisons its gradients

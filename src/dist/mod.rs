@@ -22,5 +22,5 @@ pub mod watchdog;
 mod world;
 
 pub use exchange::GradientExchange;
-pub use replicas::{ExchangeOrder, Replicas};
+pub use replicas::{LastBackward, Replicas};
 pub use world::{RawComm, World};

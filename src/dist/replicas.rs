@@ -2,25 +2,25 @@
 //! and how their gradients and weights meet (the exchange `dist.backend` picked, and
 //! with `dist.overlap` its communication thread).
 
-use super::buckets::StepBuckets;
+use super::buckets::{BucketPlan, StepBuckets};
 use super::comm_cost::{timing_event, CommCost, CommTimes, DeviceClock};
 use super::nccl_overlap::NcclOverlap;
 use super::overlap::Overlap;
 use super::overlap_session::{Session, Transport};
+use super::table_rows::rows_looked_up;
 use super::{GradientExchange, World};
 use crate::config::DistConfig;
 use anyhow::anyhow;
 use std::time::Instant;
 use tch::{Device, Tensor};
 
-/// When a step's gradients are exchanged.
-pub enum ExchangeOrder<'a> {
-    /// The whole buffer after backward.
-    AfterBackward,
-    /// Bucket by bucket as backward completes them, where the exchange overlaps (else
-    /// after backward): worth it where the backward is staged or the plan keeps the token
-    /// table apart.
-    Overlapped(StepBuckets<'a>),
+/// What the exchange needs to know of a step's last backward: the buckets, whether the
+/// backward is staged (it calls `ready(stage)` as stages complete), and the token ids the
+/// micro-batch's inputs look up (for the token table's rows, when the plan keeps it apart).
+pub struct LastBackward<'a> {
+    pub plan: &'a BucketPlan,
+    pub staged: bool,
+    pub input_ids: Vec<i64>,
 }
 
 /// One step's overlapped exchange on `transport`: buckets launched as `backward`'s
@@ -92,21 +92,23 @@ impl<'w> Replicas<'w> {
 
     /// Runs `backward` (which calls `ready(stage)` as its stages complete, backward order)
     /// and replaces `grads` (flat, contiguous f32) by its mean over the ranks: bucket by
-    /// bucket of the step's plan while backward runs when `order` says so and this
-    /// exchange overlaps, else all after it.
+    /// bucket of the plan while backward runs where this exchange overlaps and that pays
+    /// (the backward is staged, or the plan keeps the token table apart), else all after it.
     pub fn backward_and_average(
         &self,
         grads: &Tensor,
-        order: ExchangeOrder<'_>,
+        last: LastBackward<'_>,
         backward: impl FnOnce(&mut dyn FnMut(usize)),
     ) -> anyhow::Result<CommCost> {
-        match (&self.overlap, &order) {
-            (Some(Overlapped::Mpi(overlap)), ExchangeOrder::Overlapped(step)) => overlapped(overlap.transport(), grads, step, backward),
-            (Some(Overlapped::Nccl(overlap)), ExchangeOrder::Overlapped(step)) => {
+        let overlap = self.overlap.as_ref().filter(|_| last.staged || last.plan.table.is_some());
+        let step = || last.plan.for_step(|table| rows_looked_up(self.world, table, &last.input_ids, grads.device()));
+        match overlap {
+            Some(Overlapped::Mpi(overlap)) => overlapped(overlap.transport(), grads, &step(), backward),
+            Some(Overlapped::Nccl(overlap)) => {
                 let (comm, wire) = self.exchange.nccl().ok_or_else(|| anyhow!("the NCCL overlap without an NCCL exchange"))?;
-                overlapped(overlap.transport(comm, wire, grads)?, grads, step, backward)
+                overlapped(overlap.transport(comm, wire, grads)?, grads, &step(), backward)
             }
-            _ => {
+            None => {
                 backward(&mut |_| {});
                 self.average_after_backward(grads)
             }

@@ -18,6 +18,7 @@
 //! whole-buffer exchange's: bit for bit on two ranks, within reduction-order rounding on
 //! more.
 
+use super::World;
 use tch::{Device, Kind, Tensor};
 
 /// Where the table lies in the flat buffer, and when its rows are complete.
@@ -93,6 +94,22 @@ impl<'a> TableParts<'a> {
     pub fn write_back(&self, grads: &Tensor) {
         self.rows.write_back(grads, self.touched, &self.early, self.packed.as_ref().expect("packed at the last stage"));
     }
+}
+
+/// The rows of `table` that any rank's `input_ids` (its micro-batch's inputs) look up,
+/// ascending, on `device`. Agreed through one small all-reduce of looked-up flags rather
+/// than computed from the global batch: ranks whose token files differ (doctor's do) must
+/// still send rows of the same count.
+pub fn rows_looked_up(world: &World, table: &TableRows, input_ids: &[i64], device: Device) -> Tensor {
+    let mut looked_up = vec![0f64; table.rows as usize];
+    for &id in input_ids {
+        if let Some(flag) = usize::try_from(id).ok().and_then(|i| looked_up.get_mut(i)) {
+            *flag = 1.0;
+        }
+    }
+    world.all_reduce_max(&mut looked_up);
+    let ids = looked_up.iter().enumerate().filter(|(_, f)| **f > 0.0).map(|(i, _)| i as i64).collect();
+    touched_rows(ids, device)
 }
 
 /// The rows `ids` name, ascending and once each, as a tensor on `device`. Made between the
