@@ -2,7 +2,7 @@
 //! model, flat parameters and gradients, AdamW, the sampler, counters.
 
 use crate::checkpoint::{self, Found, OtherParts, RunIdentity, TrainerState, MODEL_FILE, OPTIMIZER_FILE};
-use crate::config::{Config, NonFinite};
+use crate::config::Config;
 use crate::data::batches::{input_ids, MicroBatches, Sampler};
 use crate::data::cache::SplitData;
 use crate::device_reads;
@@ -16,6 +16,7 @@ use crate::model::precision::{self, Bf16Weights, Resolved};
 use crate::model::stages::TOKEN_TABLE;
 use crate::model::Algpt2;
 use crate::optim::adamw::norm_clip_and_skip;
+use crate::optim::nonfinite::NonFiniteSteps;
 use crate::optim::AdamW;
 use anyhow::{anyhow, bail, Context};
 use sha2::{Digest, Sha256};
@@ -39,8 +40,8 @@ pub struct Trainer {
     sampler: Sampler,
     /// The gradients' buckets, in the order backward completes them.
     buckets: BucketPlan,
-    /// Non-finite steps not yet reported, kept on the device: [count, first step, its loss].
-    nonfinite: Tensor,
+    /// Non-finite steps not yet reported, and `train.nonfinite`'s verdict on them.
+    nonfinite: NonFiniteSteps,
     /// Optimizer steps completed (skipped non-finite steps included).
     pub step: u64,
     pub tokens_seen: u64,
@@ -117,7 +118,7 @@ impl Trainer {
             opt,
             sampler: Sampler::new(train_windows, cfg.train.seed),
             buckets,
-            nonfinite: Tensor::from_slice(&[0f64, -1.0, 0.0]).to_device(device),
+            nonfinite: NonFiniteSteps::new(cfg.train.nonfinite, device),
             step: 0,
             tokens_seen: 0,
             run_id: algpt2_wandb::generate_run_id(),
@@ -216,7 +217,9 @@ impl Trainer {
                 continue;
             }
             local_loss = &loss_sum / t.grad_accum_steps as f64;
-            self.poison_if_nonfinite(&mut local_loss, world.rank());
+            // A non-finite loss on any rank must reach every rank's skip decision.
+            let nan_fault = crate::faults::nan_loss_at(self.step + 1, world.rank());
+            NonFiniteSteps::poison_gradients(&self.params.grads, &mut local_loss, nan_fault);
             // The last backward, and the gradients' exchange with it (bucket by bucket
             // as backward completes them, when overlapped).
             let grads = self.params.grads.shallow_clone();
@@ -228,7 +231,7 @@ impl Trainer {
         self.tokens_seen += (batch.len() * t.seq_len) as u64;
 
         let (grad_norm, clip_coef, skipped) = norm_clip_and_skip(&self.params.grads, self.cfg.optim.grad_clip);
-        self.record_nonfinite(&skipped, &local_loss);
+        self.nonfinite.record(self.step, &skipped, &local_loss);
         self.opt.step_guarded(&mut self.params, lr, &clip_coef, &skipped)?;
         if crate::faults::diverge_at(self.step, world.rank()) {
             let _ = self.params.values.narrow(0, 0, 1).g_add_scalar_(1e-3);
@@ -237,58 +240,10 @@ impl Trainer {
         Ok(StepOutcome { local_loss, grad_norm, skipped, comm })
     }
 
-    /// Before the last backward: a non-finite loss on any rank poisons its gradients
-    /// (loss · 0 is NaN), so that the averaged norm, and with it every rank's skip
-    /// decision, sees it (and `ALGPT2_FAULT=nan_loss@N` makes one).
-    fn poison_if_nonfinite(&mut self, local_loss: &mut Tensor, rank: usize) {
-        if crate::faults::nan_loss_at(self.step + 1, rank) {
-            *local_loss = local_loss.full_like(f64::NAN);
-            let _ = self.params.grads.fill_(f64::NAN);
-        }
-        tch::no_grad(|| {
-            let _ = self.params.grads.narrow(0, 0, 1).g_add_(&(&*local_loss * 0.0));
-        });
-    }
-
-    /// Adds this step to the device-side record of non-finite steps.
-    fn record_nonfinite(&mut self, skipped: &Tensor, loss: &Tensor) {
-        tch::no_grad(|| {
-            let skip = skipped.to_kind(Kind::Double);
-            let (count, first_step, first_loss) = (self.nonfinite.get(0), self.nonfinite.get(1), self.nonfinite.get(2));
-            let is_first = count.eq(0.0).logical_and(&skip.ne(0.0));
-            let step = Tensor::full([], self.step as f64, (Kind::Double, self.device));
-            let update = Tensor::stack(
-                &[&count + &skip, step.where_self(&is_first, &first_step), loss.to_kind(Kind::Double).where_self(&is_first, &first_loss)],
-                0,
-            );
-            let _ = self.nonfinite.copy_(&update);
-        });
-    }
-
     /// Reports the non-finite steps since the last call (one read): with
-    /// `train.nonfinite: stop` the first one ends the run (the last checkpoint is untouched:
-    /// the loop calls this before every save); with `skip` each is a warning. Every rank
-    /// reaches the same verdict (the norm it is decided on is averaged).
+    /// `train.nonfinite: stop` the first one ends the run; with `skip` each is a warning.
     pub fn settle(&mut self) -> anyhow::Result<()> {
-        let values = device_reads::read(&self.nonfinite);
-        let (count, first, loss) = (values[0], values[1] as u64, values[2]);
-        if count == 0.0 {
-            return Ok(());
-        }
-        let _ = self.nonfinite.copy_(&Tensor::from_slice(&[0f64, -1.0, 0.0]));
-        let what = if loss.is_finite() { "gradient".to_string() } else { format!("loss ({loss})") };
-        match self.cfg.train.nonfinite {
-            NonFinite::Stop => bail!(
-                "non-finite {what} at step {first}: stopping (the last checkpoint is untouched; set train.nonfinite: skip to drop such steps)"
-            ),
-            NonFinite::Skip => {
-                tracing::warn!("non-finite {what} at step {first}: update skipped (train.nonfinite: skip)");
-                if count > 1.0 {
-                    tracing::warn!("{} more non-finite steps skipped up to step {}", count - 1.0, self.step);
-                }
-                Ok(())
-            }
-        }
+        self.nonfinite.settle(self.step)
     }
 
     /// The model's tensors by name, as checkpoints and exports store them.

@@ -1,7 +1,9 @@
-//! Optimization: AdamW over the flat buffers, global-norm clipping, the lr schedule.
+//! Optimization: AdamW over the flat buffers, global-norm clipping, the lr schedule, and
+//! what becomes of non-finite steps.
 
 pub mod adamw;
 mod fused;
+pub mod nonfinite;
 pub mod schedule;
 
 pub use adamw::AdamW;
