@@ -1,6 +1,7 @@
 //! The shape of the code: no circles between the top-level modules of `src/`, no
 //! command module (one per subcommand) importing another (shared parts live in library
-//! modules: `data/`, `evaluation.rs`, `report/`, `runtime.rs`, ...), and rustfmt's formatting.
+//! modules: `data/`, `evaluation.rs`, `report/`, `runtime.rs`, ...), rustfmt's formatting,
+//! and torch and NCCL versions named in the sources that match what we pin.
 
 mod common;
 use common::{repo, run_bounded, LIMIT};
@@ -128,4 +129,182 @@ fn the_code_is_formatted() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A version as written: major, minor and, where given, patch.
+type Version = (u32, u32, Option<u32>);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tool {
+    /// torch, PyTorch or libtorch: pinned by launch/requirements.txt's `torch==X.Y.Z`.
+    Torch,
+    /// NCCL, or cudarc's `nccl-0XXYY` feature: pinned by that feature in Cargo.toml.
+    Nccl,
+}
+
+/// The versions we build against: torch from launch/requirements.txt, NCCL from
+/// cudarc's `nccl-0XXYY` feature in Cargo.toml.
+fn pinned() -> [(Tool, Version); 2] {
+    let requirements = std::fs::read_to_string(repo().join("launch/requirements.txt")).unwrap();
+    let torch = requirements.lines().find_map(|l| l.trim().strip_prefix("torch==")).expect("launch/requirements.txt pins torch==X.Y.Z");
+    let torch = parse_version(torch).expect("torch==X.Y.Z").0;
+    let cargo = std::fs::read_to_string(repo().join("Cargo.toml")).unwrap();
+    let cudarc = cargo.lines().find(|l| l.starts_with("cudarc")).expect("Cargo.toml depends on cudarc");
+    let at = cudarc.find("\"nccl-0").expect("cudarc has an nccl-0XXYY feature");
+    let nccl = nccl_feature(&cudarc[at + 6..]).expect("nccl-0XXYY");
+    [(Tool::Torch, torch), (Tool::Nccl, nccl)]
+}
+
+/// `X.Y` or `X.Y.Z` at the start of `text` (anything may follow), and its length.
+fn parse_version(text: &str) -> Option<(Version, usize)> {
+    let number = |from: usize| -> Option<(u32, usize)> {
+        let digits = text[from..].bytes().take_while(u8::is_ascii_digit).count();
+        (digits > 0).then(|| (text[from..from + digits].parse().unwrap(), from + digits))
+    };
+    let (major, end) = number(0)?;
+    let (minor, end) = text[end..].starts_with('.').then(|| number(end + 1)).flatten()?;
+    match text[end..].starts_with('.').then(|| number(end + 1)).flatten() {
+        Some((patch, end)) => Some(((major, minor, Some(patch)), end)),
+        None => Some(((major, minor, None), end)),
+    }
+}
+
+/// The digits of cudarc's `nccl-0XXYY` after `nccl-`: NCCL X.YY (02028 is 2.28).
+fn nccl_feature(text: &str) -> Option<Version> {
+    let digits = text.get(..5).filter(|d| d.bytes().all(|b| b.is_ascii_digit()))?;
+    let n: u32 = digits.parse().ok()?;
+    Some((n / 1000, n % 1000, None))
+}
+
+/// The versions of torch and NCCL that `line` names: `torch X.Y`, `PyTorch X.Y`,
+/// `libtorch X.Y`, `torch==X.Y.Z`, `NCCL X.Y[.Z]`, `NCCL ✓ X.Y.Z`, `nccl-0XXYY`.
+fn mentions(line: &str) -> Vec<(Tool, Version)> {
+    let lower = line.to_ascii_lowercase();
+    let mut found = vec![];
+    for (keyword, tool) in [("torch", Tool::Torch), ("nccl", Tool::Nccl)] {
+        for (at, _) in lower.match_indices(keyword) {
+            let rest = &lower[at + keyword.len()..];
+            if tool == Tool::Nccl && rest.starts_with("-0") {
+                found.extend(nccl_feature(&rest[1..]).map(|v| (tool, v)));
+                continue;
+            }
+            let version = rest.trim_start_matches([' ', '\t', '=', '✓', 'v']);
+            if version.len() < rest.len() {
+                found.extend(parse_version(version).map(|(v, _)| (tool, v)));
+            }
+        }
+    }
+    found
+}
+
+/// Words that make an older version a statement of history or of a lower bound ("NCCL
+/// 2.10 introduced ncclAvg", "any NCCL 2.14 or later", "the oldest NCCL with ...").
+const HISTORY: [&str; 9] = ["introduced", "appeared", "added", "since", "or later", "or newer", "older", "oldest", "until"];
+
+/// Whether a mention of `tool` at `said` is wrong, given the pin and the text around it.
+/// The rule: the pinned version is right (compared to the pin's precision: `2.11` and
+/// `2.11.0` both match torch==2.11.0, `2.28.9` matches nccl-02028); a newer one is always
+/// wrong (we do not build against it, so a comment naming it is stale or a promise); an
+/// older one is right only where `context` (the line and its neighbours) marks it as
+/// history or a lower bound with one of `HISTORY`'s words, so a pin moved forward flags
+/// every mention of the old version that reads as current.
+fn stale(said: Version, pin: Version, context: &str) -> bool {
+    let at_pin_precision = |v: Version| (v.0, v.1, pin.2.and(v.2));
+    let (said, pinned) = (at_pin_precision(said), (pin.0, pin.1, said.2.and(pin.2)));
+    match said.cmp(&pinned) {
+        std::cmp::Ordering::Equal => false,
+        std::cmp::Ordering::Greater => true,
+        std::cmp::Ordering::Less => {
+            let context = context.to_ascii_lowercase();
+            !HISTORY.iter().any(|w| context.contains(w))
+        }
+    }
+}
+
+/// Every source we write prose in: src/ (Rust, C, C++), kernels/, build.rs, and the
+/// launch scripts.
+fn prose_files() -> Vec<std::path::PathBuf> {
+    let mut files = vec![repo().join("build.rs")];
+    let mut stack = vec![repo().join("src"), repo().join("kernels")];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()) {
+            if e.is_dir() {
+                stack.push(e);
+            } else {
+                files.push(e);
+            }
+        }
+    }
+    for e in std::fs::read_dir(repo().join("launch")).unwrap().map(|e| e.unwrap().path()) {
+        if e.extension().is_some_and(|x| x == "sh" || x == "sbatch") {
+            files.push(e);
+        }
+    }
+    files
+}
+
+/// `file:line: what` for each stale version mention in `text`.
+fn stale_mentions(file: &str, text: &str, pins: &[(Tool, Version)]) -> (Vec<String>, usize) {
+    let lines: Vec<&str> = text.lines().collect();
+    let (mut problems, mut checked) = (vec![], 0);
+    for (i, line) in lines.iter().enumerate() {
+        let context = lines[i.saturating_sub(1)..(i + 2).min(lines.len())].join("\n");
+        for (tool, said) in mentions(line) {
+            checked += 1;
+            let pin = pins.iter().find(|(t, _)| *t == tool).unwrap().1;
+            if stale(said, pin, &context) {
+                problems.push(format!("{file}:{}: {tool:?} {said:?} against the pinned {pin:?}: {}", i + 1, line.trim()));
+            }
+        }
+    }
+    (problems, checked)
+}
+
+/// Versions named in comments, docs and messages stay true: every torch, PyTorch,
+/// libtorch and NCCL version and cudarc `nccl-0XXYY` feature named in src/, kernels/,
+/// build.rs and launch/*.sh is the pinned one (launch/requirements.txt's torch,
+/// Cargo.toml's cudarc NCCL feature), or an older one its sentence marks as history
+/// (`stale` says the rule). CUDA versions are not checked.
+#[test]
+fn version_words_match_what_we_pin() {
+    let pins = pinned();
+    let (mut problems, mut checked) = (vec![], 0);
+    for file in prose_files() {
+        let text = String::from_utf8_lossy(&std::fs::read(&file).unwrap()).into_owned();
+        let name = file.strip_prefix(repo()).unwrap().display().to_string();
+        let (found, n) = stale_mentions(&name, &text, &pins);
+        problems.extend(found);
+        checked += n;
+    }
+    assert!(checked >= 4, "only {checked} version mentions found: is the scan reading the sources?");
+    assert!(
+        problems.is_empty(),
+        "version words that disagree with Cargo.toml's nccl feature / launch/requirements.txt's torch pin:\n{}",
+        problems.join("\n")
+    );
+}
+
+/// The rule itself, on lines written for it.
+#[test]
+fn the_version_rule_flags_newer_and_unmarked_older_versions() {
+    let pins = [(Tool::Torch, (2, 11, Some(0))), (Tool::Nccl, (2, 28, None))];
+    let check = |text: &str| stale_mentions("x", text, &pins).0.len();
+    for right in [
+        "// libtorch (PyPI torch 2.11.0)",
+        "# needs PyTorch 2.11.x",
+        "/// Built against NCCL 2.28 (cudarc feature `nccl-02028`)",
+        "// the GPU host's NCCL 2.28.9",
+        "// NCCL 2.10 introduced ncclAvg",
+        "// any NCCL 2.14 or later works",
+        "// torch.optim.AdamW and ncclAllReduce, cuda 13",
+    ] {
+        assert_eq!(check(right), 0, "{right}");
+    }
+    for wrong in [
+        "// built with torch 2.13", "// PyTorch 2.10 is what we run", "//! Built against NCCL 2.29", "// cudarc's nccl-02029",
+        "// torch==2.11.1", "// \"NCCL ✓ 2.29.7, 8 GPUs\"",
+    ] {
+        assert_eq!(check(wrong), 1, "{wrong}");
+    }
+    assert_eq!(mentions("torchvision 0.26, ncclAvg 2.1"), vec![]);
 }

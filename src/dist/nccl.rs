@@ -118,7 +118,7 @@ pub enum Unavailable {
     Failed(String),
 }
 
-/// What [`probe`] found: enough for a start-up line such as "NCCL ✓ 2.29.7, 8 GPUs".
+/// What [`probe`] found: enough for a start-up line such as "NCCL ✓ 2.28.9, 8 GPUs".
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NcclInfo {
     /// `major.minor.patch` of the loaded NCCL.

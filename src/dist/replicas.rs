@@ -132,11 +132,6 @@ impl<'w> Replicas<'w> {
         Ok(CommCost::OnDevice(DeviceClock { started, done, backward_ended, waited }))
     }
 
-    /// Replaces `grads` (flat, contiguous f32) by its mean over the ranks.
-    pub fn average(&self, grads: &mut Tensor) -> anyhow::Result<()> {
-        self.exchange.average(self.world, grads)
-    }
-
     /// Gives every rank rank 0's values of `t` (flat, contiguous f32).
     pub fn broadcast(&self, t: &mut Tensor) -> anyhow::Result<()> {
         self.exchange.broadcast(self.world, t)

@@ -23,23 +23,6 @@ pub struct Objective {
 }
 
 impl Objective {
-    /// Adds the gradient of (mean token loss / grad_accum_steps) into `params.grads`;
-    /// returns the mean token loss, on the device. Fails where `forward` does.
-    pub fn forward_backward(
-        &self,
-        model: &Algpt2,
-        params: &mut FlatParams,
-        bf16: Option<&mut Bf16Weights>,
-        inputs: &Tensor,
-        targets: &Tensor,
-        dropout: Option<&Dropout>,
-    ) -> anyhow::Result<Tensor> {
-        let forwarded = self.forward(model, params, bf16.as_deref(), inputs, targets, dropout, false)?;
-        let loss = forwarded.loss.shallow_clone();
-        forwarded.backward(params, bf16, &mut |_| {});
-        Ok(loss)
-    }
-
     /// The forward and the fused classifier, which already adds the head's gradient into
     /// `params.grads`; the backward through the model is `Forwarded::backward`. `staged`:
     /// cut the backward into stages that complete parameters one after another (when
@@ -210,7 +193,10 @@ mod tests {
             assert_eq!(params.grads.abs().sum(Kind::Float).double_value(&[]), 0.0, "gradients were added");
         }
         // Without the failure the same forward goes through.
-        let loss = objective.forward_backward(&model, &mut params, None, &tokens, &tokens, Some(&dropout)).unwrap();
+        let forwarded = objective.forward(&model, &params, None, &tokens, &tokens, Some(&dropout), false).unwrap();
+        let loss = forwarded.loss.shallow_clone();
+        forwarded.backward(&mut params, None, &mut |_| {});
         assert!(loss.double_value(&[]).is_finite());
+        assert!(params.grads.abs().sum(Kind::Float).double_value(&[]) > 0.0, "the backward added no gradient");
     }
 }

@@ -59,13 +59,6 @@ impl AdamW {
         self.step_count.double_value(&[]) as u64
     }
 
-    /// One update of every parameter from `params.grads` at learning rate `lr`: the
-    /// libtorch reference (it reads the step count from the device).
-    pub fn step(&mut self, params: &mut FlatParams, lr: f64) {
-        let step = self.count_step_on_host();
-        update(&params.values, &params.grads, &self.exp_avg, &self.exp_avg_sq, params.decay_len, &self.hyper(lr, step));
-    }
-
     fn hyper(&self, lr: f64, step: u64) -> AdamWHyper {
         AdamWHyper { lr, beta1: self.beta1, beta2: self.beta2, eps: self.eps, weight_decay: self.weight_decay, step }
     }
@@ -132,8 +125,9 @@ impl AdamW {
 }
 
 /// The flat update in one pass on the CPU, two threads, the same arithmetic in the same
-/// order as `update` (to rounding: libtorch's vector kernels may fuse multiply-adds),
-/// with the gradient multiplied by `clip_coef` as it is read.
+/// order as torch.optim.AdamW's single-tensor path (to rounding: libtorch's vector
+/// kernels may fuse multiply-adds), with the gradient multiplied by `clip_coef` as it is
+/// read.
 fn fused_cpu(params: &FlatParams, exp_avg: &Tensor, exp_avg_sq: &Tensor, h: &AdamWHyper, clip_coef: f32) {
     let n = params.values.numel();
     for t in [&params.values, &params.grads, exp_avg, exp_avg_sq] {
@@ -192,24 +186,6 @@ pub struct AdamWHyper {
     pub eps: f64,
     pub weight_decay: f64,
     pub step: u64,
-}
-
-/// The libtorch AdamW update of flat buffers on any device, in place; `values[..decay_len]`
-/// get weight decay. The reference the fused paths are checked against.
-pub fn update(values: &Tensor, grads: &Tensor, exp_avg: &Tensor, exp_avg_sq: &Tensor, decay_len: i64, h: &AdamWHyper) {
-    let t = h.step as i32;
-    tch::no_grad(|| {
-        if h.weight_decay != 0.0 {
-            let _ = values.narrow(0, 0, decay_len).g_mul_scalar_(1.0 - h.lr * h.weight_decay);
-        }
-        let _ = exp_avg.shallow_clone().lerp_(grads, 1.0 - h.beta1);
-        let _ = exp_avg_sq.shallow_clone().g_mul_scalar_(h.beta2).addcmul_(grads, &(grads.g_mul_scalar(1.0 - h.beta2)));
-        let bias_correction1 = 1.0 - h.beta1.powi(t);
-        let bias_correction2 = 1.0 - h.beta2.powi(t);
-        let step_size = h.lr / bias_correction1;
-        let denom = (exp_avg_sq.sqrt() / bias_correction2.sqrt()).g_add_scalar_(h.eps);
-        let _ = values.shallow_clone().addcdiv_(&(exp_avg.g_mul_scalar(-step_size)), &denom);
-    });
 }
 
 /// On the device, without reads: the global gradient norm (fp32), the factor that clips
