@@ -93,7 +93,7 @@ impl<'a, T: Transport> Session<'a, T> {
     /// A step's exchange of `grads` (the flat f32 buffer) by `step`'s plan; with the
     /// plan's token table its early part starts now.
     pub fn start(transport: T, grads: &'a Tensor, step: &'a StepBuckets<'_>) -> Session<'a, T> {
-        let table = step.table().and_then(|(rows, touched)| TableParts::start(Some(rows), Some(touched), grads));
+        let table = step.table().map(|(rows, touched)| TableParts::start(rows, touched, grads));
         let mut session = Session {
             transport,
             grads,

@@ -72,11 +72,10 @@ pub struct TableParts<'a> {
 }
 
 impl<'a> TableParts<'a> {
-    /// The parts of the plan's table (`table`), when it keeps one apart and the rows
-    /// looked up are given; takes the early copy of `grads` now.
-    pub fn start(table: Option<TableRows>, touched: Option<&'a Tensor>, grads: &Tensor) -> Option<TableParts<'a>> {
-        let (rows, touched) = (table?, touched?);
-        Some(TableParts { rows, touched, early: rows.early_copy(grads), packed: None })
+    /// The parts of the table `rows` whose rows `touched` are looked up; takes the early
+    /// copy of `grads` now.
+    pub fn start(rows: TableRows, touched: &'a Tensor, grads: &Tensor) -> TableParts<'a> {
+        TableParts { rows, touched, early: rows.early_copy(grads), packed: None }
     }
 
     /// Stage `stage` is done: the looked-up rows of `grads`, packed, the first time their
