@@ -1,7 +1,8 @@
 //! The shape of the code: no circles between the top-level modules of `src/`, no
 //! command module (one per subcommand) importing another (shared parts live in library
-//! modules: `data/`, `evaluation.rs`, `report/`, `runtime.rs`, ...), rustfmt's formatting,
-//! and torch and NCCL versions named in the sources that match what we pin.
+//! modules: `data/`, `evaluation.rs`, `report/`, `runtime.rs`, ...), no module that only
+//! tests reach, rustfmt's formatting, and torch and NCCL versions named in the sources
+//! that match what we pin.
 
 mod common;
 use common::{repo, run_bounded, LIMIT};
@@ -307,4 +308,177 @@ fn the_version_rule_flags_newer_and_unmarked_older_versions() {
         assert_eq!(check(wrong), 1, "{wrong}");
     }
     assert_eq!(mentions("torchvision 0.26, ncclAvg 2.1"), vec![]);
+}
+
+/// Every module of `src/` as its path (`dist/ring`, `dist` for `dist/mod.rs`) → its file.
+fn module_files() -> BTreeMap<String, std::path::PathBuf> {
+    let src = repo().join("src");
+    let mut modules = BTreeMap::new();
+    let mut stack = vec![src.clone()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()) {
+            if e.is_dir() {
+                stack.push(e);
+            } else if e.extension().is_some_and(|x| x == "rs") {
+                let rel = e.strip_prefix(&src).unwrap().with_extension("");
+                let path = rel.to_string_lossy().trim_end_matches("/mod").to_string();
+                modules.insert(path, e);
+            }
+        }
+    }
+    modules
+}
+
+/// The paths written in `code`: words joined by `::`, a use-tree's braces expanded
+/// (`a::{b, c::d}` is `a::b` and `a::c::d`).
+fn paths(code: &str) -> Vec<Vec<String>> {
+    fn word_at(code: &str, at: usize) -> String {
+        code[at..].chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect()
+    }
+    /// The group's text from just after `{` up to its matching `}`.
+    fn group(code: &str, open: usize) -> &str {
+        let mut depth = 0;
+        for (i, c) in code[open..].char_indices() {
+            match c {
+                '{' => depth += 1,
+                '}' if depth == 0 => return &code[open..open + i],
+                '}' => depth -= 1,
+                _ => {}
+            }
+        }
+        &code[open..]
+    }
+    fn walk(code: &str, prefix: &[String], out: &mut Vec<Vec<String>>) {
+        let bytes = code.as_bytes();
+        let mut at = 0;
+        while at < bytes.len() {
+            let after_path_char = at > 0 && (bytes[at - 1].is_ascii_alphanumeric() || bytes[at - 1] == b'_' || bytes[at - 1] == b':');
+            if after_path_char || !(bytes[at].is_ascii_alphabetic() || bytes[at] == b'_') {
+                at += 1;
+                continue;
+            }
+            let mut segments: Vec<String> = prefix.to_vec();
+            let mut end = at;
+            loop {
+                let word = word_at(code, end);
+                if word.is_empty() {
+                    break;
+                }
+                end += word.len();
+                segments.push(word);
+                if !code[end..].starts_with("::") {
+                    break;
+                }
+                end += 2;
+                if code[end..].starts_with('{') {
+                    let inner = group(code, end + 1);
+                    walk(inner, &segments, out);
+                    end += inner.len() + 1;
+                    break;
+                }
+            }
+            if segments.last().is_some_and(|w| w == "self") {
+                segments.pop();
+            }
+            out.push(segments);
+            at = end.max(at + 1);
+        }
+    }
+    let mut out = vec![];
+    walk(code, &[], &mut out);
+    out
+}
+
+/// The modules that `code`, in module `me`, names: `crate::a::b` and `algpt2_ddp::a::b`
+/// from the root, `super::x` from the parent, and a bare `x::` for a child of `me` or,
+/// in `main`, for a top-level module. Each path counts as its longest module prefix.
+fn named_modules(me: &str, code: &str, modules: &BTreeMap<String, std::path::PathBuf>) -> BTreeSet<String> {
+    let longest = |segments: &[String]| -> Option<String> {
+        (1..=segments.len()).rev().map(|n| segments[..n].join("/")).find(|p| modules.contains_key(p))
+    };
+    let parent: Vec<String> = me.split('/').map(String::from).collect::<Vec<_>>().split_last().map_or(vec![], |(_, p)| p.to_vec());
+    let here: Vec<String> = me.split('/').map(String::from).collect();
+    let mut found = BTreeSet::new();
+    for segments in paths(code) {
+        let Some(head) = segments.first() else { continue };
+        let rooted: Vec<String> = match head.as_str() {
+            "crate" | "algpt2_ddp" => segments[1..].to_vec(),
+            "super" => parent.iter().chain(&segments[1..]).cloned().collect(),
+            "self" => here.iter().chain(&segments[1..]).cloned().collect(),
+            // A bare name: a child of this module or, in main, a top-level module; else
+            // a type, a local or an outside crate.
+            _ if me == "main" => segments.clone(),
+            _ if segments.len() >= 2 => here.iter().chain(&segments).cloned().collect(),
+            _ => continue,
+        };
+        if let Some(module) = longest(&rooted).filter(|m| m != me) {
+            found.insert(module);
+        }
+    }
+    found
+}
+
+/// Modules declared only under `#[cfg(test)]` (`#[cfg(test)] mod tests;`): test code.
+fn test_only_modules(modules: &BTreeMap<String, std::path::PathBuf>) -> BTreeSet<String> {
+    let mut test_only = BTreeSet::new();
+    for (me, file) in modules {
+        let text = std::fs::read_to_string(file).unwrap();
+        for part in text.split("#[cfg(test)]").skip(1) {
+            let decl = part.trim_start().trim_start_matches("pub ").trim_start();
+            if let Some(rest) = decl.strip_prefix("mod ") {
+                let name: String = rest.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+                if rest[name.len()..].trim_start().starts_with(';') {
+                    let path = if me == "lib" || me == "main" { name } else { format!("{me}/{name}") };
+                    test_only.insert(path);
+                }
+            }
+        }
+    }
+    test_only
+}
+
+/// The binary reaches every shipped module: one that only tests reach is test code in
+/// the shipped library (move it under `#[cfg(test)]` or `tests/`) or dead code.
+#[test]
+fn every_shipped_module_is_reachable_from_the_binary() {
+    let modules = module_files();
+    let test_only = test_only_modules(&modules);
+    let mut reached = BTreeSet::from(["main".to_string(), "lib".to_string()]);
+    let mut todo = vec!["main".to_string()];
+    while let Some(me) = todo.pop() {
+        let text = std::fs::read_to_string(&modules[&me]).unwrap();
+        // Unit tests may reach anywhere; only the shipped code counts.
+        let code = text.split("#[cfg(test)]").next().unwrap();
+        for module in named_modules(&me, code, &modules) {
+            // Naming `a/b` reaches `a` too: its file holds `a/b`'s declaration.
+            let mut path = module.as_str();
+            loop {
+                if reached.insert(path.to_string()) {
+                    todo.push(path.to_string());
+                }
+                match path.rsplit_once('/') {
+                    Some((parent, _)) => path = parent,
+                    None => break,
+                }
+            }
+        }
+    }
+    let unreached: Vec<&String> = modules.keys().filter(|m| !reached.contains(*m) && !test_only.contains(*m)).collect();
+    assert!(modules.len() > 60 && reached.len() > 60, "{} modules, {} reached", modules.len(), reached.len());
+    assert!(unreached.is_empty(), "modules of src/ that the binary never reaches (only tests do, or nothing): {unreached:?}");
+}
+
+/// The reachability rule itself, on a made-up crate.
+#[test]
+fn the_reachability_rule_follows_crate_super_self_and_child_paths() {
+    let modules: BTreeMap<String, std::path::PathBuf> =
+        ["main", "a", "a/b", "a/c", "d", "d/e"].iter().map(|m| (m.to_string(), std::path::PathBuf::new())).collect();
+    let names = |me, code| named_modules(me, code, &modules).into_iter().collect::<Vec<_>>();
+    assert_eq!(names("main", "use algpt2_ddp::{a, d};\nfn f() { a::b::go() }"), ["a", "a/b", "d"]);
+    assert_eq!(names("main", "use algpt2_ddp::a::{self, b::{Q, R}};"), ["a", "a/b"]);
+    assert_eq!(names("a", "pub use b::Thing; use crate::d::e::X;"), ["a/b", "d/e"]);
+    assert_eq!(names("a/b", "use super::c::Y; let d = x::y;"), ["a/c"]);
+    assert_eq!(names("a", "use self::c::*;"), ["a/c"]);
+    // A bare name that is no child of the module is a type or an outside crate.
+    assert_eq!(names("a/b", "d::e::f(); tch::Tensor::zeros()"), Vec::<String>::new());
 }
