@@ -1,9 +1,9 @@
 //! When the loop saves, and what a failed save does (`checkpoint.on_save_error`): rank 0
 //! writes, every rank learns whether it worked, and all stop together or all go on.
 
-use crate::checkpoint::OtherParts;
+use crate::checkpoint::LoopState;
 use crate::config::{Config, OnSaveError};
-use crate::dist::World;
+use crate::parallel::World;
 use crate::report::progress::Progress;
 use crate::run_dir::RunDir;
 use crate::trainer::Trainer;
@@ -38,7 +38,7 @@ impl<'a> Checkpointer<'a> {
     pub fn save_if_due(
         &self,
         trainer: &Trainer,
-        others: &OtherParts,
+        others: &LoopState,
         world: &World,
         progress: &Progress,
         stopping: bool,
@@ -48,7 +48,7 @@ impl<'a> Checkpointer<'a> {
             return Ok(());
         }
         // The save's time counts from its start, not from the step before it.
-        crate::dist::phase::progress_made();
+        crate::parallel::phase::progress_made();
         let saved =
             if world.is_main() { trainer.save(&self.run.checkpoints(), world, &self.tokenizer_hash, others) } else { Ok(PathBuf::new()) };
         // Every rank learns whether rank 0's save worked, so that all stop together

@@ -5,6 +5,7 @@
 mod blame;
 pub mod buckets;
 pub mod comm_cost;
+mod data_parallel;
 pub mod exchange;
 mod heartbeat;
 pub mod nccl;
@@ -12,15 +13,14 @@ mod nccl_overlap;
 pub mod overlap;
 pub mod overlap_session;
 pub mod phase;
-mod replicas;
 mod ring;
 pub mod same_job;
 pub mod signals;
-pub mod table_rows;
+pub mod token_table;
 mod waiting;
 pub mod watchdog;
 mod world;
 
+pub use data_parallel::{DataParallel, LastBackward};
 pub use exchange::GradientExchange;
-pub use replicas::{LastBackward, Replicas};
 pub use world::{RawComm, World};
