@@ -10,7 +10,7 @@
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use reqwest::blocking::{Client, Response};
-use reqwest::header::{CONTENT_LENGTH, CONTENT_RANGE, RANGE, RETRY_AFTER};
+use reqwest::header::{CONTENT_RANGE, RANGE, RETRY_AFTER};
 use reqwest::StatusCode;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
@@ -328,10 +328,6 @@ struct RetryPolicy {
 }
 
 impl RetryPolicy {
-    fn for_options(opts: &DownloadOptions) -> RetryPolicy {
-        RetryPolicy { retries: opts.retries, base_delay: Duration::from_secs(1), max_delay: Duration::from_secs(60) }
-    }
-
     /// Wait before retry number `retry` (0-based). A server's Retry-After is honoured as
     /// given (up to the ceiling). Otherwise exponential, with the upper half jittered so
     /// that many ranks or users retrying at once do not arrive together.
@@ -389,28 +385,15 @@ struct Fetcher {
 
 impl Fetcher {
     fn new(opts: &DownloadOptions) -> anyhow::Result<Fetcher> {
-        Ok(Fetcher { client: build_client(opts.timeout, true)?, retry: RetryPolicy::for_options(opts), progress: opts.progress })
+        let retry = RetryPolicy { retries: opts.retries, base_delay: Duration::from_secs(1), max_delay: Duration::from_secs(60) };
+        Ok(Fetcher { client: build_client(opts.timeout, true)?, retry, progress: opts.progress })
     }
 
     /// Makes `target.dest` hold the verified file, downloading only what is missing.
     fn fetch(&self, target: &Target) -> anyhow::Result<()> {
         let Target { url, dest, .. } = *target;
-        if dest.exists() {
-            match target.sha256 {
-                None => {
-                    info!("{} is already present; not downloaded again", dest.display());
-                    return Ok(());
-                }
-                Some(expected) => {
-                    let actual = crate::run_dir::sha256_file(dest)?;
-                    if actual.eq_ignore_ascii_case(expected) {
-                        info!("{} is already present and its sha256 matches; not downloaded again", dest.display());
-                        return Ok(());
-                    }
-                    warn!("{} has sha256 {actual}, expected {expected}; downloading it again", dest.display());
-                    fs::remove_file(dest).with_context(|| format!("cannot delete {}", dest.display()))?;
-                }
-            }
+        if already_present(target)? {
+            return Ok(());
         }
         if let Some(dir) = dest.parent().filter(|d| !d.as_os_str().is_empty()) {
             fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -420,32 +403,31 @@ impl Fetcher {
         let (mut attempts, mut retries_done, mut restarted) = (0, 0, false);
         loop {
             attempts += 1;
-            match self.attempt(target, &part) {
+            let (reason, wait, unreachable) = match self.attempt(target, &part) {
                 Ok(()) => break,
                 Err(AttemptError::Fatal(e)) => return Err(e),
                 // Once only: a second restart in a row means the server is inconsistent.
                 Err(AttemptError::Restart(reason)) if !restarted => {
                     info!("{url}: {reason}");
                     restarted = true;
+                    continue;
                 }
-                Err(AttemptError::Restart(reason)) => {
-                    return Err(DownloadError::GaveUp { url: url.to_string(), attempts, last: reason }.into())
+                Err(AttemptError::Restart(last)) => return Err(DownloadError::GaveUp { url: url.to_string(), attempts, last }.into()),
+                Err(AttemptError::Retry { reason, wait, unreachable }) => (reason, wait, unreachable),
+            };
+            if retries_done >= self.retry.retries {
+                let (url, by_hand) = (url.to_string(), target.by_hand.to_string());
+                return Err(if unreachable {
+                    DownloadError::Unreachable { url, cause: reason, by_hand }
+                } else {
+                    DownloadError::GaveUp { url, attempts, last: reason }
                 }
-                Err(AttemptError::Retry { reason, wait, unreachable }) => {
-                    if retries_done >= self.retry.retries {
-                        return Err(if unreachable {
-                            DownloadError::Unreachable { url: url.to_string(), cause: reason, by_hand: target.by_hand.to_string() }
-                        } else {
-                            DownloadError::GaveUp { url: url.to_string(), attempts, last: reason }
-                        }
-                        .into());
-                    }
-                    let delay = self.retry.delay(retries_done, wait);
-                    retries_done += 1;
-                    warn!("{url}: {reason}; retry {retries_done} of {} in {:.1} s", self.retry.retries, delay.as_secs_f64());
-                    std::thread::sleep(delay);
-                }
+                .into());
             }
+            let delay = self.retry.delay(retries_done, wait);
+            retries_done += 1;
+            warn!("{url}: {reason}; retry {retries_done} of {} in {:.1} s", self.retry.retries, delay.as_secs_f64());
+            std::thread::sleep(delay);
         }
 
         verify(&part, target)?;
@@ -461,15 +443,14 @@ impl Fetcher {
     /// otherwise starts it over. Whatever arrived stays in `part` for the next attempt.
     fn attempt(&self, target: &Target, part: &Path) -> Result<(), AttemptError> {
         let url = target.url;
-        let mut have = fs::metadata(part).map(|m| m.len()).unwrap_or(0);
-        if let Some(size) = target.size {
-            if have == size {
-                return Ok(()); // complete already; verification decides whether it is right
-            }
-            if have > size {
+        let mut have = fs::metadata(part).map_or(0, |m| m.len());
+        match target.size {
+            Some(size) if have == size => return Ok(()), // complete already; verification decides whether it is right
+            Some(size) if have > size => {
                 warn!("{} is longer than the expected {size} bytes; starting over", part.display());
                 have = 0;
             }
+            _ => {}
         }
 
         let mut request = self.client.get(url);
@@ -481,41 +462,8 @@ impl Fetcher {
             reason: error_chain(&e.without_url()), // the URL is in the message already
             wait: None,
         })?;
-
-        let status = response.status();
-        let (start, total) = match status {
-            StatusCode::OK => {
-                if have > 0 {
-                    info!("{url}: the server does not resume downloads; starting over from byte 0");
-                }
-                (0, header_u64(&response, CONTENT_LENGTH.as_str()))
-            }
-            StatusCode::PARTIAL_CONTENT => {
-                let (first, total) = content_range(&response);
-                if first != Some(have) {
-                    discard(part)?;
-                    let answered = first.map_or_else(|| "an unstated offset".to_string(), |b| format!("byte {b}"));
-                    return Err(AttemptError::Restart(format!(
-                        "asked to resume at byte {have}, the server answered from {answered}; starting over"
-                    )));
-                }
-                (have, total)
-            }
-            StatusCode::RANGE_NOT_SATISFIABLE if have > 0 => {
-                // Nothing lies beyond `have`: the part is complete, or longer than the file.
-                if content_range(&response).1 == Some(have) {
-                    return Ok(());
-                }
-                discard(part)?;
-                return Err(AttemptError::Restart(format!(
-                    "the server cannot resume at byte {have} (HTTP 416: the file is shorter); starting over"
-                )));
-            }
-            s if s == StatusCode::TOO_MANY_REQUESTS || s.is_server_error() => {
-                let wait = header_u64(&response, RETRY_AFTER.as_str()).map(Duration::from_secs);
-                return Err(AttemptError::Retry { reason: format!("HTTP {s}"), wait, unreachable: false });
-            }
-            s => return Err(AttemptError::Fatal(DownloadError::Status { url: url.to_string(), status: s }.into())),
+        let Some((start, total)) = body_start(&response, have, url, part)? else {
+            return Ok(()); // nothing lies beyond `have`: the part is complete
         };
         if let (Some(expected), Some(actual)) = (target.size, total) {
             if expected != actual {
@@ -525,12 +473,12 @@ impl Fetcher {
 
         let mut file = if start == 0 { File::create(part) } else { OpenOptions::new().append(true).open(part) }
             .with_context(|| format!("cannot open {} for writing", part.display()))?;
-        let label = target.dest.file_name().map_or_else(|| url.to_string(), |n| n.to_string_lossy().into_owned());
         if start > 0 {
             info!("{url}: resuming at byte {start}");
         } else {
             info!("downloading {url} to {}", target.dest.display());
         }
+        let label = target.dest.file_name().map_or_else(|| url.to_string(), |n| n.to_string_lossy().into_owned());
         let mut progress = Progress::start(self.progress, label, start, total.or(target.size));
         let received = copy_body(&mut response, &mut file, part, start, &mut progress);
         file.sync_all().with_context(|| format!("cannot flush {}", part.display()))?;
@@ -546,6 +494,62 @@ impl Fetcher {
             }
             _ => Ok(()),
         }
+    }
+}
+
+/// Whether `dest` already holds the file (then it is left alone). One that fails its
+/// checksum is deleted, to be downloaded again.
+fn already_present(target: &Target) -> anyhow::Result<bool> {
+    let dest = target.dest;
+    if !dest.exists() {
+        return Ok(false);
+    }
+    let Some(expected) = target.sha256 else {
+        info!("{} is already present; not downloaded again", dest.display());
+        return Ok(true);
+    };
+    let actual = crate::run_dir::sha256_file(dest)?;
+    if actual.eq_ignore_ascii_case(expected) {
+        info!("{} is already present and its sha256 matches; not downloaded again", dest.display());
+        return Ok(true);
+    }
+    warn!("{} has sha256 {actual}, expected {expected}; downloading it again", dest.display());
+    fs::remove_file(dest).with_context(|| format!("cannot delete {}", dest.display()))?;
+    Ok(false)
+}
+
+/// Where the answer to a request for the bytes from `have` on puts its body in the file,
+/// and the file's whole length if the server says: `(start, total)`. None when the part
+/// holds the whole file already (HTTP 416 naming `have` as the length).
+fn body_start(response: &Response, have: u64, url: &str, part: &Path) -> Result<Option<(u64, Option<u64>)>, AttemptError> {
+    match response.status() {
+        StatusCode::OK => {
+            if have > 0 {
+                info!("{url}: the server does not resume downloads; starting over from byte 0");
+            }
+            Ok(Some((0, response.content_length())))
+        }
+        StatusCode::PARTIAL_CONTENT => match content_range(response) {
+            (Some(first), total) if first == have => Ok(Some((have, total))),
+            (first, _) => {
+                discard(part)?;
+                let answered = first.map_or_else(|| "an unstated offset".to_string(), |b| format!("byte {b}"));
+                Err(AttemptError::Restart(format!("asked to resume at byte {have}, the server answered from {answered}; starting over")))
+            }
+        },
+        StatusCode::RANGE_NOT_SATISFIABLE if have > 0 => {
+            // Nothing lies beyond `have`: the part is complete, or longer than the file.
+            if content_range(response).1 == Some(have) {
+                return Ok(None);
+            }
+            discard(part)?;
+            Err(AttemptError::Restart(format!("the server cannot resume at byte {have} (HTTP 416: the file is shorter); starting over")))
+        }
+        s if s == StatusCode::TOO_MANY_REQUESTS || s.is_server_error() => {
+            let wait = response.headers().get(RETRY_AFTER).and_then(|v| v.to_str().ok()?.trim().parse().ok()).map(Duration::from_secs);
+            Err(AttemptError::Retry { reason: format!("HTTP {s}"), wait, unreachable: false })
+        }
+        status => Err(AttemptError::Fatal(DownloadError::Status { url: url.to_string(), status }.into())),
     }
 }
 
@@ -620,16 +624,9 @@ fn sync_dir(dir: &Path) {
     }
 }
 
-fn header_u64(response: &Response, name: &str) -> Option<u64> {
-    response.headers().get(name)?.to_str().ok()?.trim().parse().ok()
-}
-
 /// `Content-Range: bytes <first>-<last>/<total>` (or `bytes */<total>`) as (first, total).
 fn content_range(response: &Response) -> (Option<u64>, Option<u64>) {
-    let Some(value) = response.headers().get(CONTENT_RANGE).and_then(|v| v.to_str().ok()) else {
-        return (None, None);
-    };
-    let Some(spec) = value.trim().strip_prefix("bytes ") else {
+    let Some(spec) = response.headers().get(CONTENT_RANGE).and_then(|v| v.to_str().ok()?.trim().strip_prefix("bytes ")) else {
         return (None, None);
     };
     let (range, total) = spec.split_once('/').unwrap_or((spec, "*"));
@@ -707,537 +704,4 @@ impl Progress {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use fake_server::{FakeServer, Reply};
-
-    /// Test fetcher: short backoff, a short timeout, and no proxy (loopback must stay loopback).
-    fn fetcher(retries: u32) -> Fetcher {
-        Fetcher {
-            client: build_client(Duration::from_millis(500), false).unwrap(),
-            retry: RetryPolicy { retries, base_delay: Duration::from_millis(10), max_delay: Duration::from_secs(2) },
-            progress: false,
-        }
-    }
-
-    fn sample(len: usize) -> Vec<u8> {
-        (0..len).map(|i| (i * 31 % 251) as u8).collect()
-    }
-
-    fn sha256_hex(bytes: &[u8]) -> String {
-        format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(bytes))
-    }
-
-    fn fetch(fetcher: &Fetcher, url: &str, dest: &Path, sha256: Option<&str>) -> anyhow::Result<()> {
-        fetcher.fetch(&Target { url, dest, sha256, size: None, by_hand: "place it by hand" })
-    }
-
-    #[test]
-    fn plain_download_is_verified_and_renamed() {
-        let body = sample(100_000);
-        let server = FakeServer::start(vec![("/f.bin", body.clone())], vec![]);
-        let dir = tempfile::tempdir().unwrap();
-        let dest = dir.path().join("f.bin");
-        fetch(&fetcher(0), &server.url("f.bin"), &dest, Some(&sha256_hex(&body))).unwrap();
-        assert_eq!(fs::read(&dest).unwrap(), body);
-        assert!(!part_path(&dest).exists());
-        let requests = server.requests();
-        assert_eq!(requests.len(), 1);
-        assert_eq!(requests[0].range, None);
-    }
-
-    #[test]
-    fn resumes_after_a_dropped_connection() {
-        let body = sample(200_000);
-        let server = FakeServer::start(vec![("/f.bin", body.clone())], vec![Reply::DropAfter(70_000)]);
-        let dir = tempfile::tempdir().unwrap();
-        let dest = dir.path().join("f.bin");
-        fetch(&fetcher(2), &server.url("f.bin"), &dest, Some(&sha256_hex(&body))).unwrap();
-        assert_eq!(fs::read(&dest).unwrap(), body);
-        let requests = server.requests();
-        assert_eq!(requests.len(), 2);
-        assert_eq!(requests[0].range, None);
-        assert_eq!(requests[1].range.as_deref(), Some("bytes=70000-"));
-    }
-
-    #[test]
-    fn resumes_a_part_left_by_an_earlier_run() {
-        let body = sample(50_000);
-        let server = FakeServer::start(vec![("/f.bin", body.clone())], vec![]);
-        let dir = tempfile::tempdir().unwrap();
-        let dest = dir.path().join("f.bin");
-        fs::write(part_path(&dest), &body[..12_345]).unwrap();
-        fetch(&fetcher(0), &server.url("f.bin"), &dest, Some(&sha256_hex(&body))).unwrap();
-        assert_eq!(fs::read(&dest).unwrap(), body);
-        assert_eq!(server.requests()[0].range.as_deref(), Some("bytes=12345-"));
-    }
-
-    #[test]
-    fn complete_part_answered_with_416_is_kept() {
-        let body = sample(10_000);
-        let server = FakeServer::start(vec![("/f.bin", body.clone())], vec![]);
-        let dir = tempfile::tempdir().unwrap();
-        let dest = dir.path().join("f.bin");
-        fs::write(part_path(&dest), &body).unwrap();
-        fetch(&fetcher(0), &server.url("f.bin"), &dest, Some(&sha256_hex(&body))).unwrap();
-        assert_eq!(fs::read(&dest).unwrap(), body);
-        assert_eq!(server.requests().len(), 1);
-    }
-
-    #[test]
-    fn part_longer_than_the_file_is_restarted_without_using_a_retry() {
-        let body = sample(50_000);
-        let server = FakeServer::start(vec![("/f.bin", body.clone())], vec![]);
-        let dir = tempfile::tempdir().unwrap();
-        let dest = dir.path().join("f.bin");
-        fs::write(part_path(&dest), vec![0x55; 60_000]).unwrap();
-        fetch(&fetcher(0), &server.url("f.bin"), &dest, Some(&sha256_hex(&body))).unwrap();
-        assert_eq!(fs::read(&dest).unwrap(), body);
-        let ranges: Vec<_> = server.requests().into_iter().map(|r| r.range).collect();
-        assert_eq!(ranges, [Some("bytes=60000-".to_string()), None]);
-    }
-
-    #[test]
-    fn retries_after_a_server_error() {
-        let body = sample(5_000);
-        let server = FakeServer::start(vec![("/f.bin", body.clone())], vec![Reply::Status500]);
-        let dir = tempfile::tempdir().unwrap();
-        let dest = dir.path().join("f.bin");
-        fetch(&fetcher(2), &server.url("f.bin"), &dest, Some(&sha256_hex(&body))).unwrap();
-        assert_eq!(fs::read(&dest).unwrap(), body);
-        assert_eq!(server.requests().len(), 2);
-    }
-
-    #[test]
-    fn honours_retry_after_on_429() {
-        let body = sample(5_000);
-        let server = FakeServer::start(vec![("/f.bin", body.clone())], vec![Reply::TooManyRequests { retry_after_s: 1 }]);
-        let dir = tempfile::tempdir().unwrap();
-        let dest = dir.path().join("f.bin");
-        let started = Instant::now();
-        fetch(&fetcher(2), &server.url("f.bin"), &dest, Some(&sha256_hex(&body))).unwrap();
-        assert!(started.elapsed() >= Duration::from_secs(1), "waited only {:?}", started.elapsed());
-        assert_eq!(fs::read(&dest).unwrap(), body);
-        assert_eq!(server.requests().len(), 2);
-    }
-
-    #[test]
-    fn retries_a_timeout() {
-        let body = sample(5_000);
-        let server = FakeServer::start(vec![("/f.bin", body.clone())], vec![Reply::Stall(Duration::from_millis(900))]);
-        let dir = tempfile::tempdir().unwrap();
-        let dest = dir.path().join("f.bin");
-        fetch(&fetcher(2), &server.url("f.bin"), &dest, Some(&sha256_hex(&body))).unwrap();
-        assert_eq!(fs::read(&dest).unwrap(), body);
-        assert_eq!(server.requests().len(), 2);
-    }
-
-    #[test]
-    fn not_found_fails_at_once_with_url_and_status() {
-        let server = FakeServer::start(vec![], vec![]);
-        let dir = tempfile::tempdir().unwrap();
-        let url = server.url("missing.zip");
-        let err = fetch(&fetcher(3), &url, &dir.path().join("missing.zip"), None).unwrap_err();
-        let message = format!("{err:#}");
-        assert!(message.contains(&url) && message.contains("404"), "{message}");
-        assert!(matches!(err.downcast_ref(), Some(DownloadError::Status { .. })));
-        assert_eq!(server.requests().len(), 1);
-    }
-
-    #[test]
-    fn gives_up_after_the_configured_retries() {
-        let server = FakeServer::start(vec![("/f.bin", sample(100))], vec![Reply::Status500; 10]);
-        let dir = tempfile::tempdir().unwrap();
-        let err = fetch(&fetcher(2), &server.url("f.bin"), &dir.path().join("f.bin"), None).unwrap_err();
-        assert!(format!("{err:#}").contains("gave up after 3 attempts"), "{err:#}");
-        assert_eq!(server.requests().len(), 3);
-    }
-
-    #[test]
-    fn checksum_mismatch_deletes_the_download() {
-        let body = sample(5_000);
-        let server = FakeServer::start(vec![("/f.bin", body.clone())], vec![]);
-        let dir = tempfile::tempdir().unwrap();
-        let dest = dir.path().join("f.bin");
-        let wrong = sha256_hex(b"something else");
-        let err = fetch(&fetcher(0), &server.url("f.bin"), &dest, Some(&wrong)).unwrap_err();
-        let message = format!("{err:#}");
-        assert!(message.contains(&wrong) && message.contains(&sha256_hex(&body)), "{message}");
-        assert!(message.contains(&dest.display().to_string()), "{message}");
-        assert!(!dest.exists() && !part_path(&dest).exists());
-    }
-
-    #[test]
-    fn present_file_is_not_downloaded_again() {
-        let body = sample(5_000);
-        let server = FakeServer::start(vec![("/f.bin", body.clone())], vec![]);
-        let dir = tempfile::tempdir().unwrap();
-        let dest = dir.path().join("f.bin");
-        fs::write(&dest, &body).unwrap();
-        let opts = DownloadOptions { dest_dir: dir.path().to_path_buf(), progress: false, ..DownloadOptions::default() };
-        download_file(&server.url("f.bin"), &dest, Some(&sha256_hex(&body)), &opts).unwrap();
-        assert_eq!(server.requests().len(), 0);
-    }
-
-    #[test]
-    fn wrong_file_at_dest_is_replaced() {
-        let body = sample(5_000);
-        let server = FakeServer::start(vec![("/f.bin", body.clone())], vec![]);
-        let dir = tempfile::tempdir().unwrap();
-        let dest = dir.path().join("f.bin");
-        fs::write(&dest, b"stale").unwrap();
-        fetch(&fetcher(0), &server.url("f.bin"), &dest, Some(&sha256_hex(&body))).unwrap();
-        assert_eq!(fs::read(&dest).unwrap(), body);
-        assert_eq!(server.requests().len(), 1);
-    }
-
-    #[test]
-    fn server_ignoring_range_restarts_from_zero() {
-        let body = sample(50_000);
-        let server = FakeServer::start(vec![("/f.bin", body.clone())], vec![Reply::IgnoreRange]);
-        let dir = tempfile::tempdir().unwrap();
-        let dest = dir.path().join("f.bin");
-        // Garbage in the part: if it were kept, the checksum would fail.
-        fs::write(part_path(&dest), vec![0xAA; 20_000]).unwrap();
-        fetch(&fetcher(0), &server.url("f.bin"), &dest, Some(&sha256_hex(&body))).unwrap();
-        assert_eq!(fs::read(&dest).unwrap(), body);
-        let requests = server.requests();
-        assert_eq!(requests.len(), 1);
-        assert_eq!(requests[0].range.as_deref(), Some("bytes=20000-"));
-    }
-
-    #[test]
-    fn unreachable_host_explains_how_to_work_offline() {
-        let closed_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("http://127.0.0.1:{closed_port}/wikitext-103-v1.zip");
-        let err = fetch(&fetcher(1), &url, &dir.path().join("w.zip"), None).unwrap_err();
-        let message = format!("{err:#}");
-        for needle in ["could not reach", &url, "needs internet access", "--base-url", "by hand"] {
-            assert!(message.contains(needle), "missing {needle:?} in: {message}");
-        }
-        assert!(matches!(err.downcast_ref(), Some(DownloadError::Unreachable { .. })));
-    }
-
-    /// A small archive laid out like the published one, plus entries that must be ignored.
-    fn small_wikitext_zip(extra: &[(&str, &[u8])]) -> (Vec<u8>, Vec<(String, Vec<u8>)>) {
-        use zip::write::SimpleFileOptions;
-        let files: Vec<(String, Vec<u8>)> = SPLITS
-            .iter()
-            .map(|split| (format!("wiki.{split}.tokens"), format!(" = {split} = \n some text for {split} \n").into_bytes()))
-            .collect();
-        let mut writer = zip::ZipWriter::new(io::Cursor::new(Vec::new()));
-        let options = SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
-        writer.add_directory("wikitext-103/", options).unwrap();
-        for (name, bytes) in &files {
-            writer.start_file(format!("wikitext-103/{name}"), options).unwrap();
-            writer.write_all(bytes).unwrap();
-        }
-        for (name, bytes) in extra {
-            writer.start_file(*name, options).unwrap();
-            writer.write_all(bytes).unwrap();
-        }
-        (writer.finish().unwrap().into_inner(), files)
-    }
-
-    fn test_archive(zip_bytes: &[u8]) -> Archive {
-        Archive { sha256: sha256_hex(zip_bytes), size: Some(zip_bytes.len() as u64), ..Archive::published(Wikitext103Variant::Tokens) }
-    }
-
-    #[test]
-    fn wikitext_is_downloaded_unpacked_and_then_left_alone() {
-        let (zip_bytes, files) = small_wikitext_zip(&[("wikitext-103/README", b"not wanted")]);
-        let server = FakeServer::start(vec![("/mirror/wikitext-103-v1.zip", zip_bytes.clone())], vec![]);
-        let dir = tempfile::tempdir().unwrap();
-        let opts = DownloadOptions {
-            base_url: server.url("mirror/"),
-            dest_dir: dir.path().to_path_buf(),
-            retries: 0,
-            timeout: Duration::from_secs(1),
-            progress: false,
-        };
-        let archive = test_archive(&zip_bytes);
-        let data_dir = fetch_and_unpack(&archive, &opts, &fetcher(0)).unwrap();
-        assert_eq!(data_dir, dir.path().join("wikitext-103"));
-        for (name, bytes) in &files {
-            assert_eq!(&fs::read(data_dir.join(name)).unwrap(), bytes);
-        }
-        let mut left: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
-        left.sort();
-        assert_eq!(left, ["wikitext-103"], "archive, part and staging dir are gone");
-        assert_eq!(fs::read_dir(&data_dir).unwrap().count(), 3, "only the three split files");
-        let requests = server.requests();
-        assert_eq!(requests.len(), 1);
-        assert_eq!(requests[0].path, "/mirror/wikitext-103-v1.zip");
-
-        fetch_and_unpack(&archive, &opts, &fetcher(0)).unwrap();
-        assert_eq!(server.requests().len(), 1, "second run makes no request");
-    }
-
-    #[test]
-    fn interrupted_unpack_is_redone_from_an_archive_placed_by_hand() {
-        let (zip_bytes, files) = small_wikitext_zip(&[]);
-        let server = FakeServer::start(vec![], vec![]);
-        let dir = tempfile::tempdir().unwrap();
-        let opts = DownloadOptions {
-            base_url: server.url(""),
-            dest_dir: dir.path().to_path_buf(),
-            retries: 0,
-            timeout: Duration::from_secs(1),
-            progress: false,
-        };
-        // As an interrupted run leaves it: one file moved into place, a staging dir.
-        fs::create_dir_all(dir.path().join("wikitext-103")).unwrap();
-        fs::write(dir.path().join("wikitext-103").join(&files[0].0), &files[0].1).unwrap();
-        fs::create_dir_all(dir.path().join(".wikitext-103.unpacking")).unwrap();
-        fs::write(dir.path().join(".wikitext-103.unpacking/wiki.valid.tokens"), b"half").unwrap();
-        fs::write(dir.path().join("wikitext-103-v1.zip"), &zip_bytes).unwrap();
-
-        let data_dir = fetch_and_unpack(&test_archive(&zip_bytes), &opts, &fetcher(0)).unwrap();
-        for (name, bytes) in &files {
-            assert_eq!(&fs::read(data_dir.join(name)).unwrap(), bytes);
-        }
-        assert!(!dir.path().join(".wikitext-103.unpacking").exists());
-        assert_eq!(server.requests().len(), 0);
-    }
-
-    #[test]
-    fn archive_with_an_escaping_path_is_refused() {
-        let (zip_bytes, _) = small_wikitext_zip(&[("../escaped.txt", b"outside")]);
-        let server = FakeServer::start(vec![("/wikitext-103-v1.zip", zip_bytes.clone())], vec![]);
-        let root = tempfile::tempdir().unwrap();
-        let dest_dir = root.path().join("data");
-        let opts = DownloadOptions {
-            base_url: server.url(""),
-            dest_dir: dest_dir.clone(),
-            retries: 0,
-            timeout: Duration::from_secs(1),
-            progress: false,
-        };
-        let err = fetch_and_unpack(&test_archive(&zip_bytes), &opts, &fetcher(0)).unwrap_err();
-        assert!(format!("{err:#}").contains("outside the destination"), "{err:#}");
-        assert!(!root.path().join("escaped.txt").exists());
-        assert!(!dest_dir.join("wikitext-103").exists());
-        assert!(!dest_dir.join(".wikitext-103.unpacking").exists());
-    }
-
-    #[test]
-    fn variant_names_round_trip() {
-        for variant in [Wikitext103Variant::Tokens, Wikitext103Variant::Raw] {
-            assert_eq!(variant.to_string().parse::<Wikitext103Variant>().unwrap(), variant);
-        }
-        assert!("wikitext".parse::<Wikitext103Variant>().is_err());
-    }
-
-    #[test]
-    fn published_archives_name_their_files() {
-        let raw = Archive::published(Wikitext103Variant::Raw);
-        assert_eq!(raw.member_names(), ["wiki.train.raw", "wiki.valid.raw", "wiki.test.raw"]);
-        assert_eq!(join_url(DEFAULT_BASE_URL, raw.file_name), format!("{DEFAULT_BASE_URL}wikitext-103-raw-v1.zip"));
-        assert_eq!(join_url("http://m/x", "a.zip"), "http://m/x/a.zip");
-    }
-
-    #[test]
-    fn backoff_grows_is_capped_and_yields_to_retry_after() {
-        let policy = RetryPolicy { retries: 9, base_delay: Duration::from_secs(1), max_delay: Duration::from_secs(8) };
-        for retry in 0..8 {
-            let ceiling = Duration::from_secs(1 << retry.min(3));
-            let delay = policy.delay(retry, None);
-            assert!(delay >= ceiling / 2 && delay <= ceiling, "retry {retry}: {delay:?}");
-        }
-        assert_eq!(policy.delay(0, Some(Duration::from_secs(3))), Duration::from_secs(3));
-        assert_eq!(policy.delay(0, Some(Duration::from_secs(600))), Duration::from_secs(8));
-    }
-
-    /// A loopback HTTP/1.1 server for the tests: serves files with Range support and
-    /// misbehaves on request, one scripted reply per request in arrival order.
-    mod fake_server {
-        use std::collections::HashMap;
-        use std::io::{Read, Write};
-        use std::net::{Shutdown, TcpListener, TcpStream};
-        use std::sync::atomic::{AtomicBool, Ordering};
-        use std::sync::{Arc, Mutex};
-        use std::thread::{self, JoinHandle};
-        use std::time::{Duration, Instant};
-
-        /// The server never outlives a test, even one that forgets it.
-        const LIFETIME: Duration = Duration::from_secs(20);
-        const MAX_CONNECTIONS: usize = 32;
-
-        #[derive(Clone, Debug)]
-        pub enum Reply {
-            /// 200 or 206 as the request asks.
-            Normal,
-            /// Headers as for `Normal`, then only this many body bytes, then close.
-            DropAfter(usize),
-            Status500,
-            TooManyRequests {
-                retry_after_s: u64,
-            },
-            /// 200 with the whole file even when a Range was asked for.
-            IgnoreRange,
-            /// Waits this long before answering normally (for client timeouts).
-            Stall(Duration),
-        }
-
-        #[derive(Clone, Debug)]
-        pub struct Recorded {
-            pub path: String,
-            pub range: Option<String>,
-        }
-
-        struct Shared {
-            files: HashMap<String, Vec<u8>>,
-            script: Vec<Reply>,
-            requests: Mutex<Vec<Recorded>>,
-        }
-
-        pub struct FakeServer {
-            port: u16,
-            shared: Arc<Shared>,
-            stop: Arc<AtomicBool>,
-            acceptor: Option<JoinHandle<()>>,
-        }
-
-        impl FakeServer {
-            /// `files`: path → bytes (absent paths get 404); `script`: the reply to each
-            /// request in order, `Normal` after the script runs out.
-            pub fn start(files: Vec<(&str, Vec<u8>)>, script: Vec<Reply>) -> FakeServer {
-                let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-                listener.set_nonblocking(true).unwrap();
-                let port = listener.local_addr().unwrap().port();
-                let shared = Arc::new(Shared {
-                    files: files.into_iter().map(|(p, b)| (p.to_string(), b)).collect(),
-                    script,
-                    requests: Mutex::new(Vec::new()),
-                });
-                let stop = Arc::new(AtomicBool::new(false));
-                let acceptor = {
-                    let (shared, stop) = (shared.clone(), stop.clone());
-                    thread::spawn(move || accept_loop(listener, shared, stop))
-                };
-                FakeServer { port, shared, stop, acceptor: Some(acceptor) }
-            }
-
-            pub fn url(&self, path: &str) -> String {
-                format!("http://127.0.0.1:{}/{path}", self.port)
-            }
-
-            pub fn requests(&self) -> Vec<Recorded> {
-                self.shared.requests.lock().unwrap().clone()
-            }
-        }
-
-        impl Drop for FakeServer {
-            fn drop(&mut self) {
-                self.stop.store(true, Ordering::SeqCst);
-                if let Some(acceptor) = self.acceptor.take() {
-                    let _ = acceptor.join();
-                }
-            }
-        }
-
-        fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: Arc<AtomicBool>) {
-            let deadline = Instant::now() + LIFETIME;
-            let mut handlers = Vec::new();
-            while !stop.load(Ordering::SeqCst) && Instant::now() < deadline && handlers.len() < MAX_CONNECTIONS {
-                match listener.accept() {
-                    Ok((stream, _)) => {
-                        let shared = shared.clone();
-                        handlers.push(thread::spawn(move || {
-                            let _ = handle(stream, &shared);
-                        }));
-                    }
-                    Err(_) => thread::sleep(Duration::from_millis(2)),
-                }
-            }
-            for handler in handlers {
-                let _ = handler.join();
-            }
-        }
-
-        fn handle(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
-            stream.set_nonblocking(false)?;
-            stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-            let head = read_head(&mut stream)?;
-            let path = head.lines().next().and_then(|l| l.split_whitespace().nth(1)).unwrap_or("/").to_string();
-            let range = head.lines().find_map(|line| {
-                let (name, value) = line.split_once(':')?;
-                name.trim().eq_ignore_ascii_case("range").then(|| value.trim().to_string())
-            });
-            let reply = {
-                let mut requests = shared.requests.lock().unwrap();
-                requests.push(Recorded { path: path.clone(), range: range.clone() });
-                shared.script.get(requests.len() - 1).cloned().unwrap_or(Reply::Normal)
-            };
-            let Some(body) = shared.files.get(&path) else {
-                return respond(&mut stream, "404 Not Found", &[], b"not found");
-            };
-            let from = range.as_deref().and_then(|r| r.strip_prefix("bytes=")?.strip_suffix('-')?.parse::<usize>().ok());
-            match reply {
-                Reply::Status500 => respond(&mut stream, "500 Internal Server Error", &[], b"oops"),
-                Reply::TooManyRequests { retry_after_s } => {
-                    respond(&mut stream, "429 Too Many Requests", &[("Retry-After", retry_after_s.to_string())], b"slow down")
-                }
-                Reply::IgnoreRange => respond(&mut stream, "200 OK", &[], body),
-                Reply::Stall(wait) => {
-                    thread::sleep(wait);
-                    serve(&mut stream, body, from, None)
-                }
-                Reply::Normal => serve(&mut stream, body, from, None),
-                Reply::DropAfter(n) => serve(&mut stream, body, from, Some(n)),
-            }
-        }
-
-        /// A file or its tail from `from`, cut after `cut` body bytes when asked.
-        fn serve(stream: &mut TcpStream, body: &[u8], from: Option<usize>, cut: Option<usize>) -> std::io::Result<()> {
-            let total = body.len();
-            let (status, headers, slice) = match from {
-                None => ("200 OK", vec![], body),
-                Some(first) if first >= total => {
-                    return respond(stream, "416 Range Not Satisfiable", &[("Content-Range", format!("bytes */{total}"))], b"");
-                }
-                Some(first) => {
-                    ("206 Partial Content", vec![("Content-Range", format!("bytes {first}-{}/{total}", total - 1))], &body[first..])
-                }
-            };
-            match cut {
-                None => respond(stream, status, &headers, slice),
-                Some(n) => {
-                    write_head(stream, status, &headers, slice.len())?;
-                    stream.write_all(&slice[..n.min(slice.len())])?;
-                    stream.flush()?;
-                    stream.shutdown(Shutdown::Both)
-                }
-            }
-        }
-
-        fn respond(stream: &mut TcpStream, status: &str, headers: &[(&str, String)], body: &[u8]) -> std::io::Result<()> {
-            write_head(stream, status, headers, body.len())?;
-            stream.write_all(body)?;
-            stream.flush()
-        }
-
-        fn write_head(stream: &mut TcpStream, status: &str, headers: &[(&str, String)], len: usize) -> std::io::Result<()> {
-            let mut head = format!("HTTP/1.1 {status}\r\nContent-Length: {len}\r\nConnection: close\r\n");
-            for (name, value) in headers {
-                head.push_str(&format!("{name}: {value}\r\n"));
-            }
-            head.push_str("\r\n");
-            stream.write_all(head.as_bytes())
-        }
-
-        /// The request line and headers (a GET has no body).
-        fn read_head(stream: &mut TcpStream) -> std::io::Result<String> {
-            let mut head = Vec::new();
-            let mut byte = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") && head.len() < 16 * 1024 {
-                if stream.read(&mut byte)? == 0 {
-                    break;
-                }
-                head.push(byte[0]);
-            }
-            Ok(String::from_utf8_lossy(&head).into_owned())
-        }
-    }
-}
+mod tests;
