@@ -1,8 +1,11 @@
 //! The download against a loopback server that serves files with Range support and
 //! misbehaves on request: drops, errors, 429s, stalls, ignored ranges.
 
+use super::fetch::{build_client, part_path, Fetcher, RetryPolicy, Target};
 use super::*;
 use fake_server::{FakeServer, Reply};
+use std::io::Write;
+use std::time::Instant;
 
 /// Test fetcher: short backoff, a short timeout, and no proxy (loopback must stay loopback).
 fn fetcher(retries: u32) -> Fetcher {
