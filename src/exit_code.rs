@@ -2,13 +2,16 @@
 //! (including a failed `doctor` check), 2 bad configuration or usage (the config, a flag,
 //! a device that is not there, a size that cannot fit, a W&B setting that can never work
 //! such as a malformed `WANDB_BASE_URL`, ranks launched with different settings): nothing
-//! was started.
+//! was started; 75 preempted (SIGTERM: saved, to be started again). A rank's own ends
+//! have theirs: 3 the watchdog, 130 the stop's grace period (`parallel::signals`).
 
 use crate::report::wandb::BadSetting;
 
 /// The exit code of a command that ended with `e`.
 pub fn of(e: &anyhow::Error) -> u8 {
-    if e.downcast_ref::<crate::config::ConfigError>().is_some()
+    if e.is::<crate::parallel::signals::Preempted>() {
+        crate::parallel::signals::EXIT_PREEMPTED
+    } else if e.downcast_ref::<crate::config::ConfigError>().is_some()
         || e.downcast_ref::<crate::device::DeviceError>().is_some()
         || e.downcast_ref::<BadSetting>().is_some()
         || e.downcast_ref::<crate::parallel::same_job::RanksDisagree>().is_some()
@@ -26,7 +29,8 @@ pub fn same_on_every_rank(e: &anyhow::Error) -> bool {
 }
 
 /// Whether every rank of the job reached `e` together (the ranks compared their settings
-/// and each found the same difference): then no rank needs to end the others.
+/// and each found the same difference, or agreed on a preemption at the same step): then
+/// no rank needs to end the others.
 pub fn every_rank_knows(e: &anyhow::Error) -> bool {
-    e.downcast_ref::<crate::parallel::same_job::RanksDisagree>().is_some()
+    e.downcast_ref::<crate::parallel::same_job::RanksDisagree>().is_some() || e.is::<crate::parallel::signals::Preempted>()
 }

@@ -21,8 +21,9 @@ fn main() -> ExitCode {
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // doctor's report already said what failed.
-            let reported = e.downcast_ref::<algpt2_ddp::doctor::ChecksFailed>().is_some();
+            // doctor's report, or a preemption's last line, already said what happened.
+            let reported = e.downcast_ref::<algpt2_ddp::doctor::ChecksFailed>().is_some()
+                || e.downcast_ref::<algpt2_ddp::parallel::signals::Preempted>().is_some();
             // Every rank reads the same config and fails the same way: one copy is enough.
             let repeated = exit_code::same_on_every_rank(&e) && algpt2_launch::launcher_rank(&|key| std::env::var(key).ok()) != 0;
             if !reported && !repeated {

@@ -385,7 +385,7 @@ fn diverged_ranks_are_named() {
 }
 
 #[test]
-fn sigterm_saves_a_checkpoint_and_all_ranks_exit_cleanly() {
+fn sigterm_is_a_preemption_every_rank_saves_and_exits_75() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let a = args(d, "s", &["--set", "train.micro_batch_size=4", "--set", "train.max_steps=100000", "--set", "train.save_interval=0"]);
@@ -402,8 +402,10 @@ fn sigterm_saves_a_checkpoint_and_all_ranks_exit_cleanly() {
     assert_eq!(pids.len(), 2, "{pids:?}");
     run_bounded(Command::new("kill").arg("-TERM").args(&pids), LIMIT);
     let (status, err) = wait_or_kill(child, Duration::from_secs(120));
-    assert!(status.success(), "{err}");
-    assert!(err.contains("stopped by signal after step"), "{err}");
+    // Preempted: saved, and a distinct exit code so that the job is started again.
+    assert_eq!(status.code(), Some(75), "{err}");
+    assert!(err.contains("preempted: stopped by signal (SIGTERM) after step"), "{err}");
+    assert!(!err.lines().any(|l| l.starts_with("error") || l.contains("ERROR")), "a preemption is no error: {err}");
     let saved: Vec<PathBuf> = std::fs::read_dir(d.join("runs/s/checkpoints")).unwrap().map(|e| e.unwrap().path()).collect();
     assert_eq!(saved.len(), 1, "{saved:?}");
     let last_row = rows(d, "s").last().unwrap()["step"].as_u64().unwrap();

@@ -1,7 +1,10 @@
 //! Stopping a run on request. SIGTERM, SIGINT and SIGUSR1 (preemption, Slurm's warning
 //! before the time limit, Ctrl-C, and the signal mpirun forwards to every rank) ask the
 //! run to stop: the flag is read once per step, agreed across ranks, and the run ends
-//! after saving a checkpoint, with exit code 0.
+//! after saving a checkpoint. SIGINT and SIGUSR1 are a user's stop (what the launch
+//! scripts send on Ctrl-C): exit code 0. SIGTERM is what Slurm, a cloud's spot notice and
+//! Kubernetes send to take the machine back: the run is *preempted* and exits with
+//! [`EXIT_PREEMPTED`], so that a supervisor or `sbatch --requeue` starts it again.
 //!
 //! A second stop signal, or the loss of the launcher that started this rank (mpirun
 //! returns at once on a second Ctrl-C and leaves its ranks behind), ends the rank within
@@ -19,14 +22,37 @@ pub const EXIT_HARD_STOP: i32 = 130;
 /// The signals that ask for a stop at the next step boundary.
 pub const STOP_SIGNALS: [i32; 3] = [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT, signal_hook::consts::SIGUSR1];
 
+/// Exit code of a run stopped by SIGTERM after saving: preempted, to be started again
+/// (75 is sysexits' EX_TEMPFAIL, "try again later").
+pub const EXIT_PREEMPTED: u8 = 75;
+
 pub struct StopRequest {
     flag: Arc<AtomicBool>,
+    /// SIGTERM came: the stop is a preemption.
+    preempted: Arc<AtomicBool>,
 }
+
+/// The error a preempted run ends with: its checkpoint is saved, and it exits with
+/// [`EXIT_PREEMPTED`] rather than 0 so that whatever started it starts it again.
+#[derive(Debug)]
+pub struct Preempted {
+    pub step: u64,
+}
+
+impl std::fmt::Display for Preempted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "preempted (SIGTERM) after step {}; the checkpoint is saved (exit code {EXIT_PREEMPTED})", self.step)
+    }
+}
+
+impl std::error::Error for Preempted {}
 
 impl StopRequest {
     /// Handles the stop signals from now on; `grace` bounds the stop after a second one.
     pub fn install(grace: Duration) -> anyhow::Result<StopRequest> {
         let flag = Arc::new(AtomicBool::new(false));
+        let preempted = Arc::new(AtomicBool::new(false));
+        signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&preempted))?;
         let received = Arc::new(AtomicUsize::new(0));
         for signal in STOP_SIGNALS {
             signal_hook::flag::register(signal, Arc::clone(&flag))?;
@@ -46,12 +72,17 @@ impl StopRequest {
             .name("stop-watch".into())
             .spawn(move || watch(&watched.0, &watched.1, launcher, grace))
             .map_err(|e| anyhow::anyhow!("cannot start the stop-signal thread: {e}"))?;
-        Ok(StopRequest { flag })
+        Ok(StopRequest { flag, preempted })
     }
 
     /// True once a stop was requested on this rank.
     pub fn requested(&self) -> bool {
         self.flag.load(Ordering::Relaxed)
+    }
+
+    /// True once SIGTERM came: the stop is a preemption.
+    pub fn preempted(&self) -> bool {
+        self.preempted.load(Ordering::Relaxed)
     }
 }
 

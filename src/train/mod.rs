@@ -22,7 +22,7 @@ use crate::model::size::param_count;
 use crate::optim::learning_rate;
 use crate::parallel::phase::Phase;
 use crate::parallel::same_job;
-use crate::parallel::signals::StopRequest;
+use crate::parallel::signals::{Preempted, StopRequest, EXIT_PREEMPTED};
 use crate::parallel::watchdog::Watchdog;
 use crate::parallel::{DataParallel, World};
 use crate::report::format::group;
@@ -39,6 +39,7 @@ use serde_json::{json, Map};
 use sinks::{Charts, MetricSink};
 use std::time::{Duration, Instant};
 use step_metrics::TrainMetrics;
+use stopping::StopCause;
 use system_stats::SystemStats;
 use tracing::info;
 use validation::Validator;
@@ -152,15 +153,23 @@ fn run_in_world(cfg: &Config, world: &World, device: tch::Device) -> anyhow::Res
             let timing = Timing { wall_seconds: started_at.elapsed().as_secs_f64(), train_seconds, start_tokens };
             run_summary::write(cfg, world, &run, &data, &wandb, &trainer, validator.losses(), &timing)
         }
-        Ended::AlreadyComplete | Ended::Stopped => Ok(()),
+        Ended::Stopped(StopCause::Preempted) => Err(Preempted { step: trainer.step }.into()),
+        Ended::AlreadyComplete | Ended::Stopped(_) => Ok(()),
     });
     // After the last collective nothing waits for another rank: W&B's flush is bounded
     // by wandb.flush_timeout_s, and a run that trained to the end must not fail here.
     Phase::Finishing.enter();
+    let preempted = result.as_ref().err().is_some_and(|e| e.is::<Preempted>());
     if let Err(e) = &result {
-        wandb.console_error(&format!("{e:#}"));
+        if !preempted {
+            wandb.console_error(&format!("{e:#}"));
+        }
     }
-    wandb.finish(if result.is_ok() { 0 } else { 1 });
+    wandb.finish(match &result {
+        Ok(()) => 0,
+        Err(_) if preempted => i32::from(EXIT_PREEMPTED),
+        Err(_) => 1,
+    });
     result
 }
 
@@ -180,7 +189,7 @@ struct LoopEnv<'a> {
 
 enum Ended {
     Completed { train_seconds: f64 },
-    Stopped,
+    Stopped(StopCause),
     AlreadyComplete,
 }
 
@@ -234,7 +243,13 @@ fn train_loop(
         if cfg.dist.check_interval > 0 && trainer.step.is_multiple_of(cfg.dist.check_interval) {
             trainer.check_ranks_agree(world)?;
         }
-        let agreed = stopping::agree(world, env.stop.requested(), env.wandb.stop_requested(), env.stats.due());
+        let heard = stopping::Heard {
+            signal: env.stop.requested(),
+            preempted: env.stop.preempted(),
+            dashboard: env.wandb.stop_requested(),
+            stats_due: env.stats.due(),
+        };
+        let agreed = stopping::agree(world, heard);
         if agreed.gather_stats {
             env.stats.gather(world, env.wandb)?;
         }
@@ -250,7 +265,7 @@ fn train_loop(
         if let Some(cause) = stop_cause {
             env.progress.finish();
             info!("{}", cause.message(trainer.step));
-            return Ok(Ended::Stopped);
+            return Ok(Ended::Stopped(cause));
         }
     }
     env.progress.finish();

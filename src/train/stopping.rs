@@ -1,6 +1,7 @@
 //! How the ranks agree on a stop: a stop signal on any rank (src/parallel/signals.rs) or a
 //! Stop pressed on the W&B dashboard (heard by rank 0 alone, src/report/wandb_run.rs)
-//! stops every rank after the same step, and each rank knows which, for its last line.
+//! stops every rank after the same step, and each rank knows which, for its last line
+//! and its exit code (a preemption, SIGTERM on any rank, is not a user's stop).
 //! The same all-reduce carries rank 0's "system metrics are due" (system_stats.rs), so
 //! that gathering them needs no collective of its own on the other steps.
 
@@ -8,7 +9,10 @@ use crate::parallel::World;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopCause {
+    /// SIGINT or SIGUSR1: a user's stop.
     Signal,
+    /// SIGTERM: the machine is taken back; the run is to be started again.
+    Preempted,
     Dashboard,
 }
 
@@ -20,20 +24,33 @@ pub struct Agreed {
     pub gather_stats: bool,
 }
 
-/// One all-reduce of this rank's three flags: the stop every rank agrees on, if any, and
-/// whether system metrics are gathered at this boundary.
-pub fn agree(world: &World, signal: bool, dashboard: bool, stats_due: bool) -> Agreed {
-    let flag = |b: bool| f64::from(u8::from(b));
-    let mut flags = [flag(signal), flag(dashboard), flag(stats_due)];
-    world.all_reduce_max(&mut flags);
-    Agreed { stop: cause([flags[0], flags[1]]), gather_stats: flags[2] > 0.0 }
+/// What this rank heard by the step boundary.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Heard {
+    pub signal: bool,
+    /// The signal was SIGTERM.
+    pub preempted: bool,
+    pub dashboard: bool,
+    pub stats_due: bool,
 }
 
-/// A signal names the stop when both came: it is the one given on this machine.
-fn cause(flags: [f64; 2]) -> Option<StopCause> {
-    if flags[0] > 0.0 {
+/// One all-reduce of this rank's flags: the stop every rank agrees on, if any, and
+/// whether system metrics are gathered at this boundary.
+pub fn agree(world: &World, heard: Heard) -> Agreed {
+    let flag = |b: bool| f64::from(u8::from(b));
+    let mut flags = [flag(heard.signal), flag(heard.preempted), flag(heard.dashboard), flag(heard.stats_due)];
+    world.all_reduce_max(&mut flags);
+    Agreed { stop: cause([flags[0], flags[1], flags[2]]), gather_stats: flags[3] > 0.0 }
+}
+
+/// A signal names the stop when both came: it is the one given on this machine. A
+/// preemption on any rank is the job's: the machines are going, whatever else was asked.
+fn cause([signal, preempted, dashboard]: [f64; 3]) -> Option<StopCause> {
+    if preempted > 0.0 {
+        Some(StopCause::Preempted)
+    } else if signal > 0.0 {
         Some(StopCause::Signal)
-    } else if flags[1] > 0.0 {
+    } else if dashboard > 0.0 {
         Some(StopCause::Dashboard)
     } else {
         None
@@ -44,10 +61,11 @@ impl StopCause {
     /// The run's last line: why it stopped, and that the same command resumes it.
     pub fn message(self, step: u64) -> String {
         let why = match self {
-            StopCause::Signal => "by signal",
-            StopCause::Dashboard => "from the W&B dashboard",
+            StopCause::Signal => "stopped by signal",
+            StopCause::Preempted => "preempted: stopped by signal (SIGTERM)",
+            StopCause::Dashboard => "stopped from the W&B dashboard",
         };
-        format!("stopped {why} after step {step}; the checkpoint is saved: run the same command to resume")
+        format!("{why} after step {step}; the checkpoint is saved: run the same command to resume")
     }
 }
 
@@ -57,10 +75,13 @@ mod tests {
 
     #[test]
     fn either_flag_on_any_rank_stops_and_names_its_cause() {
-        assert_eq!(cause([0.0, 0.0]), None);
-        assert_eq!(cause([1.0, 0.0]), Some(StopCause::Signal));
-        assert_eq!(cause([0.0, 1.0]), Some(StopCause::Dashboard));
-        assert_eq!(cause([1.0, 1.0]), Some(StopCause::Signal));
+        assert_eq!(cause([0.0, 0.0, 0.0]), None);
+        assert_eq!(cause([1.0, 0.0, 0.0]), Some(StopCause::Signal));
+        assert_eq!(cause([0.0, 0.0, 1.0]), Some(StopCause::Dashboard));
+        assert_eq!(cause([1.0, 0.0, 1.0]), Some(StopCause::Signal));
+        // SIGTERM on one rank, SIGUSR1 on another: the job is preempted.
+        assert_eq!(cause([1.0, 1.0, 1.0]), Some(StopCause::Preempted));
+        assert!(StopCause::Preempted.message(7).starts_with("preempted: stopped by signal (SIGTERM) after step 7;"));
         assert!(StopCause::Dashboard.message(7).starts_with("stopped from the W&B dashboard after step 7;"));
         assert!(StopCause::Signal.message(7).contains("stopped by signal after step 7; the checkpoint is saved: run the same command"));
     }
