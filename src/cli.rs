@@ -162,6 +162,26 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run a training job unattended: start it again from its newest checkpoint when it
+    /// fails on the way (a rank or mpirun killed, a hang the watchdog ended, a preemption:
+    /// exit 75), never after a finished run, a configuration error (exit 2) or a stop
+    /// asked of the supervisor (Ctrl-C, SIGTERM: passed on to the job, which saves).
+    /// Restarts wait a doubling back-off and are logged in <run>/restarts.jsonl, e.g.
+    /// `algpt2-ddp supervise -- mpirun -n 2 algpt2-ddp --config FILE`.
+    Supervise {
+        /// Restarts allowed; after the last the supervisor exits with the job's code.
+        #[arg(long, default_value_t = 10)]
+        max_restarts: u32,
+        /// Seconds before the first restart; doubled for each next one.
+        #[arg(long, value_name = "SECONDS", default_value_t = 2.0, value_parser = parse_seconds)]
+        backoff: f64,
+        /// The longest wait between restarts, in seconds.
+        #[arg(long, value_name = "SECONDS", default_value_t = 300.0, value_parser = parse_seconds)]
+        max_backoff: f64,
+        /// The job, after `--`: `mpirun … algpt2-ddp --config FILE …` or `algpt2-ddp …`.
+        #[arg(last = true, required = true, value_name = "JOB")]
+        command: Vec<String>,
+    },
     /// Fetch WikiText-103 (needs internet): streaming, resumable, retried and checksum
     /// verified, then unpacked to DEST/wikitext-103 (tokens) or DEST/wikitext-103-raw (raw).
     Download {
@@ -207,5 +227,13 @@ impl ConfigArgs {
     pub fn load(&self) -> Result<crate::config::Config, crate::config::ConfigError> {
         let file = self.config.as_deref().expect("clap requires --config");
         crate::config::load(file, &self.sets)
+    }
+}
+
+/// A non-negative, finite number of seconds.
+fn parse_seconds(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(s) if s.is_finite() && s >= 0.0 => Ok(s),
+        _ => Err(format!("{text:?} is not a number of seconds (a finite number, 0 or more)")),
     }
 }

@@ -7,14 +7,31 @@
 
 use crate::report::wandb::BadSetting;
 
+/// A command used in a way that can never work, found before anything started and that
+/// no config check covers (e.g. `supervise` given a job that runs no training): exit 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Usage(pub String);
+
+/// A command that ends with another command's exit code (`supervise`: its job's).
+#[derive(Debug, thiserror::Error)]
+#[error("{why}")]
+pub struct ExitWith {
+    pub code: u8,
+    pub why: String,
+}
+
 /// The exit code of a command that ended with `e`.
 pub fn of(e: &anyhow::Error) -> u8 {
-    if e.is::<crate::parallel::signals::Preempted>() {
+    if let Some(exit) = e.downcast_ref::<ExitWith>() {
+        exit.code
+    } else if e.is::<crate::parallel::signals::Preempted>() {
         crate::parallel::signals::EXIT_PREEMPTED
     } else if e.downcast_ref::<crate::config::ConfigError>().is_some()
         || e.downcast_ref::<crate::device::DeviceError>().is_some()
         || e.downcast_ref::<BadSetting>().is_some()
         || e.downcast_ref::<crate::parallel::same_job::RanksDisagree>().is_some()
+        || e.is::<Usage>()
     {
         2
     } else {

@@ -8,7 +8,7 @@ mod common;
 use common::{repo, run_bounded, LIMIT};
 use std::collections::{BTreeMap, BTreeSet};
 
-const COMMANDS: [&str; 7] = ["train", "eval", "bench", "info", "generate", "export", "doctor"];
+const COMMANDS: [&str; 8] = ["train", "eval", "bench", "info", "generate", "export", "doctor", "supervise"];
 
 /// Top-level module → the top-level modules its non-test code names as `crate::x`.
 fn imports() -> BTreeMap<String, BTreeSet<String>> {

@@ -1,0 +1,230 @@
+//! The supervised job: its command line (`mpirun … algpt2-ddp --config FILE …`), read as
+//! the binary would read it to find the run directory; one attempt at running it, in a
+//! process group of its own, with the user's stop passed on; and what an attempt leaves
+//! behind cleared away before the next.
+
+use super::verdict::Ended;
+use crate::cli::{Cli, Command};
+use crate::config::Config;
+use crate::run_dir::RunDir;
+use anyhow::{bail, Context};
+use clap::Parser;
+use std::os::unix::process::CommandExt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+fn usage(why: String) -> anyhow::Error {
+    crate::exit_code::Usage(why).into()
+}
+
+pub struct Job {
+    argv: Vec<String>,
+    pub cfg: Config,
+    pub run: RunDir,
+}
+
+impl Job {
+    /// The job `argv`: its `algpt2-ddp` (the binary or the bundle's launcher, by name)
+    /// must train, with a config whose `checkpoint.resume` is `auto` (a restart resumes
+    /// from the newest checkpoint).
+    pub fn from_command(argv: &[String]) -> anyhow::Result<Job> {
+        let Some(at) =
+            argv.iter().position(|a| std::path::Path::new(a).file_name().is_some_and(|n| n.to_string_lossy().starts_with("algpt2-ddp")))
+        else {
+            return Err(usage(format!(
+                "supervise: the command {argv:?} runs no algpt2-ddp: give the training command after `--`, e.g. `-- mpirun -n 2 algpt2-ddp --config FILE`"
+            )));
+        };
+        let cli = Cli::try_parse_from(&argv[at..])
+            .map_err(|e| usage(format!("supervise: the job's algpt2-ddp arguments: {}", e.render().to_string().trim_end())))?;
+        let args = match cli.command {
+            None => cli.run,
+            Some(Command::Train(args)) => args,
+            Some(other) => return Err(usage(format!("supervise restarts training runs; the job's algpt2-ddp runs {other:?}"))),
+        };
+        let cfg = args.load()?;
+        if cfg.checkpoint.resume != "auto" {
+            return Err(usage(format!(
+                "supervise: checkpoint.resume is {:?}; a restarted job must resume from the run's newest checkpoint, so it must be auto",
+                cfg.checkpoint.resume
+            )));
+        }
+        let run = RunDir::for_config(&cfg);
+        Ok(Job { argv: argv.to_vec(), cfg, run })
+    }
+
+    /// Starts attempt `restart` (0: the first) in a process group of its own, so that the
+    /// user's stop reaches it only through the supervisor and what it leaves behind can
+    /// be found.
+    pub fn start(&self, restart: u32) -> anyhow::Result<Attempt> {
+        let mut command = std::process::Command::new(&self.argv[0]);
+        command.args(&self.argv[1..]).process_group(0);
+        if restart > 0 {
+            command.env(crate::restarts::ENV_RESTART, restart.to_string());
+        }
+        let child = command.spawn().with_context(|| format!("supervise: cannot start {:?}", self.argv[0]))?;
+        Ok(Attempt { pid: child.id() as i32, started_at: std::time::SystemTime::now() })
+    }
+}
+
+/// One run of the job.
+pub struct Attempt {
+    pid: i32,
+    pub started_at: std::time::SystemTime,
+}
+
+impl Attempt {
+    /// Waits for the job to end. The `stops`-th stop asked of the supervisor is passed on:
+    /// the first as SIGUSR1 (mpirun forwards it; every rank saves and exits 0), the second
+    /// as SIGTERM, a third as SIGKILL to the whole group. Orphans of the job (this process
+    /// is their subreaper) are reaped on the way.
+    pub fn wait(&self, stops: &AtomicUsize) -> Ended {
+        let mut passed_on = 0;
+        loop {
+            let asked = stops.load(Ordering::SeqCst);
+            if asked > passed_on {
+                passed_on = asked;
+                // SAFETY: plain kill calls on the job's pid and group.
+                unsafe {
+                    match asked {
+                        1 => libc::kill(self.pid, libc::SIGUSR1),
+                        2 => libc::kill(self.pid, libc::SIGTERM),
+                        _ => libc::kill(-self.pid, libc::SIGKILL),
+                    };
+                }
+            }
+            if let Some(ended) = reap_any(self.pid) {
+                return ended;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// After the job's process ended: what is left of its group (ranks whose launcher is
+    /// gone, a stopped rank) gets `grace` to end by itself, saving if it can, then SIGKILL.
+    pub fn clear_away(&self, grace: Duration) {
+        let deadline = Instant::now() + grace;
+        while group_alive(self.pid) && Instant::now() < deadline {
+            let _ = reap_any(self.pid);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if group_alive(self.pid) {
+            tracing::warn!("supervise: processes of the ended job were still there after {:.0} s: killing them", grace.as_secs_f64());
+            // SAFETY: SIGKILL to the job's own group (it also ends stopped processes).
+            unsafe { libc::kill(-self.pid, libc::SIGKILL) };
+            while group_alive(self.pid) {
+                let _ = reap_any(self.pid);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+/// Orphans of the job come to this process (a subreaper) rather than to init, so that
+/// they are reaped here and a group of zombies is never taken for live ranks.
+pub fn become_subreaper() {
+    // SAFETY: prctl with PR_SET_CHILD_SUBREAPER takes one integer argument.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1) };
+}
+
+/// Reaps every ended child; how `pid` ended, if it was among them.
+fn reap_any(pid: i32) -> Option<Ended> {
+    let mut found = None;
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid with a valid status pointer.
+        let reaped = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        if reaped <= 0 {
+            return found;
+        }
+        if reaped == pid {
+            found = Some(if libc::WIFSIGNALED(status) {
+                Ended::Signal(libc::WTERMSIG(status))
+            } else {
+                Ended::Code(libc::WEXITSTATUS(status))
+            });
+        }
+    }
+}
+
+/// Whether any process of the group `pgid` is left (zombies are reaped first).
+fn group_alive(pgid: i32) -> bool {
+    let _ = reap_any(pgid);
+    // SAFETY: signal 0 only checks that the group exists.
+    unsafe { libc::kill(-pgid, 0) == 0 }
+}
+
+/// Waits until no training holds the run directory's lock (the ended attempt's rank 0
+/// may be on another host, ending within its `dist.stop_grace_s`), for at most `limit`.
+pub fn wait_for_run_lock(run: &RunDir, limit: Duration) -> anyhow::Result<()> {
+    let path = run.lock();
+    if !path.exists() {
+        return Ok(());
+    }
+    let deadline = Instant::now() + limit;
+    loop {
+        let file = crate::run_dir::open_lock_file(&path).with_context(|| format!("cannot open {}", path.display()))?;
+        if file.try_lock().is_ok() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "supervise: {} is still held by a training {:.0} s after the job ended (pid {}): not starting a second one",
+                path.display(),
+                limit.as_secs_f64(),
+                std::fs::read_to_string(&path).unwrap_or_default().trim()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Counts the stops asked of the supervisor (SIGINT, SIGTERM, SIGUSR1).
+pub fn count_stop_signals() -> anyhow::Result<std::sync::Arc<AtomicUsize>> {
+    let stops = std::sync::Arc::new(AtomicUsize::new(0));
+    for signal in crate::parallel::signals::STOP_SIGNALS {
+        let count = std::sync::Arc::clone(&stops);
+        // SAFETY: the handler does one atomic add, which is async-signal-safe.
+        unsafe {
+            signal_hook::low_level::register(signal, move || {
+                count.fetch_add(1, Ordering::SeqCst);
+            })
+        }?;
+    }
+    Ok(stops)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn argv(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn the_run_directory_comes_from_the_jobs_own_arguments() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().display();
+        // mpirun's own -c (its process count) is not the config.
+        let job = Job::from_command(&argv(&format!(
+            "mpirun -c 2 --oversubscribe target/debug/algpt2-ddp --config configs/quickstart.yaml --set out_dir={out} --set run_name=r"
+        )))
+        .unwrap();
+        assert_eq!(job.run.root, dir.path().join("r"));
+        let job = Job::from_command(&argv(&format!("bin/algpt2-ddp train -c configs/quickstart.yaml --set out_dir={out}"))).unwrap();
+        assert_eq!(job.run.root, dir.path().join("quickstart"));
+    }
+
+    #[test]
+    fn a_job_that_cannot_be_restarted_is_refused_before_it_starts() {
+        let e = |s: &str| format!("{:#}", Job::from_command(&argv(s)).err().unwrap());
+        assert!(e("mpirun -n 2 python train.py").contains("runs no algpt2-ddp"));
+        assert!(e("algpt2-ddp info --config configs/quickstart.yaml").contains("supervise restarts training runs"));
+        let resume_none =
+            Job::from_command(&argv("algpt2-ddp --config configs/quickstart.yaml --set checkpoint.resume=none")).err().unwrap();
+        assert!(resume_none.is::<crate::exit_code::Usage>());
+        assert!(format!("{resume_none:#}").contains("checkpoint.resume is \"none\""), "{resume_none:#}");
+        assert!(e("algpt2-ddp --config configs/nope.yaml").contains("nope.yaml"));
+    }
+}

@@ -1,0 +1,141 @@
+//! `algpt2-ddp supervise -- <job>`: runs a training job and starts it again from its
+//! newest checkpoint when it fails on the way: a rank killed or crashed, a hang the
+//! watchdog ended, a preemption (exit 75), mpirun itself gone. Never after a finished run,
+//! a configuration error or ranks that disagree (exit 2), or a stop asked of the
+//! supervisor (passed on to the job as the launch scripts do). Restarts wait a growing,
+//! bounded back-off and are at most `--max-restarts`; each is one line of
+//! `<run>/restarts.jsonl` (`crate::restarts`), which the restarted run names in its log
+//! and sums in `summary.json`. Exact resume makes the restarted run end where an
+//! uninterrupted one would.
+
+mod job;
+mod verdict;
+
+use crate::exit_code::ExitWith;
+use crate::restarts::{self, RestartRecord};
+use crate::run_dir::RunDir;
+use job::{Attempt, Job};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime};
+use tracing::info;
+use verdict::Verdict;
+
+pub struct Options {
+    pub max_restarts: u32,
+    /// The wait before the first restart; doubled for each next one.
+    pub backoff: Duration,
+    pub max_backoff: Duration,
+    /// The job's command line.
+    pub command: Vec<String>,
+}
+
+/// How long the ended job's last rank may take to go (its own `dist.stop_grace_s`, then
+/// a save) before the supervisor ends it, and then waits for the run's lock.
+const SLACK: Duration = Duration::from_secs(30);
+
+pub fn run(opts: &Options) -> anyhow::Result<()> {
+    let job = Job::from_command(&opts.command)?;
+    let stops = job::count_stop_signals()?;
+    job::become_subreaper();
+    let grace = Duration::from_secs(job.cfg.dist.stop_grace_s) + SLACK;
+    if job.cfg.train.save_interval == 0 {
+        tracing::warn!("supervise: train.save_interval is 0, so a restart starts from the newest checkpoint there is, or from step 0");
+    }
+    let mut restart = 0;
+    loop {
+        job::wait_for_run_lock(&job.run, grace)?;
+        let attempt = job.start(restart)?;
+        let ended = attempt.wait(&stops);
+        attempt.clear_away(grace);
+        let why = match verdict::of(ended, stops.load(Ordering::SeqCst) > 0) {
+            Verdict::Over => {
+                info!("supervise: the job {} after {restart} restart(s): done", verdict::describe(ended));
+                return Ok(());
+            }
+            Verdict::Final { code, why } => return Err(ExitWith { code, why: format!("supervise: {why}") }.into()),
+            Verdict::Restart { why } => why,
+        };
+        if restart >= opts.max_restarts {
+            let why = format!("supervise: giving up after {restart} restart(s) (--max-restarts): {why}");
+            return Err(ExitWith { code: verdict::code_of(ended), why }.into());
+        }
+        restart += 1;
+        let wait = backoff(opts.backoff, opts.max_backoff, restart);
+        info!("supervise: {why}; restart {restart} of at most {} in {:.1} s", opts.max_restarts, wait.as_secs_f64());
+        if !sleep_unless_stopped(wait, &stops) {
+            info!("supervise: stopped by the user before restart {restart}");
+            return Ok(());
+        }
+        let record = record(&job.run, &attempt, restart, why, wait);
+        info!("supervise: {}", restarts::announcement(&record));
+        restarts::append(&job.run.root, &record)?;
+    }
+}
+
+/// The wait before restart `restart` (1 for the first): `first`, doubled each time, at
+/// most `max`.
+fn backoff(first: Duration, max: Duration, restart: u32) -> Duration {
+    first.saturating_mul(1 << (restart.saturating_sub(1)).min(20)).min(max)
+}
+
+/// Sleeps `wait`; false when a stop was asked meanwhile.
+fn sleep_unless_stopped(wait: Duration, stops: &AtomicUsize) -> bool {
+    let end = std::time::Instant::now() + wait;
+    while std::time::Instant::now() < end {
+        if stops.load(Ordering::SeqCst) > 0 {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50).min(end.saturating_duration_since(std::time::Instant::now())));
+    }
+    stops.load(Ordering::SeqCst) == 0
+}
+
+/// Where the ended `attempt` stood and where restart `restart` starts.
+fn record(run: &RunDir, attempt: &Attempt, restart: u32, reason: String, waited: Duration) -> RestartRecord {
+    let failed_at_step = last_logged_step(run);
+    let newest = crate::checkpoint::list_valid(&run.checkpoints()).pop();
+    let resumes_from_step = newest.as_ref().map_or(0, |f| f.state.step);
+    // Work since the later of the attempt's start and its newest checkpoint is lost.
+    let saved_at = newest.and_then(|f| std::fs::metadata(&f.dir).and_then(|m| m.modified()).ok());
+    let since = saved_at.map_or(attempt.started_at, |s| s.max(attempt.started_at));
+    RestartRecord {
+        restart,
+        reason,
+        failed_at_step,
+        resumes_from_step,
+        steps_recomputed: failed_at_step.saturating_sub(resumes_from_step),
+        time_lost_s: SystemTime::now().duration_since(since).unwrap_or_default().as_secs_f64(),
+        waited_s: waited.as_secs_f64(),
+    }
+}
+
+/// The step of `metrics.jsonl`'s last row (0 when there is none).
+fn last_logged_step(run: &RunDir) -> u64 {
+    let text = std::fs::read_to_string(run.metrics()).unwrap_or_default();
+    text.lines()
+        .rev()
+        .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|row| row.get("step").and_then(serde_json::Value::as_u64)))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_back_off_doubles_up_to_its_bound() {
+        let s = Duration::from_secs;
+        let waits: Vec<u64> = (1..=8).map(|r| backoff(s(2), s(60), r).as_secs()).collect();
+        assert_eq!(waits, [2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(backoff(s(2), s(60), 1000), s(60));
+    }
+
+    #[test]
+    fn the_last_logged_step_survives_a_torn_last_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = RunDir { root: dir.path().to_path_buf() };
+        assert_eq!(last_logged_step(&run), 0);
+        std::fs::write(run.metrics(), "{\"step\": 4, \"train/loss\": 5.0}\n{\"step\": 8, \"train/loss\": 4.0}\n{\"step\": 1").unwrap();
+        assert_eq!(last_logged_step(&run), 8);
+    }
+}
