@@ -2,7 +2,7 @@
 //! (its process, its host, its GPU), the fixed-size vector rank 0 gathers them in, and the
 //! row of wandb-events.jsonl made from every rank's sample.
 //!
-//! - `host.rs`: process and host, from /proc and statvfs(2);
+//! - `host.rs`: process and host, through sysinfo, procfs and statvfs(2);
 //! - `gpu.rs`: the rank's GPU, from NVML;
 //! - `sampler.rs`: the background thread that samples both every interval.
 //!
