@@ -2,7 +2,8 @@
 //! (its process, its host, its GPU), the fixed-size vector rank 0 gathers them in, and the
 //! row of wandb-events.jsonl made from every rank's sample.
 //!
-//! - `host.rs`: process and host, from /proc and statvfs(2);
+//! - `host.rs`: process and host, through sysinfo, procfs and statvfs(2);
+//! - `cgroup.rs`: the cgroup v2 limits that host metrics are a share of;
 //! - `gpu.rs`: the rank's GPU, from NVML;
 //! - `sampler.rs`: the background thread that samples both every interval.
 //!
@@ -54,6 +55,7 @@
 //! warning path runs and the rank trains on without those keys. E.g.
 //! `ALGPT2_FAULT_STATS=nvml:1,proc`.
 
+mod cgroup;
 mod gpu;
 mod host;
 mod sampler;
