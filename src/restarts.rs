@@ -46,6 +46,8 @@ pub fn path(run_root: &Path) -> PathBuf {
 /// Appends `record` as one line (written whole, then synced).
 pub fn append(run_root: &Path, record: &RestartRecord) -> anyhow::Result<()> {
     let file = path(run_root);
+    // A job that failed before its rank 0 made the run directory.
+    std::fs::create_dir_all(run_root).with_context(|| format!("cannot create {}", run_root.display()))?;
     let mut line = serde_json::to_string(record)?;
     line.push('\n');
     let mut out =

@@ -35,7 +35,10 @@ impl Job {
                 "supervise: the command {argv:?} runs no algpt2-ddp: give the training command after `--`, e.g. `-- mpirun -n 2 algpt2-ddp --config FILE`"
             )));
         };
-        let cli = Cli::try_parse_from(&argv[at..])
+        // In an MPMD line (`mpirun -n 1 algpt2-ddp … : -n 1 algpt2-ddp …`) the first
+        // program's arguments end at the `:`.
+        let end = argv[at..].iter().position(|a| a == ":").map_or(argv.len(), |n| at + n);
+        let cli = Cli::try_parse_from(&argv[at..end])
             .map_err(|e| usage(format!("supervise: the job's algpt2-ddp arguments: {}", e.render().to_string().trim_end())))?;
         let args = match cli.command {
             None => cli.run,
@@ -214,6 +217,9 @@ mod tests {
         assert_eq!(job.run.root, dir.path().join("r"));
         let job = Job::from_command(&argv(&format!("bin/algpt2-ddp train -c configs/quickstart.yaml --set out_dir={out}"))).unwrap();
         assert_eq!(job.run.root, dir.path().join("quickstart"));
+        let mpmd =
+            format!("mpirun -n 1 algpt2-ddp -c configs/quickstart.yaml --set=out_dir={out} : -n 1 algpt2-ddp -c configs/quickstart.yaml");
+        assert_eq!(Job::from_command(&argv(&mpmd)).unwrap().run.root, dir.path().join("quickstart"));
     }
 
     #[test]

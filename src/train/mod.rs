@@ -122,6 +122,10 @@ fn run_in_world(cfg: &Config, world: &World, device: tch::Device) -> anyhow::Res
     extra.insert("precision".into(), json!(trainer.precision.name()));
     let metadata = run_metadata::collect(world, device);
     let wandb = WandbRun::start(cfg, &run.root, world.is_main(), extra, resume, metadata)?;
+    // Said once W&B runs, so that its console has it too.
+    if let Some(restart) = crate::restarts::this_restart(&run.root, &|key| std::env::var(key).ok()).filter(|_| world.is_main()) {
+        info!("{}", crate::restarts::announcement(&restart));
+    }
     let gpu = match device {
         tch::Device::Cuda(i) => Some(i),
         _ => None,

@@ -30,8 +30,15 @@ struct RunSummary {
     /// Host tensors copied to the device without a wait (`host_to_device`): one per
     /// micro-batch and evaluation batch.
     queued_uploads: u64,
+    /// Under `supervise`, the job's restarts (`restarts.jsonl`); absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    restarts: Option<u32>,
     steps: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    steps_recomputed: Option<u64>,
     test_ppl: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    time_lost_s: Option<f64>,
     tokens: u64,
     tokens_per_sec: f64,
     train_seconds: f64,
@@ -61,6 +68,7 @@ pub(super) fn write(
         return Ok(());
     }
     let tokens_since_start = trainer.tokens_seen.saturating_sub(timing.start_tokens) as f64;
+    let restarts = crate::restarts::totals(&crate::restarts::read_all(&run.root));
     let s = RunSummary {
         best_achievable_val_ppl: data.split(Split::Valid).and_then(|s| s.best_loss()).map(f64::exp),
         best_val_ppl: val_losses.1.map(f64::exp),
@@ -68,8 +76,11 @@ pub(super) fn write(
         host_waits: crate::host_waits::count(),
         precision: trainer.precision.name().to_string(),
         queued_uploads: crate::host_to_device::count(),
+        restarts: restarts.map(|r| r.restarts),
         steps: trainer.step,
+        steps_recomputed: restarts.map(|r| r.steps_recomputed),
         test_ppl: test.map(|e| e.ppl),
+        time_lost_s: restarts.map(|r| r.time_lost_s),
         tokens: trainer.tokens_seen,
         tokens_per_sec: tokens_since_start / timing.train_seconds.max(1e-9),
         train_seconds: timing.train_seconds,
@@ -93,5 +104,14 @@ pub(super) fn write(
         ppl(s.test_ppl),
         s.checkpoint,
     );
+    if let Some(r) = restarts {
+        info!(
+            "  restarts    {} ({} step(s) trained again, {:.0} s lost; {})",
+            r.restarts,
+            r.steps_recomputed,
+            r.time_lost_s,
+            crate::restarts::path(&run.root).display()
+        );
+    }
     crate::run_dir::write_atomic(&run.root.join("summary.json"), serde_json::to_string_pretty(&s)?.as_bytes())
 }
