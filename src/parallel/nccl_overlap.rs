@@ -56,16 +56,16 @@ impl NcclOverlap {
         Ok(NcclTransport { overlap: self, comm, wire, started: None, launched: false })
     }
 
-    /// Records the compute stream's work so far into slot `slot`'s event, made the
-    /// first time the slot is used.
-    fn ready_event(&self, slot: usize) -> Result<std::cell::Ref<'_, CudaEvent>, String> {
+    /// Orders the exchange's stream after the compute stream's work so far, through slot
+    /// `slot`'s event (made the first time the slot is used). The borrow of the events
+    /// ends here: nothing holds it across a launch.
+    fn order_after_compute(&self, slot: usize) -> Result<(), String> {
         let mut events = self.ready.borrow_mut();
         while events.len() <= slot {
             events.push(self.compute.context().new_event(None).map_err(cuda("creating a bucket's ready event"))?);
         }
         events[slot].record(&self.compute).map_err(cuda("recording a bucket's ready event"))?;
-        drop(events);
-        Ok(std::cell::Ref::map(self.ready.borrow(), |e| &e[slot]))
+        self.stream.wait(&events[slot]).map_err(cuda("ordering a bucket after its gradients"))
     }
 }
 
@@ -100,10 +100,7 @@ impl Transport for NcclTransport<'_> {
             GradDtype::Bf16 => pieces.iter().map(|p| p.to_kind(Kind::BFloat16)).collect(),
             GradDtype::Fp32 => Vec::new(),
         };
-        {
-            let ready = o.ready_event(slot)?;
-            o.stream.wait(&ready).map_err(cuda("ordering a bucket after its gradients"))?;
-        }
+        o.order_after_compute(slot)?;
         if self.started.is_none() {
             self.started = Some(timing_event(&o.stream).map_err(cuda("recording the exchange's start"))?);
         }
