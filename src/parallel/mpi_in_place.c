@@ -94,6 +94,13 @@ int algpt2_testall(int n, MPI_Request *requests, int *done, int *received) {
    receive of the wrong size is an error that names the rank. */
 int algpt2_errors_return(MPI_Comm comm) { return MPI_Comm_set_errhandler(comm, MPI_ERRORS_RETURN); }
 
+/* Whether an error code is of class MPI_ERR_TRUNCATE: a message longer than its receive
+   buffer (a peer sent more than this rank expected). */
+int algpt2_is_truncation(int code) {
+    int class_of = 0;
+    return MPI_Error_class(code, &class_of) == MPI_SUCCESS && class_of == MPI_ERR_TRUNCATE;
+}
+
 /* MPI's words for an error code. */
 void algpt2_error_string(int code, char *text, int *len) {
     if (MPI_Error_string(code, text, len) != MPI_SUCCESS) {

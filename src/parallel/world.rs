@@ -28,6 +28,7 @@ extern "C" {
     fn algpt2_testall(n: i32, requests: *mut mpi::ffi::MPI_Request, done: *mut i32, received: *mut i32) -> i32;
     fn algpt2_errors_return(comm: mpi::ffi::MPI_Comm) -> i32;
     fn algpt2_error_string(code: i32, text: *mut std::ffi::c_char, len: *mut i32);
+    fn algpt2_is_truncation(code: i32) -> i32;
 }
 
 /// MPI's words for `code`.
@@ -91,11 +92,17 @@ impl RawComm {
             let (mut done, mut received) = (0, 0);
             let rc = algpt2_testall(2, requests.as_mut_ptr(), &mut done, &mut received);
             if rc != 0 {
+                // Only a truncation says the sizes differ; any other code (a peer gone, a
+                // network error) is named as it is.
+                let why = if algpt2_is_truncation(rc) != 0 {
+                    format!(" (a rank sent more than rank {} expected: the ranks' gradient layouts differ)", self.rank)
+                } else {
+                    String::new()
+                };
                 return Err(format!(
-                    "the exchange between rank {from}, rank {} and rank {to} failed: {} (a rank sent more than rank {} expected: the ranks' gradient layouts differ)",
+                    "the exchange between rank {from}, rank {} and rank {to} failed: {}{why}",
                     self.rank,
-                    mpi_error_text(rc),
-                    self.rank
+                    mpi_error_text(rc)
                 ));
             }
             if done != 0 {
