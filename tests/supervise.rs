@@ -204,3 +204,37 @@ fn restarts_are_bounded_and_the_last_failure_is_the_exit_code() {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("runs no algpt2-ddp"), "{}", stderr(&out));
 }
+
+/// `launch/slurm.sbatch` requeues its job when the ranks exit 75 (preempted), and only
+/// then: with stand-ins for `srun` and `scontrol` on PATH.
+#[test]
+fn the_slurm_script_requeues_a_preempted_job_and_only_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let fake = |name: &str, body: &str| {
+        let path = d.join(name);
+        std::fs::write(&path, format!("#!/usr/bin/env bash\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    };
+    fake("srun", "echo \"srun $*\" >> \"$FAKE_LOG\"; exit \"$FAKE_SRUN_EXIT\"");
+    fake("scontrol", "echo \"scontrol $*\" >> \"$FAKE_LOG\"");
+    let path = format!("{}:{}", d.display(), std::env::var("PATH").unwrap_or_default());
+    for (srun_exit, script_exit, requeued) in [(75, 0, true), (0, 0, false), (1, 1, false)] {
+        let log = d.join(format!("log-{srun_exit}"));
+        let out = run_bounded(
+            Command::new("bash")
+                .args(["launch/slurm.sbatch", "configs/quickstart.yaml", "--set", "train.max_steps=4"])
+                .env("PATH", &path)
+                .env("SLURM_JOB_ID", "4242")
+                .env("SLURM_SUBMIT_DIR", repo())
+                .env("FAKE_LOG", &log)
+                .env("FAKE_SRUN_EXIT", srun_exit.to_string())
+                .current_dir(repo()),
+            LIMIT,
+        );
+        assert_eq!(out.status.code(), Some(script_exit), "srun exit {srun_exit}: {}", stderr(&out));
+        let calls = std::fs::read_to_string(&log).unwrap();
+        assert!(calls.contains("--config") && calls.contains("configs/quickstart.yaml --set train.max_steps=4"), "{calls}");
+        assert_eq!(calls.contains("scontrol requeue 4242"), requeued, "srun exit {srun_exit}: {calls}");
+    }
+}
