@@ -28,11 +28,11 @@ fn record_git_revision() {
 
 /// The one value rsmpi does not give us: MPI_IN_PLACE, from the mpi.h found by mpicc.
 fn build_mpi_shim() {
-    println!("cargo:rerun-if-changed=src/dist/mpi_in_place.c");
+    println!("cargo:rerun-if-changed=src/parallel/mpi_in_place.c");
     let mpi = build_probe_mpi::probe()
         .unwrap_or_else(|errors| panic!("MPI not found (install libopenmpi-dev openmpi-bin, or run launch/setup.sh): {errors:?}"));
     let mut build = cc::Build::new();
-    build.file("src/dist/mpi_in_place.c");
+    build.file("src/parallel/mpi_in_place.c");
     for dir in &mpi.include_paths {
         build.include(dir);
     }

@@ -10,7 +10,7 @@
 #   bf16-gradient-sum    micro-steps' gradients summed in bf16
 #                        -> distributed::accumulated_micro_steps_are_the_ranks_average
 #   pageable-batch-copy  micro-batches copied with a plain to_device (pageable memory)
-#   counted-pageable-batch-copy  the same through device_reads::upload_pageable
+#   counted-pageable-batch-copy  the same through host_waits::upload_pageable
 #                        -> lean_step::unlogged_steps_read_nothing_from_the_device
 # Exit status: 0 when every sabotage was caught, 1 otherwise.
 set -euo pipefail

@@ -4,7 +4,7 @@
 use crate::config::Config;
 use crate::data::Split;
 use crate::device;
-use crate::dist::Replicas;
+use crate::parallel::DataParallel;
 use crate::model::size::training_flops_per_token;
 use crate::report::format::group;
 use crate::trainer::Trainer;
@@ -20,7 +20,7 @@ pub fn run(cfg: Config, steps: u64, as_json: bool) -> anyhow::Result<()> {
     let data = crate::data::prepare::open_on_every_rank(&cfg, &world)?;
     let train = data.split(Split::Train).expect("the train split always exists");
     let mut trainer = Trainer::new(&cfg, device, train.windows(cfg.train.seq_len));
-    let replicas = Replicas::new(&cfg.dist, &world, device)?;
+    let replicas = DataParallel::new(&cfg.dist, &world, device)?;
     trainer.broadcast_weights(&replicas)?;
 
     let mut step_seconds = Vec::new();

@@ -78,7 +78,7 @@ pub struct TrainerState {
 /// run (so that a resumed run continues it) and the validation losses (retention keeps
 /// the best checkpoint).
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct OtherParts {
+pub struct LoopState {
     pub wandb_run_id: Option<String>,
     pub val_loss: Option<f64>,
     pub best_val_loss: Option<f64>,

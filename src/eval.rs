@@ -1,10 +1,10 @@
 //! `algpt2-ddp eval`: the perplexity of a checkpoint over a whole split (the arithmetic
-//! is in `evaluation.rs`).
+//! is in `perplexity.rs`).
 
 use crate::checkpoint;
 use crate::config::Config;
 use crate::data::Split;
-use crate::evaluation::evaluate;
+use crate::perplexity::evaluate;
 use anyhow::{anyhow, bail};
 use std::path::Path;
 

@@ -11,7 +11,7 @@ pub fn of(e: &anyhow::Error) -> u8 {
     if e.downcast_ref::<crate::config::ConfigError>().is_some()
         || e.downcast_ref::<crate::device::DeviceError>().is_some()
         || e.downcast_ref::<BadSetting>().is_some()
-        || e.downcast_ref::<crate::dist::same_job::RanksDisagree>().is_some()
+        || e.downcast_ref::<crate::parallel::same_job::RanksDisagree>().is_some()
     {
         2
     } else {
@@ -28,5 +28,5 @@ pub fn same_on_every_rank(e: &anyhow::Error) -> bool {
 /// Whether every rank of the job reached `e` together (the ranks compared their settings
 /// and each found the same difference): then no rank needs to end the others.
 pub fn every_rank_knows(e: &anyhow::Error) -> bool {
-    e.downcast_ref::<crate::dist::same_job::RanksDisagree>().is_some()
+    e.downcast_ref::<crate::parallel::same_job::RanksDisagree>().is_some()
 }

@@ -15,12 +15,12 @@
 //!   still under the temporary name), or right after the rename.
 //! - `save_disk_full@N`: writing step N's checkpoint fails as on a full disk (ENOSPC),
 //!   after its model file is on disk.
-//! - `unchecked_ranks@0`: the ranks skip comparing their settings (src/dist/same_job.rs),
+//! - `unchecked_ranks@0`: the ranks skip comparing their settings (src/parallel/same_job.rs),
 //!   so that tests reach the size checks of the exchanges behind it.
 //! - `stats_extra@0`: this rank's system sample carries one value too many.
 //! - `hang_in_<phase>@0`: the process hangs when it enters that phase of start-up or the
-//!   finish (src/dist/phase.rs names them: `comm_dup`, `weight_broadcast`, ...).
-//! - `nccl_never_join@0`: the rank never calls ncclCommInitRankConfig (src/dist/nccl.rs),
+//!   finish (src/parallel/phase.rs names them: `comm_dup`, `weight_broadcast`, ...).
+//! - `nccl_never_join@0`: the rank never calls ncclCommInitRankConfig (src/parallel/nccl.rs),
 //!   so the others' NCCL init waits for it until `dist.timeout_s` and fails naming the
 //!   phase ("start-up: NCCL init: rank 0 of 2 (GPU 0) did not join the NCCL communicator
 //!   within 4 s"); this rank's own wait sees its init in progress for ever and fails alike.

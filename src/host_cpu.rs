@@ -3,7 +3,7 @@
 //! says which machine its figures came from.
 
 use crate::config::Precision;
-use crate::model::precision::{cpu_bf16_features, resolve_on, Hardware, Resolved};
+use crate::model::precision::{cpu_bf16_features, resolve_on, Hardware, ComputePrecision};
 use serde_json::{json, Value};
 
 /// The CPU and the precision a run on it would use.
@@ -13,7 +13,7 @@ pub struct CpuPrecision {
     /// amx_bf16, avx512_bf16: those of them the CPU has.
     pub bf16_features: Vec<&'static str>,
     pub wanted: Precision,
-    pub resolved: Resolved,
+    pub resolved: ComputePrecision,
 }
 
 /// `wanted` resolved on this host's CPU (never a GPU's: `info` starts no device).

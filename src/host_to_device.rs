@@ -5,7 +5,7 @@
 //! `non_blocking=True`): the host returns once the copy is queued, and the device runs it
 //! in stream order, before any work queued after it reads the tensor.
 
-use crate::device_reads;
+use crate::host_waits;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Once;
 use tch::{Device, Tensor};
@@ -29,7 +29,7 @@ static QUEUED: AtomicU64 = AtomicU64::new(0);
 /// such guard.)
 ///
 /// Where pinning fails (page-locked memory exhausted), or on another kind of device, the
-/// copy is a pageable one, counted by `device_reads`: correct, only not free.
+/// copy is a pageable one, counted by `host_waits`: correct, only not free.
 pub fn upload(host: &Tensor, device: Device) -> Tensor {
     let queued = match device {
         Device::Cpu => Some(host.shallow_clone()),
@@ -41,7 +41,7 @@ pub fn upload(host: &Tensor, device: Device) -> Tensor {
             QUEUED.fetch_add(1, Ordering::Relaxed);
             on_device
         }
-        None => device_reads::upload_pageable(host, device),
+        None => host_waits::upload_pageable(host, device),
     }
 }
 
@@ -117,14 +117,14 @@ mod tests {
         // Once untimed: the caching host allocator's first blocks come from cudaHostAlloc.
         let _ = sources.iter().map(|s| upload(s, device)).collect::<Vec<_>>();
         tch::Cuda::synchronize(0);
-        let (waits, queued) = (device_reads::count(), count());
+        let (waits, queued) = (host_waits::count(), count());
         let _ = busy(200);
         let start = Instant::now();
         let copies: Vec<Tensor> = sources.iter().map(|s| upload(s, device)).collect();
         let returned = start.elapsed();
         tch::Cuda::synchronize(0);
         assert!(returned < work / 4, "64 uploads took {returned:?} behind {work:?} of queued work: the host waited");
-        assert_eq!((device_reads::count(), count()), (waits, queued + 64));
+        assert_eq!((host_waits::count(), count()), (waits, queued + 64));
         for (s, c) in sources.iter().zip(&copies) {
             assert_eq!(c.device(), device);
             assert!(c.to_device(Device::Cpu).equal(s), "an upload arrived damaged");
@@ -133,7 +133,7 @@ mod tests {
         // The same check fails for a pageable copy: it waits for the queued work.
         let _ = busy(200);
         let start = Instant::now();
-        let _ = device_reads::upload_pageable(&sources[0], device);
+        let _ = host_waits::upload_pageable(&sources[0], device);
         assert!(start.elapsed() > work / 2, "a pageable copy did not wait: this test could not tell");
     }
 }

@@ -5,13 +5,13 @@
 //! among them: resume refuses another one.
 
 use crate::config::Config;
-use crate::model::precision::Resolved;
+use crate::model::precision::ComputePrecision;
 use serde_json::{Map, Value};
 
 /// This run's values of those settings, as dotted key → value. `precision` is what
 /// `train.precision` resolved to on this run's device (`auto` is bf16 on one machine
 /// and fp32 on another), recorded as `precision`.
-pub fn of(cfg: &Config, precision: &Resolved) -> Value {
+pub fn of(cfg: &Config, precision: &ComputePrecision) -> Value {
     let mut out = Map::new();
     if let Ok(Value::Object(optim)) = serde_json::to_value(&cfg.optim) {
         for (key, value) in optim {
@@ -71,8 +71,8 @@ fn shown(v: &Value) -> String {
 mod tests {
     use super::*;
 
-    fn fp32() -> Resolved {
-        Resolved { bf16: false, reason: "test".into() }
+    fn fp32() -> ComputePrecision {
+        ComputePrecision { bf16: false, reason: "test".into() }
     }
 
     #[test]
@@ -93,7 +93,7 @@ mod tests {
     fn changed_seed_sequence_length_and_precision_are_named() {
         let mut cfg = Config::default();
         (cfg.train.seed, cfg.train.seq_len, cfg.train.precision) = (1, 32, crate::config::Precision::Auto);
-        let saved = of(&cfg, &Resolved { bf16: true, reason: "test".into() });
+        let saved = of(&cfg, &ComputePrecision { bf16: true, reason: "test".into() });
         (cfg.train.seed, cfg.train.seq_len, cfg.train.precision) = (2, 16, crate::config::Precision::Fp32);
         let c = changes(Some(&saved), &of(&cfg, &fp32()));
         assert_eq!(c, vec!["precision bf16 -> fp32", "train.precision auto -> fp32", "train.seed 1 -> 2", "train.seq_len 32 -> 16"]);

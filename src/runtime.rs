@@ -6,7 +6,7 @@
 
 use crate::config::Config;
 use crate::device;
-use crate::dist::World;
+use crate::parallel::World;
 use tch::Device;
 
 pub struct Runtime {

@@ -9,15 +9,15 @@ pub use state::{SavedTrainer, TrainerSnapshot};
 use crate::config::Config;
 use crate::data::batches::{input_ids, MicroBatches, Sampler};
 use crate::data::cache::SplitData;
-use crate::device_reads;
-use crate::dist::buckets::BucketPlan;
-use crate::dist::comm_cost::CommCost;
-use crate::dist::{LastBackward, Replicas, World};
+use crate::host_waits;
+use crate::parallel::buckets::BucketPlan;
+use crate::parallel::comm_cost::CommCost;
+use crate::parallel::{LastBackward, DataParallel, World};
 use crate::faults::{self, StepFaults};
 use crate::model::dropout::Dropout;
 use crate::model::flat::{FlatParams, Padding};
 use crate::model::objective::Objective;
-use crate::model::precision::{self, Bf16Weights, Resolved};
+use crate::model::precision::{self, Bf16Weights, ComputePrecision};
 use crate::model::stages::TOKEN_TABLE;
 use crate::model::Algpt2;
 use crate::optim::adamw::norm_clip_and_skip;
@@ -35,7 +35,7 @@ pub struct Trainer {
     pub model: Algpt2,
     pub params: FlatParams,
     /// The precision in use, and in bf16 the compute copies of the weights.
-    pub precision: Resolved,
+    pub precision: ComputePrecision,
     bf16: Option<Bf16Weights>,
     objective: Objective,
     opt: AdamW,
@@ -76,7 +76,7 @@ impl StepOutcome {
     /// The step's values on the host: one read, and the ranks' losses averaged (every
     /// rank must call it at the same step).
     pub fn read(&self, world: &World) -> StepReport {
-        let values = device_reads::read(&Tensor::stack(
+        let values = host_waits::read(&Tensor::stack(
             &[self.local_loss.to_kind(Kind::Double), self.grad_norm.to_kind(Kind::Double), self.skipped.to_kind(Kind::Double)],
             0,
         ));
@@ -153,17 +153,17 @@ impl Trainer {
     }
 
     /// Makes every rank hold rank 0's weights.
-    pub fn broadcast_weights(&mut self, replicas: &Replicas) -> anyhow::Result<()> {
+    pub fn broadcast_weights(&mut self, replicas: &DataParallel) -> anyhow::Result<()> {
         replicas.broadcast(&mut self.params.values)?;
         self.refresh_compute_weights();
         Ok(())
     }
 
     /// What the gradient exchange's collectives are shaped by, for the ranks to agree on
-    /// before the first (src/dist/same_job.rs): a rank whose buffer or buckets differ
+    /// before the first (src/parallel/same_job.rs): a rank whose buffer or buckets differ
     /// would send or receive past another's buffer.
-    pub fn exchange_layout(&self) -> crate::dist::same_job::Facts {
-        let mut facts = crate::dist::same_job::Facts::default();
+    pub fn exchange_layout(&self) -> crate::parallel::same_job::Facts {
+        let mut facts = crate::parallel::same_job::Facts::default();
         facts.add("gradient values", self.params.grads.numel().to_string());
         facts.add("gradient buckets", hex::encode(Sha256::digest(format!("{:?}", self.buckets).as_bytes())));
         facts.add("token table rows", format!("{:?}", self.buckets.table));
@@ -191,7 +191,7 @@ impl Trainer {
     /// One optimizer step at learning rate `lr`: micro-steps (forward, fused loss,
     /// backward), gradient averaging across ranks, the non-finite check, clipping and the
     /// update, all on the device: nothing here reads a device value.
-    pub fn train_step(&mut self, train: &SplitData, replicas: &Replicas, lr: f64) -> anyhow::Result<StepOutcome> {
+    pub fn train_step(&mut self, train: &SplitData, replicas: &DataParallel, lr: f64) -> anyhow::Result<StepOutcome> {
         let world = replicas.world;
         let faults = faults::at_step(self.step + 1, world.rank());
         let t = self.cfg.train.clone();
@@ -207,7 +207,7 @@ impl Trainer {
             let windows = feed.windows(micro);
             let (inputs, targets) = feed.take(micro);
             // Staged only where stages complete gradients early: with shared layers only
-            // the token table's early part is complete before the end.
+            // the token table's whole part is complete before the end.
             let staged = last && replicas.overlaps() && self.model.stageable();
             let forwarded = self
                 .objective
@@ -245,7 +245,7 @@ impl Trainer {
 
     /// Reports the non-finite steps since the last call (one read): with
     /// `train.nonfinite: stop` the first one ends the run; with `skip` each is a warning.
-    pub fn settle(&mut self) -> anyhow::Result<()> {
-        self.nonfinite.settle(self.step)
+    pub fn enforce_nonfinite_policy(&mut self) -> anyhow::Result<()> {
+        self.nonfinite.enforce_policy(self.step)
     }
 }

@@ -1,6 +1,6 @@
 //! The shape of the code: no circles between the top-level modules of `src/`, no
 //! command module (one per subcommand) importing another (shared parts live in library
-//! modules: `data/`, `evaluation.rs`, `report/`, `runtime.rs`, ...), rustfmt's formatting,
+//! modules: `data/`, `perplexity.rs`, `report/`, `runtime.rs`, ...), rustfmt's formatting,
 //! and torch and NCCL versions named in the sources that match what we pin.
 
 mod common;

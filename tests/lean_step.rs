@@ -22,7 +22,7 @@ fn finish(child: Running) -> Output {
     finish_bounded(child, LIMIT)
 }
 
-/// Nothing in an unlogged step makes the host wait for the device. `device_reads` counts
+/// Nothing in an unlogged step makes the host wait for the device. `host_waits` counts
 /// every transfer that would (a read of a device value, a copy from pageable memory; on
 /// the CPU too, where nothing waits), `queued_uploads` the host tensors copied without a
 /// wait. Two micro-steps per step: 6 and 12 steps with one logged row make the same number
@@ -52,7 +52,7 @@ fn unlogged_steps_read_nothing_from_the_device() {
         assert!(out.status.success(), "{}", stderr(&out));
         let s = summary(&dir.path().join("runs").join(name));
         let count = |key: &str| s[key].as_u64().unwrap_or_else(|| panic!("summary.json has no {key}: {s}"));
-        (count("device_reads"), count("queued_uploads"))
+        (count("host_waits"), count("queued_uploads"))
     };
     let (six, twelve, every) = (run("six", 6, 6), run("twelve", 12, 12), run("every", 12, 1));
     eprintln!("(waits, queued uploads): 6 steps {six:?}, 12 steps {twelve:?}, 12 steps logging each {every:?}");

@@ -1,4 +1,4 @@
-//! The gradient exchange overlapped with backward (`dist.overlap`, src/dist/overlap.rs)
+//! The gradient exchange overlapped with backward (`dist.overlap`, src/parallel/overlap.rs)
 //! against the exchange after backward, under a real `mpirun`: the same weights and
 //! optimizer state, byte for byte on 2 ranks (sums of two values do not depend on their
 //! grouping into buckets) and within the reduction order's rounding on 3, for the three

@@ -9,7 +9,7 @@ use super::split::Piece;
 use super::token_file::{token_width, TokenFile, TokenWriter};
 use super::tokenizer::TextTokenizer;
 use crate::config::{Config, DataFormat};
-use crate::dist::phase::Phase;
+use crate::parallel::phase::Phase;
 use crate::run_dir::open_lock_file;
 use anyhow::{bail, Context};
 use std::collections::BTreeMap;
@@ -79,7 +79,7 @@ fn checked(verified: &Verified) -> String {
 /// The config's token cache on every rank: rank 0 builds it when missing while the
 /// others wait, then all open it. If rank 0 fails, it aborts the job (see `run`) and the
 /// waiting ranks end with it.
-pub fn open_on_every_rank(cfg: &Config, world: &crate::dist::World) -> anyhow::Result<Prepared> {
+pub fn open_on_every_rank(cfg: &Config, world: &crate::parallel::World) -> anyhow::Result<Prepared> {
     // Not timed by the watchdog: rank 0 may be tokenizing a large corpus meanwhile.
     Phase::DataPreparation.begin(world.rank());
     if world.is_main() {

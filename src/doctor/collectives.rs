@@ -3,8 +3,8 @@
 //! CPU path, and the path the NCCL id and small values travel).
 
 use super::{bus_bandwidth, Report};
-use crate::dist::nccl::{self, NcclComm};
-use crate::dist::World;
+use crate::parallel::nccl::{self, NcclComm};
+use crate::parallel::World;
 use anyhow::{ensure, Context};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};

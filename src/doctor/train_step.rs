@@ -5,7 +5,7 @@
 use super::Report;
 use crate::data::cache::{SplitData, SplitStats};
 use crate::data::token_file::{token_width, TokenFile, TokenWriter};
-use crate::dist::{Replicas, World};
+use crate::parallel::{DataParallel, World};
 use crate::rng::SplitMix64;
 use crate::trainer::Trainer;
 use anyhow::{ensure, Context};
@@ -37,7 +37,7 @@ fn step(world: &World, device: Device) -> anyhow::Result<String> {
     writer.finish()?;
     let train = SplitData { tokens: TokenFile::open(&path)?, stats: SplitStats::default() };
     let mut trainer = Trainer::new(&cfg, device, train.windows(cfg.train.seq_len));
-    let replicas = Replicas::new(&cfg.dist, world, device)?;
+    let replicas = DataParallel::new(&cfg.dist, world, device)?;
     trainer.broadcast_weights(&replicas)?;
     let first = trainer.train_step(&train, &replicas, cfg.optim.lr)?.read(world);
     let second = trainer.train_step(&train, &replicas, cfg.optim.lr)?.read(world);

@@ -1,7 +1,7 @@
 //! Versions of everything the trainer runs on, and this host's GPUs.
 
 use super::Report;
-use crate::dist::World;
+use crate::parallel::World;
 
 pub fn collect(r: &mut Report, world: &World) {
     r.fact("algpt2-ddp", format!("{} (commit {})", env!("CARGO_PKG_VERSION"), env!("ALGPT2_GIT_REVISION")));
@@ -25,7 +25,7 @@ pub fn collect(r: &mut Report, world: &World) {
     r.fact("cuDNN", cudnn_version());
     r.fact(
         "NCCL",
-        match crate::dist::nccl::nccl_version() {
+        match crate::parallel::nccl::nccl_version() {
             Ok((a, b, c)) => format!("{a}.{b}.{c}"),
             Err(e) => format!("not loadable ({})", first_line(&format!("{e:#}"))),
         },

@@ -16,12 +16,12 @@ use tch::{Device, Kind, Tensor};
 
 /// The precision a run uses and why.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Resolved {
+pub struct ComputePrecision {
     pub bf16: bool,
     pub reason: String,
 }
 
-impl Resolved {
+impl ComputePrecision {
     pub fn name(&self) -> &'static str {
         if self.bf16 {
             "bf16"
@@ -58,7 +58,7 @@ impl Hardware {
 }
 
 /// `train.precision` on `device`: `auto` is bf16 where the hardware computes it natively.
-pub fn resolve(wanted: Precision, device: Device) -> Resolved {
+pub fn resolve(wanted: Precision, device: Device) -> ComputePrecision {
     resolve_on(wanted, &Hardware::of(device))
 }
 
@@ -67,7 +67,7 @@ pub fn resolve(wanted: Precision, device: Device) -> Resolved {
 /// libtorch's bf16 matrix products ran no faster than fp32's (141.7 against 146.6
 /// GFLOP/s, 2048×512×2048, 2 threads of a Xeon, 2026-12-03) and our bf16 step at 0.55×
 /// our fp32 step (the casts cost and nothing pays for them).
-pub fn resolve_on(wanted: Precision, hardware: &Hardware) -> Resolved {
+pub fn resolve_on(wanted: Precision, hardware: &Hardware) -> ComputePrecision {
     let (bf16, reason) = match (wanted, hardware) {
         (Precision::Fp32, _) => (false, "train.precision: fp32".to_string()),
         (Precision::Bf16, _) => (true, "train.precision: bf16".to_string()),
@@ -88,7 +88,7 @@ pub fn resolve_on(wanted: Precision, hardware: &Hardware) -> Resolved {
         }
         (Precision::Auto, Hardware::Cpu { .. }) => (false, "auto: this CPU has no AMX-BF16".to_string()),
     };
-    Resolved { bf16, reason }
+    ComputePrecision { bf16, reason }
 }
 
 /// The bf16 copies of the parameters and their gradients, in the flat layout.

@@ -1,7 +1,7 @@
 //! The forward of `Algpt2::hidden` cut into stages whose inputs are fresh leaves, so that
 //! the backward can run one stage at a time, the last first: when a stage's backward
 //! returns, the gradients of its parameters are complete, and their exchange can start
-//! while the earlier stages' backward runs (src/dist/overlap.rs). tch has no autograd
+//! while the earlier stages' backward runs (src/parallel/overlap.rs). tch has no autograd
 //! hooks; stage boundaries are what tells us a gradient is ready.
 //!
 //! The stages, in backward order: the final LayerNorm (and H→E projection), each block
@@ -20,7 +20,7 @@ use tch::{Kind, Tensor};
 
 /// The token table (also the head): its gradient before the last backward is complete
 /// but for what the embedding lookup adds in the last stage, to the rows of the input
-/// tokens only (src/dist/table_rows.rs exchanges it in two parts).
+/// tokens only (src/parallel/token_table.rs exchanges it in two parts).
 pub const TOKEN_TABLE: &str = "wte";
 
 /// The stage (index into `stages`, backward order, as `Algpt2::stage_prefixes`) whose

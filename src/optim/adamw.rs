@@ -40,7 +40,7 @@ impl AdamW {
     /// Updates applied so far (the checkpoint's `steps`). On a GPU a device read: for
     /// saves, never in the step.
     pub fn steps(&self) -> u64 {
-        crate::device_reads::read(&self.step_count)[0] as u64
+        crate::host_waits::read(&self.step_count)[0] as u64
     }
 
     /// Sets the count of updates applied (a resumed checkpoint's `steps`).

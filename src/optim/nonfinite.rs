@@ -3,7 +3,7 @@
 //! the verdict where it reads values anyway (a logged row, before a save).
 
 use crate::config::NonFinite;
-use crate::device_reads;
+use crate::host_waits;
 use anyhow::bail;
 use tch::{Device, Kind, Tensor};
 
@@ -58,8 +58,8 @@ impl NonFiniteSteps {
     /// checkpoint is untouched: the loop calls this before every save); with `skip` each
     /// is a warning. Every rank reaches the same verdict (the norm it is decided on is
     /// averaged).
-    pub fn settle(&mut self, step: u64) -> anyhow::Result<()> {
-        let values = device_reads::read(&self.record);
+    pub fn enforce_policy(&mut self, step: u64) -> anyhow::Result<()> {
+        let values = host_waits::read(&self.record);
         let (count, first, loss) = (values[0], values[1] as u64, values[2]);
         if count == 0.0 {
             return Ok(());
@@ -92,15 +92,15 @@ mod tests {
         let loss = |x: f64| Tensor::from(x as f32);
         let mut stop = NonFiniteSteps::new(NonFinite::Stop, Device::Cpu);
         stop.record(1, &Tensor::from(0i64), &loss(2.5));
-        assert!(stop.settle(1).is_ok());
+        assert!(stop.enforce_policy(1).is_ok());
         stop.record(2, &Tensor::from(1i64), &loss(f64::NAN));
         stop.record(3, &Tensor::from(1i64), &loss(1.0));
-        let e = stop.settle(3).unwrap_err().to_string();
+        let e = stop.enforce_policy(3).unwrap_err().to_string();
         assert!(e.starts_with("non-finite loss (NaN) at step 2: stopping"), "{e}");
-        assert!(stop.settle(3).is_ok(), "settled: the record is empty again");
+        assert!(stop.enforce_policy(3).is_ok(), "settled: the record is empty again");
         let mut skip = NonFiniteSteps::new(NonFinite::Skip, Device::Cpu);
         skip.record(4, &Tensor::from(1i64), &loss(3.0));
-        assert!(skip.settle(4).is_ok());
+        assert!(skip.enforce_policy(4).is_ok());
     }
 
     #[test]

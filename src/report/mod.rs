@@ -3,7 +3,7 @@
 pub mod console;
 pub mod format;
 pub mod log;
-pub mod metrics;
+pub mod metrics_log;
 pub mod plots;
 pub mod progress;
 pub mod system;

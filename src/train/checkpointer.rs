@@ -2,9 +2,9 @@
 //! writes, every rank learns whether it worked, and all stop together or all go on.
 
 use super::run_checkpoints::RunCheckpoints;
-use crate::checkpoint::OtherParts;
+use crate::checkpoint::LoopState;
 use crate::config::{Config, OnSaveError};
-use crate::dist::World;
+use crate::parallel::World;
 use crate::report::progress::Progress;
 use crate::run_dir::RunDir;
 use crate::trainer::Trainer;
@@ -40,7 +40,7 @@ impl<'a> Checkpointer<'a> {
     pub fn save_if_due(
         &self,
         trainer: &Trainer,
-        others: &OtherParts,
+        others: &LoopState,
         world: &World,
         progress: &Progress,
         stopping: bool,
@@ -50,7 +50,7 @@ impl<'a> Checkpointer<'a> {
             return Ok(());
         }
         // The save's time counts from its start, not from the step before it.
-        crate::dist::phase::progress_made();
+        crate::parallel::phase::progress_made();
         let saved = if world.is_main() { self.checkpoints.save(trainer, world, others) } else { Ok(PathBuf::new()) };
         // Every rank learns whether rank 0's save worked, so that all stop together
         // (or all go on) instead of the others waiting on a rank that left.

@@ -1,11 +1,11 @@
-//! What the ranks of one training must hold equal (src/dist/same_job.rs compares them):
+//! What the ranks of one training must hold equal (src/parallel/same_job.rs compares them):
 //! first the settings, before any collective whose shape or order they decide; then the
 //! data and the checkpoint, once each rank has opened them.
 
 use crate::checkpoint::Found;
 use crate::config::Config;
 use crate::data::cache::Prepared;
-use crate::dist::same_job::Facts;
+use crate::parallel::same_job::Facts;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 

@@ -3,7 +3,7 @@
 
 mod checkpointer;
 mod job_facts;
-mod metrics;
+mod step_metrics;
 mod run_checkpoints;
 mod run_metadata;
 mod run_summary;
@@ -12,23 +12,23 @@ mod stopping;
 mod system_stats;
 mod validation;
 
-use crate::checkpoint::{self, Found, OtherParts};
+use crate::checkpoint::{self, Found, LoopState};
 use crate::config::Config;
 use crate::data::cache::SplitData;
 use crate::data::prepare;
 use crate::data::summary;
 use crate::data::Split;
 use crate::device;
-use crate::dist::phase::Phase;
-use crate::dist::same_job;
-use crate::dist::signals::StopRequest;
-use crate::dist::watchdog::Watchdog;
-use crate::dist::{Replicas, World};
+use crate::parallel::phase::Phase;
+use crate::parallel::same_job;
+use crate::parallel::signals::StopRequest;
+use crate::parallel::watchdog::Watchdog;
+use crate::parallel::{DataParallel, World};
 use crate::model::size::param_count;
 use crate::optim::learning_rate;
 use crate::report::format::group;
 use crate::report::log;
-use crate::report::metrics::MetricsLog;
+use crate::report::metrics_log::MetricsLog;
 use crate::report::progress::Progress;
 use crate::report::wandb_run::WandbRun;
 use crate::run_dir::{RunDir, RunLock};
@@ -36,7 +36,7 @@ use crate::runtime::Runtime;
 use crate::trainer::Trainer;
 use anyhow::bail;
 use checkpointer::Checkpointer;
-use metrics::TrainMetrics;
+use step_metrics::TrainMetrics;
 use run_checkpoints::RunCheckpoints;
 use serde_json::{json, Map};
 use sinks::{Charts, MetricSink};
@@ -53,7 +53,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
 
 fn run_in_world(cfg: &Config, world: &World, device: tch::Device) -> anyhow::Result<()> {
     // From here to the first step every phase is timed, and a rank stuck in one is named
-    // (src/dist/phase.rs); the step counter is set once the resume is settled.
+    // (src/parallel/phase.rs); the step counter is set once the resume is settled.
     let watchdog = Watchdog::start(world, Duration::from_secs(cfg.dist.timeout_s))?;
     // Before anything is written or any collective the settings shape.
     Phase::SettingsAgreement.begin(world.rank());
@@ -105,11 +105,11 @@ fn run_in_world(cfg: &Config, world: &World, device: tch::Device) -> anyhow::Res
         // saved none) are logged again by this one.
         metrics.truncate_after(trainer.step)?;
     }
-    let replicas = Replicas::new(&cfg.dist, world, device)?;
+    let replicas = DataParallel::new(&cfg.dist, world, device)?;
     info!("gradient exchange: {}", replicas.exchange_name());
     if replicas.overlaps() && !trainer.model.stageable() {
         info!(
-            "  shared layers complete their gradients only when backward ends: only the token table's early part goes during backward, the rest after it"
+            "  shared layers complete their gradients only when backward ends: only the token table's whole part goes during backward, the rest after it"
         );
     }
     Phase::WeightBroadcast.begin(world.rank());
@@ -169,7 +169,7 @@ fn run_in_world(cfg: &Config, world: &World, device: tch::Device) -> anyhow::Res
 
 /// What the loop uses and never changes.
 struct LoopEnv<'a> {
-    replicas: &'a Replicas<'a>,
+    replicas: &'a DataParallel<'a>,
     train: &'a SplitData,
     stop: &'a StopRequest,
     watchdog: &'a Watchdog,
@@ -217,7 +217,7 @@ fn train_loop(
         train_seconds += step_seconds;
         metrics.add(step_seconds, (trainer.global_batch(world) * t.seq_len) as u64, outcome.comm);
         if report.is_some() {
-            trainer.settle()?;
+            trainer.enforce_nonfinite_policy()?;
         }
         env.progress.step(trainer.step, report.as_ref().map(|r| r.loss));
         let mut row = metrics.row(report.as_ref(), lr, trainer);
@@ -243,10 +243,10 @@ fn train_loop(
         }
         let (stop_cause, stopping) = (agreed.stop, agreed.stop.is_some());
         let (val_loss, best_val_loss) = validator.losses();
-        let others = OtherParts { wandb_run_id: env.wandb_run_id.clone(), val_loss, best_val_loss };
+        let others = LoopState { wandb_run_id: env.wandb_run_id.clone(), val_loss, best_val_loss };
         if checkpointer.is_due(trainer.step, stopping) {
             // No checkpoint after a non-finite step under `train.nonfinite: stop`.
-            trainer.settle()?;
+            trainer.enforce_nonfinite_policy()?;
         }
         checkpointer.save_if_due(trainer, &others, world, env.progress, stopping)?;
         env.watchdog.beat(trainer.step);

@@ -5,9 +5,9 @@
 
 use crate::checkpoint::compat::{self, ResumingRun};
 use crate::checkpoint::other_runs::OtherRunsNamed;
-use crate::checkpoint::{self, Found, OtherParts, RunIdentity, TrainerState, MODEL_FILE, OPTIMIZER_FILE};
+use crate::checkpoint::{self, Found, LoopState, RunIdentity, TrainerState, MODEL_FILE, OPTIMIZER_FILE};
 use crate::config::Config;
-use crate::dist::World;
+use crate::parallel::World;
 use crate::run_dir::RunDir;
 use crate::trainer::{SavedTrainer, Trainer, TrainerSnapshot};
 use sha2::{Digest, Sha256};
@@ -32,7 +32,7 @@ impl<'a> RunCheckpoints<'a> {
 
     /// Saves a checkpoint of the trainer's current step (rank 0 only), with the parts
     /// other components keep there, then applies retention.
-    pub fn save(&self, trainer: &Trainer, world: &World, others: &OtherParts) -> anyhow::Result<PathBuf> {
+    pub fn save(&self, trainer: &Trainer, world: &World, others: &LoopState) -> anyhow::Result<PathBuf> {
         let TrainerSnapshot { model, optimizer, step, tokens_seen, sampler } = trainer.snapshot();
         let state = TrainerState {
             format_version: 0,

@@ -3,7 +3,7 @@
 //! its key names), and what it cannot know from rank 0 alone: every rank's host and GPU,
 //! the world size, and the libtorch, CUDA, NCCL and MPI versions this run uses.
 
-use crate::dist::World;
+use crate::parallel::World;
 use crate::report::system;
 use serde_json::{json, Map, Value};
 
@@ -59,7 +59,7 @@ fn document(ranks: &[Value], world_size: usize) -> Value {
         put("libtorch", json!(algpt2_launch::read_version(&dir)));
         put("cudaVersion", crate::versions::cuda_of_build(&dir).map_or(Value::Null, Value::from));
     }
-    put("nccl", crate::dist::nccl::nccl_version().ok().map_or(Value::Null, |(a, b, c)| json!(format!("{a}.{b}.{c}"))));
+    put("nccl", crate::parallel::nccl::nccl_version().ok().map_or(Value::Null, |(a, b, c)| json!(format!("{a}.{b}.{c}"))));
     put("mpi", json!(World::library_version()));
     put("algpt2_ddp", json!(env!("CARGO_PKG_VERSION")));
     put("world_size", json!(world_size));

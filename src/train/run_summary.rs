@@ -5,8 +5,8 @@ use super::Timing;
 use crate::config::Config;
 use crate::data::cache::Prepared;
 use crate::data::Split;
-use crate::dist::World;
-use crate::evaluation::evaluate;
+use crate::parallel::World;
+use crate::perplexity::evaluate;
 use crate::report::format::group;
 use crate::report::wandb_run::WandbRun;
 use crate::run_dir::RunDir;
@@ -21,10 +21,10 @@ struct RunSummary {
     best_achievable_val_ppl: Option<f64>,
     best_val_ppl: Option<f64>,
     checkpoint: String,
-    /// Transfers by this process that make the host wait for a GPU (`device_reads`: reads
+    /// Transfers by this process that make the host wait for a GPU (`host_waits`: reads
     /// of device values, copies from pageable memory): a handful per logged row, none per
     /// unlogged step.
-    device_reads: u64,
+    host_waits: u64,
     /// `bf16` or `fp32`: what `train.precision` resolved to.
     precision: String,
     /// Host tensors copied to the device without a wait (`host_to_device`): one per
@@ -56,7 +56,7 @@ pub(super) fn write(
     let test =
         data.split(Split::Test).map(|split| evaluate(&trainer.model, split, t.seq_len, t.micro_batch_size, None, world, trainer.device()));
     // The last collective: what follows waits for no other rank.
-    crate::dist::phase::Phase::Finishing.enter();
+    crate::parallel::phase::Phase::Finishing.enter();
     if !world.is_main() {
         return Ok(());
     }
@@ -65,7 +65,7 @@ pub(super) fn write(
         best_achievable_val_ppl: data.split(Split::Valid).and_then(|s| s.best_loss()).map(f64::exp),
         best_val_ppl: val_losses.1.map(f64::exp),
         checkpoint: run.checkpoint(trainer.step).display().to_string(),
-        device_reads: crate::device_reads::count(),
+        host_waits: crate::host_waits::count(),
         precision: trainer.precision.name().to_string(),
         queued_uploads: crate::host_to_device::count(),
         steps: trainer.step,

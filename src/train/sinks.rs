@@ -2,7 +2,7 @@
 //! line, W&B, and the charts (redrawn when a row carries validation, or at the end).
 
 use crate::report::format::group;
-use crate::report::metrics::MetricsLog;
+use crate::report::metrics_log::MetricsLog;
 use crate::report::progress::Progress;
 use crate::report::wandb_run::WandbRun;
 use serde_json::{Map, Value};

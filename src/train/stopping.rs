@@ -1,10 +1,10 @@
-//! How the ranks agree on a stop: a stop signal on any rank (src/dist/signals.rs) or a
+//! How the ranks agree on a stop: a stop signal on any rank (src/parallel/signals.rs) or a
 //! Stop pressed on the W&B dashboard (heard by rank 0 alone, src/report/wandb_run.rs)
 //! stops every rank after the same step, and each rank knows which, for its last line.
 //! The same all-reduce carries rank 0's "system metrics are due" (system_stats.rs), so
 //! that gathering them needs no collective of its own on the other steps.
 
-use crate::dist::World;
+use crate::parallel::World;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopCause {

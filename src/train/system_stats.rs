@@ -6,7 +6,7 @@
 //! rank 0 logs one `wandb-events.jsonl` row of them all.
 
 use crate::config::Config;
-use crate::dist::World;
+use crate::parallel::World;
 use crate::report::system::{events_row, RankSample, Sampler};
 use crate::report::wandb_run::WandbRun;
 use std::cell::Cell;

@@ -4,8 +4,8 @@
 use crate::checkpoint::TrainerState;
 use crate::config::Config;
 use crate::data::cache::SplitData;
-use crate::dist::World;
-use crate::evaluation::evaluate;
+use crate::parallel::World;
+use crate::perplexity::evaluate;
 use crate::report::wandb_run::WandbRun;
 use crate::trainer::Trainer;
 use serde_json::{json, Map, Value};

@@ -93,14 +93,14 @@ pub fn write_parquet(path: &Path, rows: &[String], group_rows: usize) {
 }
 
 /// `<run_dir>/metrics.jsonl` rows without the wall-clock and memory fields, the only ones
-/// a resumed run may log differently (src/report/metrics.rs MACHINE_METRICS).
+/// a resumed run may log differently (src/report/metrics_log.rs MACHINE_METRICS).
 pub fn rows_without_machine_metrics(run_dir: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(run_dir.join("metrics.jsonl"))
         .unwrap()
         .lines()
         .map(|l| {
             let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            for k in algpt2_ddp::report::metrics::MACHINE_METRICS {
+            for k in algpt2_ddp::report::metrics_log::MACHINE_METRICS {
                 v.as_object_mut().unwrap().remove(k);
             }
             v

@@ -5,12 +5,12 @@
 //! only. Exchanged whole, it could go only after backward, the largest single bucket of
 //! a GPT-2 step at its end (DDP's Reducer waits for it the same way). Instead:
 //!
-//! - *early*: when the last backward starts, a copy of the whole table's gradient goes
+//! - *whole*: when the last backward starts, a copy of the whole table's gradient goes
 //!   first;
 //! - *rows*: when backward ends, only the rows of the tokens any rank fed in this
 //!   micro-step go, packed (the ranks agree on them with one small all-reduce of
 //!   looked-up flags before backward);
-//! - *written back*: the early mean, then the rows' means over it.
+//! - *written back*: the whole table's mean, then the rows' means over it.
 //!
 //! A row no rank looked up got `+0.0` from the lookup's backward (a dense gradient, zero
 //! there): the copy adds the same `+0.0` (which turns a `-0.0` into `+0.0`, as the
@@ -23,7 +23,7 @@ use tch::{Device, Kind, Tensor};
 
 /// Where the table lies in the flat buffer, and when its rows are complete.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct TableRows {
+pub struct TokenTableLayout {
     /// Offset of the table in the flat buffer (elements).
     pub offset: i64,
     /// Rows, padding included.
@@ -34,15 +34,15 @@ pub struct TableRows {
     pub ready_after: usize,
 }
 
-impl TableRows {
+impl TokenTableLayout {
     /// The table's gradient as [rows, width], a view of `grads`.
     fn view(&self, grads: &Tensor) -> Tensor {
         grads.narrow(0, self.offset, self.rows * self.width).view([self.rows, self.width])
     }
 
-    /// The early part: a contiguous copy of the table's gradient, plus `+0.0` (see the
+    /// The whole part: a contiguous copy of the table's gradient, plus `+0.0` (see the
     /// module's doc).
-    pub fn early_copy(&self, grads: &Tensor) -> Tensor {
+    pub fn whole_copy(&self, grads: &Tensor) -> Tensor {
         tch::no_grad(|| self.view(grads) + 0.0).contiguous()
     }
 
@@ -51,47 +51,47 @@ impl TableRows {
         tch::no_grad(|| self.view(grads).index_select(0, touched)).contiguous()
     }
 
-    /// Writes the averaged parts into `grads`: the early mean everywhere, then the rows'.
-    pub fn write_back(&self, grads: &Tensor, touched: &Tensor, early: &Tensor, rows: &Tensor) {
+    /// Writes the averaged parts into `grads`: the whole table's mean everywhere, then the rows'.
+    pub fn write_back(&self, grads: &Tensor, touched: &Tensor, whole: &Tensor, rows: &Tensor) {
         tch::no_grad(|| {
             let mut table = self.view(grads);
-            let _ = table.copy_(early);
+            let _ = table.copy_(whole);
             let _ = table.index_copy_(0, touched, rows);
         });
     }
 }
 
 /// One step's two parts of the table, for a session (MPI's thread or NCCL's stream),
-/// which averages them in place: the early copy, taken at the start, and the looked-up
+/// which averages them in place: the whole copy, taken at the start, and the looked-up
 /// rows, packed when their stage is done; both live until written back.
-pub struct TableParts<'a> {
-    rows: TableRows,
+pub struct TokenTableInFlight<'a> {
+    layout: TokenTableLayout,
     touched: &'a Tensor,
-    pub early: Tensor,
+    pub whole: Tensor,
     packed: Option<Tensor>,
 }
 
-impl<'a> TableParts<'a> {
-    /// The parts of the table `rows` whose rows `touched` are looked up; takes the early
+impl<'a> TokenTableInFlight<'a> {
+    /// The parts of the table laid out as `layout` whose rows `touched` are looked up; takes the early
     /// copy of `grads` now.
-    pub fn start(rows: TableRows, touched: &'a Tensor, grads: &Tensor) -> TableParts<'a> {
-        TableParts { rows, touched, early: rows.early_copy(grads), packed: None }
+    pub fn start(layout: TokenTableLayout, touched: &'a Tensor, grads: &Tensor) -> TokenTableInFlight<'a> {
+        TokenTableInFlight { layout, touched, whole: layout.whole_copy(grads), packed: None }
     }
 
     /// Stage `stage` is done: the looked-up rows of `grads`, packed, the first time their
     /// stage is among those done (None otherwise).
     pub fn pack_if_ready(&mut self, grads: &Tensor, stage: usize) -> Option<Tensor> {
-        if self.packed.is_some() || self.rows.ready_after > stage {
+        if self.packed.is_some() || self.layout.ready_after > stage {
             return None;
         }
-        let packed = self.rows.rows_copy(grads, self.touched);
+        let packed = self.layout.rows_copy(grads, self.touched);
         self.packed = Some(packed.shallow_clone());
         Some(packed)
     }
 
     /// Writes the averaged parts into `grads` (after every stage is done).
     pub fn write_back(&self, grads: &Tensor) {
-        self.rows.write_back(grads, self.touched, &self.early, self.packed.as_ref().expect("packed at the last stage"));
+        self.layout.write_back(grads, self.touched, &self.whole, self.packed.as_ref().expect("packed at the last stage"));
     }
 }
 
@@ -99,7 +99,7 @@ impl<'a> TableParts<'a> {
 /// ascending, on `device`. Agreed through one small all-reduce of looked-up flags rather
 /// than computed from the global batch: ranks whose token files differ (doctor's do) must
 /// still send rows of the same count.
-pub fn rows_looked_up(world: &World, table: &TableRows, input_ids: &[i64], device: Device) -> Tensor {
+pub fn rows_looked_up(world: &World, table: &TokenTableLayout, input_ids: &[i64], device: Device) -> Tensor {
     let mut looked_up = vec![0f64; table.rows as usize];
     for &id in input_ids {
         if let Some(flag) = usize::try_from(id).ok().and_then(|i| looked_up.get_mut(i)) {
@@ -127,8 +127,8 @@ mod tests {
     #[test]
     fn early_and_rows_written_back_give_the_whole_table_exchange() {
         // Two "ranks": a table of 6 rows x 3 whose rows 1 and 4 the lookup changes
-        // after the early copy; row 2 holds a -0.0, which the lookup's +0.0 makes +0.0.
-        let table = TableRows { offset: 2, rows: 6, width: 3, ready_after: 4 };
+        // after the whole copy; row 2 holds a -0.0, which the lookup's +0.0 makes +0.0.
+        let table = TokenTableLayout { offset: 2, rows: 6, width: 3, ready_after: 4 };
         let before = |seed: f32| {
             let mut v: Vec<f32> = (0..20).map(|i| seed * (i as f32 - 7.5)).collect();
             v[2 + 2 * 3] = -0.0;
@@ -143,14 +143,14 @@ mod tests {
             let _ = t.g_add_(&dense);
         };
         let (a, b) = (before(1.0), before(0.5));
-        let (early_a, early_b) = (table.early_copy(&a), table.early_copy(&b));
+        let (whole_a, whole_b) = (table.whole_copy(&a), table.whole_copy(&b));
         lookup(&a);
         lookup(&b);
         let (rows_a, rows_b) = (table.rows_copy(&a, &touched), table.rows_copy(&b, &touched));
         let mean = |x: &Tensor, y: &Tensor| (x + y) * 0.5;
         let whole = mean(&a, &b);
         let out = a.copy();
-        table.write_back(&out, &touched, &mean(&early_a, &early_b), &mean(&rows_a, &rows_b));
+        table.write_back(&out, &touched, &mean(&whole_a, &whole_b), &mean(&rows_a, &rows_b));
         let bits = |t: &Tensor| Vec::<f32>::try_from(t.narrow(0, 2, 18)).unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&out), bits(&whole));
         assert_eq!(Vec::<i64>::try_from(&touched).unwrap(), vec![1, 4]);

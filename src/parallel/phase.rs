@@ -1,10 +1,10 @@
-//! Where a rank is outside the training steps, for the watchdog (src/dist/watchdog.rs):
+//! Where a rank is outside the training steps, for the watchdog (src/parallel/watchdog.rs):
 //! start-up from the MPI world to the first step, and the finish after the last. The
 //! watchdog counts entering a phase as progress and names the phase it stopped in, so a
 //! rank stuck before the first step (a communicator that never forms, a weight broadcast
 //! another rank never joins) ends the job after `dist.timeout_s` like a hung step does.
 //!
-//! One process-wide value, as the collective mark of src/dist/waiting.rs: the places that
+//! One process-wide value, as the collective mark of src/parallel/waiting.rs: the places that
 //! enter a phase (the data, the exchange's set-up) need no handle to the watchdog.
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Phase {
-    /// The ranks agree that they run the same job (src/dist/same_job.rs).
+    /// The ranks agree that they run the same job (src/parallel/same_job.rs).
     SettingsAgreement = 0,
     /// Rank 0 builds or checks the token cache while the others wait for it. Not timed:
     /// tokenizing a large corpus takes as long as it takes, and a rank that dies here

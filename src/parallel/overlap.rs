@@ -1,4 +1,4 @@
-//! MPI's transport for the overlapped exchange (src/dist/overlap_session.rs), as PyTorch
+//! MPI's transport for the overlapped exchange (src/parallel/overlap_session.rs), as PyTorch
 //! DDP's Reducer does on CPUs: a bucket is all-reduced the moment backward has completed
 //! its gradients, on a communication thread with a communicator of its own, while the
 //! main thread goes on with the earlier stages' backward. MPI on CPU tensors.
@@ -10,7 +10,7 @@
 //!
 //! The main thread never calls MPI while a bucket is in flight (MPI_THREAD_SERIALIZED):
 //! it only computes until the session's join has waited for every bucket. The thread
-//! runs each all-reduce as a ring of non-blocking sends and receives (src/dist/ring.rs)
+//! runs each all-reduce as a ring of non-blocking sends and receives (src/parallel/ring.rs)
 //! polled with short sleeps: Open MPI's blocking calls spin, and a spinning thread takes
 //! half the core from the backward it should hide in.
 

@@ -3,8 +3,8 @@
 //! evaluation or saving), with what the gradient exchange cost per step over them.
 
 use crate::config::Config;
-use crate::dist::comm_cost::{CommCost, CommTimes};
-use crate::dist::World;
+use crate::parallel::comm_cost::{CommCost, CommTimes};
+use crate::parallel::World;
 use crate::model::size::training_flops_per_token;
 use crate::trainer::{StepOutcome, StepReport, Trainer};
 use serde_json::{json, Map, Value};

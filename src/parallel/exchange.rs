@@ -4,7 +4,7 @@
 //!
 //! Gradients are exchanged once per optimizer step, on the last micro-step (never on the
 //! others), in buckets of `dist.bucket_mb`: with `dist.overlap` each bucket as soon as
-//! backward has completed it (src/dist/overlap.rs for MPI, src/dist/nccl_overlap.rs for
+//! backward has completed it (src/parallel/overlap.rs for MPI, src/parallel/nccl_overlap.rs for
 //! NCCL), else all after backward.
 //!
 //! `dist.grad_dtype: bf16` sends the gradients as bf16, half the bytes: the fp32

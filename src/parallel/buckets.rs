@@ -4,7 +4,7 @@
 //! DDP's (so that the exchange starts early). The buffer's layout is not changed (it is
 //! the checkpoints' and the optimizer's): a bucket is a few contiguous runs of it.
 
-use super::table_rows::TableRows;
+use super::token_table::TokenTableLayout;
 use crate::model::flat::Slot;
 use crate::model::stages::stage_of;
 use tch::Tensor;
@@ -24,9 +24,9 @@ pub struct Bucket {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct BucketPlan {
     pub buckets: Vec<Bucket>,
-    /// The token table, exchanged in two parts of its own (src/dist/table_rows.rs) and
+    /// The token table, exchanged in two parts of its own (src/parallel/token_table.rs) and
     /// in no bucket.
-    pub table: Option<TableRows>,
+    pub table: Option<TokenTableLayout>,
 }
 
 impl BucketPlan {
@@ -41,7 +41,7 @@ impl BucketPlan {
     /// adds to the rows of the input tokens only) left to its own two-part exchange.
     pub fn with_table(slots: &[Slot], stages: &[Vec<String>], bucket_elems: i64, table: Option<&str>) -> BucketPlan {
         let is_table = |s: &Slot| Some(s.name.as_str()) == table && s.shape.len() == 2;
-        let table = slots.iter().find(|s| is_table(s)).map(|s| TableRows {
+        let table = slots.iter().find(|s| is_table(s)).map(|s| TokenTableLayout {
             offset: s.offset,
             rows: s.reserved / s.shape[1],
             width: s.shape[1],
@@ -76,7 +76,7 @@ impl BucketPlan {
 /// longer be started without them and silently leave the table unexchanged.
 pub struct StepBuckets<'a> {
     plan: &'a BucketPlan,
-    table: Option<(TableRows, Tensor)>,
+    table: Option<(TokenTableLayout, Tensor)>,
 }
 
 impl StepBuckets<'_> {
@@ -85,7 +85,7 @@ impl StepBuckets<'_> {
     }
 
     /// The table apart and the rows looked up (i64, ascending, on the gradients' device).
-    pub fn table(&self) -> Option<(TableRows, &Tensor)> {
+    pub fn table(&self) -> Option<(TokenTableLayout, &Tensor)> {
         self.table.as_ref().map(|(rows, touched)| (*rows, touched))
     }
 }
@@ -94,7 +94,7 @@ impl BucketPlan {
     /// This plan for one overlapped step; `rows_looked_up` gives the table's rows the
     /// step's inputs look up on any rank, and is called only if the plan keeps the table
     /// apart.
-    pub fn for_step(&self, rows_looked_up: impl FnOnce(&TableRows) -> Tensor) -> StepBuckets<'_> {
+    pub fn for_step(&self, rows_looked_up: impl FnOnce(&TokenTableLayout) -> Tensor) -> StepBuckets<'_> {
         StepBuckets { plan: self, table: self.table.map(|t| (t, rows_looked_up(&t))) }
     }
 }
@@ -155,7 +155,7 @@ mod tests {
         let mut with_table = slots.clone();
         with_table[2].shape = vec![100, 3];
         let plan = BucketPlan::with_table(&with_table, &stages, 150, Some("wte"));
-        assert_eq!(plan.table, Some(TableRows { offset: 200, rows: 100, width: 3, ready_after: 3 }));
+        assert_eq!(plan.table, Some(TokenTableLayout { offset: 200, rows: 100, width: 3, ready_after: 3 }));
         assert!(plan.buckets.iter().all(|b| b.runs.iter().all(|&(o, l)| o + l <= 200 || o >= 500)), "{plan:?}");
         assert_eq!(plan.buckets.iter().map(|b| b.elems).sum::<i64>(), 230);
     }

@@ -1,4 +1,4 @@
-//! NCCL's transport for the overlapped exchange (src/dist/overlap_session.rs), as
+//! NCCL's transport for the overlapped exchange (src/parallel/overlap_session.rs), as
 //! PyTorch DDP's Reducer does on CUDA: a bucket is all-reduced on a stream of its own the
 //! moment the backward has completed its gradients. The host only enqueues: an event
 //! recorded on the compute stream (libtorch's, the legacy default stream) after the
@@ -164,9 +164,9 @@ impl Transport for NcclTransport<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dist::buckets::BucketPlan;
-    use crate::dist::nccl::unique_id;
-    use crate::dist::overlap_session::Session;
+    use crate::parallel::buckets::BucketPlan;
+    use crate::parallel::nccl::unique_id;
+    use crate::parallel::overlap_session::Session;
     use crate::model::flat::Slot;
 
     /// In a world of one the average is the values themselves (fp32) or their bf16

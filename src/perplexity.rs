@@ -4,7 +4,7 @@
 
 use crate::data::batches::{batch_tensors, eval_windows};
 use crate::data::cache::SplitData;
-use crate::dist::World;
+use crate::parallel::World;
 use crate::model::Algpt2;
 use serde::Serialize;
 use tch::{Device, Kind, Reduction};
@@ -50,10 +50,10 @@ pub fn evaluate(
             totals[1] += targets.numel() as f64;
             totals[2] += chunk.len() as f64;
             // A long evaluation is progress, batch by batch, for the watchdog.
-            crate::dist::phase::progress_made();
+            crate::parallel::phase::progress_made();
         }
     });
-    totals[0] = crate::device_reads::read(&loss_sum)[0];
+    totals[0] = crate::host_waits::read(&loss_sum)[0];
     world.all_reduce_sum(&mut totals);
     let loss = totals[0] / totals[1].max(1.0);
     Evaluation { loss, ppl: loss.exp(), tokens: totals[1] as u64, windows: totals[2] as u64 }

@@ -27,7 +27,7 @@ impl Summable for f32 {
 pub struct Bf16(pub u16);
 
 impl Summable for Bf16 {
-    /// As the MPI op of src/dist/mpi_in_place.c: fp32 sum, rounded to nearest even.
+    /// As the MPI op of src/parallel/mpi_in_place.c: fp32 sum, rounded to nearest even.
     fn add(self, other: Bf16) -> Bf16 {
         let sum = f32::from_bits(u32::from(self.0) << 16) + f32::from_bits(u32::from(other.0) << 16);
         Bf16(f32_to_bf16(sum))

@@ -3,12 +3,12 @@
 //! threads carry on, and `ncclCommGetAsyncError` says when they are done: for the init, for
 //! `ncclGroupEnd` and for a collective outside a group. So a rank is never stuck inside
 //! NCCL: it polls, gives up at a deadline (`dist.timeout_s`), aborts the communicator and
-//! says why, naming the phase (src/dist/phase.rs).
+//! says why, naming the phase (src/parallel/phase.rs).
 //!
 //! The loop is generic over the poll, the abort and the clock, so that each outcome is
-//! tested without a GPU; src/dist/nccl.rs feeds it NCCL.
+//! tested without a GPU; src/parallel/nccl.rs feeds it NCCL.
 
-use crate::dist::phase::Phase;
+use crate::parallel::phase::Phase;
 use std::fmt;
 use std::time::{Duration, Instant};
 

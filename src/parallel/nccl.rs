@@ -34,10 +34,10 @@
 //! The communicator is made non-blocking (`ncclCommInitRankConfig` with `blocking = 0`): NCCL
 //! answers a call it has not finished with `ncclInProgress` and carries on in its own
 //! threads, and this module polls `ncclCommGetAsyncError` until it is done, for at most
-//! `dist.timeout_s` (src/dist/nccl/wait.rs). So a rank whose peer never joins the init, or
+//! `dist.timeout_s` (src/parallel/nccl/wait.rs). So a rank whose peer never joins the init, or
 //! never makes the same call, gives up by itself with an error naming the phase, and aborts
 //! the communicator (`ncclCommAbort`). While a collective is in flight, the watchdog's thread
-//! polls the same error (src/dist/watchdog.rs, [`Health`]).
+//! polls the same error (src/parallel/watchdog.rs, [`Health`]).
 //!
 //! Built against NCCL 2.28 (cudarc feature `nccl-02028`, whose `ncclConfig_t` layout is the
 //! one nccl.h 2.28 has); any NCCL 2.14 or later (non-blocking communicators) that has the
@@ -246,7 +246,7 @@ pub fn unique_id() -> anyhow::Result<[u8; 128]> {
 ///
 /// Not `Sync`: NCCL communicators must not be used from two threads at once. `Send`: each call
 /// makes the GPU's context current on the calling thread first. The watchdog's thread polls
-/// it for asynchronous errors (src/dist/watchdog.rs) under the same lock as every call here.
+/// it for asynchronous errors (src/parallel/watchdog.rs) under the same lock as every call here.
 pub struct NcclComm {
     rank: usize,
     world: usize,

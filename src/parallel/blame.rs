@@ -1,5 +1,5 @@
 //! The watchdog's last words: from what this rank knows of itself and heard from the
-//! others (src/dist/heartbeat.rs), which rank stopped the job. The training loop moves
+//! others (src/parallel/heartbeat.rs), which rank stopped the job. The training loop moves
 //! in lockstep, so when one rank stops the others soon wait for it inside a collective;
 //! the rank that stopped is the one that is not waiting (or, when several are not, the
 //! one furthest behind), or the one that went silent altogether.

@@ -7,7 +7,7 @@ use super::comm_cost::{timing_event, CommCost, CommTimes, DeviceClock};
 use super::nccl_overlap::NcclOverlap;
 use super::overlap::Overlap;
 use super::overlap_session::{Session, Transport};
-use super::table_rows::rows_looked_up;
+use super::token_table::rows_looked_up;
 use super::{GradientExchange, World};
 use crate::config::DistConfig;
 use anyhow::anyhow;
@@ -42,7 +42,7 @@ enum Overlapped {
     Nccl(NcclOverlap),
 }
 
-pub struct Replicas<'w> {
+pub struct DataParallel<'w> {
     pub world: &'w World,
     exchange: GradientExchange,
     /// The overlapped exchange, when `dist.overlap` is on and possible here.
@@ -51,10 +51,10 @@ pub struct Replicas<'w> {
     not_overlapped: Option<&'static str>,
 }
 
-impl<'w> Replicas<'w> {
+impl<'w> DataParallel<'w> {
     /// Sets up the exchange between the ranks of `world` (NCCL's communicator, if chosen;
     /// the overlapped exchange's thread and communicator). Every rank calls it.
-    pub fn new(cfg: &DistConfig, world: &'w World, device: Device) -> anyhow::Result<Replicas<'w>> {
+    pub fn new(cfg: &DistConfig, world: &'w World, device: Device) -> anyhow::Result<DataParallel<'w>> {
         let exchange = GradientExchange::new(cfg, world, device)?;
         let why_not = match &exchange {
             _ if !cfg.overlap => Some("dist.overlap is false"),
@@ -73,7 +73,7 @@ impl<'w> Replicas<'w> {
             }
             (None, GradientExchange::Nccl { comm, .. }) => Some(Overlapped::Nccl(NcclOverlap::new(comm)?)),
         };
-        Ok(Replicas { world, exchange, overlap, not_overlapped: why_not })
+        Ok(DataParallel { world, exchange, overlap, not_overlapped: why_not })
     }
 
     /// The exchange as logs and reports show it, e.g. "mpi, fp32 gradients, overlapped".

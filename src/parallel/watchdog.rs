@@ -2,13 +2,13 @@
 //! a wedged device, a peer that stopped without dying) would leave every other rank
 //! waiting forever. The watchdog thread ends this process when no step has completed for
 //! `dist.timeout_s` seconds; mpirun then ends the rest of the job. Its message names the
-//! rank that stopped (src/dist/blame.rs), from the heartbeats the ranks' watchdogs
-//! exchange (src/dist/heartbeat.rs); a firing watchdog tells the others, which then end
+//! rank that stopped (src/parallel/blame.rs), from the heartbeats the ranks' watchdogs
+//! exchange (src/parallel/heartbeat.rs); a firing watchdog tells the others, which then end
 //! at once with their own view of it.
 //!
 //! It starts with the MPI world, before the first step: start-up phases (the ranks'
 //! agreement, the cache check, communicator dup, NCCL init, the weight broadcast; see
-//! src/dist/phase.rs) are timed the same way and named when the watchdog fires in one.
+//! src/parallel/phase.rs) are timed the same way and named when the watchdog fires in one.
 //! Entering a phase, a completed step and an evaluation batch are progress; preparing the
 //! token cache and the finish after the last collective are not timed.
 //!
@@ -47,7 +47,7 @@ const LINGER: Duration = Duration::from_millis(300);
 const ABORT_WAIT: Duration = Duration::from_secs(5);
 
 /// Something that can fail while this rank waits elsewhere: an NCCL communicator with
-/// collectives in flight (src/dist/nccl.rs). The watchdog asks it every tick.
+/// collectives in flight (src/parallel/nccl.rs). The watchdog asks it every tick.
 pub(crate) trait Health: Send + Sync {
     /// Why it failed, naming the rank; None while healthy, idle or busy. Never blocks.
     fn failure(&self) -> Option<String>;

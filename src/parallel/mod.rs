@@ -12,15 +12,15 @@ mod nccl_overlap;
 pub mod overlap;
 pub mod overlap_session;
 pub mod phase;
-mod replicas;
+mod data_parallel;
 mod ring;
 pub mod same_job;
 pub mod signals;
-pub mod table_rows;
+pub mod token_table;
 mod waiting;
 pub mod watchdog;
 mod world;
 
 pub use exchange::GradientExchange;
-pub use replicas::{LastBackward, Replicas};
+pub use data_parallel::{LastBackward, DataParallel};
 pub use world::{RawComm, World};

@@ -4,9 +4,9 @@ use mpi::raw::AsRaw;
 use mpi::topology::{Communicator, SimpleCommunicator};
 
 extern "C" {
-    /// MPI_IN_PLACE of the mpi.h we built against (src/dist/mpi_in_place.c).
+    /// MPI_IN_PLACE of the mpi.h we built against (src/parallel/mpi_in_place.c).
     fn algpt2_mpi_in_place() -> *mut std::ffi::c_void;
-    /// In-place sum of bf16 words, each pair added in fp32 (src/dist/mpi_in_place.c).
+    /// In-place sum of bf16 words, each pair added in fp32 (src/parallel/mpi_in_place.c).
     fn algpt2_allreduce_bf16_sum(buf: *mut std::ffi::c_void, count: i32, comm: mpi::ffi::MPI_Comm) -> i32;
     /// Non-blocking point-to-point calls and their completion (the same shim).
     fn algpt2_isend(

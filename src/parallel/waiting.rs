@@ -1,5 +1,5 @@
 //! Whether this rank's main thread is waiting inside a collective now, for the
-//! watchdog's heartbeats (src/dist/heartbeat.rs): a rank that stopped while not waiting
+//! watchdog's heartbeats (src/parallel/heartbeat.rs): a rank that stopped while not waiting
 //! stopped on its own (computing, a wedged device), not because of a peer. One atomic
 //! add per collective, so the mark costs nothing next to the collective itself.
 

@@ -1,8 +1,8 @@
 //! One step's gradient exchange overlapped with backward, whatever carries it: buckets
-//! (src/dist/buckets.rs) launched the moment backward completes their gradients, the
-//! token table in its two parts (src/dist/table_rows.rs), and one join at the end. The
-//! carrier is a [`Transport`]: MPI's communication thread and ring (src/dist/overlap.rs)
-//! or NCCL on a stream of its own (src/dist/nccl_overlap.rs).
+//! (src/parallel/buckets.rs) launched the moment backward completes their gradients, the
+//! token table in its two parts (src/parallel/token_table.rs), and one join at the end. The
+//! carrier is a [`Transport`]: MPI's communication thread and ring (src/parallel/overlap.rs)
+//! or NCCL on a stream of its own (src/parallel/nccl_overlap.rs).
 //!
 //! The session owns every buffer a transport may still read or write (views of the
 //! gradients, the table's copies, bf16 wire copies) and releases none of them before the
@@ -12,7 +12,7 @@
 
 use super::buckets::{Bucket, StepBuckets};
 use super::comm_cost::CommCost;
-use super::table_rows::TableParts;
+use super::token_table::TokenTableInFlight;
 use anyhow::anyhow;
 use std::fmt;
 use tch::Tensor;
@@ -28,8 +28,8 @@ pub enum Job {
         values: i64,
         ready_after: usize,
     },
-    TableEarly,
-    TableRows,
+    TableWhole,
+    TokenTableLayout,
 }
 
 impl fmt::Display for Job {
@@ -38,8 +38,8 @@ impl fmt::Display for Job {
             Job::Bucket { index, of, values, ready_after } => {
                 write!(f, "bucket {} of {of} ({values} values, complete after backward stage {ready_after})", index + 1)
             }
-            Job::TableEarly => write!(f, "the token table's early part"),
-            Job::TableRows => write!(f, "the token table's looked-up rows"),
+            Job::TableWhole => write!(f, "the token table's whole part"),
+            Job::TokenTableLayout => write!(f, "the token table's looked-up rows"),
         }
     }
 }
@@ -82,7 +82,7 @@ pub struct Session<'a, T: Transport> {
     grads: &'a Tensor,
     buckets: &'a [Bucket],
     launched_buckets: usize,
-    table: Option<TableParts<'a>>,
+    table: Option<TokenTableInFlight<'a>>,
     in_flight: Vec<(Job, T::InFlight)>,
     /// The first launch that failed; nothing is launched after it.
     failed: Option<anyhow::Error>,
@@ -91,9 +91,9 @@ pub struct Session<'a, T: Transport> {
 
 impl<'a, T: Transport> Session<'a, T> {
     /// A step's exchange of `grads` (the flat f32 buffer) by `step`'s plan; with the
-    /// plan's token table its early part starts now.
+    /// plan's token table its whole part starts now.
     pub fn start(transport: T, grads: &'a Tensor, step: &'a StepBuckets<'_>) -> Session<'a, T> {
-        let table = step.table().map(|(rows, touched)| TableParts::start(rows, touched, grads));
+        let table = step.table().map(|(rows, touched)| TokenTableInFlight::start(rows, touched, grads));
         let mut session = Session {
             transport,
             grads,
@@ -104,8 +104,8 @@ impl<'a, T: Transport> Session<'a, T> {
             failed: None,
             joined: false,
         };
-        if let Some(early) = session.table.as_ref().map(|t| t.early.shallow_clone()) {
-            session.launch(Job::TableEarly, vec![early]);
+        if let Some(whole) = session.table.as_ref().map(|t| t.whole.shallow_clone()) {
+            session.launch(Job::TableWhole, vec![whole]);
         }
         session
     }
@@ -122,7 +122,7 @@ impl<'a, T: Transport> Session<'a, T> {
         }
         let grads = self.grads;
         if let Some(packed) = self.table.as_mut().and_then(|t| t.pack_if_ready(grads, stage)) {
-            self.launch(Job::TableRows, vec![packed]);
+            self.launch(Job::TokenTableLayout, vec![packed]);
         }
     }
 
@@ -183,9 +183,9 @@ impl<T: Transport> Drop for Session<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dist::buckets::BucketPlan;
-    use crate::dist::comm_cost::CommTimes;
-    use crate::dist::table_rows::TableRows;
+    use crate::parallel::buckets::BucketPlan;
+    use crate::parallel::comm_cost::CommTimes;
+    use crate::parallel::token_table::TokenTableLayout;
     use crate::model::flat::Slot;
     use std::sync::{Arc, Mutex};
     use std::thread::JoinHandle;
@@ -274,7 +274,7 @@ mod tests {
         (plan, 7000)
     }
 
-    fn rows(_: &TableRows) -> Tensor {
+    fn rows(_: &TokenTableLayout) -> Tensor {
         Tensor::from_slice(&[1i64, 4, 7])
     }
 
@@ -330,7 +330,7 @@ mod tests {
         let log = Log::default();
         let grads = Tensor::ones([n as i64], (Kind::Float, Device::Cpu));
         let mut transport = LateTransport::new(&log);
-        transport.fail_late = Some(2); // the table's early part is slot 0
+        transport.fail_late = Some(2); // the table's whole part is slot 0
         let session = Session::start(transport, &grads, &step);
         let e = session.finish().err().expect("the session fails").to_string();
         assert!(e.contains("failed: a peer went away"), "{e}");
@@ -364,7 +364,7 @@ mod tests {
         transport.fail_late = Some(0);
         transport.may_still_run = true;
         let e = Session::start(transport, &grads, &step).finish().err().expect("the session fails").to_string();
-        assert!(e.contains("of the token table's early part"), "{e}");
+        assert!(e.contains("of the token table's whole part"), "{e}");
         let log = log.lock().unwrap().clone();
         assert!(!log.iter().any(|l| l.starts_with("freed")), "{log:?}");
     }

@@ -55,7 +55,7 @@ int algpt2_allreduce_bf16_sum(void *buf, int count, MPI_Comm comm) {
     return MPI_Allreduce(MPI_IN_PLACE, buf, count, MPI_UINT16_T, op, comm);
 }
 
-/* Point-to-point pieces of the overlapped exchange's ring all-reduce (src/dist/ring.rs),
+/* Point-to-point pieces of the overlapped exchange's ring all-reduce (src/parallel/ring.rs),
    non-blocking: its thread polls them with short sleeps instead of spinning in a blocking
    call on a core the backward needs. */
 int algpt2_isend(const void *buf, int bytes, int dest, int tag, MPI_Comm comm, MPI_Request *request) {
