@@ -4,8 +4,8 @@
 use crate::config::Config;
 use crate::data::Split;
 use crate::device;
-use crate::parallel::DataParallel;
 use crate::model::size::training_flops_per_token;
+use crate::parallel::DataParallel;
 use crate::report::format::group;
 use crate::trainer::Trainer;
 use serde_json::json;

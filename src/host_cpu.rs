@@ -3,7 +3,7 @@
 //! says which machine its figures came from.
 
 use crate::config::Precision;
-use crate::model::precision::{cpu_bf16_features, resolve_on, Hardware, ComputePrecision};
+use crate::model::precision::{cpu_bf16_features, resolve_on, ComputePrecision, Hardware};
 use serde_json::{json, Value};
 
 /// The CPU and the precision a run on it would use.

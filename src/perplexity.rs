@@ -4,8 +4,8 @@
 
 use crate::data::batches::{batch_tensors, eval_windows};
 use crate::data::cache::SplitData;
-use crate::parallel::World;
 use crate::model::Algpt2;
+use crate::parallel::World;
 use serde::Serialize;
 use tch::{Device, Kind, Reduction};
 

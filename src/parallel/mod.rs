@@ -5,6 +5,7 @@
 mod blame;
 pub mod buckets;
 pub mod comm_cost;
+mod data_parallel;
 pub mod exchange;
 mod heartbeat;
 pub mod nccl;
@@ -12,7 +13,6 @@ mod nccl_overlap;
 pub mod overlap;
 pub mod overlap_session;
 pub mod phase;
-mod data_parallel;
 mod ring;
 pub mod same_job;
 pub mod signals;
@@ -21,6 +21,6 @@ mod waiting;
 pub mod watchdog;
 mod world;
 
+pub use data_parallel::{DataParallel, LastBackward};
 pub use exchange::GradientExchange;
-pub use data_parallel::{LastBackward, DataParallel};
 pub use world::{RawComm, World};

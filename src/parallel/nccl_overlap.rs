@@ -164,10 +164,10 @@ impl Transport for NcclTransport<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::flat::Slot;
     use crate::parallel::buckets::BucketPlan;
     use crate::parallel::nccl::unique_id;
     use crate::parallel::overlap_session::Session;
-    use crate::model::flat::Slot;
 
     /// In a world of one the average is the values themselves (fp32) or their bf16
     /// rounding: the session must give exactly that, bucket by bucket, after work the

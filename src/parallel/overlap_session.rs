@@ -183,10 +183,10 @@ impl<T: Transport> Drop for Session<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::flat::Slot;
     use crate::parallel::buckets::BucketPlan;
     use crate::parallel::comm_cost::CommTimes;
     use crate::parallel::token_table::TokenTableLayout;
-    use crate::model::flat::Slot;
     use std::sync::{Arc, Mutex};
     use std::thread::JoinHandle;
     use std::time::Duration;

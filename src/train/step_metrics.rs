@@ -3,9 +3,9 @@
 //! evaluation or saving), with what the gradient exchange cost per step over them.
 
 use crate::config::Config;
+use crate::model::size::training_flops_per_token;
 use crate::parallel::comm_cost::{CommCost, CommTimes};
 use crate::parallel::World;
-use crate::model::size::training_flops_per_token;
 use crate::trainer::{StepOutcome, StepReport, Trainer};
 use serde_json::{json, Map, Value};
 
