@@ -8,6 +8,11 @@
 //! set of checkpoints or the new one, never a half-written directory that looks valid.
 //! Resume only trusts a directory whose files match the checksums in its trainer.json.
 
+pub mod compat;
+pub mod other_runs;
+
+pub use other_runs::RunIdentity;
+
 use crate::data::batches::SamplerState;
 use crate::data::tokenizer::TextTokenizer;
 use crate::run_dir::{checkpoint_dir_name as dir_name, sha256_file};
@@ -84,27 +89,6 @@ pub struct LoopState {
 pub struct Found {
     pub dir: PathBuf,
     pub state: TrainerState,
-}
-
-/// What a checkpoint shares with the run that made it: the run id, and what a resume
-/// may not change (the model section, the tokenizer).
-pub struct RunIdentity {
-    pub run_id: String,
-    pub model_config: serde_json::Value,
-    pub tokenizer_hash: String,
-}
-
-impl TrainerState {
-    /// Why this checkpoint is another run's than `ours`, or None when it may be this
-    /// run's own (one without a run id, of the same model and tokenizer, may be).
-    pub fn other_run(&self, ours: &RunIdentity) -> Option<String> {
-        match &self.run_id {
-            Some(id) if *id != ours.run_id => Some(format!("run id {id}, this run's is {}", ours.run_id)),
-            _ if self.model_config != ours.model_config => Some("another model config".to_string()),
-            _ if self.tokenizer_hash != ours.tokenizer_hash => Some("another tokenizer".to_string()),
-            _ => None,
-        }
-    }
 }
 
 /// The step a checkpoint directory's name gives (`step_00000010` → 10), if it has one.
@@ -389,7 +373,7 @@ pub fn load_tensors(dir: &Path, file: &str) -> anyhow::Result<BTreeMap<String, T
 mod tests {
     use super::*;
 
-    fn state(step: u64, val_loss: Option<f64>) -> TrainerState {
+    pub(super) fn state(step: u64, val_loss: Option<f64>) -> TrainerState {
         TrainerState {
             format_version: 0,
             step,

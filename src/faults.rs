@@ -63,30 +63,57 @@ fn step_in(plan: &[Fault], name: &str, rank: usize) -> Option<u64> {
     plan.iter().find(|f| f.name == name && f.rank.is_none_or(|r| r == rank)).map(|f| f.step)
 }
 
-/// True when step `step` (1-based) of rank `rank` should see a NaN loss.
-pub fn nan_loss_at(step: u64, rank: usize) -> bool {
-    fault_step("nan_loss", rank) == Some(step)
+/// What the plan asks of one optimizer step on one rank: asked once, as the step starts
+/// (`at_step`), and each part acted on where its real failure would happen.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepFaults {
+    /// The step (1-based) the answer is for.
+    step: u64,
+    /// The step's loss (and gradients) become NaN (`nan_loss@N`).
+    pub nan_loss: bool,
+    /// This rank's weights change after the step's update (`diverge@N`).
+    pub diverge: bool,
+    /// What the process does right after the step's update (`kill@N`, `panic@N`, `hang@N`).
+    after_update: Option<ProcessFault>,
 }
 
-/// True when rank `rank`'s weights should be changed after step `step`.
-pub fn diverge_at(step: u64, rank: usize) -> bool {
-    fault_step("diverge", rank) == Some(step)
+/// How the process fails after a step's update.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum ProcessFault {
+    Kill,
+    Panic,
+    Hang,
 }
 
-/// Dies with SIGKILL, or hangs, when step `step` is the chosen one for this rank.
-pub fn kill_or_hang_at(step: u64, rank: usize) {
-    if fault_step("kill", rank) == Some(step) {
-        // SAFETY: kill(2) on our own pid has no memory-safety preconditions.
-        unsafe {
-            libc::kill(libc::getpid(), libc::SIGKILL);
-        }
-    }
-    if fault_step("panic", rank) == Some(step) {
-        panic!("injected failure after step {step} (ALGPT2_FAULT=panic@{step})");
-    }
-    if fault_step("hang", rank) == Some(step) {
-        loop {
-            std::thread::sleep(std::time::Duration::from_secs(3600));
+/// What step `step` (1-based) of rank `rank` must do.
+pub fn at_step(step: u64, rank: usize) -> StepFaults {
+    step_faults(plan(), step, rank)
+}
+
+fn step_faults(plan: &[Fault], step: u64, rank: usize) -> StepFaults {
+    let chosen = |name| step_in(plan, name, rank) == Some(step);
+    // Kill before panic before hang: the first that applies is the one that happens.
+    let after_update = [("kill", ProcessFault::Kill), ("panic", ProcessFault::Panic), ("hang", ProcessFault::Hang)]
+        .into_iter()
+        .find_map(|(name, fault)| chosen(name).then_some(fault));
+    StepFaults { step, nan_loss: chosen("nan_loss"), diverge: chosen("diverge"), after_update }
+}
+
+impl StepFaults {
+    /// Dies with SIGKILL, panics or hangs, when chosen for this step: called right after
+    /// its update, before anything else of the step is logged or saved.
+    pub fn after_update(&self) {
+        let step = self.step;
+        match self.after_update {
+            // SAFETY: kill(2) on our own pid has no memory-safety preconditions.
+            Some(ProcessFault::Kill) => unsafe {
+                libc::kill(libc::getpid(), libc::SIGKILL);
+            },
+            Some(ProcessFault::Panic) => panic!("injected failure after step {step} (ALGPT2_FAULT=panic@{step})"),
+            Some(ProcessFault::Hang) => loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            },
+            None => {}
         }
     }
 }
@@ -118,7 +145,7 @@ pub fn hang_in_phase(slug: &str, rank: usize) {
 /// Dies with SIGKILL at `stage` of saving step `step`'s checkpoint, when chosen.
 pub fn kill_in_save(stage: &str, step: u64) {
     if fault_step(&format!("save_kill_{stage}"), 0) == Some(step) {
-        // SAFETY: as in kill_or_hang_at.
+        // SAFETY: as in StepFaults::after_update.
         unsafe {
             libc::kill(libc::getpid(), libc::SIGKILL);
         }
@@ -128,7 +155,7 @@ pub fn kill_in_save(stage: &str, step: u64) {
 /// Dies with SIGKILL at `stage` of committing an export, when chosen.
 pub fn kill_in_export(stage: &str) {
     if fault_step(&format!("export_kill_{stage}"), 0).is_some() {
-        // SAFETY: as in kill_or_hang_at.
+        // SAFETY: as in StepFaults::after_update.
         unsafe {
             libc::kill(libc::getpid(), libc::SIGKILL);
         }
@@ -170,5 +197,19 @@ mod tests {
         if std::env::var_os("ALGPT2_FAULT").is_none() {
             assert!(!never_joins_nccl(0) && !never_joins_nccl(1));
         }
+    }
+
+    #[test]
+    fn a_step_is_told_everything_the_plan_asks_of_it_at_once() {
+        let plan = parse("nan_loss@3,diverge@3:1,kill@5:0,panic@5,hang@6,hang@7");
+        let at = |step, rank| step_faults(&plan, step, rank);
+        assert_eq!(at(3, 0), StepFaults { step: 3, nan_loss: true, diverge: false, after_update: None });
+        assert_eq!(at(3, 1), StepFaults { step: 3, nan_loss: true, diverge: true, after_update: None });
+        assert_eq!(at(4, 1), StepFaults { step: 4, nan_loss: false, diverge: false, after_update: None });
+        assert_eq!(at(5, 0).after_update, Some(ProcessFault::Kill), "kill comes first where it applies");
+        assert_eq!(at(5, 1).after_update, Some(ProcessFault::Panic));
+        assert_eq!(at(6, 0).after_update, Some(ProcessFault::Hang));
+        assert_eq!(at(7, 0).after_update, None, "only a name's first entry counts");
+        at(4, 0).after_update();
     }
 }

@@ -1,10 +1,15 @@
-//! The state of a training run on one rank, and how it moves one step, saves and loads:
-//! model, flat parameters and gradients, AdamW, the sampler, counters.
+//! The state of a training run on one rank, and how it moves one step: model, flat
+//! parameters and gradients, AdamW, the sampler, counters. What of it a checkpoint holds
+//! is handed out and taken back in `state`; the files are the checkpoint code's.
 
-use crate::checkpoint::{self, Found, LoopState, RunIdentity, TrainerState, MODEL_FILE, OPTIMIZER_FILE};
+mod state;
+
+pub use state::{SavedTrainer, TrainerSnapshot};
+
 use crate::config::Config;
 use crate::data::batches::{input_ids, MicroBatches, Sampler};
 use crate::data::cache::SplitData;
+use crate::faults::{self, StepFaults};
 use crate::host_waits;
 use crate::model::dropout::Dropout;
 use crate::model::flat::{FlatParams, Padding};
@@ -18,11 +23,8 @@ use crate::optim::AdamW;
 use crate::parallel::buckets::BucketPlan;
 use crate::parallel::comm_cost::CommCost;
 use crate::parallel::{DataParallel, LastBackward, World};
-use anyhow::{anyhow, bail, Context};
+use anyhow::{bail, Context};
 use sha2::{Digest, Sha256};
-use std::cell::RefCell;
-use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
@@ -45,10 +47,6 @@ pub struct Trainer {
     /// Optimizer steps completed (skipped non-finite steps included).
     pub step: u64,
     pub tokens_seen: u64,
-    /// This run's id (`TrainerState::run_id`): drawn here, or the resumed checkpoint's.
-    run_id: String,
-    /// Another run's checkpoints in this run's directory, each named once (`warn_other_runs`).
-    other_runs_named: RefCell<BTreeSet<PathBuf>>,
 }
 
 /// What one optimizer step did, read back from the device (`StepOutcome::read`).
@@ -70,6 +68,8 @@ pub struct StepOutcome {
     skipped: Tensor,
     /// What the gradient exchange cost (host times, known at once).
     pub comm: CommCost,
+    /// What the fault plan asked of the step; the process faults are the loop's to act on.
+    pub faults: StepFaults,
 }
 
 impl StepOutcome {
@@ -121,8 +121,6 @@ impl Trainer {
             nonfinite: NonFiniteSteps::new(cfg.train.nonfinite, device),
             step: 0,
             tokens_seen: 0,
-            run_id: algpt2_wandb::generate_run_id(),
-            other_runs_named: RefCell::default(),
         }
     }
 
@@ -141,6 +139,11 @@ impl Trainer {
     /// Windows per optimizer step, all ranks together.
     pub fn global_batch(&self, world: &World) -> usize {
         self.cfg.train.micro_batch_size * self.cfg.train.grad_accum_steps * world.size()
+    }
+
+    /// Windows in the train split (one epoch).
+    pub fn train_windows(&self) -> u64 {
+        self.sampler.windows()
     }
 
     /// Epochs of the train split consumed so far.
@@ -190,6 +193,7 @@ impl Trainer {
     /// update, all on the device: nothing here reads a device value.
     pub fn train_step(&mut self, train: &SplitData, replicas: &DataParallel, lr: f64) -> anyhow::Result<StepOutcome> {
         let world = replicas.world;
+        let faults = faults::at_step(self.step + 1, world.rank());
         let t = self.cfg.train.clone();
         let batch = self.sampler.next_batch(self.global_batch(world));
         self.params.zero_grads();
@@ -218,8 +222,7 @@ impl Trainer {
             }
             local_loss = &loss_sum / t.grad_accum_steps as f64;
             // A non-finite loss on any rank must reach every rank's skip decision.
-            let nan_fault = crate::faults::nan_loss_at(self.step + 1, world.rank());
-            NonFiniteSteps::poison_gradients(&self.params.grads, &mut local_loss, nan_fault);
+            NonFiniteSteps::poison_gradients(&self.params.grads, &mut local_loss, faults.nan_loss);
             // The last backward, and the gradients' exchange with it (bucket by bucket
             // as backward completes them, when overlapped).
             let grads = self.params.grads.shallow_clone();
@@ -233,150 +236,16 @@ impl Trainer {
         let (grad_norm, clip_coef, skipped) = norm_clip_and_skip(&self.params.grads, self.cfg.optim.grad_clip);
         self.nonfinite.record(self.step, &skipped, &local_loss);
         self.opt.step_guarded(&mut self.params, lr, &clip_coef, &skipped)?;
-        if crate::faults::diverge_at(self.step, world.rank()) {
+        if faults.diverge {
             let _ = self.params.values.narrow(0, 0, 1).g_add_scalar_(1e-3);
         }
         self.refresh_compute_weights();
-        Ok(StepOutcome { local_loss, grad_norm, skipped, comm })
+        Ok(StepOutcome { local_loss, grad_norm, skipped, comm, faults })
     }
 
     /// Reports the non-finite steps since the last call (one read): with
     /// `train.nonfinite: stop` the first one ends the run; with `skip` each is a warning.
     pub fn enforce_nonfinite_policy(&mut self) -> anyhow::Result<()> {
         self.nonfinite.enforce_policy(self.step)
-    }
-
-    /// The model's tensors by name, as checkpoints and exports store them.
-    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
-        let p = &self.params;
-        p.slots.iter().map(|s| (s.name.clone(), p.values.narrow(0, s.offset, s.numel).view(s.shape.as_slice()))).collect()
-    }
-
-    /// Saves a checkpoint of the current step under `root` (rank 0 only), with the parts
-    /// other components keep there.
-    pub fn save(&self, root: &Path, world: &World, tokenizer_hash: &str, others: &LoopState) -> anyhow::Result<PathBuf> {
-        let optimizer = vec![
-            ("exp_avg".to_string(), self.opt.exp_avg.shallow_clone()),
-            ("exp_avg_sq".to_string(), self.opt.exp_avg_sq.shallow_clone()),
-            ("steps".to_string(), Tensor::from_slice(&[self.opt.steps() as i64])),
-        ];
-        let state = TrainerState {
-            format_version: 0,
-            step: self.step,
-            sampler: self.sampler.state(),
-            global_batch: self.global_batch(world),
-            world_size: world.size(),
-            seed: self.cfg.train.seed,
-            model_config: serde_json::to_value(&self.cfg.model)?,
-            config_hash: hex::encode(Sha256::digest(self.cfg.to_yaml().as_bytes())),
-            settings: Some(crate::resume_settings::of(&self.cfg, &self.precision)),
-            tokenizer_hash: tokenizer_hash.to_string(),
-            wandb_run_id: others.wandb_run_id.clone(),
-            run_id: Some(self.run_id.clone()),
-            val_loss: others.val_loss,
-            best_val_loss: others.best_val_loss,
-            tokens_seen: self.tokens_seen,
-            checksums: Default::default(),
-        };
-        let dir = checkpoint::save(root, &self.named_tensors(), &optimizer, state)?;
-        let ours = self.identity(tokenizer_hash)?;
-        let others = checkpoint::retain(root, self.cfg.checkpoint.keep_last, &ours)?;
-        self.warn_other_runs(&others, &ours);
-        Ok(dir)
-    }
-
-    /// What this run's checkpoints share (`checkpoint::RunIdentity`).
-    fn identity(&self, tokenizer_hash: &str) -> anyhow::Result<RunIdentity> {
-        Ok(RunIdentity {
-            run_id: self.run_id.clone(),
-            model_config: serde_json::to_value(&self.cfg.model)?,
-            tokenizer_hash: tokenizer_hash.to_string(),
-        })
-    }
-
-    /// Names each of `found` that belongs to another run, once: retention leaves them,
-    /// and resume never picks them but by path, so without a word they would sit there
-    /// unexplained (they were once skipped silently and then deleted by rotation).
-    fn warn_other_runs(&self, found: &[Found], ours: &RunIdentity) {
-        let mut named = self.other_runs_named.borrow_mut();
-        for f in found {
-            if let Some(why) = f.state.other_run(ours) {
-                if named.insert(f.dir.clone()) {
-                    tracing::warn!(
-                        "checkpoint {} (step {}) belongs to another run ({why}): this run neither resumes nor deletes it; move it out of this run's checkpoints",
-                        f.dir.display(),
-                        f.state.step
-                    );
-                }
-            }
-        }
-    }
-
-    /// Restores model, optimizer, sampler and counters from a verified checkpoint.
-    pub fn load(&mut self, found: &Found, tokenizer_hash: &str, world: &World) -> anyhow::Result<()> {
-        let state = &found.state;
-        let dir = found.dir.display();
-        checkpoint::check_name(&found.dir, state)?;
-        let ours = serde_json::to_value(&self.cfg.model)?;
-        if state.model_config != ours {
-            bail!(
-                "checkpoint {dir} was made by another model config:\n  checkpoint: {}\n  this run:   {}\nuse the same model section, another run_name, or checkpoint.resume: none",
-                state.model_config,
-                ours
-            );
-        }
-        if state.tokenizer_hash != tokenizer_hash {
-            bail!("checkpoint {dir} was trained with another tokenizer (data or tokenizer config changed); use another run_name");
-        }
-        // Said once, by the main rank: every rank reads the same checkpoint and config.
-        if world.is_main() {
-            if state.global_batch != self.global_batch(world) {
-                tracing::warn!(
-                    "checkpoint {dir} was trained with a global batch of {} windows, this run uses {}: data order continues from the same position",
-                    state.global_batch,
-                    self.global_batch(world)
-                );
-            }
-            // The seed is recorded in every checkpoint, also in those from before the settings were.
-            let mut saved = state.settings.clone().unwrap_or_else(|| serde_json::json!({}));
-            if let Some(settings) = saved.as_object_mut() {
-                settings.entry("train.seed").or_insert(state.seed.into());
-            }
-            let now = crate::resume_settings::of(&self.cfg, &self.precision);
-            if let Some(line) = crate::resume_settings::message(&crate::resume_settings::changes(Some(&saved), &now)) {
-                tracing::info!("{line}");
-            }
-            if let Some(saved) = state.sampler.windows.filter(|&w| w != self.sampler.windows()) {
-                tracing::info!(
-                    "the train split holds {} windows of train.seq_len {} tokens, {saved} when checkpoint {dir} was saved: the data order continues after the same share of epoch {}",
-                    self.sampler.windows(),
-                    self.cfg.train.seq_len,
-                    state.sampler.epoch
-                );
-            }
-        }
-        let model = checkpoint::load_tensors(&found.dir, MODEL_FILE)?;
-        let optim = checkpoint::load_tensors(&found.dir, OPTIMIZER_FILE)?;
-        self.params.load_named(&model, &format!("checkpoint {dir}"))?;
-        tch::no_grad(|| -> anyhow::Result<()> {
-            for (name, target) in [("exp_avg", &mut self.opt.exp_avg), ("exp_avg_sq", &mut self.opt.exp_avg_sq)] {
-                let t = optim.get(name).ok_or_else(|| anyhow!("checkpoint {dir} lacks optimizer tensor {name}"))?;
-                target.copy_(&t.to_device(self.device));
-            }
-            Ok(())
-        })?;
-        self.opt.set_steps(optim.get("steps").map(|t| t.int64_value(&[0]) as u64).unwrap_or(state.step));
-        self.sampler.restore(state.sampler).map_err(|e| anyhow!("checkpoint {dir}: {e}"))?;
-        self.step = state.step;
-        self.tokens_seen = state.tokens_seen;
-        if let Some(id) = &state.run_id {
-            self.run_id = id.clone();
-        }
-        self.refresh_compute_weights();
-        if world.is_main() {
-            let (in_run_dir, _) = checkpoint::scan(&crate::run_dir::RunDir::for_config(&self.cfg).checkpoints());
-            self.warn_other_runs(&in_run_dir, &self.identity(tokenizer_hash)?);
-        }
-        Ok(())
     }
 }

@@ -1,6 +1,7 @@
 //! When the loop saves, and what a failed save does (`checkpoint.on_save_error`): rank 0
 //! writes, every rank learns whether it worked, and all stop together or all go on.
 
+use super::run_checkpoints::RunCheckpoints;
 use crate::checkpoint::LoopState;
 use crate::config::{Config, OnSaveError};
 use crate::parallel::World;
@@ -15,17 +16,18 @@ pub struct Checkpointer<'a> {
     save_interval: u64,
     max_steps: u64,
     on_error: OnSaveError,
-    tokenizer_hash: String,
+    /// Where a save goes and what it records.
+    checkpoints: RunCheckpoints<'a>,
 }
 
 impl<'a> Checkpointer<'a> {
-    pub fn new(cfg: &Config, run: &'a RunDir, tokenizer_hash: String) -> Checkpointer<'a> {
+    pub fn new(cfg: &Config, run: &'a RunDir, checkpoints: RunCheckpoints<'a>) -> Checkpointer<'a> {
         Checkpointer {
             run,
             save_interval: cfg.train.save_interval,
             max_steps: cfg.train.max_steps,
             on_error: cfg.checkpoint.on_save_error,
-            tokenizer_hash,
+            checkpoints,
         }
     }
 
@@ -49,8 +51,7 @@ impl<'a> Checkpointer<'a> {
         }
         // The save's time counts from its start, not from the step before it.
         crate::parallel::phase::progress_made();
-        let saved =
-            if world.is_main() { trainer.save(&self.run.checkpoints(), world, &self.tokenizer_hash, others) } else { Ok(PathBuf::new()) };
+        let saved = if world.is_main() { self.checkpoints.save(trainer, world, others) } else { Ok(PathBuf::new()) };
         // Every rank learns whether rank 0's save worked, so that all stop together
         // (or all go on) instead of the others waiting on a rank that left.
         let mut failed = [saved.is_err() as u8 as f64];

@@ -3,6 +3,7 @@
 
 mod checkpointer;
 mod job_facts;
+mod run_checkpoints;
 mod run_metadata;
 mod run_summary;
 mod sinks;
@@ -35,6 +36,7 @@ use crate::runtime::Runtime;
 use crate::trainer::Trainer;
 use anyhow::bail;
 use checkpointer::Checkpointer;
+use run_checkpoints::RunCheckpoints;
 use serde_json::{json, Map};
 use sinks::{Charts, MetricSink};
 use std::time::{Duration, Instant};
@@ -86,11 +88,12 @@ fn run_in_world(cfg: &Config, world: &World, device: tch::Device) -> anyhow::Res
     let metrics = MetricsLog::new(&run.metrics());
     let mut validator = Validator::new(cfg, data.split(Split::Valid), world);
     let mut resumed_wandb_run = None;
+    let mut checkpoints = RunCheckpoints::new(cfg, &run, data.tokenizer.hash_hex())?;
     let resumed = resume_point(cfg, &run)?;
     same_job::agree(world, "data and checkpoint", &job_facts::data_and_checkpoint(&data, resumed.as_ref())?)?;
     same_job::agree(world, "gradient layout", &trainer.exchange_layout())?;
     if let Some(found) = resumed {
-        trainer.load(&found, &data.tokenizer.hash_hex(), world)?;
+        checkpoints.resume(&found, &mut trainer, world)?;
         validator.restore(&found.state);
         resumed_wandb_run = found.state.wandb_run_id.clone();
         info!("resumed from {} at step {}", found.dir.display(), trainer.step);
@@ -148,7 +151,7 @@ fn run_in_world(cfg: &Config, world: &World, device: tch::Device) -> anyhow::Res
         progress: &progress,
         sinks: [&metrics, &progress, &wandb, &charts],
     };
-    let checkpointer = Checkpointer::new(cfg, &run, data.tokenizer.hash_hex());
+    let checkpointer = Checkpointer::new(cfg, &run, checkpoints);
     let peak_flops = device::peak_flops(cfg.train.peak_flops, device).map(|p| p * world.size() as f64);
     let mut train_metrics = TrainMetrics::new(cfg, peak_flops, trainer.step);
     let (started_at, start_tokens) = (Instant::now(), trainer.tokens_seen);
@@ -218,7 +221,7 @@ fn train_loop(
         let lr = learning_rate(&cfg.optim, trainer.step, t.max_steps);
         let started = Instant::now();
         let outcome = trainer.train_step(env.train, env.replicas, lr)?;
-        crate::faults::kill_or_hang_at(trainer.step, world.rank());
+        outcome.faults.after_update();
         // Device values are read only for a logged row; the read waits for the device, so
         // it belongs to the step's time.
         let report = metrics.read_if_due(&outcome, trainer.step, world);
