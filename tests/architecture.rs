@@ -482,3 +482,18 @@ fn the_reachability_rule_follows_crate_super_self_and_child_paths() {
     // A bare name that is no child of the module is a type or an outside crate.
     assert_eq!(names("a/b", "d::e::f(); tch::Tensor::zeros()"), Vec::<String>::new());
 }
+
+/// The sabotage patches (`launch/sabotage.sh`: each breaks bf16 or the lean step in one
+/// way, and a named test must catch it) still apply to the code they break: a patch that
+/// no longer applies proves nothing.
+#[test]
+fn every_sabotage_patch_still_applies() {
+    let dir = repo().join("tests/sabotage");
+    let patches: Vec<_> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|x| x == "patch")).collect();
+    assert!(patches.len() >= 4, "{patches:?}");
+    for patch in patches {
+        let out = run_bounded(std::process::Command::new("git").args(["apply", "--check"]).arg(&patch).current_dir(repo()), LIMIT);
+        assert!(out.status.success(), "{} no longer applies: {}", patch.display(), String::from_utf8_lossy(&out.stderr));
+    }
+}
