@@ -615,7 +615,7 @@ impl NcclComm {
         st.group_open = false;
         // Settled even when a call inside failed: a group end left in progress must finish
         // before the communicator takes another call.
-        let ended = res.and_then(|res| self.settle(&mut st, "ncclGroupEnd", res));
+        let ended = res.and_then(|res| self.wait_for_enqueue(&mut st, "ncclGroupEnd", res));
         inside?;
         ended
     }
@@ -728,13 +728,13 @@ impl NcclComm {
             }
             return nccl_check(res, what, comm).with_context(|| format!("{}: {what} of {count} values failed", self.who()));
         }
-        self.settle(&mut st, what, res).with_context(|| format!("{what} of {count} values"))
+        self.wait_for_enqueue(&mut st, what, res).with_context(|| format!("{what} of {count} values"))
     }
 
     /// Turns the answer `res` of call `what` on this communicator into done or an error:
     /// ncclInProgress is polled until done, for at most the timeout; an error, or the
     /// timeout, aborts the communicator, and the error names the phase and the rank.
-    fn settle(&self, st: &mut State, what: &str, res: nccl::ncclResult_t) -> anyhow::Result<()> {
+    fn wait_for_enqueue(&self, st: &mut State, what: &str, res: nccl::ncclResult_t) -> anyhow::Result<()> {
         let comm = st.live(&self.who(), what)?;
         let who = rank_text(self.rank, self.world, self.device);
         let waiting = Waiting { phase: Phase::current(), who: &who, step: Step::Call(what), allowed: self.timeout };
