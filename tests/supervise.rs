@@ -204,3 +204,43 @@ fn restarts_are_bounded_and_the_last_failure_is_the_exit_code() {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("runs no algpt2-ddp"), "{}", stderr(&out));
 }
+
+#[test]
+fn a_host_list_is_refused_with_a_job_that_places_itself_and_hosts_too_few_or_indivisible_never_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let hostfile = d.join("hosts");
+    std::fs::write(&hostfile, "a slots=1\nb slots=1\nlost slots=1\n").unwrap();
+    // An ssh stand-in: `lost` does not answer, the others run the command here.
+    let agent = d.join("agent.sh");
+    std::fs::write(
+        &agent,
+        "#!/bin/sh\nif [ \"$1\" = lost ]; then echo \"connect to host $1: No route to host\" >&2; exit 255; fi\nshift\nexec \"$@\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&agent, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let supervise = |flags: &[&str], launcher: &[&str], extra: &[&str]| {
+        let mut cmd = Command::new(bin());
+        cmd.arg("supervise").arg("--hostfile").arg(&hostfile).args(flags).arg("--").arg("mpirun").args(launcher);
+        cmd.arg(bin()).args(tiny_run_args(&sets(), d, "h", extra)).env("OMPI_MCA_plm_rsh_agent", &agent).current_dir(repo());
+        let out = run_bounded(&mut cmd, LIMIT);
+        (out.status.code(), stderr(&out))
+    };
+    // The job line's own rank count or hosts: refused before anything starts.
+    let (code, err) = supervise(&[], &["-n", "2"], &[]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("the job's launcher sets \"-n\" itself"), "{err}");
+    let (code, err) = supervise(&["--min-ranks", "4"], &[], &[]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--min-ranks 4 is more than the 3 rank(s)"), "{err}");
+    // 3 ranks × 1 micro-step do not divide over the 2 that answer.
+    let (code, err) = supervise(&[], &[], &[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("host lost left out:") && err.contains("No route to host"), "{err}");
+    assert!(err.contains("3 micro-batches does not divide over 2 rank(s)"), "{err}");
+    // 3 × 2 would, but 2 ranks are fewer than --min-ranks 3.
+    let (code, err) = supervise(&["--min-ranks", "3"], &[], &["--set", "train.grad_accum_steps=2"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("not starting the job: 2 rank(s) on the hosts that answer, fewer than --min-ranks 3; lost: lost ("), "{err}");
+    assert!(!d.join("runs/h/metrics.jsonl").exists(), "nothing was started");
+}
