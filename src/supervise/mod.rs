@@ -104,6 +104,10 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         // The hosts are checked again before every start: a lost one is dropped, one that
         // answers again rejoins.
         let next = hosts.as_ref().map(placement::Hosts::place).transpose()?;
+        if stops.load(Ordering::SeqCst) > 0 {
+            info!("supervise: stopped by the user before restart {restart}");
+            return Ok(());
+        }
         let mut record = record(&job.run, &attempt, restart, why, wait);
         record.hosts = placed.as_ref().zip(next.as_ref()).map(|(before, now)| placement::change(before, now));
         placed = next;
