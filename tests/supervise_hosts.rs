@@ -5,8 +5,9 @@
 //! link taken down); the supervisor's check before the restart leaves it out, and the job
 //! ends on two ranks with the global batch of three kept by more gradient accumulation,
 //! every step logged once, the restart naming the host it dropped. And a host that
-//! answers again rejoins at the next restart, back to three ranks. Needs root; elsewhere
-//! the tests print "skipped: ..." and pass.
+//! answers again rejoins at the next restart, back to three ranks. Those need root;
+//! elsewhere they print "skipped: ..." and pass. Without namespaces: what the supervisor
+//! refuses before anything starts.
 
 mod common;
 use common::*;
@@ -262,4 +263,49 @@ fn a_host_that_answers_again_rejoins_at_the_next_restart() {
     assert!(log.find(ON2).is_some() && log.find(ON2) < log.find(ON3), "{log}");
     assert_every_step_once(&run);
     println!("a host rejoined: {:.1} s", started.elapsed().as_secs_f64());
+}
+
+#[test]
+fn a_host_list_is_refused_with_a_job_that_places_itself_and_hosts_too_few_or_indivisible_never_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let hostfile = d.join("hosts");
+    std::fs::write(&hostfile, "a slots=1\nb slots=1\nlost slots=1\n").unwrap();
+    // An ssh stand-in: `lost` does not answer, the others run the command here.
+    let agent = d.join("agent.sh");
+    std::fs::write(
+        &agent,
+        "#!/bin/sh\nif [ \"$1\" = lost ]; then echo \"connect to host $1: No route to host\" >&2; exit 255; fi\nshift\nexec \"$@\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&agent, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let supervise = |flags: &[&str], launcher: &[&str], extra: &[&str]| {
+        let mut cmd = Command::new(bin());
+        cmd.arg("supervise").arg("--hostfile").arg(&hostfile).args(flags).arg("--").arg("mpirun").args(launcher);
+        cmd.arg(bin())
+            .args(tiny_run_args(&[], d, "h", &[]))
+            .args(sets())
+            .args(extra)
+            .env("OMPI_MCA_plm_rsh_agent", &agent)
+            .current_dir(repo());
+        let out = run_bounded(&mut cmd, LIMIT);
+        (out.status.code(), stderr(&out))
+    };
+    // The job line's own rank count or hosts: refused before anything starts.
+    let (code, err) = supervise(&[], &["-n", "2"], &[]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("the job's launcher sets \"-n\" itself"), "{err}");
+    let (code, err) = supervise(&["--min-ranks", "4"], &[], &[]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--min-ranks 4 is more than the 3 rank(s)"), "{err}");
+    // 3 ranks × 1 micro-step do not divide over the 2 that answer.
+    let (code, err) = supervise(&[], &[], &["--set", "train.grad_accum_steps=1"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("host lost left out:") && err.contains("No route to host"), "{err}");
+    assert!(err.contains("3 micro-batches does not divide over 2 rank(s)"), "{err}");
+    // 3 × 2 would, but 2 ranks are fewer than --min-ranks 3.
+    let (code, err) = supervise(&["--min-ranks", "3"], &[], &[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("not starting the job: 2 rank(s) on the hosts that answer, fewer than --min-ranks 3; lost: lost ("), "{err}");
+    assert!(!d.join("runs/h/metrics.jsonl").exists(), "nothing was started");
 }
