@@ -30,13 +30,20 @@ host="$1"
 shift
 
 case "$host" in
-    "$ALGPT2_IP1" | "$ALGPT2_NS1") ns="$ALGPT2_NS1" ;;
-    "$ALGPT2_IP2" | "$ALGPT2_NS2") ns="$ALGPT2_NS2" ;;
+    "$ALGPT2_IP1" | "$ALGPT2_NS1") ns="$ALGPT2_NS1" link="$ALGPT2_IF1" ;;
+    "$ALGPT2_IP2" | "$ALGPT2_NS2") ns="$ALGPT2_NS2" link="$ALGPT2_IF2" ;;
+    "$ALGPT2_IP3" | "$ALGPT2_NS3") ns="$ALGPT2_NS3" link="$ALGPT2_IF3" ;;
     *)
-        echo "netns-rsh: unknown host '$host' (known: $ALGPT2_IP1, $ALGPT2_IP2)" >&2
+        echo "netns-rsh: unknown host '$host' (known: $ALGPT2_IP1, $ALGPT2_IP2, $ALGPT2_IP3)" >&2
         exit 255
         ;;
 esac
+# Entering a namespace needs no network, but ssh to a host whose link is down does: a
+# host cut off (its link taken down) fails here as ssh would.
+if ! ip -n "$ns" link show "$link" 2>/dev/null | grep -q LOWER_UP; then
+    echo "netns-rsh: ssh: connect to host $host port 22: Network is unreachable (its link $link is down)" >&2
+    exit 255
+fi
 echo "netns-rsh: starting on $host in namespace $ns" >&2
 # ssh's exit status is the remote command's, 255 for its own failures.
 exec ip netns exec "$ns" sh -c "$*"

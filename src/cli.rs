@@ -168,6 +168,15 @@ pub enum Command {
     /// asked of the supervisor (Ctrl-C, SIGTERM: passed on to the job, which saves).
     /// Restarts wait a doubling back-off and are logged in <run>/restarts.jsonl, e.g.
     /// `algpt2-ddp supervise -- mpirun -n 2 algpt2-ddp --config FILE`.
+    ///
+    /// With --hostfile the supervisor owns the hosts and the rank count: before every
+    /// start it checks each host (`AGENT HOST ALGPT2-DDP --version`, AGENT being the job's
+    /// `--mca plm_rsh_agent`, OMPI_MCA_plm_rsh_agent or ssh), leaves out those that fail,
+    /// and starts mpirun with the rest (<run>/supervise-hosts) and -n their slots, e.g.
+    /// `algpt2-ddp supervise --hostfile hosts -- mpirun --bind-to none algpt2-ddp --config
+    /// FILE`. On fewer ranks the global batch is kept with more accumulation
+    /// (train.grad_accum_steps × all slots / the slots left, refused where that is no
+    /// whole number); a host that answers again rejoins at the next restart.
     Supervise {
         /// Restarts allowed; after the last the supervisor exits with the job's code.
         #[arg(long, default_value_t = 10)]
@@ -178,6 +187,14 @@ pub enum Command {
         /// The longest wait between restarts, in seconds.
         #[arg(long, value_name = "SECONDS", default_value_t = 300.0, value_parser = parse_seconds)]
         max_backoff: f64,
+        /// The job's hosts, one `HOST slots=N` per line (Open MPI's hostfile syntax). The
+        /// job line then gives neither -n nor --hostfile: the supervisor sets both.
+        #[arg(long, value_name = "FILE")]
+        hostfile: Option<std::path::PathBuf>,
+        /// With --hostfile: the fewest ranks the job may run on; below it the supervisor
+        /// does not start the job and exits 1.
+        #[arg(long, value_name = "N", default_value_t = 1, requires = "hostfile", value_parser = clap::value_parser!(u64).range(1..))]
+        min_ranks: u64,
         /// The job, after `--`: `mpirun … algpt2-ddp --config FILE …` or `algpt2-ddp …`.
         #[arg(last = true, required = true, value_name = "JOB")]
         command: Vec<String>,

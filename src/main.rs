@@ -119,11 +119,17 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let home = std::env::var_os("HOME").map(std::path::PathBuf::from);
             report::wandb::sync_within(&run_dir, &env, home.as_deref(), std::time::Duration::from_secs(timeout))
         }
-        Some(Command::Supervise { max_restarts, backoff, max_backoff, command }) => {
+        Some(Command::Supervise { max_restarts, backoff, max_backoff, hostfile, min_ranks, command }) => {
             report::log::init(0, None)?;
             let seconds = std::time::Duration::from_secs_f64;
-            let options =
-                algpt2_ddp::supervise::Options { max_restarts, backoff: seconds(backoff), max_backoff: seconds(max_backoff), command };
+            let options = algpt2_ddp::supervise::Options {
+                max_restarts,
+                backoff: seconds(backoff),
+                max_backoff: seconds(max_backoff),
+                command,
+                hostfile,
+                min_ranks: usize::try_from(min_ranks).unwrap_or(usize::MAX),
+            };
             algpt2_ddp::supervise::run(&options)
         }
         Some(Command::Download { variant, dest, base_url, retries }) => {

@@ -29,6 +29,22 @@ pub struct RestartRecord {
     pub time_lost_s: f64,
     /// Seconds waited before this restart (the growing back-off).
     pub waited_s: f64,
+    /// Under `supervise --hostfile`: the hosts this restart runs on and what changed.
+    /// Absent otherwise (and in records from before it existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hosts: Option<HostsChange>,
+}
+
+/// The hosts of a restart under `supervise --hostfile`: those that passed the check
+/// before it, those dropped or rejoined since the ended attempt, and the ranks and
+/// gradient accumulation that keep the global batch of the whole host list.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostsChange {
+    pub running: Vec<String>,
+    pub dropped: Vec<String>,
+    pub rejoined: Vec<String>,
+    pub ranks: usize,
+    pub grad_accum_steps: usize,
 }
 
 /// What `summary.json` says of a supervised run's restarts.
@@ -73,10 +89,27 @@ pub fn totals(records: &[RestartRecord]) -> Option<Totals> {
 
 /// The restarted run's line about why it runs again.
 pub fn announcement(record: &RestartRecord) -> String {
-    format!(
+    let mut line = format!(
         "restart {} by the supervisor: {}; resuming from step {} ({} step(s) to train again, {:.1} s lost)",
         record.restart, record.reason, record.resumes_from_step, record.steps_recomputed, record.time_lost_s
-    )
+    );
+    if let Some(hosts) = &record.hosts {
+        line += &hosts_said(hosts);
+    }
+    line
+}
+
+/// "; on 2 rank(s) of a, b (dropped c), train.grad_accum_steps 3".
+fn hosts_said(hosts: &HostsChange) -> String {
+    let mut changed = Vec::new();
+    if !hosts.dropped.is_empty() {
+        changed.push(format!("dropped {}", hosts.dropped.join(", ")));
+    }
+    if !hosts.rejoined.is_empty() {
+        changed.push(format!("rejoined {}", hosts.rejoined.join(", ")));
+    }
+    let changed = if changed.is_empty() { String::new() } else { format!(" ({})", changed.join("; ")) };
+    format!("; on {} rank(s) of {}{changed}, train.grad_accum_steps {}", hosts.ranks, hosts.running.join(", "), hosts.grad_accum_steps)
 }
 
 /// The record of the restart this process is, if the supervisor started it as one.
@@ -98,6 +131,7 @@ mod tests {
             steps_recomputed,
             time_lost_s,
             waited_s: 1.0,
+            hosts: None,
         }
     }
 
@@ -127,6 +161,32 @@ mod tests {
         assert_eq!(
             announcement(&record(1, 3, 2.5)),
             "restart 1 by the supervisor: a rank was killed; resuming from step 10 (3 step(s) to train again, 2.5 s lost)"
+        );
+    }
+
+    #[test]
+    fn a_restart_on_other_hosts_says_which_and_older_records_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let moved = RestartRecord {
+            hosts: Some(HostsChange {
+                running: vec!["a".into(), "b".into()],
+                dropped: vec!["c".into()],
+                rejoined: vec![],
+                ranks: 2,
+                grad_accum_steps: 3,
+            }),
+            ..record(1, 3, 2.5)
+        };
+        append(dir.path(), &moved).unwrap();
+        // A record written before hosts existed, and one without them, carry no field.
+        let plain = serde_json::to_string(&record(2, 1, 1.0)).unwrap();
+        assert!(!plain.contains("hosts"), "{plain}");
+        std::fs::OpenOptions::new().append(true).open(path(dir.path())).unwrap().write_all(format!("{plain}\n").as_bytes()).unwrap();
+        assert_eq!(read_all(dir.path()), [moved.clone(), record(2, 1, 1.0)]);
+        assert_eq!(
+            announcement(&moved),
+            "restart 1 by the supervisor: a rank was killed; resuming from step 10 (3 step(s) to train again, 2.5 s lost); \
+             on 2 rank(s) of a, b (dropped c), train.grad_accum_steps 3"
         );
     }
 }

@@ -3,6 +3,7 @@
 //! process group of its own, with the user's stop passed on; and what an attempt leaves
 //! behind cleared away before the next.
 
+use super::placement::Placement;
 use super::verdict::Ended;
 use crate::cli::{Cli, Command};
 use crate::config::Config;
@@ -10,6 +11,7 @@ use crate::run_dir::RunDir;
 use anyhow::{bail, Context};
 use clap::Parser;
 use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -19,9 +21,19 @@ fn usage(why: String) -> anyhow::Error {
 
 pub struct Job {
     argv: Vec<String>,
+    /// Where the algpt2-ddp program and its arguments start and end in `argv`.
+    program_at: usize,
+    program_end: usize,
     pub cfg: Config,
     pub run: RunDir,
 }
+
+/// mpirun's options that set the rank count or the hosts, which a supervisor given the
+/// host list sets itself (Open MPI 4's spellings).
+const PLACEMENT_OPTIONS: [&str; 16] = [
+    "-n", "--n", "-np", "--np", "-c", "-hostfile", "--hostfile", "-machinefile", "--machinefile", "-H", "-host", "--host", "-rf",
+    "--rankfile", "-default-hostfile", "--default-hostfile",
+];
 
 impl Job {
     /// The job `argv`: its `algpt2-ddp` (the binary or the bundle's launcher, by name)
@@ -53,15 +65,65 @@ impl Job {
             )));
         }
         let run = RunDir::for_config(&cfg);
-        Ok(Job { argv: argv.to_vec(), cfg, run })
+        Ok(Job { argv: argv.to_vec(), program_at: at, program_end: end, cfg, run })
+    }
+
+    /// The job's algpt2-ddp, as its launcher runs it on every host.
+    pub fn binary(&self) -> &str {
+        &self.argv[self.program_at]
+    }
+
+    /// The launcher's own arguments (mpirun's flags), before the program.
+    pub fn launcher_args(&self) -> &[String] {
+        &self.argv[1.min(self.program_at)..self.program_at]
+    }
+
+    /// Refuses (exit 2) a job whose hosts and rank count a supervisor given the host list
+    /// cannot set: one without mpirun before its algpt2-ddp, an MPMD line, or one that
+    /// sets them itself.
+    pub fn refuse_own_placement(&self) -> anyhow::Result<()> {
+        if self.program_at == 0 {
+            return Err(usage(format!(
+                "supervise --hostfile: the job {:?} starts algpt2-ddp without mpirun: give `-- mpirun [flags] algpt2-ddp --config FILE`",
+                self.argv[0]
+            )));
+        }
+        if self.program_end < self.argv.len() {
+            return Err(usage("supervise --hostfile: the job is an MPMD line (`:`), whose ranks per program it cannot share out".into()));
+        }
+        let own = self.launcher_args().iter().find(|a| PLACEMENT_OPTIONS.iter().any(|o| *a == o || a.starts_with(&format!("{o}="))));
+        if let Some(own) = own {
+            return Err(usage(format!(
+                "supervise --hostfile: the job's launcher sets {own:?} itself; with --hostfile the supervisor sets the hosts and the rank count \
+                 (-n, --hostfile): leave them out of the job"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The command line of a start: the job's own, or on `placement` with the hostfile
+    /// `written` and its rank count put after the launcher's name and, where the global
+    /// batch takes another accumulation, that set after the program's arguments (later
+    /// sets win).
+    fn command_line(&self, placement: Option<(&Path, &Placement)>) -> Vec<String> {
+        let Some((written, placement)) = placement else { return self.argv.clone() };
+        let mut argv =
+            vec![self.argv[0].clone(), "--hostfile".into(), written.display().to_string(), "-n".into(), placement.ranks.to_string()];
+        argv.extend_from_slice(&self.argv[1..self.program_end]);
+        if placement.grad_accum_steps != self.cfg.train.grad_accum_steps {
+            argv.push(format!("--set=train.grad_accum_steps={}", placement.grad_accum_steps));
+        }
+        argv.extend_from_slice(&self.argv[self.program_end..]);
+        argv
     }
 
     /// Starts attempt `restart` (0: the first) in a process group of its own, so that the
     /// user's stop reaches it only through the supervisor and what it leaves behind can
     /// be found.
-    pub fn start(&self, restart: u32) -> anyhow::Result<Attempt> {
-        let mut command = std::process::Command::new(&self.argv[0]);
-        command.args(&self.argv[1..]).process_group(0);
+    pub fn start(&self, restart: u32, placement: Option<(&Path, &Placement)>) -> anyhow::Result<Attempt> {
+        let argv = self.command_line(placement);
+        let mut command = std::process::Command::new(&argv[0]);
+        command.args(&argv[1..]).process_group(0);
         if restart > 0 {
             command.env(crate::restarts::ENV_RESTART, restart.to_string());
         }
@@ -232,5 +294,40 @@ mod tests {
         assert!(resume_none.is::<crate::exit_code::Usage>());
         assert!(format!("{resume_none:#}").contains("checkpoint.resume is \"none\""), "{resume_none:#}");
         assert!(e("algpt2-ddp --config configs/nope.yaml").contains("nope.yaml"));
+    }
+
+    #[test]
+    fn with_a_host_list_the_supervisor_sets_the_hosts_ranks_and_accumulation() {
+        let job =
+            Job::from_command(&argv("mpirun --bind-to none algpt2-ddp --config configs/quickstart.yaml --set train.grad_accum_steps=2"))
+                .unwrap();
+        job.refuse_own_placement().unwrap();
+        assert_eq!(job.binary(), "algpt2-ddp");
+        assert_eq!(job.launcher_args(), ["--bind-to", "none"]);
+        let host = |name: &str| crate::supervise::hosts::Host { name: name.into(), slots: 1 };
+        let all = Placement { hosts: vec![host("a"), host("b"), host("c")], ranks: 3, grad_accum_steps: 2 };
+        let fewer = Placement { hosts: vec![host("a"), host("b")], ranks: 2, grad_accum_steps: 3 };
+        let at = Path::new("/r/supervise-hosts");
+        let line = |p: &Placement| job.command_line(Some((at, p))).join(" ");
+        let own = "algpt2-ddp --config configs/quickstart.yaml --set train.grad_accum_steps=2";
+        assert_eq!(line(&all), format!("mpirun --hostfile /r/supervise-hosts -n 3 --bind-to none {own}"));
+        assert_eq!(line(&fewer), format!("mpirun --hostfile /r/supervise-hosts -n 2 --bind-to none {own} --set=train.grad_accum_steps=3"));
+        assert_eq!(job.command_line(None).join(" "), format!("mpirun --bind-to none {own}"));
+    }
+
+    #[test]
+    fn a_job_that_places_its_own_ranks_is_refused_with_a_host_list() {
+        let refused = |s: &str| {
+            let e = Job::from_command(&argv(s)).unwrap().refuse_own_placement().unwrap_err();
+            assert!(e.is::<crate::exit_code::Usage>());
+            format!("{e:#}")
+        };
+        let cfg = "algpt2-ddp --config configs/quickstart.yaml";
+        assert!(refused(&format!("mpirun -n 2 {cfg}")).contains("sets \"-n\" itself"));
+        assert!(refused(&format!("mpirun -np 2 {cfg}")).contains("sets \"-np\" itself"));
+        assert!(refused(&format!("mpirun --hostfile=h {cfg}")).contains("sets \"--hostfile=h\" itself"));
+        assert!(refused(&format!("mpirun -H a,b {cfg}")).contains("sets \"-H\" itself"));
+        assert!(refused(cfg).contains("without mpirun"));
+        assert!(refused(&format!("mpirun {cfg} : {cfg}")).contains("MPMD"));
     }
 }

@@ -7,8 +7,15 @@
 //! `<run>/restarts.jsonl` (`crate::restarts`), which the restarted run names in its log
 //! and sums in `summary.json`. Exact resume makes the restarted run end where an
 //! uninterrupted one would.
+//!
+//! With `--hostfile`, the supervisor owns the job's hosts and rank count: before every
+//! start it checks each host (`hosts`), starts mpirun on those that pass, and keeps the
+//! global batch of the whole list with more gradient accumulation on fewer ranks
+//! (`placement`); a host that answers again rejoins at the next restart.
 
+mod hosts;
 mod job;
+mod placement;
 mod verdict;
 
 use crate::exit_code::ExitWith;
@@ -27,6 +34,32 @@ pub struct Options {
     pub max_backoff: Duration,
     /// The job's command line.
     pub command: Vec<String>,
+    /// The hosts the supervisor places the job on (Open MPI hostfile syntax), if any.
+    pub hostfile: Option<std::path::PathBuf>,
+    /// The fewest ranks a start may have on the hosts that pass their check.
+    pub min_ranks: usize,
+}
+
+/// The file each start's mpirun is given: the hosts that passed their check.
+const WRITTEN_HOSTFILE: &str = "supervise-hosts";
+
+/// The host list of `opts`, for `job`; refusals (exit 2) before anything starts.
+fn host_list(opts: &Options, job: &Job) -> anyhow::Result<Option<placement::Hosts>> {
+    let Some(file) = &opts.hostfile else { return Ok(None) };
+    job.refuse_own_placement()?;
+    let all = hosts::read(file).map_err(|e| crate::exit_code::Usage(format!("supervise --hostfile: {e:#}")))?;
+    let world: usize = all.iter().map(|h| h.slots).sum();
+    if opts.min_ranks > world {
+        return Err(crate::exit_code::Usage(format!(
+            "supervise: --min-ranks {} is more than the {world} rank(s) of {}",
+            opts.min_ranks,
+            file.display()
+        ))
+        .into());
+    }
+    let agent = hosts::rsh_agent(job.launcher_args(), &|k| std::env::var(k).ok());
+    let written = job.run.root.join(WRITTEN_HOSTFILE);
+    Ok(Some(placement::Hosts::new(all, agent, job.binary().to_string(), job.cfg.train.grad_accum_steps, opts.min_ranks, written)))
 }
 
 /// How long the ended job's last rank may take to go (its own `dist.stop_grace_s`, then
@@ -35,6 +68,7 @@ const SLACK: Duration = Duration::from_secs(30);
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
     let job = Job::from_command(&opts.command)?;
+    let hosts = host_list(opts, &job)?;
     let stops = job::count_stop_signals()?;
     job::become_subreaper();
     let grace = Duration::from_secs(job.cfg.dist.stop_grace_s) + SLACK;
@@ -42,9 +76,10 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         tracing::warn!("supervise: train.save_interval is 0, so a restart starts from the newest checkpoint there is, or from step 0");
     }
     let mut restart = 0;
+    let mut placed = hosts.as_ref().map(placement::Hosts::place).transpose()?;
     loop {
         job::wait_for_run_lock(&job.run, grace)?;
-        let attempt = job.start(restart)?;
+        let attempt = job.start(restart, hosts.as_ref().zip(placed.as_ref()).map(|(h, p)| (h.written.as_path(), p)))?;
         let ended = attempt.wait(&stops);
         attempt.clear_away(grace);
         let why = match verdict::of(ended, stops.load(Ordering::SeqCst) > 0) {
@@ -66,7 +101,16 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             info!("supervise: stopped by the user before restart {restart}");
             return Ok(());
         }
-        let record = record(&job.run, &attempt, restart, why, wait);
+        // The hosts are checked again before every start: a lost one is dropped, one that
+        // answers again rejoins.
+        let next = hosts.as_ref().map(placement::Hosts::place).transpose()?;
+        if stops.load(Ordering::SeqCst) > 0 {
+            info!("supervise: stopped by the user before restart {restart}");
+            return Ok(());
+        }
+        let mut record = record(&job.run, &attempt, restart, why, wait);
+        record.hosts = placed.as_ref().zip(next.as_ref()).map(|(before, now)| placement::change(before, now));
+        placed = next;
         info!("supervise: {}", restarts::announcement(&record));
         restarts::append(&job.run.root, &record)?;
     }
@@ -106,6 +150,7 @@ fn record(run: &RunDir, attempt: &Attempt, restart: u32, reason: String, waited:
         steps_recomputed: failed_at_step.saturating_sub(resumes_from_step),
         time_lost_s: SystemTime::now().duration_since(since).unwrap_or_default().as_secs_f64(),
         waited_s: waited.as_secs_f64(),
+        hosts: None,
     }
 }
 
