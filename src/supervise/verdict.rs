@@ -38,7 +38,10 @@ pub fn of(ended: Ended, stopped_by_user: bool) -> Verdict {
         Ended::Code(c) if c == i32::from(EXIT_PREEMPTED) => Verdict::Restart { why: format!("preempted (the job {what})") },
         Ended::Code(3) => Verdict::Restart { why: format!("the watchdog ended a job that made no progress (the job {what})") },
         Ended::Code(130) => Verdict::Restart { why: format!("a rank was ended after the stop's grace period (the job {what})") },
-        Ended::Code(c) if c > 128 => Verdict::Restart { why: format!("a rank was killed by {} (the job {what})", signal_name(c - 128)) },
+        // A shell's 128 + signal; above the last signal number it is just a code.
+        Ended::Code(c) if (129..=128 + 64).contains(&c) => {
+            Verdict::Restart { why: format!("a rank was killed by {} (the job {what})", signal_name(c - 128)) }
+        }
         Ended::Code(_) => Verdict::Restart { why: format!("the job {what}") },
         Ended::Signal(_) => Verdict::Restart { why: format!("the job's launcher {what}") },
     }
@@ -107,6 +110,7 @@ mod tests {
         assert!(why(Ended::Code(3)).starts_with("the watchdog ended"));
         assert_eq!(why(Ended::Code(137)), "a rank was killed by SIGKILL (the job exited 137)");
         assert_eq!(why(Ended::Code(1)), "the job exited 1");
+        assert_eq!(why(Ended::Code(205)), "the job exited 205");
         assert_eq!(why(Ended::Signal(libc::SIGKILL)), "the job's launcher was killed by SIGKILL");
         assert!(restarts(&of(Ended::Code(130), false)));
         assert_eq!(code_of(Ended::Signal(9)), 137);
