@@ -360,7 +360,8 @@ impl Driver<'_> {
     }
 
     /// Injects faults as `plan` says, each at a seeded moment after the job has trained
-    /// 4 to 12 steps past the last one's step (and up to 0.3 s more).
+    /// 4 to 12 steps past the last one's step (and up to 0.3 s more), or, for a list, up
+    /// to an even share of the steps left.
     fn drive(&mut self, mut plan: Plan, job: &mut Running, deadline: Instant) {
         let (mut past, started) = (0, Instant::now());
         loop {
@@ -370,7 +371,12 @@ impl Driver<'_> {
                 Plan::For { lasting, .. } if started.elapsed() >= *lasting => return,
                 Plan::For { kinds, .. } => self.rng.pick(kinds),
             };
-            let gap = self.rng.between(4, 12);
+            // The CI run's few faults spread over the whole run, its end included.
+            let spread = match &plan {
+                Plan::Each(kinds) => self.steps.saturating_sub(past) / (kinds.len() as u64 + 1),
+                Plan::For { .. } => 0,
+            };
+            let gap = self.rng.between(4, spread.max(12));
             if !self.wait_for_step(past + gap, job, deadline) {
                 return;
             }
@@ -489,12 +495,17 @@ fn chaos_run(seed: u64, steps: u64, plan: impl FnOnce(&mut Rng, &[Kind]) -> Plan
         assert!(x == y, "{file} differs from the uninterrupted run's\n{}", report.table());
     }
     assert_eq!(rows_without_machine_metrics(&d.join("runs/clean")), rows_without_machine_metrics(&run));
+    // The summary, also of a job killed after its last checkpoint, counts the restarts.
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["steps"].as_u64(), Some(steps), "{summary}");
+    assert_eq!(summary["restarts"].as_u64().unwrap_or(0), report.restarts.len() as u64, "{summary}");
     // One W&B run, finished, with every row once.
     let runs: Vec<String> = server.state().runs.keys().cloned().collect();
     assert_eq!(runs.len(), 1, "{runs:?}");
     assert_eq!(server.steps(&runs[0]), (1..=steps).collect::<Vec<u64>>(), "each step once in W&B");
     let wandb_run = server.run(&runs[0]).unwrap();
     assert!(wandb_run.complete && wandb_run.exit_code == Some(0), "the W&B run is finished: {:?}", wandb_run.exit_code);
+    assert!(wandb_run.summary.as_deref().unwrap_or("").contains("test/ppl"), "{:?}", wandb_run.summary);
     assert_each_line_once(&wandb_run);
     assert!(server.errors().is_empty(), "{:?}", server.errors());
     // Every fault that ends the job restarted it (a full disk does once a save fails).
