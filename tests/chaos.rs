@@ -31,18 +31,24 @@ const QUIET_END_STEPS: u64 = 3;
 fn sets(steps: u64) -> Vec<String> {
     let steps = format!("train.max_steps={steps}");
     let save = format!("train.save_interval={SAVE_INTERVAL}");
-    let timeout = format!("dist.timeout_s={WATCHDOG_S}");
     #[rustfmt::skip]
     let pairs = [
         "train.micro_batch_size=4", &steps, "train.log_interval=1", &save, "train.eval_interval=8", "train.eval_steps=1",
-        "model.dropout=0.1", "checkpoint.keep_last=2", "dist.stop_grace_s=3", &timeout, "optim.warmup_steps=2",
+        "model.dropout=0.1", "checkpoint.keep_last=2", "dist.stop_grace_s=3", "optim.warmup_steps=2",
         "wandb.mode=online", "wandb.flush_timeout_s=60",
     ];
     pairs.iter().flat_map(|p| ["--set".to_string(), p.to_string()]).collect()
 }
 
-fn run_args(d: &Path, run: &str, steps: u64) -> Vec<String> {
-    let sets = sets(steps);
+/// The run `run` of `steps` steps under `d`; `watchdog_s` when the run has the short
+/// watchdog of the chaos run (the clean run keeps the default: on a loaded machine a
+/// save's fsync can outlast 5 s, which the watchdog rightly counts as no progress, and
+/// which would only cost the chaos run a restart).
+fn run_args(d: &Path, run: &str, steps: u64, watchdog_s: Option<u64>) -> Vec<String> {
+    let mut sets = sets(steps);
+    if let Some(s) = watchdog_s {
+        sets.extend(["--set".to_string(), format!("dist.timeout_s={s}")]);
+    }
     let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
     tiny_run_args(&sets, d, run, &[])
 }
@@ -96,6 +102,11 @@ enum Kind {
 }
 
 impl Kind {
+    /// A kill or a stop ends the job at once; a full disk once a save fails.
+    fn ends_the_job(self) -> bool {
+        matches!(self, Kind::KillRank | Kind::KillMpirun | Kind::StopRank)
+    }
+
     fn describe(self) -> &'static str {
         match self {
             Kind::KillRank => "SIGKILL to a rank",
@@ -178,15 +189,17 @@ impl CheckpointDisk {
         Some(PathBuf::from(format!("/proc/{pid}/root")).join(self.mount.strip_prefix("/").unwrap()).join("chaos-filler"))
     }
 
-    /// Writes a file until the tmpfs is full; its size.
+    /// Appends to the filler until the tmpfs is full; the filler's size. Called again and
+    /// again while the disk is to stay full: the run's retention frees the space of an
+    /// old checkpoint after each save, which is room for the next one.
     fn fill(&self) -> u64 {
         let path = self.filler().expect("a tmpfs to fill");
-        let mut file = std::fs::File::create(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let mut file =
+            std::fs::OpenOptions::new().create(true).append(true).open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         for chunk in [1 << 20, 4096] {
             let buf = vec![0u8; chunk];
             while file.write_all(&buf).is_ok() {}
         }
-        let _ = file.sync_all();
         file.metadata().map_or(0, |m| m.len())
     }
 
@@ -235,14 +248,20 @@ impl Report {
             t += &format!("skipped: {why}\n");
         }
         let recomputed: u64 = self.restarts.iter().map(|r| r.steps_recomputed).sum();
-        t += &format!("restarts (restarts.jsonl): {}\n", self.restarts.len());
+        let ending = self.injected.iter().filter(|(k, _)| k.ends_the_job()).count();
+        t += &format!(
+            "restarts (restarts.jsonl): {} ({} for faults that end the job, full disks' failed saves and other failures: {})\n",
+            self.restarts.len(),
+            ending,
+            self.restarts.len().saturating_sub(ending)
+        );
         for r in &self.restarts {
             t += &format!(
                 "  {:>2}. step {:>3} -> {:>3} ({} redone): {}\n",
                 r.restart, r.failed_at_step, r.resumes_from_step, r.steps_recomputed, r.reason
             );
         }
-        let lost: f64 = self.restarts.iter().map(|r| r.time_lost_s).sum();
+        let lost = self.restarts.iter().fold(0.0, |sum, r| sum + r.time_lost_s);
         t += &format!("steps recomputed: {recomputed}; time lost before the restarts: {lost:.1} s\n");
         t += &format!("W&B: one run, finished, {} rows each once, {} requests\n", self.steps, self.wandb_requests);
         t += &format!(
@@ -336,12 +355,13 @@ impl Driver<'_> {
             }
             Kind::DiskFull => {
                 let before = self.restarts();
-                let bytes = self.disk.fill();
+                let mut bytes = self.disk.fill();
                 // Full until a save fails and the job is restarted (the next save is at
                 // most SAVE_INTERVAL steps away), or for 30 s at most.
                 let until = Instant::now() + Duration::from_secs(30);
                 while self.restarts() == before && job.is_running() && Instant::now() < until {
-                    std::thread::sleep(Duration::from_millis(100));
+                    std::thread::sleep(Duration::from_millis(10));
+                    bytes = self.disk.fill();
                 }
                 self.disk.free();
                 eprintln!("chaos: the checkpoint disk was full ({bytes} bytes of filler) until restart {}", self.restarts());
@@ -349,7 +369,7 @@ impl Driver<'_> {
         }
         eprintln!("chaos: {} after step {step}", kind.describe());
         self.injected.push((kind, step));
-        if matches!(kind, Kind::KillRank | Kind::KillMpirun | Kind::StopRank) {
+        if kind.ends_the_job() {
             // The next fault hits the restarted job.
             let until = Instant::now() + LIMIT;
             while self.restarts() == restarts_before && job.is_running() && Instant::now() < until {
@@ -401,14 +421,14 @@ fn chaos_run(seed: u64, steps: u64, plan: impl FnOnce(&mut Rng, &[Kind]) -> Plan
 
     // The token cache first, so that neither run's time includes it.
     let mut prepare = Command::new(bin());
-    prepare.arg("prepare").args(run_args(d, "clean", steps)).current_dir(repo());
+    prepare.arg("prepare").args(run_args(d, "clean", steps, None)).current_dir(repo());
     let out = run_bounded(&mut prepare, limit);
     assert!(out.status.success(), "{}", stderr(&out));
 
     // The uninterrupted run, against a server of its own.
     let clean_server = FakeServer::start();
     let mut clean = mpirun_with_wandb();
-    clean.arg(bin()).args(run_args(d, "clean", steps)).current_dir(repo());
+    clean.arg(bin()).args(run_args(d, "clean", steps, None)).current_dir(repo());
     with_wandb_env(one_math_thread(&mut clean), Some(&clean_server.url), d);
     let started = Instant::now();
     let out = run_bounded(&mut clean, limit);
@@ -447,7 +467,7 @@ fn chaos_run(seed: u64, steps: u64, plan: impl FnOnce(&mut Rng, &[Kind]) -> Plan
         supervise.push("--allow-run-as-root".into());
     }
     supervise.push(bin().into());
-    supervise.extend(run_args(d, "chaos", steps));
+    supervise.extend(run_args(d, "chaos", steps, Some(WATCHDOG_S)));
     let mut cmd = if tmpfs {
         let checkpoint_bytes: u64 = std::fs::read_dir(d.join("runs/clean/checkpoints").join(format!("step_{steps:08}")))
             .unwrap()
@@ -509,7 +529,7 @@ fn chaos_run(seed: u64, steps: u64, plan: impl FnOnce(&mut Rng, &[Kind]) -> Plan
     assert_each_line_once(&wandb_run);
     assert!(server.errors().is_empty(), "{:?}", server.errors());
     // Every fault that ends the job restarted it (a full disk does once a save fails).
-    let ending = report.injected.iter().filter(|(k, _)| matches!(k, Kind::KillRank | Kind::KillMpirun | Kind::StopRank)).count();
+    let ending = report.injected.iter().filter(|(k, _)| k.ends_the_job()).count();
     assert!(report.restarts.len() >= ending, "{}", report.table());
     report
 }
