@@ -140,6 +140,30 @@ fn a_killed_rank_and_a_preemption_restart_the_job_and_it_ends_as_an_uninterrupte
     assert_eq!(rows_without_machine_metrics(&a), rows_without_machine_metrics(b));
 }
 
+/// Found by the chaos run (tests/chaos.rs): a rank killed after the final checkpoint and
+/// before the summary was restarted, found the run complete and exited 0 without
+/// `summary.json` (nor W&B's test/ppl).
+#[test]
+fn a_rank_killed_after_the_last_checkpoint_is_restarted_and_the_run_gets_its_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let run = d.join("runs/e");
+    let mut cmd = supervised(d, "e", &["--backoff", "0.1"]);
+    // Rank 0 dies right after the final checkpoint's rename.
+    cmd.env("ALGPT2_FAULT", format!("save_kill_renamed@{STEPS}"));
+    let out = run_bounded(&mut cmd, LIMIT);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    let records = restarts(&run);
+    assert_eq!(records.len(), 1, "{records:?}\n{err}");
+    assert_eq!((records[0]["resumes_from_step"].as_u64(), records[0]["steps_recomputed"].as_u64()), (Some(STEPS), Some(0)));
+    assert!(err.contains("the run is already complete at step 16"), "{err}");
+    let summary: Value = serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+    assert_eq!((summary["steps"].as_u64(), summary["restarts"].as_u64()), (Some(STEPS), Some(1)), "{summary}");
+    assert!(summary["test_ppl"].as_f64().is_some_and(f64::is_finite), "{summary}");
+    assert_eq!(rows_without_machine_metrics(&run).len(), STEPS as usize, "every step once");
+}
+
 #[test]
 fn ranks_that_disagree_are_not_restarted_and_the_supervisor_exits_2() {
     let dir = tempfile::tempdir().unwrap();

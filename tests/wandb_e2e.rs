@@ -79,18 +79,6 @@ fn is_console_line(line: &str) -> bool {
     b.len() > 27 && b[4] == b'-' && b[10] == b'T' && b[19] == b'.' && b[26] == b' ' && b[20..26].iter().all(u8::is_ascii_digit)
 }
 
-/// No line twice (every events line has its own `_timestamp`; every step's row and the
-/// config's first line are logged once), and the console in order of time.
-fn assert_each_line_once(run: &algpt2_ddp::report::wandb::fake_server::FakeRun) {
-    let unique = |lines: &[&String]| lines.iter().collect::<std::collections::HashSet<_>>().len();
-    let events: Vec<&String> = run.events.iter().collect();
-    assert_eq!(unique(&events), events.len(), "{:?}", run.events);
-    let once: Vec<&String> = run.logs.iter().filter(|l| l.contains(" INFO step ") || l.contains(" INFO resolved config:")).collect();
-    assert_eq!(unique(&once), once.len(), "{:?}", run.logs);
-    let stamps: Vec<&str> = run.logs.iter().map(|l| &l.strip_prefix("ERROR ").unwrap_or(l)[..26]).collect();
-    assert!(stamps.windows(2).all(|w| w[0] <= w[1]), "{stamps:?}");
-}
-
 #[test]
 fn under_mpirun_rank_0_reports_every_ranks_system_metrics_its_console_and_the_run_files() {
     let server = FakeServer::start();

@@ -161,6 +161,12 @@ fn run_in_world(cfg: &Config, world: &World, device: tch::Device) -> anyhow::Res
             run_summary::write(cfg, world, &run, &data, &wandb, &trainer, validator.losses(), &timing)
         }
         Ended::Stopped(StopCause::Preempted) => Err(Preempted { step: trainer.step }.into()),
+        // Ended after its last checkpoint but before its summary (a rank killed there,
+        // then restarted by `supervise` or by hand): the summary of this attempt.
+        Ended::AlreadyComplete if run_summary::missing(world, &run) => {
+            let timing = Timing { wall_seconds: started_at.elapsed().as_secs_f64(), train_seconds: 0.0, start_tokens };
+            run_summary::write(cfg, world, &run, &data, &wandb, &trainer, validator.losses(), &timing)
+        }
         Ended::AlreadyComplete | Ended::Stopped(_) => Ok(()),
     });
     // After the last collective nothing waits for another rank: W&B's flush is bounded

@@ -46,6 +46,18 @@ struct RunSummary {
     wall_seconds: f64,
 }
 
+fn path(run: &RunDir) -> std::path::PathBuf {
+    run.root.join("summary.json")
+}
+
+/// Whether rank 0 finds no `summary.json`, as every rank must agree (the test evaluation
+/// that comes before it is a collective).
+pub(super) fn missing(world: &World, run: &RunDir) -> bool {
+    let mut missing = [if world.is_main() && !path(run).exists() { 1.0 } else { 0.0 }];
+    world.all_reduce_max(&mut missing);
+    missing[0] > 0.0
+}
+
 /// `val_losses`: the loss at the last step and the best, from the validator.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn write(
@@ -113,5 +125,5 @@ pub(super) fn write(
             crate::restarts::path(&run.root).display()
         );
     }
-    crate::run_dir::write_atomic(&run.root.join("summary.json"), serde_json::to_string_pretty(&s)?.as_bytes())
+    crate::run_dir::write_atomic(&path(run), serde_json::to_string_pretty(&s)?.as_bytes())
 }

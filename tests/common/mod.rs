@@ -149,6 +149,19 @@ pub fn with_wandb_env(cmd: &mut Command, url: Option<&str>, home: &Path) {
     }
 }
 
+/// A W&B run as the fake server holds it: no line twice (every events line has its own
+/// `_timestamp`; every step's row and the config's first line are logged once), and the
+/// console in order of time.
+pub fn assert_each_line_once(run: &algpt2_ddp::report::wandb::fake_server::FakeRun) {
+    let unique = |lines: &[&String]| lines.iter().collect::<std::collections::HashSet<_>>().len();
+    let events: Vec<&String> = run.events.iter().collect();
+    assert_eq!(unique(&events), events.len(), "{:?}", run.events);
+    let once: Vec<&String> = run.logs.iter().filter(|l| l.contains(" INFO step ") || l.contains(" INFO resolved config:")).collect();
+    assert_eq!(unique(&once), once.len(), "{:?}", run.logs);
+    let stamps: Vec<&str> = run.logs.iter().map(|l| &l.strip_prefix("ERROR ").unwrap_or(l)[..26]).collect();
+    assert!(stamps.windows(2).all(|w| w[0] <= w[1]), "{stamps:?}");
+}
+
 /// One math thread for a single-rank run whose weights a test compares byte for byte
 /// (ranks under `mpirun -n 2` here get one each anyway: the 2 cores split between them).
 /// With two threads on a machine crowded by the tests beside it, about one run in 30 to
