@@ -35,6 +35,11 @@ pub fn of(ended: Ended, stopped_by_user: bool) -> Verdict {
             code: 2,
             why: format!("the job {what}: a configuration error or ranks launched with different settings, which a restart would repeat"),
         },
+        // A shell's "found but cannot run" and "not found": the job never started, and
+        // will not start the next time either.
+        Ended::Code(c @ (126 | 127)) => {
+            Verdict::Final { code: c as u8, why: format!("the job {what}: its program could not be started, which a restart would repeat") }
+        }
         Ended::Code(c) if c == i32::from(EXIT_PREEMPTED) => Verdict::Restart { why: format!("preempted (the job {what})") },
         Ended::Code(3) => Verdict::Restart { why: format!("the watchdog ended a job that made no progress (the job {what})") },
         Ended::Code(130) => Verdict::Restart { why: format!("a rank was ended after the stop's grace period (the job {what})") },
@@ -97,6 +102,8 @@ mod tests {
             let v = of(ended, true);
             assert!(matches!(&v, Verdict::Final { why, .. } if why.starts_with("stopped by the user")), "{v:?}");
         }
+        let Verdict::Final { code: 127, why } = of(Ended::Code(127), false) else { panic!() };
+        assert!(why.contains("could not be started"), "{why}");
         assert_eq!(of(Ended::Code(130), true), Verdict::Final { code: 130, why: "stopped by the user; the job exited 130".into() });
     }
 
