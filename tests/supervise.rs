@@ -12,12 +12,13 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-const STEPS: u64 = 16;
+// Long enough that the faults below land on the way on an idle machine too.
+const STEPS: u64 = 48;
 
 fn sets() -> Vec<&'static str> {
     vec![
-        "--set", "train.micro_batch_size=4", "--set", "train.max_steps=16", "--set", "train.log_interval=1", "--set",
-        "train.save_interval=4", "--set", "train.eval_interval=8", "--set", "train.eval_steps=2", "--set", "model.dropout=0.1", "--set",
+        "--set", "train.micro_batch_size=4", "--set", "train.max_steps=48", "--set", "train.log_interval=1", "--set",
+        "train.save_interval=4", "--set", "train.eval_interval=16", "--set", "train.eval_steps=2", "--set", "model.dropout=0.1", "--set",
         "checkpoint.keep_last=10", "--set", "dist.stop_grace_s=3", "--set", "optim.warmup_steps=2", "--set", "wandb.mode=disabled",
     ]
 }
@@ -91,8 +92,19 @@ fn a_killed_rank_and_a_preemption_restart_the_job_and_it_ends_as_an_uninterrupte
     // Then, once the restarted job trains past the killed one's steps, a preemption as
     // Slurm sends it: SIGTERM to every rank.
     let deadline = Instant::now() + LIMIT;
-    while restarts(&run).is_empty() || rows_without_machine_metrics(&run).last().is_none_or(|r| r["step"].as_u64() < Some(10)) {
-        assert!(Instant::now() < deadline && job.is_running(), "no restart trained to step 10: {}", job.stderr_so_far());
+    // Rows past the killed job's last one are the restarted job's: it trains, its stop
+    // signals handled.
+    let restarted_and_training = |run: &Path| {
+        let records = restarts(run);
+        let last = rows_without_machine_metrics(run).last().and_then(|r| r["step"].as_u64()).unwrap_or(0);
+        records.len() == 1 && last > records[0]["failed_at_step"].as_u64().unwrap().max(10)
+    };
+    while !restarted_and_training(&run) {
+        assert!(
+            Instant::now() < deadline && job.is_running(),
+            "no restart trained past the killed job and step 10: {}",
+            job.stderr_so_far()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     for rank in ranks(job.id()) {
@@ -157,7 +169,7 @@ fn a_rank_killed_after_the_last_checkpoint_is_restarted_and_the_run_gets_its_sum
     let records = restarts(&run);
     assert_eq!(records.len(), 1, "{records:?}\n{err}");
     assert_eq!((records[0]["resumes_from_step"].as_u64(), records[0]["steps_recomputed"].as_u64()), (Some(STEPS), Some(0)));
-    assert!(err.contains("the run is already complete at step 16"), "{err}");
+    assert!(err.contains(&format!("the run is already complete at step {STEPS}")), "{err}");
     let summary: Value = serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
     assert_eq!((summary["steps"].as_u64(), summary["restarts"].as_u64()), (Some(STEPS), Some(1)), "{summary}");
     assert!(summary["test_ppl"].as_f64().is_some_and(f64::is_finite), "{summary}");
