@@ -16,7 +16,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-const STEPS: u64 = 12;
+// Long enough that the host is lost on the way on an idle machine too.
+const STEPS: u64 = 40;
 
 /// The namespaces of this test: names of its own (so that it never meets another run's),
 /// addresses as launch/netns-hosts.sh's (each set of namespaces has its own network).
@@ -109,7 +110,7 @@ fn cannot_make_namespaces(tag: &str) -> Option<String> {
 
 fn sets() -> Vec<String> {
     [
-        "train.micro_batch_size=2", "train.grad_accum_steps=2", "train.max_steps=12", "train.log_interval=1", "train.save_interval=4",
+        "train.micro_batch_size=2", "train.grad_accum_steps=2", "train.max_steps=40", "train.log_interval=1", "train.save_interval=4",
         "train.eval_interval=0", "optim.warmup_steps=1", "checkpoint.keep_last=10", "dist.stop_grace_s=3", "dist.timeout_s=30",
         "wandb.mode=disabled",
     ]
