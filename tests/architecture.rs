@@ -14,18 +14,7 @@ const COMMANDS: [&str; 8] = ["train", "eval", "bench", "info", "generate", "expo
 fn imports() -> BTreeMap<String, BTreeSet<String>> {
     let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let src = repo().join("src");
-    let mut files = vec![];
-    let mut stack = vec![src.clone()];
-    while let Some(dir) = stack.pop() {
-        for e in std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()) {
-            if e.is_dir() {
-                stack.push(e);
-            } else if e.extension().is_some_and(|x| x == "rs") {
-                files.push(e);
-            }
-        }
-    }
-    for file in files {
+    for file in module_files().into_values() {
         let rel = file.strip_prefix(&src).unwrap();
         let top = rel.components().next().unwrap().as_os_str().to_string_lossy().trim_end_matches(".rs").to_string();
         if top == "main" || top == "lib" {

@@ -43,25 +43,9 @@ fn losses(run_dir: &Path) -> Vec<f64> {
         .collect()
 }
 
-/// Why this machine cannot make network namespaces, if it cannot.
-fn cannot_make_namespaces() -> Option<String> {
-    if !is_root() {
-        return Some("not root: network namespaces need root".into());
-    }
-    let probe = format!("algpt2-probe-{}", std::process::id());
-    match try_run_bounded(Command::new("ip").args(["netns", "add", &probe]), LIMIT) {
-        Err(e) => Some(format!("cannot run `ip` (iproute2): {e}")),
-        Ok(out) if !out.status.success() => Some(format!("`ip netns add` failed: {}", String::from_utf8_lossy(&out.stderr).trim())),
-        Ok(_) => {
-            run_bounded(Command::new("ip").args(["netns", "del", &probe]), LIMIT);
-            None
-        }
-    }
-}
-
 #[test]
 fn two_namespace_hosts_train_exactly_like_two_local_ranks() {
-    if let Some(reason) = cannot_make_namespaces() {
+    if let Some(reason) = cannot_make_namespaces("m") {
         println!("skipped: {reason}");
         return;
     }

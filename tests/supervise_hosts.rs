@@ -91,23 +91,6 @@ impl Drop for Hosts {
     }
 }
 
-/// Why this machine cannot make network namespaces, if it cannot (`tag`: the test's, so
-/// that the two tests' probes never meet).
-fn cannot_make_namespaces(tag: &str) -> Option<String> {
-    if !is_root() {
-        return Some("not root: network namespaces need root".into());
-    }
-    let probe = format!("algpt2-probe-{tag}{}", std::process::id());
-    match try_run_bounded(Command::new("ip").args(["netns", "add", &probe]), LIMIT) {
-        Err(e) => Some(format!("cannot run `ip` (iproute2): {e}")),
-        Ok(out) if !out.status.success() => Some(format!("`ip netns add` failed: {}", String::from_utf8_lossy(&out.stderr).trim())),
-        Ok(_) => {
-            run_bounded(Command::new("ip").args(["netns", "del", &probe]), LIMIT);
-            None
-        }
-    }
-}
-
 fn sets() -> Vec<String> {
     [
         "train.micro_batch_size=2", "train.grad_accum_steps=2", "train.max_steps=40", "train.log_interval=1", "train.save_interval=4",

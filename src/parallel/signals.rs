@@ -53,17 +53,10 @@ impl StopRequest {
         let flag = Arc::new(AtomicBool::new(false));
         let preempted = Arc::new(AtomicBool::new(false));
         signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&preempted))?;
-        let received = Arc::new(AtomicUsize::new(0));
         for signal in STOP_SIGNALS {
             signal_hook::flag::register(signal, Arc::clone(&flag))?;
-            let count = Arc::clone(&received);
-            // SAFETY: the handler does one atomic add, which is async-signal-safe.
-            unsafe {
-                signal_hook::low_level::register(signal, move || {
-                    count.fetch_add(1, Ordering::SeqCst);
-                })
-            }?;
         }
+        let received = count_stop_signals()?;
         let by_launcher = algpt2_launch::started_by_launcher(&|key| std::env::var(key).ok());
         // SAFETY: getppid has no preconditions.
         let launcher = by_launcher.then(|| unsafe { libc::getppid() });
@@ -84,6 +77,22 @@ impl StopRequest {
     pub fn preempted(&self) -> bool {
         self.preempted.load(Ordering::Relaxed)
     }
+}
+
+/// Counts the stop signals received from now on (a rank's second one ends it within the
+/// grace period; `supervise` passes each on to its job).
+pub fn count_stop_signals() -> anyhow::Result<Arc<AtomicUsize>> {
+    let received = Arc::new(AtomicUsize::new(0));
+    for signal in STOP_SIGNALS {
+        let count = Arc::clone(&received);
+        // SAFETY: the handler does one atomic add, which is async-signal-safe.
+        unsafe {
+            signal_hook::low_level::register(signal, move || {
+                count.fetch_add(1, Ordering::SeqCst);
+            })
+        }?;
+    }
+    Ok(received)
 }
 
 /// Why a rank must end soon, if it must.

@@ -31,22 +31,42 @@ impl MetricsLog {
         writeln!(f, "{}", Value::Object(row.clone())).with_context(|| format!("cannot write {}", self.path.display()))
     }
 
+    /// The step of the last row (0 when there is none); a torn last line is passed over.
+    pub fn last_step(&self) -> u64 {
+        let text = std::fs::read_to_string(&self.path).unwrap_or_default();
+        text.lines().rev().find_map(row_step).unwrap_or(0)
+    }
+
     /// On resume from `step`, drops rows logged after it by the interrupted run, so that
     /// the rows the resumed run writes are not duplicated.
     pub fn truncate_after(&self, step: u64) -> anyhow::Result<()> {
         let Ok(text) = std::fs::read_to_string(&self.path) else { return Ok(()) };
-        let kept: String = text
-            .lines()
-            .filter(|line| serde_json::from_str::<Value>(line).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s <= step))
-            .map(|line| format!("{line}\n"))
-            .collect();
+        let kept: String = text.lines().filter(|line| row_step(line).is_some_and(|s| s <= step)).map(|line| format!("{line}\n")).collect();
         crate::run_dir::write_atomic(&self.path, kept.as_bytes())
     }
+}
+
+/// A row's `step`, if the line is a whole row.
+fn row_step(line: &str) -> Option<u64> {
+    serde_json::from_str::<Value>(line).ok().and_then(|v| v["step"].as_u64())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_last_step_survives_a_torn_last_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = MetricsLog::new(&dir.path().join("metrics.jsonl"));
+        assert_eq!(log.last_step(), 0);
+        std::fs::write(
+            dir.path().join("metrics.jsonl"),
+            "{\"step\": 4, \"train/loss\": 5.0}\n{\"step\": 8, \"train/loss\": 4.0}\n{\"step\": 1",
+        )
+        .unwrap();
+        assert_eq!(log.last_step(), 8);
+    }
 
     #[test]
     fn rows_append_and_truncate_on_resume() {

@@ -244,21 +244,6 @@ pub fn wait_for_run_lock(run: &RunDir, limit: Duration) -> anyhow::Result<()> {
     }
 }
 
-/// Counts the stops asked of the supervisor (SIGINT, SIGTERM, SIGUSR1).
-pub fn count_stop_signals() -> anyhow::Result<std::sync::Arc<AtomicUsize>> {
-    let stops = std::sync::Arc::new(AtomicUsize::new(0));
-    for signal in crate::parallel::signals::STOP_SIGNALS {
-        let count = std::sync::Arc::clone(&stops);
-        // SAFETY: the handler does one atomic add, which is async-signal-safe.
-        unsafe {
-            signal_hook::low_level::register(signal, move || {
-                count.fetch_add(1, Ordering::SeqCst);
-            })
-        }?;
-    }
-    Ok(stops)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

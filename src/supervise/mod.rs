@@ -69,7 +69,7 @@ const SLACK: Duration = Duration::from_secs(30);
 pub fn run(opts: &Options) -> anyhow::Result<()> {
     let job = Job::from_command(&opts.command)?;
     let hosts = host_list(opts, &job)?;
-    let stops = job::count_stop_signals()?;
+    let stops = crate::parallel::signals::count_stop_signals()?;
     job::become_subreaper();
     let grace = Duration::from_secs(job.cfg.dist.stop_grace_s) + SLACK;
     if job.cfg.train.save_interval == 0 {
@@ -136,7 +136,7 @@ fn sleep_unless_stopped(wait: Duration, stops: &AtomicUsize) -> bool {
 
 /// Where the ended `attempt` stood and where restart `restart` starts.
 fn record(run: &RunDir, attempt: &Attempt, restart: u32, reason: String, waited: Duration) -> RestartRecord {
-    let failed_at_step = last_logged_step(run);
+    let failed_at_step = crate::report::metrics_log::MetricsLog::new(&run.metrics()).last_step();
     let newest = crate::checkpoint::list_valid(&run.checkpoints()).pop();
     let resumes_from_step = newest.as_ref().map_or(0, |f| f.state.step);
     // Work since the later of the attempt's start and its newest checkpoint is lost.
@@ -154,15 +154,6 @@ fn record(run: &RunDir, attempt: &Attempt, restart: u32, reason: String, waited:
     }
 }
 
-/// The step of `metrics.jsonl`'s last row (0 when there is none).
-fn last_logged_step(run: &RunDir) -> u64 {
-    let text = std::fs::read_to_string(run.metrics()).unwrap_or_default();
-    text.lines()
-        .rev()
-        .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|row| row.get("step").and_then(serde_json::Value::as_u64)))
-        .unwrap_or(0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -173,14 +164,5 @@ mod tests {
         let waits: Vec<u64> = (1..=8).map(|r| backoff(s(2), s(60), r).as_secs()).collect();
         assert_eq!(waits, [2, 4, 8, 16, 32, 60, 60, 60]);
         assert_eq!(backoff(s(2), s(60), 1000), s(60));
-    }
-
-    #[test]
-    fn the_last_logged_step_survives_a_torn_last_line() {
-        let dir = tempfile::tempdir().unwrap();
-        let run = RunDir { root: dir.path().to_path_buf() };
-        assert_eq!(last_logged_step(&run), 0);
-        std::fs::write(run.metrics(), "{\"step\": 4, \"train/loss\": 5.0}\n{\"step\": 8, \"train/loss\": 4.0}\n{\"step\": 1").unwrap();
-        assert_eq!(last_logged_step(&run), 8);
     }
 }

@@ -496,3 +496,20 @@ pub fn cannot_mount_tmpfs() -> Option<String> {
         Ok(_) => None,
     }
 }
+
+/// Why this machine cannot make network namespaces, if it cannot (`tag`: the calling
+/// test's, so that two tests' probes never meet).
+pub fn cannot_make_namespaces(tag: &str) -> Option<String> {
+    if !is_root() {
+        return Some("not root: network namespaces need root".into());
+    }
+    let probe = format!("algpt2-probe-{tag}{}", std::process::id());
+    match try_run_bounded(Command::new("ip").args(["netns", "add", &probe]), LIMIT) {
+        Err(e) => Some(format!("cannot run `ip` (iproute2): {e}")),
+        Ok(out) if !out.status.success() => Some(format!("`ip netns add` failed: {}", String::from_utf8_lossy(&out.stderr).trim())),
+        Ok(_) => {
+            run_bounded(Command::new("ip").args(["netns", "del", &probe]), LIMIT);
+            None
+        }
+    }
+}
