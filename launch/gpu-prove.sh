@@ -82,12 +82,13 @@ echo "|---|---|---|"
 # A message's own bars ("max |difference|") escaped, so that they stay in its cell.
 grep -E '^(PASS|FAIL|SKIP)  ' "$out/checks.txt" | cut -c1-400 | sed -E 's/\|/\\|/g' \
   | sed -E 's/^(PASS|FAIL|SKIP)  (.*)$/| \2 | \1 | |/'
+# Benchmark rows say ok, failed or skipped, as bench-gpu.sh's rows do.
 if [ -s "$out/bench/rows.md" ]; then
   cat "$out/bench/rows.md"
 elif [ "$bench_rc" -eq 0 ]; then
-  echo "| benchmark: $(tail -1 "$out/bench.txt") | SKIP | |"
+  echo "| benchmark: $(tail -1 "$out/bench.txt") | skipped | |"
 else
-  echo "| benchmark: $(tail -1 "$out/bench.txt" | cut -c1-300) | FAIL | see $out/bench.txt |"
+  echo "| benchmark: $(tail -1 "$out/bench.txt" | cut -c1-300) | failed | see $out/bench.txt |"
 fi
 echo
 echo "gpu-prove: checks exit $checks_rc, benchmark exit $bench_rc (logs: $out/checks.txt, $out/bench.txt)"
