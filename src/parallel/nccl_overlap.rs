@@ -6,7 +6,9 @@
 //! and the join makes the compute stream wait for an event recorded after the last
 //! bucket, before clipping reads the gradients and before the session frees a wire copy
 //! (libtorch's caching allocator hands freed memory to the compute stream's next kernel,
-//! which then runs after NCCL is done with it). Nothing here waits for the GPU.
+//! which then runs after NCCL is done with it). Nothing here waits for the GPU. The
+//! stream and event calls go through [`ExchangeStreams`], so that the tests below check
+//! their order, and when buffers are released, on the CPU with a fake.
 //!
 //! Each bucket's runs are averaged as the whole buffer is (ncclAvg, or the bf16 cast,
 //! bf16 sum and division of `write_mean`), element for element, so the result is the
