@@ -38,6 +38,11 @@
 #   MODES        subset of "ours_bf16 ours_fp32 bf16_autocast bf16_autocast_pad
 #                bf16_compile bf16_compile_pad fp32_eager" (the default; ours_auto,
 #                fp32_compile, fp32_eager_pad, fp32_compile_pad are accepted too)
+#   ROWS         the rows to run, in this order, as VARIANT:GEOMETRY:TRAINER words (e.g.
+#                "gpt2:1024x16:ours_bf16 gpt2:1024x16:bf16_compile_pad"); when set,
+#                VARIANTS, GEOMETRIES and MODES are not used. Unset: every variant,
+#                geometry and trainer, in that nesting. A budget cuts the last rows, so
+#                put first the ones that must run.
 #   RUN_TIMEOUT  seconds each row may take, start-up and compilation included (default
 #                240); a row past it is killed (with its children) and reads "failed"
 #   BUDGET_S     when > 0: no row starts after BUDGET_S seconds of this script, and no row
@@ -51,7 +56,8 @@
 #                algpt2.py (default ROOT/reference/algpt2.py; a bundle may lack it, then
 #                the PyTorch rows read "failed"); ALGPT2_BIN_UNDER_TEST the binary.
 # Writes OUT_DIR/table.md (rewritten after every row, so a killed run leaves the rows
-# done), OUT_DIR/results.tsv, OUT_DIR/logs/<variant>-<geometry>-<trainer>.{log,json,smi},
+# done), OUT_DIR/rows.md (the same rows, and the goal's verdict, as rows of
+# launch/gpu-prove.sh's summary table), OUT_DIR/results.tsv, OUT_DIR/logs/<variant>-<geometry>-<trainer>.{log,json,smi},
 # OUT_DIR/specs/ (the PyTorch specs) and OUT_DIR/prepare.log. Prints the GPU name and the
 # date first and the table last. Exit 1 when any row failed, 2 on a bad knob, else 0
 # (rows skipped for BUDGET_S included: the table says which). Roughly 42 rows in all; the compile rows take a minute or more each (compilation
@@ -80,22 +86,37 @@ done
 [ "$steps" -ge 1 ] || bad "STEPS must be at least 1"
 [ "$run_timeout" -ge 1 ] || bad "RUN_TIMEOUT must be at least 1"
 [ "$smi_ms" -ge 1 ] || bad "SMI_MS must be at least 1"
-for v in $variants; do
-  case "$v" in gpt2|shared|algpt2) ;; *) bad "unknown variant '$v' in VARIANTS (gpt2 shared algpt2)" ;; esac
-done
-for g in $geometries; do
-  [[ "$g" =~ ^([0-9]+)x([0-9]+)$ ]] || bad "geometry '$g' in GEOMETRIES is not SEQxMICRO_BATCH (e.g. 1024x16)"
+check_variant() { # VARIANT WHERE
+  case "$1" in gpt2|shared|algpt2) ;; *) bad "unknown variant '$1' in $2 (gpt2 shared algpt2)" ;; esac
+}
+check_geometry() { # GEOMETRY WHERE
+  [[ "$1" =~ ^([0-9]+)x([0-9]+)$ ]] || bad "geometry '$1' in $2 is not SEQxMICRO_BATCH (e.g. 1024x16)"
   [ "${BASH_REMATCH[1]}" -ge 1 ] && [ "${BASH_REMATCH[1]}" -le 1024 ] && [ "${BASH_REMATCH[2]}" -ge 1 ] \
-    || bad "geometry '$g': SEQ must be 1..1024 (n_positions) and MICRO_BATCH at least 1"
-done
-for m in $modes; do
-  case "$m" in
+    || bad "geometry '$1': SEQ must be 1..1024 (n_positions) and MICRO_BATCH at least 1"
+}
+check_mode() { # TRAINER WHERE
+  case "$1" in
     ours_bf16|ours_fp32|ours_auto) ;;
     fp32_eager|bf16_autocast|bf16_compile|fp32_compile) ;;
     fp32_eager_pad|bf16_autocast_pad|bf16_compile_pad|fp32_compile_pad) ;;
-    *) bad "unknown trainer '$m' in MODES (ours_bf16 ours_fp32 ours_auto, or fp32_eager bf16_autocast bf16_compile fp32_compile, each optionally with _pad)" ;;
+    *) bad "unknown trainer '$1' in $2 (ours_bf16 ours_fp32 ours_auto, or fp32_eager bf16_autocast bf16_compile fp32_compile, each optionally with _pad)" ;;
   esac
-done
+}
+# The rows, in the order they run: VARIANT:GEOMETRY:TRAINER.
+rows=()
+if [ -n "${ROWS-}" ]; then
+  for r in $ROWS; do
+    [[ "$r" =~ ^[^:]+:[^:]+:[^:]+$ ]] || bad "row '$r' in ROWS is not VARIANT:GEOMETRY:TRAINER (e.g. gpt2:1024x16:ours_bf16)"
+    IFS=: read -r v g m <<< "$r"
+    check_variant "$v" ROWS; check_geometry "$g" ROWS; check_mode "$m" ROWS
+    rows+=("$r")
+  done
+else
+  for v in $variants; do check_variant "$v" VARIANTS; done
+  for g in $geometries; do check_geometry "$g" GEOMETRIES; done
+  for m in $modes; do check_mode "$m" MODES; done
+  for v in $variants; do for g in $geometries; do for m in $modes; do rows+=("$v:$g:$m"); done; done; done
+fi
 for kv in ${extra_kv[@]+"${extra_kv[@]}"}; do
   [[ "$kv" == *=* ]] || bad "EXTRA_SETS entry '$kv' is not KEY=VALUE"
 done
@@ -113,6 +134,7 @@ work="$(cd "$work" && pwd)"
 results="$work/results.tsv"
 : > "$results"
 table="$work/table.md"
+rm -f "$work/rows.md" "$table"
 
 # --- the header: GPU, date, software ---------------------------------------------------
 gpu_name=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 || true)
@@ -157,8 +179,8 @@ row_sets() { # VARIANT GEOMETRY: the --set arguments of one row, one a line
 }
 
 # The token cache (data and tokenizer only: one for every row).
-first_variant=$(set -- $variants; echo "${1:-gpt2}")
-first_geometry=$(set -- $geometries; echo "${1:-1024x16}")
+first_variant=gpt2 first_geometry=1024x16
+if [ "${#rows[@]}" -gt 0 ]; then IFS=: read -r first_variant first_geometry _ <<< "${rows[0]}"; fi
 mapfile -t first_sets < <(row_sets "$first_variant" "$first_geometry")
 tokens=""
 if "$bin" prepare "${base[@]}" "${first_sets[@]}" --set device=cpu > "$work/prepare.log" 2>&1; then
@@ -219,7 +241,7 @@ trap stop_sampler EXIT
 
 # --- the table (rewritten after every row) ----------------------------------------------
 draw_table() {
-  "$python" - "$results" "$work/header.md" > "$table" <<'PY'
+  "$python" - "$results" "$work/header.md" "$work/rows.md" > "$table" <<'PY'
 import sys
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
 variants = {"gpt2": "GPT-2", "shared": "sharing-only", "algpt2": "ALGPT2 (E=128)"}
@@ -231,6 +253,8 @@ for r in rows:
     variant, geometry, kind, label, status, tps = r[:6]
     if kind == "torch" and status == "ok":
         best[(variant, geometry)] = max(best.get((variant, geometry), 0.0), float(tps))
+# launch/gpu-prove.sh's rows: the goal's verdict, then every row as | row | status | figures |.
+summary = []
 for r in rows:
     variant, geometry, kind, label, status, tps, step_ms, smi_mb, alloc_mb = r[:9]
     seq, mb = geometry.split("x")
@@ -238,6 +262,7 @@ for r in rows:
     name = variants.get(variant, variant)
     if status != "ok":
         print(f"| {name} | {geo} | {label} | {status} | | | |")
+        summary.append(f"| bench: {name} {geo}, {label} | {status} | |")
         continue
     mem = smi_mb
     if alloc_mb != "n/a":
@@ -247,6 +272,22 @@ for r in rows:
     if b:
         ratio = f"{float(tps) / b:.2f}" if kind == "ours" else f"({float(tps) / b:.2f})"
     print(f"| {name} | {geo} | {label} | {round(float(tps)):,} | {float(step_ms):.1f} | {mem} | {ratio} |")
+    alloc = f" (alloc {alloc_mb} MB)" if alloc_mb != "n/a" else ""
+    summary.append(f"| bench: {name} {geo}, {label} | ok | {round(float(tps)):,} tokens/s, {float(step_ms):.1f} ms/step, "
+                   f"peak GPU +{smi_mb} MB{alloc}, ours/best-PyTorch {ratio} |")
+# The goal: ours (bf16) at least 1.10 times PyTorch bf16 + torch.compile with the padded
+# vocabulary, GPT-2 at 1024 x 16.
+def row(trainer):
+    return next((r for r in rows if r[:2] == ["gpt2", "1024x16"] and len(r) > 9 and r[9] == trainer), None)
+ours, theirs = row("ours_bf16"), row("bf16_compile_pad")
+goal = "goal: GPT-2 1024 x 16, ours bf16 / PyTorch bf16 + torch.compile (V 50304) >= 1.10"
+if ours and theirs and ours[4] == "ok" and theirs[4] == "ok":
+    x = float(ours[5]) / float(theirs[5])
+    summary.insert(0, f"| {goal} | {'MET' if x >= 1.10 else 'NOT MET'} | {x:.2f}x |")
+else:
+    why = "; ".join(f"{n}: {r[4] if r else 'not run'}" for n, r in (("ours bf16", ours), ("PyTorch bf16 + compile, padded", theirs)))
+    summary.insert(0, f"| {goal} | UNMEASURED | {why} |")
+open(sys.argv[3], "w").write("\n".join(summary) + "\n")
 print()
 print("tokens/s and step ms: mean over the timed steps. peak GPU MB: rise of nvidia-smi memory.used "
       "during the row (context + allocator), PyTorch's torch.cuda.max_memory_allocated as alloc. "
@@ -258,11 +299,11 @@ PY
 # --- one row --------------------------------------------------------------------------------
 failed=0
 total=0
-for v in $variants; do for g in $geometries; do for m in $modes; do total=$((total + 1)); done; done; done
+total=${#rows[@]}
 done_rows=0
-# One line of results.tsv, from run_row's variant, geometry, kind and label.
+# One line of results.tsv, from run_row's variant, geometry, kind, label and trainer.
 record() { # STATUS TPS STEP_MS SMI_MB ALLOC_MB
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$variant" "$geometry" "$kind" "$label" "$@" >> "$results"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$variant" "$geometry" "$kind" "$label" "$@" "$trainer" >> "$results"
   draw_table || echo "bench-gpu.sh: could not draw $table" >&2
 }
 run_row() { # VARIANT GEOMETRY TRAINER
@@ -374,12 +415,9 @@ print(f"{tps}\t{ms}\t{alloc}\t{note}")
   record ok "$tps" "$ms" "$peak" "$alloc"
 }
 
-for v in $variants; do
-  for g in $geometries; do
-    for m in $modes; do
-      run_row "$v" "$g" "$m"
-    done
-  done
+for r in ${rows[@]+"${rows[@]}"}; do
+  IFS=: read -r v g m <<< "$r"
+  run_row "$v" "$g" "$m"
 done
 draw_table || echo "bench-gpu.sh: could not draw $table" >&2
 echo

@@ -24,8 +24,16 @@
 #  8. the overlapped NCCL exchange across two GPUs (`mpirun -n 2`, dist.backend: nccl, the
 #     GPT-2 variant): byte-identical weights to dist.overlap: false on both wires, or no
 #     further apart than two runs without overlap; "skipped: needs 2 GPUs" elsewhere.
+#  9. a rank that never joins NCCL (ALGPT2_FAULT=nccl_never_join@0:1, `mpirun -n 2`,
+#     dist.backend: nccl, dist.timeout_s: NEVER_JOIN_TIMEOUT_S, default 10): rank 0 must
+#     give up within dist.timeout_s, abort its init (ncclCommAbort) and name the phase
+#     ("start-up: NCCL init: rank 0 of 2 (GPU 0) did not join ..."). Rank 1 makes no CUDA
+#     or NCCL call, so one GPU suffices: it runs with no GPU visible (CUDA_VISIBLE_DEVICES
+#     empty, so device: auto gives it the CPU; the ranks' settings are not compared, as
+#     they differ in that) and waits twice as long as rank 0, so that rank 0's deadline
+#     is what ends the job.
 # Checks 2 and 3 run with train.precision: fp32 (auto would pick bf16 on most GPUs).
-# GPU_CHECKS (default "1 2 3 4 5 6 7 8") picks the checks by number; the others print
+# GPU_CHECKS (default "1 2 3 4 5 6 7 8 9") picks the checks by number; the others print
 # "skipped: not in GPU_CHECKS". OVERLAP_CASES (default "fp32 fp32,fp32 bf16,bf16 fp32,bf16
 # bf16": compute and wire precision) picks check 7's cases. launch/gpu-prove.sh runs a
 # subset of both, then bench-gpu.sh, in one call.
@@ -42,7 +50,7 @@ failures=0
 pass() { echo "PASS  $*"; }
 fail() { echo "FAIL  $*"; failures=$((failures + 1)); }
 skip() { echo "SKIP  $1: skipped: $2"; }
-checks=" ${GPU_CHECKS:-1 2 3 4 5 6 7 8} "
+checks=" ${GPU_CHECKS:-1 2 3 4 5 6 7 8 9} "
 want() { [[ "$checks" == *" $1 "* ]]; }
 # "skipped" for a check left out, where it has a GPU to run on.
 left_out() { skip "$1" "not in GPU_CHECKS"; }
@@ -109,7 +117,7 @@ if [ "$gpus" -eq 0 ]; then
   # Three lines, as tests/bundle.rs expects: the bf16 checks (5) ride on two of them.
   skip "kill and resume on the GPU (fp32 and bf16)" "no GPU"
   skip "checkpoint GPU -> CPU and CPU -> GPU" "no GPU"
-  skip "more ranks than GPUs, bf16 training, train.precision: auto on the GPU, W&B system.gpu.* against nvidia-smi, the overlapped NCCL exchange" "no GPU"
+  skip "more ranks than GPUs, bf16 training, train.precision: auto on the GPU, W&B system.gpu.* against nvidia-smi, the overlapped NCCL exchange, a rank that never joins NCCL" "no GPU"
 fi
 if [ "$gpus" -gt 0 ] && ! want 2; then left_out "kill and resume on the GPU (fp32)"; fi
 if [ "$gpus" -gt 0 ] && want 2; then
@@ -321,6 +329,34 @@ else
   for case in "${overlap_cases[@]}"; do
     overlap_case 2 $case
   done
+fi
+# --- 9. a rank that never joins NCCL -------------------------------------------------------
+if [ "$gpus" -gt 0 ] && ! want 9; then left_out "a rank that never joins NCCL"; fi
+if [ "$gpus" -gt 0 ] && want 9; then
+  limit="${NEVER_JOIN_TIMEOUT_S:-10}"
+  label="a rank that never joins NCCL (mpirun -n 2 on one GPU, dist.timeout_s $limit)"
+  if ! command -v mpirun >/dev/null; then
+    fail "$label: mpirun is not on PATH"
+  else
+    never=("$bin" "${tiny[@]}" --set run_name=never_join --set device=auto --set dist.backend=nccl
+           --set "dist.timeout_s=$limit" --set train.precision=fp32)
+    fault=ALGPT2_FAULT=nccl_never_join@0:1,unchecked_ranks@0
+    log="$work/never_join.log"
+    began=$SECONDS
+    timeout 300 "${MPIRUN[@]}" --bind-to none -n 1 env "$fault" "${never[@]}" \
+      : -n 1 env "$fault" CUDA_VISIBLE_DEVICES= "${never[@]}" > "$log" 2>&1
+    code=$? took=$((SECONDS - began))
+    said=$(grep -m1 -o -F "start-up: NCCL init: rank 0 of 2 (GPU 0) did not join the NCCL communicator within $limit s (dist.timeout_s)" "$log" || true)
+    if [ "$code" -eq 0 ] || [ "$code" -eq 124 ]; then
+      fail "$label: exit $code after $took s (want a failure within about $limit s; see $log)"
+    elif [ -z "$said" ]; then
+      fail "$label: exit $code after $took s, but rank 0 did not name the NCCL init's deadline (see $log)"
+    elif ! grep -q "ncclCommAbort" "$log"; then
+      fail "$label: rank 0 timed out, but its init was not aborted (no ncclCommAbort in $log)"
+    else
+      pass "$label: exit $code after $took s in all, rank 0: \"$said\", aborted (ncclCommAbort)"
+    fi
+  fi
 fi
 echo "gpu-checks: $failures failure(s)"
 [ "$failures" -eq 0 ]

@@ -20,10 +20,11 @@
 //! - `stats_extra@0`: this rank's system sample carries one value too many.
 //! - `hang_in_<phase>@0`: the process hangs when it enters that phase of start-up or the
 //!   finish (src/parallel/phase.rs names them: `comm_dup`, `weight_broadcast`, ...).
-//! - `nccl_never_join@0`: the rank never calls ncclCommInitRankConfig (src/parallel/nccl.rs),
-//!   so the others' NCCL init waits for it until `dist.timeout_s` and fails naming the
-//!   phase ("start-up: NCCL init: rank 0 of 2 (GPU 0) did not join the NCCL communicator
-//!   within 4 s"); this rank's own wait sees its init in progress for ever and fails alike.
+//! - `nccl_never_join@0`: the rank makes no CUDA or NCCL call at NCCL's init
+//!   (src/parallel/nccl.rs), so it needs no GPU, and the others' NCCL init waits for it
+//!   until `dist.timeout_s` and fails naming the phase ("start-up: NCCL init: rank 0 of 2
+//!   (GPU 0) did not join the NCCL communicator within 4 s"); this rank waits twice as
+//!   long, so that the others' deadline ends the job, then fails alike.
 //! - `export_kill_staged@0`, `export_kill_aside@0`: SIGKILL during `export-hf`, once the
 //!   export is whole in its staging directory, or right after the previous export was
 //!   moved aside for it (`--force`). An export has no steps: give 0.

@@ -131,6 +131,10 @@ fn the_unpacked_bundle_trains_with_the_hosts_torch() {
         assert!(said.contains("| doctor (") && said.contains("0 failed") && said.contains("| PASS |"), "{said}");
         assert_eq!(said.matches("skipped: no GPU | SKIP |").count(), 3, "{said}");
         assert!(said.contains("skipped: needs 2 GPUs (this machine has 0) | SKIP |"), "{said}");
+        assert!(said.contains("a rank that never joins NCCL: skipped: no GPU | SKIP |"), "{said}");
+        // One table: checks and benchmark rows under one header.
+        assert_eq!(said.matches("| check or benchmark row | verdict | figures |").count(), 1, "{said}");
+        assert_eq!(said.lines().filter(|l| l.starts_with("|---")).count(), 1, "{said}");
         assert!(said.contains("benchmark: skipped: no GPU"), "{said}");
         assert!(checks.ends_with("gpu-checks: 0 failure(s)\n"), "{checks}");
         assert!(said.contains("gpu-prove: checks exit 0, benchmark exit 0"), "{said}");

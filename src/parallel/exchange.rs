@@ -15,6 +15,7 @@
 use super::nccl::{self, NcclComm};
 use super::World;
 use crate::config::{DistBackend, DistConfig, GradDtype};
+use crate::host_waits;
 use anyhow::{bail, Context};
 use tch::{Device, Kind, Tensor};
 
@@ -47,10 +48,19 @@ impl GradientExchange {
             DistBackend::None | DistBackend::Auto => GradientExchange::Single,
             DistBackend::Mpi => GradientExchange::Mpi { bucket_bytes, wire },
             DistBackend::Nccl => {
-                let Device::Cuda(ordinal) = device else {
-                    bail!("dist.backend: nccl needs CUDA tensors, but rank {} runs on {device:?} (use dist.backend: mpi)", world.rank())
+                // A rank a test chose never to join makes no CUDA or NCCL call: it may run
+                // on the CPU (launch/gpu-checks.sh, a world of two on one GPU).
+                let never_joins = crate::faults::never_joins_nccl(world.rank());
+                let ordinal = match device {
+                    Device::Cuda(ordinal) => ordinal,
+                    _ if never_joins => 0,
+                    _ => {
+                        bail!("dist.backend: nccl needs CUDA tensors, but rank {} runs on {device:?} (use dist.backend: mpi)", world.rank())
+                    }
                 };
-                nccl::check_available().with_context(|| format!("dist.backend: nccl on rank {}", world.rank()))?;
+                if !never_joins {
+                    nccl::check_available().with_context(|| format!("dist.backend: nccl on rank {}", world.rank()))?;
+                }
                 super::phase::Phase::NcclInit.begin(world.rank());
                 // Rank 0 makes the id; MPI carries it to the others.
                 let mut id = [0u8; 128];
@@ -96,7 +106,8 @@ impl GradientExchange {
                 Ok(())
             }
             GradientExchange::Mpi { bucket_bytes, wire: GradDtype::Bf16 } => {
-                let mut wire = grads.to_device(Device::Cpu).to_kind(Kind::BFloat16);
+                // From a GPU a read that waits for it (counted); on the CPU the buffer itself.
+                let mut wire = host_waits::to_device(grads, Device::Cpu).to_kind(Kind::BFloat16);
                 world.all_reduce_bf16_sum_in_place(&mut wire, bucket_bytes / 2)?;
                 write_mean(grads, &wire, world.size());
                 Ok(())
@@ -132,8 +143,10 @@ impl GradientExchange {
     }
 }
 
-/// grads = f32(summed) / ranks, in place.
+/// grads = f32(summed) / ranks, in place. `summed` from host memory into a GPU's
+/// gradients (MPI's bf16 exchange) is an upload that waits, counted; NCCL's sums are
+/// on the gradients' device already.
 pub(super) fn write_mean(grads: &mut Tensor, summed: &Tensor, ranks: usize) {
-    let mean = summed.to_device(grads.device()).to_kind(Kind::Float) / ranks as f64;
+    let mean = host_waits::to_device(summed, grads.device()).to_kind(Kind::Float) / ranks as f64;
     tch::no_grad(|| grads.copy_(&mean));
 }

@@ -399,6 +399,21 @@ fn non_blocking_config() -> nccl::ncclConfig_t {
     }
 }
 
+/// A rank a test chose never to join (`ALGPT2_FAULT=nccl_never_join`): it makes no CUDA or
+/// NCCL call at all, so it needs no GPU of its own (launch/gpu-checks.sh runs it on the CPU
+/// beside a rank on a machine's only GPU). It waits twice the others' deadline, so that
+/// theirs is what ends the job, then fails naming the phase as they do.
+fn never_join(who: &str, timeout: Duration) -> anyhow::Error {
+    let waiting = Waiting { phase: Phase::NcclInit, who, step: Step::Join, allowed: timeout.saturating_mul(2) };
+    let poll = || {
+        phase::progress_made();
+        Poll::InProgress
+    };
+    let waited = wait_until_done(&waiting, &mut SystemClock, poll, || {});
+    let e = waited.err().map_or_else(|| anyhow!("the init was skipped"), anyhow::Error::new);
+    e.context("ALGPT2_FAULT=nccl_never_join: this rank made no CUDA or NCCL call")
+}
+
 /// "rank R of W (GPU D)", as the wait's messages name a rank.
 fn rank_text(rank: usize, world: usize, device: usize) -> String {
     format!("rank {rank} of {world} (GPU {device})")
@@ -419,17 +434,21 @@ impl NcclComm {
     /// bounds each later call that NCCL leaves in progress. `device` is an ordinal among the
     /// GPUs CUDA_VISIBLE_DEVICES leaves visible.
     pub fn new_within(id: [u8; 128], rank: usize, world: usize, device: usize, timeout: Duration) -> anyhow::Result<NcclComm> {
-        Self::join(id, rank, world, device, timeout)
+        Self::join(id, rank, world, device, timeout, crate::faults::never_joins_nccl(rank))
             .with_context(|| format!("NCCL rank {rank} of {world} on GPU {device} could not join the communicator"))
     }
 
-    fn join(id: [u8; 128], rank: usize, world: usize, device: usize, timeout: Duration) -> anyhow::Result<NcclComm> {
+    /// `never_joins`: the rank makes no call at all (a test's fault, see [`never_join`]).
+    fn join(id: [u8; 128], rank: usize, world: usize, device: usize, timeout: Duration, never_joins: bool) -> anyhow::Result<NcclComm> {
         if world == 0 || rank >= world {
             bail!("rank {rank} is not in a world of {world}");
         }
         let nranks = c_int::try_from(world).map_err(|_| anyhow!("a world of {world} ranks is more than NCCL takes"))?;
         if id.iter().all(|&b| b == 0) {
             bail!("the NCCL unique id is all zeros: it must be created by unique_id() on rank 0 and broadcast to every rank");
+        }
+        if never_joins {
+            return Err(never_join(&rank_text(rank, world, device), timeout));
         }
         let info = probe()?;
         if device >= info.gpus {
@@ -439,21 +458,14 @@ impl NcclComm {
             .map_err(|e| anyhow!("the primary CUDA context of GPU {device} failed: {}", cuda_error(&e)))?;
         let uid = nccl::ncclUniqueId { internal: id.map(|b| b as c_char) };
         let mut comm: nccl::ncclComm_t = std::ptr::null_mut();
-        // A test's rank that never joins makes no init call; its wait below then sees the
-        // init in progress for ever, as the other ranks' waits do.
-        let never_joins = crate::faults::never_joins_nccl(rank);
-        let first = if never_joins {
-            Poll::InProgress
-        } else {
-            let mut config = non_blocking_config();
-            // SAFETY: `comm` and `config` are valid for the call (NCCL copies the config);
-            // NCCL uses the device current on this thread, which CudaContext::new just made
-            // `device`.
-            let res = guarded("calling ncclCommInitRankConfig", || unsafe {
-                nccl::ncclCommInitRankConfig(&mut comm, nranks, uid, rank as c_int, &mut config)
-            })?;
-            first_poll(res, "ncclCommInitRankConfig", comm)
-        };
+        let mut config = non_blocking_config();
+        // SAFETY: `comm` and `config` are valid for the call (NCCL copies the config);
+        // NCCL uses the device current on this thread, which CudaContext::new just made
+        // `device`.
+        let res = guarded("calling ncclCommInitRankConfig", || unsafe {
+            nccl::ncclCommInitRankConfig(&mut comm, nranks, uid, rank as c_int, &mut config)
+        })?;
+        let first = first_poll(res, "ncclCommInitRankConfig", comm);
         let who = rank_text(rank, world, device);
         let waiting = Waiting { phase: Phase::NcclInit, who: &who, step: Step::Join, allowed: timeout };
         let mut first = Some(first);
@@ -463,7 +475,6 @@ impl NcclComm {
             phase::progress_made();
             match first.take() {
                 Some(p) => p,
-                None if never_joins => Poll::InProgress,
                 None if comm.is_null() => Poll::Failed("ncclCommInitRankConfig returned no communicator".into()),
                 None => poll_async(comm),
             }
@@ -475,12 +486,7 @@ impl NcclComm {
                 }
             }
         };
-        let joined = wait_until_done(&waiting, &mut SystemClock, poll, abort);
-        if never_joins {
-            let e = joined.err().map_or_else(|| anyhow!("the init was skipped"), anyhow::Error::new);
-            return Err(e.context("ALGPT2_FAULT=nccl_never_join: this rank made no ncclCommInitRankConfig call"));
-        }
-        joined?;
+        wait_until_done(&waiting, &mut SystemClock, poll, abort)?;
         if comm.is_null() {
             bail!("ncclCommInitRankConfig succeeded but returned no communicator");
         }
@@ -1364,6 +1370,26 @@ int cuGetErrorName(int e, const char **s) { (void)e; *s = "STUB"; return 0; }
         assert_eq!(download::<f32>(ptr, 4), vec![1.0, 2.0, 3.0, 4.0]);
         free(ptr);
         drop(comm);
+    }
+
+    /// A rank that never joins (ALGPT2_FAULT=nccl_never_join) makes no CUDA or NCCL call:
+    /// on a machine without a GPU or NCCL (where `probe` fails) it still waits, twice the
+    /// others' deadline so that theirs ends the job, then names the phase and the fault.
+    /// (With the fault checked after `probe`, as before, this failed with "NCCL cannot be
+    /// used" here at once, and on a GPU machine it needed a GPU of its own.)
+    #[test]
+    fn a_rank_that_never_joins_needs_no_gpu_and_outwaits_the_others() {
+        let started = std::time::Instant::now();
+        let e = NcclComm::join([7u8; 128], 1, 2, 0, Duration::from_secs(1), true).unwrap_err();
+        let took = started.elapsed();
+        let m = format!("{e:#}");
+        assert!(
+            m.starts_with(
+                "ALGPT2_FAULT=nccl_never_join: this rank made no CUDA or NCCL call: start-up: NCCL init: rank 1 of 2 (GPU 0) did not join"
+            ),
+            "{m}"
+        );
+        assert!(took >= Duration::from_secs(2) && took < Duration::from_secs(20), "{took:?}");
     }
 
     /// Rank 1 of 2 never joins (as with ALGPT2_FAULT=nccl_never_join@0:1): rank 0 gives up

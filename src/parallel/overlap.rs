@@ -15,7 +15,7 @@
 //! half the core from the backward it should hide in.
 
 use super::comm_cost::{CommCost, CommTimes};
-use super::overlap_session::{JobFailure, Transport};
+use super::overlap_session::{JobFailure, LaunchFailure, Transport};
 use super::ring::{self, f32_to_bf16, Bf16};
 use super::waiting::InCollective;
 use super::RawComm;
@@ -99,7 +99,7 @@ pub struct MpiTransport<'a> {
 impl Transport for MpiTransport<'_> {
     type InFlight = Vec<Tensor>;
 
-    fn launch(&mut self, slot: usize, pieces: Vec<Tensor>) -> Result<Vec<Tensor>, String> {
+    fn launch(&mut self, slot: usize, pieces: Vec<Tensor>) -> Result<Vec<Tensor>, LaunchFailure<Vec<Tensor>>> {
         let host_f32 = |p: &Tensor| p.kind() == Kind::Float && p.is_contiguous() && p.device() == Device::Cpu;
         if !pieces.iter().all(host_f32) {
             return Err("the overlapped MPI exchange needs contiguous f32 gradients in host memory".into());

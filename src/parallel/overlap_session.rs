@@ -6,8 +6,8 @@
 //!
 //! The session owns every buffer a transport may still read or write (views of the
 //! gradients, the table's copies, bf16 wire copies) and releases none of them before the
-//! transport has joined: on `finish`, on an error and on a panic in backward alike (its
-//! `Drop` joins). Without that, an error return let libtorch's caching allocator hand a
+//! transport has joined: on `finish`, on an error (a launch that failed after handing
+//! part of its work over included) and on a panic in backward alike (its `Drop` joins). Without that, an error return let libtorch's caching allocator hand a
 //! wire copy to the next kernel while NCCL was still writing into it.
 
 use super::buckets::{Bucket, StepBuckets};
@@ -54,6 +54,28 @@ pub struct JobFailure {
     pub may_still_run: bool,
 }
 
+/// A launch that failed, and what of it the transport may still read or write: NCCL may
+/// have enqueued part of a group before its end failed. The session keeps `kept` until the
+/// join, as it keeps a launched job's buffers; `None` when nothing of the job can run.
+#[derive(Debug)]
+pub struct LaunchFailure<K> {
+    pub why: String,
+    pub kept: Option<K>,
+}
+
+impl<K> From<String> for LaunchFailure<K> {
+    /// A failure before anything of the job was handed over.
+    fn from(why: String) -> Self {
+        LaunchFailure { why, kept: None }
+    }
+}
+
+impl<K> From<&str> for LaunchFailure<K> {
+    fn from(why: &str) -> Self {
+        why.to_string().into()
+    }
+}
+
 /// What carries the averages: launches jobs in order and joins them all.
 pub trait Transport {
     /// What one launch keeps alive while the transport may still read or write it.
@@ -62,8 +84,8 @@ pub trait Transport {
     /// Starts averaging `pieces` (contiguous f32 on the gradients' device: views of the
     /// gradients or the table's copies) in place, after the compute work queued so far.
     /// `slot` is the job's place in the launch order, the same every step. On an error
-    /// nothing of this job runs.
-    fn launch(&mut self, slot: usize, pieces: Vec<Tensor>) -> Result<Self::InFlight, String>;
+    /// the failure carries whatever of the job may still run.
+    fn launch(&mut self, slot: usize, pieces: Vec<Tensor>) -> Result<Self::InFlight, LaunchFailure<Self::InFlight>>;
 
     /// Returns once the compute side is ordered after every job launched (MPI: the thread
     /// has finished them; NCCL: the compute stream waits for the exchange's stream), so
@@ -132,7 +154,12 @@ impl<'a, T: Transport> Session<'a, T> {
         }
         match self.transport.launch(self.in_flight.len(), pieces) {
             Ok(kept) => self.in_flight.push((job, kept)),
-            Err(why) => self.failed = Some(anyhow!("the overlapped gradient exchange could not start {job}: {why}")),
+            Err(LaunchFailure { why, kept }) => {
+                // Part of it may be queued: its buffers wait for the join like the others'
+                // (never written back: a failed session writes nothing in).
+                self.in_flight.extend(kept.map(|kept| (job, kept)));
+                self.failed = Some(anyhow!("the overlapped gradient exchange could not start {job}: {why}"));
+            }
         }
     }
 
@@ -201,6 +228,9 @@ mod tests {
         log: Log,
         running: Vec<JoinHandle<()>>,
         refuse_launch: Option<usize>,
+        /// This slot's launch starts its work, then fails (as an NCCL group whose end fails
+        /// after part of it was enqueued).
+        fail_after_starting: Option<usize>,
         fail_late: Option<usize>,
         may_still_run: bool,
     }
@@ -219,14 +249,21 @@ mod tests {
 
     impl LateTransport {
         fn new(log: &Log) -> LateTransport {
-            LateTransport { log: log.clone(), running: Vec::new(), refuse_launch: None, fail_late: None, may_still_run: false }
+            LateTransport {
+                log: log.clone(),
+                running: Vec::new(),
+                refuse_launch: None,
+                fail_after_starting: None,
+                fail_late: None,
+                may_still_run: false,
+            }
         }
     }
 
     impl Transport for LateTransport {
         type InFlight = Kept;
 
-        fn launch(&mut self, slot: usize, pieces: Vec<Tensor>) -> Result<Kept, String> {
+        fn launch(&mut self, slot: usize, pieces: Vec<Tensor>) -> Result<Kept, LaunchFailure<Kept>> {
             if self.refuse_launch == Some(slot) {
                 return Err("enqueue refused".into());
             }
@@ -241,7 +278,11 @@ mod tests {
                     values.iter_mut().for_each(|x| *x *= 2.0);
                 }
             }));
-            Ok(Kept { slot, log: self.log.clone(), _pieces: pieces })
+            let kept = Kept { slot, log: self.log.clone(), _pieces: pieces };
+            if self.fail_after_starting == Some(slot) {
+                return Err(LaunchFailure { why: "the group's end failed".into(), kept: Some(kept) });
+            }
+            Ok(kept)
         }
 
         fn join(&mut self) -> Result<CommCost, JobFailure> {
@@ -320,6 +361,31 @@ mod tests {
         assert!(e.contains("enqueue refused"), "{e}");
         let log_now = log.lock().unwrap().clone();
         assert_eq!(log_now.iter().filter(|l| l.starts_with("launch")).count(), 1, "nothing launched after the failure: {log_now:?}");
+        assert_freed_after_join(&log);
+    }
+
+    /// A launch that fails after handing part of its work over (NCCL's group end failing
+    /// after it enqueued some of the group): its buffers are kept until the join too, and
+    /// the error names the bucket. Before the launch could hand them back, they were freed
+    /// while the late write was still to come.
+    #[test]
+    fn a_launch_that_fails_after_starting_keeps_its_buffers_until_the_join() {
+        let (plan, n) = plan(false);
+        let step = plan.for_step(rows);
+        let log = Log::default();
+        let grads = Tensor::ones([n as i64], (Kind::Float, Device::Cpu));
+        let mut transport = LateTransport::new(&log);
+        transport.fail_after_starting = Some(1);
+        let mut session = Session::start(transport, &grads, &step);
+        for stage in 0..3 {
+            session.stage_done(stage);
+        }
+        let e = session.finish().err().expect("the session fails").to_string();
+        assert!(e.contains("could not start bucket 2 of"), "{e}");
+        assert!(e.contains("the group's end failed"), "{e}");
+        let log_now = log.lock().unwrap().clone();
+        assert_eq!(log_now.iter().filter(|l| l.starts_with("launch")).count(), 2, "nothing launched after the failure: {log_now:?}");
+        assert!(log_now.contains(&"freed 1".to_string()), "the failed launch's buffers were never handed to the session: {log_now:?}");
         assert_freed_after_join(&log);
     }
 

@@ -211,9 +211,10 @@ impl World {
             return Ok(());
         }
         if t.device() != tch::Device::Cpu {
-            let mut host = t.to_device(tch::Device::Cpu);
+            // Through host memory and back: two waits for the GPU, counted.
+            let mut host = crate::host_waits::to_device(t, tch::Device::Cpu);
             self.all_reduce_sum_in_place(&mut host, bucket_elems)?;
-            tch::no_grad(|| t.copy_(&host));
+            crate::host_waits::copy_across(t, &host);
             return Ok(());
         }
         anyhow::ensure!(t.kind() == tch::Kind::Float && t.is_contiguous(), "MPI all-reduce needs a contiguous f32 tensor");
