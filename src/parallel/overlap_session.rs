@@ -7,8 +7,9 @@
 //! The session owns every buffer a transport may still read or write (views of the
 //! gradients, the table's copies, bf16 wire copies) and releases none of them before the
 //! transport has joined: on `finish`, on an error (a launch that failed after handing
-//! part of its work over included) and on a panic in backward alike (its `Drop` joins). Without that, an error return let libtorch's caching allocator hand a
-//! wire copy to the next kernel while NCCL was still writing into it.
+//! part of its work over included) and on a panic in backward alike (its `Drop` joins).
+//! Without that, an error return let libtorch's caching allocator hand a wire copy to the
+//! next kernel while NCCL was still writing into it.
 
 use super::buckets::{Bucket, StepBuckets};
 use super::comm_cost::CommCost;
