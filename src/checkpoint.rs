@@ -154,6 +154,7 @@ fn save_via(
         state.checksums.insert(file.to_string(), sha256_file(&path)?);
     }
     crate::faults::kill_in_save("tensors", state.step);
+    crate::faults::slow_save(state.step);
     state.format_version = FORMAT_VERSION;
     let trainer_json = serde_json::to_string_pretty(&state)?;
     crate::run_dir::write_atomic(&tmp_dir.join(TRAINER_FILE), trainer_json.as_bytes())?;

@@ -15,9 +15,17 @@
 //!   still under the temporary name), or right after the rename.
 //! - `save_disk_full@N`: writing step N's checkpoint fails as on a full disk (ENOSPC),
 //!   after its model file is on disk.
+//! - `slow_save@N`: saving step N's checkpoint takes [`SLOW_SAVE`] longer, after its
+//!   tensor files (as a slow fsync would).
+//! - `slow_eval@0`: every evaluation batch takes [`SLOW_EVAL_BATCH`] longer (a slow device).
 //! - `unchecked_ranks@0`: the ranks skip comparing their settings (src/parallel/same_job.rs),
 //!   so that tests reach the size checks of the exchanges behind it.
 //! - `stats_extra@0`: this rank's system sample carries one value too many.
+//! - `table_flags_extra@0`: this rank's looked-up flags of the token table carry one value
+//!   too many (as a rank whose table had another number of rows).
+//! - `table_rows_extra@0`: this rank packs one row more of the token table than the rows
+//!   looked up into the overlapped exchange.
+//! - `other_build@0`: this rank reports another build of algpt2-ddp in its settings.
 //! - `hang_in_<phase>@0`: the process hangs when it enters that phase of start-up or the
 //!   finish (src/parallel/phase.rs names them: `comm_dup`, `weight_broadcast`, ...).
 //! - `nccl_never_join@0`: the rank makes no CUDA or NCCL call at NCCL's init
@@ -127,6 +135,42 @@ pub fn unchecked_ranks() -> bool {
 /// True when a test asked this rank's system sample to carry one value too many.
 pub fn stats_extra(rank: usize) -> bool {
     fault_step("stats_extra", rank).is_some()
+}
+
+/// True when a test asked this rank's looked-up flags of the token table to carry one
+/// value too many.
+pub fn table_flags_extra(rank: usize) -> bool {
+    fault_step("table_flags_extra", rank).is_some()
+}
+
+/// True when a test asked this rank to pack one row too many of the token table.
+pub fn table_rows_extra(rank: usize) -> bool {
+    fault_step("table_rows_extra", rank).is_some()
+}
+
+/// True when a test asked this rank to report another build of algpt2-ddp.
+pub fn other_build(rank: usize) -> bool {
+    fault_step("other_build", rank).is_some()
+}
+
+/// How much longer a chosen save takes (`slow_save@N`): twice the tests' `dist.timeout_s`.
+pub const SLOW_SAVE: std::time::Duration = std::time::Duration::from_secs(8);
+
+/// Sleeps [`SLOW_SAVE`] when saving step `step`'s checkpoint is the chosen slow one.
+pub fn slow_save(step: u64) {
+    if fault_step("slow_save", 0) == Some(step) {
+        std::thread::sleep(SLOW_SAVE);
+    }
+}
+
+/// How much longer each evaluation batch takes under `slow_eval@0`.
+pub const SLOW_EVAL_BATCH: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Sleeps [`SLOW_EVAL_BATCH`] when a test asked for a slow evaluation on rank `rank`.
+pub fn slow_eval_batch(rank: usize) {
+    if fault_step("slow_eval", rank).is_some() {
+        std::thread::sleep(SLOW_EVAL_BATCH);
+    }
 }
 
 /// True when a test chose this rank to never join the NCCL communicator.

@@ -49,6 +49,7 @@ pub fn evaluate(
             loss_sum += per_token.to_kind(Kind::Double).sum(Kind::Double);
             totals[1] += targets.numel() as f64;
             totals[2] += chunk.len() as f64;
+            crate::faults::slow_eval_batch(world.rank());
             // A long evaluation is progress, batch by batch, for the watchdog.
             crate::parallel::phase::progress_made();
         }

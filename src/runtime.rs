@@ -6,6 +6,8 @@
 
 use crate::config::Config;
 use crate::device;
+use crate::parallel::phase::Phase;
+use crate::parallel::watchdog::Watchdog;
 use crate::parallel::World;
 use tch::Device;
 
@@ -17,6 +19,26 @@ pub struct Runtime {
 impl Runtime {
     pub fn start(cfg: &Config) -> anyhow::Result<Runtime> {
         let world = Self::join(cfg.train.tf32)?;
+        Self::on_device(cfg, world)
+    }
+
+    /// As `start`, with the watchdog (`dist.timeout_s`) armed as MPI's init returns and
+    /// connected to the other ranks' once the device is open: from there to the first
+    /// step, a rank stuck anywhere is named (training).
+    pub fn start_watched(cfg: &Config) -> anyhow::Result<(Runtime, Watchdog)> {
+        device::allow_tf32(cfg.train.tf32);
+        let timeout = std::time::Duration::from_secs(cfg.dist.timeout_s);
+        let (world, watchdog) = World::init_then(|rank, size| Watchdog::arm(rank, size, timeout))?;
+        let watchdog = abort_job_on_error(&world, watchdog)?;
+        let rt = Self::on_device(cfg, world)?;
+        watchdog.connect(&rt.world);
+        Ok((rt, watchdog))
+    }
+
+    /// The rank's device and the memory the config needs on it, then its share of the
+    /// CPU threads.
+    fn on_device(cfg: &Config, world: World) -> anyhow::Result<Runtime> {
+        Phase::Device.begin(world.rank());
         let checked = device::resolve(cfg.device, world.local_rank())
             .and_then(|d| device::check_memory(cfg, d, world.local_size()).map(|()| d))
             .map_err(anyhow::Error::from);

@@ -126,7 +126,20 @@ fn ranks_on_other_data_or_other_checkpoints_are_refused() {
 fn a_rank_stuck_in_start_up_is_named_within_the_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    for (phase, slug) in [("start-up: communicator dup (MPI_Comm_dup)", "comm_dup"), ("start-up: weight broadcast", "weight_broadcast")] {
+    // Every phase from MPI's init to the first step, but preparing the token cache. Before
+    // the heartbeat exchange the ranks cannot hear each other: rank 1 names itself.
+    #[rustfmt::skip]
+    let phases = [
+        ("start-up: finding the ranks on this node (MPI_Comm_split_type)", "node_split", false),
+        ("start-up: opening the device", "device", false),
+        ("start-up: exchanging the watchdogs' addresses", "heartbeat_exchange", false),
+        ("start-up: agreeing on the settings", "settings_agreement", true),
+        ("start-up: checking the token cache", "cache_check", true),
+        ("start-up: agreeing on the data and the checkpoint", "data_agreement", true),
+        ("start-up: communicator dup (MPI_Comm_dup)", "comm_dup", true),
+        ("start-up: weight broadcast", "weight_broadcast", true),
+    ];
+    for (phase, slug, heard) in phases {
         let a = args(d, slug, &["--set", "dist.timeout_s=4", "--set", "dist.overlap=true"]);
         let mut cmd = mpirun(2);
         cmd.args(["-x", &format!("ALGPT2_FAULT=hang_in_{slug}@0:1")]).arg(bin()).arg("train").args(&a).current_dir(repo());
@@ -137,7 +150,12 @@ fn a_rank_stuck_in_start_up_is_named_within_the_timeout() {
         assert!(!out.status.success(), "{err}");
         let on_1 = format!("error on rank 1: no progress in {phase} for ");
         assert!(err.contains(&on_1) && err.contains("this rank stopped making progress outside any collective"), "{err}");
-        assert!(err.contains("rank 1 stopped making progress") || err.contains("rank 1 has sent nothing"), "rank 0 names rank 1: {err}");
+        if heard {
+            assert!(
+                err.contains("rank 1 stopped making progress") || err.contains("rank 1 has sent nothing"),
+                "rank 0 names rank 1: {err}"
+            );
+        }
         // Preparing the data before it is not timed (and takes most of the time here):
         // the stall the watchdog measured is the phase's own.
         let stalled: f64 = err[err.find(&on_1).unwrap() + on_1.len()..].split(' ').next().unwrap().parse().unwrap();
@@ -178,4 +196,65 @@ fn behind_the_settings_check_the_exchanges_compare_sizes() {
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("system metrics: a gather to rank 0: rank 1 has "), "{err}");
+
+    // The token table (the overlapped exchange keeps it apart): one rank's looked-up flags
+    // one value longer, then one rank packing one row more than the rows looked up.
+    let overlap = ["--set", "dist.overlap=true", "--set", "train.max_steps=2"];
+    for (fault, run, named) in [
+        ("table_flags_extra@0:1", "tf", "the token table's looked-up flags: rank 1 has "),
+        ("table_rows_extra@0:1", "tr", "(the ranks' gradient layouts differ)"),
+    ] {
+        let out = mpmd(&args(d, run, &overlap), &args(d, run, &overlap), Some(fault));
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{fault}: {err}");
+        assert!(err.contains(named), "{fault}: {err}");
+        assert!(err.contains("error on rank "), "{fault}: {err}");
+        assert!(!err.contains("malloc") && !err.contains("Segmentation"), "{fault}: {err}");
+    }
+}
+
+#[test]
+fn ranks_of_another_build_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let out = mpmd(&args(d, "o", &[]), &args(d, "o", &[]), Some("other_build@0:1"));
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    let expected = format!(
+        "algpt2-ddp build: rank 0 has {} (commit {}), rank 1 has 0.0.0-other (commit 0000000)",
+        env!("CARGO_PKG_VERSION"),
+        env!("ALGPT2_GIT_REVISION")
+    );
+    assert_eq!(err.matches(&expected).count(), 2, "each rank names both builds: {err}");
+    assert!(!d.join("runs/o").exists(), "nothing is written before the ranks agree");
+}
+
+#[test]
+fn per_rank_keys_may_differ_between_ranks() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Rank 1 names another out_dir, run_name and data.cache_dir (its host's own places);
+    // its cache holds the same tokens, built beforehand as a host would.
+    let (other_runs, other_cache) = (d.join("rank1/runs"), d.join("rank1/cache"));
+    let on_1 = |base: Vec<String>| -> Vec<String> {
+        let mut a: Vec<String> = base
+            .into_iter()
+            .filter(|s| !s.starts_with("--set=out_dir=") && !s.starts_with("--set=data.cache_dir=") && !s.starts_with("--set=run_name="))
+            .collect();
+        a.push(format!("--set=out_dir={}", other_runs.display()));
+        a.push(format!("--set=data.cache_dir={}", other_cache.display()));
+        a.push("--set=run_name=elsewhere".to_string());
+        a
+    };
+    let few = ["--set", "train.max_steps=2", "--set", "train.save_interval=2", "--set", "train.eval_interval=2"];
+    let (rank0, rank1) = (args(d, "p", &few), on_1(args(d, "p", &few)));
+    let prepared = run_bounded(std::process::Command::new(bin()).arg("prepare").args(&rank1).current_dir(repo()), LIMIT);
+    assert!(prepared.status.success(), "{}", stderr(&prepared));
+    let out = mpmd(&rank0, &rank1, None);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(!err.contains("different settings"), "{err}");
+    assert_eq!(metrics_rows(d, "p"), 2, "rank 0 logged both steps: {err}");
+    assert!(d.join("runs/p/checkpoints/step_00000002/model.safetensors").is_file(), "{err}");
+    assert!(!other_runs.join("elsewhere").exists(), "only rank 0 writes the run");
 }

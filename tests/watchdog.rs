@@ -1,12 +1,12 @@
 //! The watchdog of one rank (`dist.timeout_s`) counts what is progress and what is a stop:
-//! a final evaluation longer than the timeout is progress batch by batch, the finish after
-//! the last collective is not timed, and a machine so loaded that the watchdog's thread
-//! waits seconds for a core is not a stopped process.
+//! a final evaluation longer than the timeout is progress batch by batch, a checkpoint's
+//! save longer than the timeout is progress (on the saving rank and on the ranks waiting
+//! for it), the finish after the last collective is not timed, and a machine so loaded
+//! that the watchdog's thread waits seconds for a core is not a stopped process.
 
 mod common;
 use common::*;
 use std::path::Path;
-use std::process::Output;
 use std::time::{Duration, Instant};
 
 /// The tiny model, no W&B.
@@ -19,40 +19,83 @@ fn args(dir: &Path, run: &str, extra: &[&str]) -> Vec<String> {
     tiny_run_args(&sets, dir, run, extra)
 }
 
-/// One rank, `dist.timeout_s=4`: what comes after the steps must not end a run that
-/// trained to its end.
-fn one_rank_with_short_timeout(d: &Path, run: &str, extra: &[&str]) -> Output {
-    let mut a = args(d, run, &["--set", "dist.timeout_s=4", "--set", "train.max_steps=2", "--set", "train.save_interval=2"]);
-    a.extend(extra.iter().map(|s| s.to_string()));
-    run_bounded(std::process::Command::new(bin()).arg("train").args(&a).current_dir(repo()), LIMIT)
+/// Parts of WikiText-2 in `d`, small enough that no rank spends long on the data: 200 kB
+/// to train on, and with `valid` 100 kB (about 1,500 windows) to evaluate; no test split.
+fn small_text(d: &Path, valid: bool) -> Vec<String> {
+    let wikitext = repo().join("tests/data/wikitext-2");
+    let (train, valid_file) = (d.join("train.txt"), d.join("valid.txt"));
+    std::fs::write(&train, &std::fs::read(wikitext.join("wiki.valid.tokens")).unwrap()[..200_000]).unwrap();
+    std::fs::write(&valid_file, &std::fs::read(wikitext.join("wiki.test.tokens")).unwrap()[..100_000]).unwrap();
+    let valid = if valid { format!("--set=data.valid={}", valid_file.display()) } else { "--set=data.valid=null".to_string() };
+    vec!["--set=data.format=text".to_string(), format!("--set=data.train={}", train.display()), valid, "--set=data.test=null".to_string()]
 }
 
 #[test]
 fn a_final_evaluation_longer_than_the_timeout_is_progress() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    // Parts of WikiText-2: 200 kB to train on, 100 kB (about 48k tokens, 95 batches of a
-    // debug build's 80 ms) to evaluate, twice the timeout.
-    let wikitext = repo().join("tests/data/wikitext-2");
-    let (train, valid) = (d.join("train.txt"), d.join("valid.txt"));
-    std::fs::write(&train, &std::fs::read(wikitext.join("wiki.valid.tokens")).unwrap()[..200_000]).unwrap();
-    std::fs::write(&valid, &std::fs::read(wikitext.join("wiki.test.tokens")).unwrap()[..100_000]).unwrap();
-    #[rustfmt::skip]
-    let sets = [
-        "--set".to_string(), "data.format=text".to_string(), format!("--set=data.train={}", train.display()),
-        format!("--set=data.valid={}", valid.display()), "--set".to_string(), "data.test=null".to_string(),
-        // The whole valid split: many batches, each well under the timeout.
-        "--set".to_string(), "train.eval_steps=0".to_string(), "--set".to_string(), "train.eval_interval=0".to_string(),
-    ];
-    let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+    let mut a = args(d, "e", &["--set", "dist.timeout_s=4", "--set", "train.max_steps=2", "--set", "train.save_interval=2"]);
+    a.extend(small_text(d, true));
+    // 16 batches of 0.5 s each (ALGPT2_FAULT=slow_eval, in any build): 8 s, twice the
+    // timeout, each batch well under it.
+    a.extend(["--set", "train.eval_steps=16", "--set", "train.eval_interval=0"].map(String::from));
+    let mut cmd = std::process::Command::new(bin());
+    cmd.arg("train").args(&a).env("ALGPT2_FAULT", "slow_eval@0").current_dir(repo());
     let started = Instant::now();
-    let out = one_rank_with_short_timeout(d, "e", &sets);
+    let mut running = spawn(&mut cmd);
+    // Step 2's row is written after its evaluation, step 1's before it: the time between
+    // them is the evaluation's (a tiny step besides).
+    let metrics = d.join("runs/e/metrics.jsonl");
+    let rows_now = || std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count());
+    let mut seen: Vec<Instant> = Vec::new();
+    while running.is_running() && seen.len() < 2 {
+        while seen.len() < rows_now().min(2) {
+            seen.push(Instant::now());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = finish_bounded(running, LIMIT);
     let err = stderr(&out);
     assert!(out.status.success(), "{err}");
     assert!(!err.contains("no training progress"), "{err}");
-    let rows = std::fs::read_to_string(d.join("runs/e/metrics.jsonl")).unwrap();
+    let rows = std::fs::read_to_string(&metrics).unwrap();
     assert!(rows.lines().last().unwrap().contains("\"val/loss\""), "{rows}");
-    eprintln!("trained, evaluated the whole valid split and saved in {:.1} s", started.elapsed().as_secs_f64());
+    assert_eq!(seen.len(), 2, "both rows were seen as they were written: {rows}");
+    let evaluation = seen[1].duration_since(seen[0]);
+    assert!(evaluation > Duration::from_secs(4), "the evaluation took {evaluation:?}, not longer than dist.timeout_s=4");
+    eprintln!("trained, evaluated for {:.1} s and saved in {:.1} s", evaluation.as_secs_f64(), started.elapsed().as_secs_f64());
+}
+
+#[test]
+fn a_save_longer_than_the_timeout_is_progress() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // One rank: step 2's save takes 8 s (ALGPT2_FAULT=slow_save@2), twice dist.timeout_s.
+    let a = args(d, "s", &["--set", "dist.timeout_s=4", "--set", "train.max_steps=2", "--set", "train.save_interval=2"]);
+    let mut cmd = std::process::Command::new(bin());
+    cmd.arg("train").args(&a).env("ALGPT2_FAULT", "slow_save@2").current_dir(repo());
+    let started = Instant::now();
+    let out = run_bounded(&mut cmd, LIMIT);
+    let took = started.elapsed();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(!err.contains("no training progress") && !err.contains("no progress in"), "{err}");
+    assert!(d.join("runs/s/checkpoints/step_00000002/model.safetensors").is_file(), "{err}");
+    assert!(took >= Duration::from_secs(8), "the save was slow: {took:?}");
+
+    // Two ranks: rank 1 waits for rank 0's slow save (step 2 of 4) and trains on after it.
+    // Little data and no evaluation: on a loaded machine, rank 1's check of a large cache
+    // or one rank's share of an evaluation may end seconds after the other's, waits this
+    // test is not about.
+    let mut a = args(d, "s2", &["--set", "dist.timeout_s=4", "--set", "train.max_steps=4", "--set", "train.save_interval=2"]);
+    a.extend(small_text(d, false));
+    let mut cmd = mpirun(2);
+    cmd.args(["-x", "ALGPT2_FAULT=slow_save@2"]).arg(bin()).arg("train").args(&a).current_dir(repo());
+    let out = run_bounded(&mut cmd, LIMIT);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(!err.contains("no training progress") && !err.contains("no progress in"), "{err}");
+    assert!(d.join("runs/s2/checkpoints/step_00000004/model.safetensors").is_file(), "{err}");
 }
 
 #[test]

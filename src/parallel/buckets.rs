@@ -94,8 +94,12 @@ impl BucketPlan {
     /// This plan for one overlapped step; `rows_looked_up` gives the table's rows the
     /// step's inputs look up on any rank, and is called only if the plan keeps the table
     /// apart.
-    pub fn for_step(&self, rows_looked_up: impl FnOnce(&TokenTableLayout) -> Tensor) -> StepBuckets<'_> {
-        StepBuckets { plan: self, table: self.table.map(|t| (t, rows_looked_up(&t))) }
+    pub fn for_step(&self, rows_looked_up: impl FnOnce(&TokenTableLayout) -> anyhow::Result<Tensor>) -> anyhow::Result<StepBuckets<'_>> {
+        let table = match self.table {
+            Some(t) => Some((t, rows_looked_up(&t)?)),
+            None => None,
+        };
+        Ok(StepBuckets { plan: self, table })
     }
 }
 

@@ -11,6 +11,7 @@ use super::token_table::rows_looked_up;
 use super::{GradientExchange, World};
 use crate::config::DistConfig;
 use anyhow::anyhow;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 use tch::{Device, Tensor};
 
@@ -49,6 +50,9 @@ pub struct DataParallel<'w> {
     overlap: Option<Overlapped>,
     /// Why `dist.overlap` is not in effect, for the log.
     not_overlapped: Option<&'static str>,
+    /// The ranks compared the length of the token table's looked-up flags (at the first
+    /// overlapped step: it is fixed for the run).
+    table_lengths_compared: AtomicBool,
 }
 
 impl<'w> DataParallel<'w> {
@@ -73,7 +77,7 @@ impl<'w> DataParallel<'w> {
             }
             (None, GradientExchange::Nccl { comm, .. }) => Some(Overlapped::Nccl(NcclOverlap::new(comm)?)),
         };
-        Ok(DataParallel { world, exchange, overlap, not_overlapped: why_not })
+        Ok(DataParallel { world, exchange, overlap, not_overlapped: why_not, table_lengths_compared: AtomicBool::new(false) })
     }
 
     /// The exchange as logs and reports show it, e.g. "mpi, fp32 gradients, overlapped".
@@ -101,12 +105,18 @@ impl<'w> DataParallel<'w> {
         backward: impl FnOnce(&mut dyn FnMut(usize)),
     ) -> anyhow::Result<CommCost> {
         let overlap = self.overlap.as_ref().filter(|_| last.staged || last.plan.table.is_some());
-        let step = || last.plan.for_step(|table| rows_looked_up(self.world, table, &last.input_ids, grads.device()));
+        let step = || {
+            last.plan.for_step(|table| {
+                let first = !self.table_lengths_compared.swap(true, Ordering::Relaxed);
+                rows_looked_up(self.world, table, &last.input_ids, grads.device(), first)
+            })
+        };
         match overlap {
-            Some(Overlapped::Mpi(overlap)) => overlapped(overlap.transport(), grads, &step(), backward),
+            Some(Overlapped::Mpi(overlap)) => overlapped(overlap.transport(), grads, &step()?, backward),
             Some(Overlapped::Nccl(overlap)) => {
                 let (comm, wire) = self.exchange.nccl().ok_or_else(|| anyhow!("the NCCL overlap without an NCCL exchange"))?;
-                overlapped(overlap.transport(comm, wire, grads)?, grads, &step(), backward)
+                let step = step()?;
+                overlapped(overlap.transport(comm, wire, grads)?, grads, &step, backward)
             }
             None => {
                 backward(&mut |_| {});

@@ -59,6 +59,11 @@ pub(crate) struct Heartbeat {
 }
 
 impl Heartbeat {
+    /// A heartbeat that neither sends nor hears (before the addresses are exchanged).
+    pub fn unconnected() -> Heartbeat {
+        Heartbeat { socket: None, peers: Vec::new(), nonce: 0 }
+    }
+
     /// Opens this rank's socket and learns the others'. A collective: every rank calls it
     /// at the same point of start-up.
     pub fn open(world: &World) -> Heartbeat {

@@ -465,7 +465,7 @@ mod tests {
         let stages: Vec<Vec<String>> = (0..3).rev().map(|l| vec![format!("h.{l}.")]).collect();
         let plan = BucketPlan::new(&slots, &stages, 1500);
         assert!(plan.buckets.len() >= 3, "{plan:?}");
-        let step = plan.for_step(|_| unreachable!("no token table apart"));
+        let step = plan.for_step(|_| unreachable!("no token table apart")).unwrap();
         for wire in [GradDtype::Fp32, GradDtype::Fp32, GradDtype::Bf16, GradDtype::Bf16] {
             let source = Tensor::randn([6000], (Kind::Float, Device::Cuda(0)));
             let grads = source.zeros_like();

@@ -316,8 +316,8 @@ mod tests {
         (plan, 7000)
     }
 
-    fn rows(_: &TokenTableLayout) -> Tensor {
-        Tensor::from_slice(&[1i64, 4, 7])
+    fn rows(_: &TokenTableLayout) -> anyhow::Result<Tensor> {
+        Ok(Tensor::from_slice(&[1i64, 4, 7]))
     }
 
     /// Every release of a buffer given to the transport comes after its join.
@@ -333,7 +333,7 @@ mod tests {
     #[test]
     fn late_jobs_are_joined_before_the_averages_are_read_or_their_buffers_freed() {
         let (plan, n) = plan(true);
-        let step = plan.for_step(rows);
+        let step = plan.for_step(rows).unwrap();
         let log = Log::default();
         let grads = Tensor::arange(n as i64, (Kind::Float, Device::Cpu));
         let want = &grads * 2.0;
@@ -349,7 +349,7 @@ mod tests {
     #[test]
     fn a_bucket_that_cannot_start_is_named_and_nothing_goes_before_the_join() {
         let (plan, n) = plan(false);
-        let step = plan.for_step(rows);
+        let step = plan.for_step(rows).unwrap();
         let log = Log::default();
         let grads = Tensor::ones([n as i64], (Kind::Float, Device::Cpu));
         let mut transport = LateTransport::new(&log);
@@ -393,7 +393,7 @@ mod tests {
     #[test]
     fn a_bucket_that_fails_late_is_named() {
         let (plan, n) = plan(true);
-        let step = plan.for_step(rows);
+        let step = plan.for_step(rows).unwrap();
         let log = Log::default();
         let grads = Tensor::ones([n as i64], (Kind::Float, Device::Cpu));
         let mut transport = LateTransport::new(&log);
@@ -408,7 +408,7 @@ mod tests {
     #[test]
     fn a_panic_in_backward_joins_before_any_buffer_goes() {
         let (plan, n) = plan(true);
-        let step = plan.for_step(rows);
+        let step = plan.for_step(rows).unwrap();
         let log = Log::default();
         let grads = Tensor::ones([n as i64], (Kind::Float, Device::Cpu));
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -424,7 +424,7 @@ mod tests {
     #[test]
     fn buffers_the_transport_may_still_write_are_never_freed() {
         let (plan, n) = plan(true);
-        let step = plan.for_step(rows);
+        let step = plan.for_step(rows).unwrap();
         let log = Log::default();
         let grads = Tensor::ones([n as i64], (Kind::Float, Device::Cpu));
         let mut transport = LateTransport::new(&log);
@@ -441,15 +441,19 @@ mod tests {
         let (with_table, _) = plan(true);
         let (without, _) = plan(false);
         let mut asked = 0;
-        let step = with_table.for_step(|t| {
-            asked += 1;
-            rows(t)
-        });
+        let step = with_table
+            .for_step(|t| {
+                asked += 1;
+                rows(t)
+            })
+            .unwrap();
         assert!(step.table().is_some());
-        let step = without.for_step(|t| {
-            asked += 10;
-            rows(t)
-        });
+        let step = without
+            .for_step(|t| {
+                asked += 10;
+                rows(t)
+            })
+            .unwrap();
         assert!(step.table().is_none());
         assert_eq!(asked, 1, "the rows are asked for exactly when the plan keeps the table apart");
     }

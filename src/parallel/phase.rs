@@ -1,8 +1,9 @@
 //! Where a rank is outside the training steps, for the watchdog (src/parallel/watchdog.rs):
-//! start-up from the MPI world to the first step, and the finish after the last. The
-//! watchdog counts entering a phase as progress and names the phase it stopped in, so a
-//! rank stuck before the first step (a communicator that never forms, a weight broadcast
-//! another rank never joins) ends the job after `dist.timeout_s` like a hung step does.
+//! start-up from the moment MPI's init returns to the first step, a checkpoint's save,
+//! and the finish after the last step. The watchdog counts entering a phase as progress
+//! and names the phase it stopped in, so a rank stuck before the first step (a node split
+//! or a communicator that never forms, a weight broadcast another rank never joins) ends
+//! the job after `dist.timeout_s` like a hung step does.
 //!
 //! One process-wide value, as the collective mark of src/parallel/waiting.rs: the places that
 //! enter a phase (the data, the exchange's set-up) need no handle to the watchdog.
@@ -12,8 +13,16 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Phase {
+    /// MPI's init has returned; the ranks find the others on their node (MPI_Comm_split_type,
+    /// a collective), which picks the GPU.
+    NodeSplit = 0,
+    /// The rank opens its device and checks that the config fits its memory.
+    Device,
+    /// The watchdogs exchange their heartbeat addresses (an all-gather): until then a
+    /// firing watchdog can name only its own rank.
+    HeartbeatExchange,
     /// The ranks agree that they run the same job (src/parallel/same_job.rs).
-    SettingsAgreement = 0,
+    SettingsAgreement,
     /// Rank 0 builds or checks the token cache while the others wait for it. Not timed:
     /// tokenizing a large corpus takes as long as it takes, and a rank that dies here
     /// ends the job through mpirun.
@@ -31,12 +40,20 @@ pub enum Phase {
     WeightBroadcast,
     /// The steps: the watchdog's clock is the last completed step.
     Training,
+    /// A checkpoint's save: rank 0 writes it while the others wait for its verdict. Not
+    /// timed: a slow file system (a long fsync) takes as long as it takes, and a rank
+    /// that dies here ends the job through mpirun. Rank 0 waits for the verdict timed
+    /// again, so a rank stuck elsewhere meanwhile is still named.
+    Saving,
     /// After the last collective: the summary and W&B's flush (bounded by
     /// `wandb.flush_timeout_s`). Not timed: nothing here waits for another rank.
     Finishing,
 }
 
-const ALL: [Phase; 9] = [
+const ALL: [Phase; 13] = [
+    Phase::NodeSplit,
+    Phase::Device,
+    Phase::HeartbeatExchange,
     Phase::SettingsAgreement,
     Phase::DataPreparation,
     Phase::CacheCheck,
@@ -45,10 +62,11 @@ const ALL: [Phase; 9] = [
     Phase::NcclInit,
     Phase::WeightBroadcast,
     Phase::Training,
+    Phase::Saving,
     Phase::Finishing,
 ];
 
-static CURRENT: AtomicU8 = AtomicU8::new(Phase::SettingsAgreement as u8);
+static CURRENT: AtomicU8 = AtomicU8::new(Phase::NodeSplit as u8);
 /// Bumped by work that takes long between two marks of its own: an evaluation batch,
 /// entering a phase. The watchdog counts any change as progress.
 static MARKS: AtomicU64 = AtomicU64::new(0);
@@ -76,12 +94,15 @@ impl Phase {
 
     /// Whether the watchdog ends a rank that makes no progress in this phase.
     pub fn timed(self) -> bool {
-        !matches!(self, Phase::DataPreparation | Phase::Finishing)
+        !matches!(self, Phase::DataPreparation | Phase::Saving | Phase::Finishing)
     }
 
     /// The phase as the watchdog's message names it.
     pub fn describe(self) -> &'static str {
         match self {
+            Phase::NodeSplit => "start-up: finding the ranks on this node (MPI_Comm_split_type)",
+            Phase::Device => "start-up: opening the device",
+            Phase::HeartbeatExchange => "start-up: exchanging the watchdogs' addresses",
             Phase::SettingsAgreement => "start-up: agreeing on the settings",
             Phase::DataPreparation => "start-up: preparing the token cache",
             Phase::CacheCheck => "start-up: checking the token cache",
@@ -90,6 +111,7 @@ impl Phase {
             Phase::NcclInit => "start-up: NCCL init",
             Phase::WeightBroadcast => "start-up: weight broadcast",
             Phase::Training => "training",
+            Phase::Saving => "saving a checkpoint",
             Phase::Finishing => "finishing",
         }
     }
@@ -97,6 +119,9 @@ impl Phase {
     /// The name `ALGPT2_FAULT=hang_in_<slug>@0` uses to hang a rank in this phase.
     pub fn slug(self) -> &'static str {
         match self {
+            Phase::NodeSplit => "node_split",
+            Phase::Device => "device",
+            Phase::HeartbeatExchange => "heartbeat_exchange",
             Phase::SettingsAgreement => "settings_agreement",
             Phase::DataPreparation => "data_preparation",
             Phase::CacheCheck => "cache_check",
@@ -105,6 +130,7 @@ impl Phase {
             Phase::NcclInit => "nccl_init",
             Phase::WeightBroadcast => "weight_broadcast",
             Phase::Training => "training",
+            Phase::Saving => "saving",
             Phase::Finishing => "finishing",
         }
     }
@@ -133,6 +159,7 @@ mod tests {
         }
         let slugs: std::collections::BTreeSet<_> = ALL.iter().map(|p| p.slug()).collect();
         assert_eq!(slugs.len(), ALL.len());
-        assert!(!Phase::DataPreparation.timed() && Phase::CommunicatorDup.timed());
+        assert!(!Phase::DataPreparation.timed() && !Phase::Saving.timed() && Phase::CommunicatorDup.timed());
+        assert!(Phase::NodeSplit.timed() && Phase::Device.timed() && Phase::HeartbeatExchange.timed());
     }
 }

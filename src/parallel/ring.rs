@@ -59,14 +59,27 @@ fn bytes_of_mut<T>(values: &mut [T]) -> &mut [u8] {
 }
 
 /// Replaces `values` by its sum over the ranks of `comm` (every rank calls it with the
-/// same length; a rank whose length differs is an error naming it, from
-/// `RawComm::send_receive`).
+/// same length; a rank whose length differs is an error naming it).
 pub fn all_reduce_sum<T: Summable>(comm: &RawComm, values: &mut [T], poll: Duration) -> Result<(), String> {
     let (p, r, n) = (comm.size, comm.rank, values.len());
-    if p == 1 || n == 0 {
+    if p == 1 {
         return Ok(());
     }
     let (next, prev) = ((r + 1) % p, (r + p - 1) % p);
+    // Each rank's length to the next first, in 8 bytes on every rank: a rank whose length
+    // differs is named before a segment's receive could be truncated. MPI reports a
+    // truncation, but Open MPI's single-copy path for large messages (CMA) was seen to
+    // write past the receive buffer doing so (a corrupted heap, not an error).
+    let mut theirs = [0u8; 8];
+    // SAFETY: both buffers are ours and untouched until the call returns.
+    unsafe { comm.send_receive(&(n as u64).to_le_bytes(), next, &mut theirs, prev, (2 * p) as i32, poll)? };
+    let prev_n = u64::from_le_bytes(theirs);
+    if prev_n != n as u64 {
+        return Err(format!("rank {prev} has {prev_n} values where rank {r} has {n} (the ranks' gradient layouts differ)"));
+    }
+    if n == 0 {
+        return Ok(());
+    }
     let mut incoming = vec![T::default(); n.div_ceil(p) + 1];
     // Reduce-scatter: after p-1 steps rank r holds the sum of segment (r+1) mod p.
     for s in 0..p - 1 {

@@ -44,7 +44,8 @@ impl Facts {
         Facts { entries: serde_json::from_str(text).unwrap_or_default() }
     }
 
-    fn get(&self, key: &str) -> Option<&str> {
+    /// The value of fact `key`, if there is one.
+    pub fn get(&self, key: &str) -> Option<&str> {
         self.entries.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
     }
 }

@@ -99,16 +99,37 @@ impl<'a> TokenTableInFlight<'a> {
 /// ascending, on `device`. Agreed through one small all-reduce of looked-up flags rather
 /// than computed from the global batch: ranks whose token files differ (doctor's do) must
 /// still send rows of the same count.
-pub fn rows_looked_up(world: &World, table: &TokenTableLayout, input_ids: &[i64], device: Device) -> Tensor {
+///
+/// The flags are as many as the table's rows, fixed for the run by `model.vocab_size` and
+/// agreed with the gradient layout at start-up. With `compare_lengths` (the first step)
+/// the ranks compare that length once more, right before the all-reduce that a
+/// difference would make write past a buffer: a rank whose length differs is an error
+/// naming it.
+pub fn rows_looked_up(
+    world: &World,
+    table: &TokenTableLayout,
+    input_ids: &[i64],
+    device: Device,
+    compare_lengths: bool,
+) -> anyhow::Result<Tensor> {
     let mut looked_up = vec![0f64; table.rows as usize];
+    if crate::faults::table_flags_extra(world.rank()) {
+        looked_up.push(0.0);
+    }
     for &id in input_ids {
         if let Some(flag) = usize::try_from(id).ok().and_then(|i| looked_up.get_mut(i)) {
             *flag = 1.0;
         }
     }
+    if compare_lengths {
+        world.check_same_length("the token table's looked-up flags", looked_up.len())?;
+    }
     world.all_reduce_max(&mut looked_up);
-    let ids = looked_up.iter().enumerate().filter(|(_, f)| **f > 0.0).map(|(i, _)| i as i64).collect();
-    touched_rows(ids, device)
+    let mut ids: Vec<i64> = looked_up.iter().enumerate().filter(|(_, f)| **f > 0.0).map(|(i, _)| i as i64).collect();
+    if crate::faults::table_rows_extra(world.rank()) {
+        ids.extend(looked_up.iter().position(|f| *f == 0.0).map(|i| i as i64));
+    }
+    Ok(touched_rows(ids, device))
 }
 
 /// The rows `ids` name, ascending and once each, as a tensor on `device`. Made between the

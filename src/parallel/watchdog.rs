@@ -6,11 +6,15 @@
 //! exchange (src/parallel/heartbeat.rs); a firing watchdog tells the others, which then end
 //! at once with their own view of it.
 //!
-//! It starts with the MPI world, before the first step: start-up phases (the ranks'
-//! agreement, the cache check, communicator dup, NCCL init, the weight broadcast; see
-//! src/parallel/phase.rs) are timed the same way and named when the watchdog fires in one.
-//! Entering a phase, a completed step and an evaluation batch are progress; preparing the
-//! token cache and the finish after the last collective are not timed.
+//! It is armed as soon as MPI's init returns, before the first collective: every phase of
+//! start-up (the node split, the device, the heartbeat exchange, the ranks' agreement, the
+//! cache check, communicator dup, NCCL init, the weight broadcast; see
+//! src/parallel/phase.rs) is timed the same way and named when the watchdog fires in one.
+//! Until the heartbeat addresses are exchanged it hears nobody and can name only its own
+//! rank: a rank waiting in a collective then gives the others a moment to name themselves
+//! before it ends the job. Entering a phase, a completed step and an evaluation batch are
+//! progress; preparing the token cache, a checkpoint's save and the finish after the last
+//! collective are not timed.
 //!
 //! NCCL reports a failure (a peer that died, a broken link) asynchronously, while this
 //! rank may be waiting on the GPU for the collective that will never finish. While a
@@ -42,6 +46,11 @@ const FROZEN: Duration = Duration::from_secs(2);
 /// A firing watchdog waits this long before ending the rank, so that the others, told,
 /// write their view of it before mpirun ends them.
 const LINGER: Duration = Duration::from_millis(300);
+/// How long a firing watchdog that hears nobody yet (start-up, before the heartbeat
+/// exchange) waits before ending its rank when that rank waits inside a collective: the
+/// rank that stopped outside one, its clock running alongside, fires meanwhile and names
+/// itself, where mpirun would otherwise end it first, unnamed.
+const UNHEARD_LINGER: Duration = Duration::from_secs(2);
 /// How long the watchdog waits for a failed communicator's abort before it ends the rank
 /// anyway (ncclCommAbort itself has hung in some NCCL versions).
 const ABORT_WAIT: Duration = Duration::from_secs(5);
@@ -118,6 +127,8 @@ fn abort_within(source: Arc<dyn Health>, limit: Duration) -> bool {
 
 pub struct Watchdog {
     progress: Arc<Progress>,
+    /// Hands the heartbeat to the watchdog's thread once the addresses are exchanged.
+    connect: std::sync::mpsc::Sender<Heartbeat>,
 }
 
 /// What the main thread tells the watchdog thread.
@@ -129,15 +140,24 @@ struct Progress {
 }
 
 impl Watchdog {
-    /// Starts watching this rank's progress from the start-up on (no step completed yet:
-    /// `beat` gives the resumed step once it is known). A collective: every rank calls it
-    /// at the same point (the ranks exchange their heartbeat addresses).
-    pub fn start(world: &World, timeout: Duration) -> anyhow::Result<Watchdog> {
-        let heartbeat = Heartbeat::open(world);
+    /// Starts watching rank `rank` of `size` from now on (no step completed yet: `beat`
+    /// gives the resumed step once it is known), hearing nobody until [`Watchdog::connect`].
+    /// Not a collective: armed as MPI's init returns, before any collective can hang.
+    pub fn arm(rank: usize, size: usize, timeout: Duration) -> anyhow::Result<Watchdog> {
         let progress = Arc::new(Progress { started: Instant::now(), beat_ms: AtomicU64::new(0), last_step: AtomicU64::new(0) });
-        let watch = Watch { rank: world.rank(), size: world.size(), allowed: timeout, heartbeat, progress: Arc::clone(&progress) };
+        let (connect, connected) = std::sync::mpsc::channel();
+        let watch = Watch { rank, size, allowed: timeout, heartbeat: Heartbeat::unconnected(), connected, progress: Arc::clone(&progress) };
         std::thread::Builder::new().name("watchdog".into()).spawn(move || watch.run()).context("cannot start the watchdog thread")?;
-        Ok(Watchdog { progress })
+        Ok(Watchdog { progress, connect })
+    }
+
+    /// Exchanges the heartbeat addresses (under the watchdog's deadline, as the phase
+    /// `HeartbeatExchange`), so that from now on a firing watchdog names the rank that
+    /// stopped and tells the others. A collective: every rank calls it at the same point.
+    pub fn connect(&self, world: &World) {
+        Phase::HeartbeatExchange.begin(world.rank());
+        // The thread only ends with the process.
+        let _ = self.connect.send(Heartbeat::open(world));
     }
 
     /// Progress was made (`step` is the last completed step): restart the clock.
@@ -206,15 +226,16 @@ struct Watch {
     rank: usize,
     size: usize,
     allowed: Duration,
+    /// Unconnected until the addresses are exchanged (`connected` brings it).
     heartbeat: Heartbeat,
+    connected: std::sync::mpsc::Receiver<Heartbeat>,
     progress: Arc<Progress>,
 }
 
 impl Watch {
     fn run(mut self) -> ! {
         let mut peers: Vec<Option<(Status, Instant)>> = vec![None; self.size];
-        // Told at once, the others know this rank from its first moment.
-        self.heartbeat.send(&Status::now(self.rank, self.progress.last_step.load(Ordering::Relaxed), 0, false));
+        let mut connected = false;
         let (mut seen_beat, mut frozen, mut next_send) = (0, Duration::ZERO, Instant::now() + SEND_EVERY);
         let mut seen_marks = phase::marks();
         let mut queued = RunQueueWait::of_this_thread();
@@ -224,6 +245,11 @@ impl Watch {
         let mut last_freeze: Option<(Instant, Duration)> = None;
         let mut tick = Instant::now();
         loop {
+            if let Ok(heartbeat) = self.connected.try_recv() {
+                (self.heartbeat, connected) = (heartbeat, true);
+                // Told at once, the others know this rank from its first moment.
+                self.heartbeat.send(&Status::now(self.rank, self.progress.last_step.load(Ordering::Relaxed), 0, false));
+            }
             let heard = self.heartbeat.receive(tick + TICK);
             // From the end of the last tick: a stop anywhere in the loop is seen.
             let now = Instant::now();
@@ -296,6 +322,9 @@ impl Watch {
                 for _ in 0..2 {
                     self.heartbeat.send(&me);
                     std::thread::sleep(LINGER / 2);
+                }
+                if !connected && me.waiting && self.size > 1 {
+                    std::thread::sleep(UNHEARD_LINGER);
                 }
             }
             // _exit: no destructors, which could block on the same stuck collective.

@@ -144,23 +144,37 @@ pub struct World {
 impl World {
     /// Joins the MPI world (a singleton world when not started by mpirun).
     pub fn init() -> anyhow::Result<World> {
+        World::init_then(|_, _| ()).map(|(world, ())| world)
+    }
+
+    /// Joins the MPI world, calling `joined(rank, size)` as soon as MPI's init returns,
+    /// before the first collective (the node split): training arms its watchdog there, so
+    /// that a rank stuck in any collective of start-up is named.
+    pub fn init_then<T>(joined: impl FnOnce(usize, usize) -> T) -> anyhow::Result<(World, T)> {
         // Serialized: the overlapped exchange's thread calls MPI while the main thread
         // computes (and never calls MPI) until it has waited for that thread.
         let (universe, threading) = mpi::initialize_with_threading(mpi::Threading::Serialized)
             .ok_or_else(|| anyhow::anyhow!("MPI was already initialized in this process"))?;
         let serialized_threads = matches!(threading, mpi::Threading::Serialized | mpi::Threading::Multiple);
         let comm = universe.world();
+        let (rank, size) = (comm.rank() as usize, comm.size() as usize);
+        let armed = joined(rank, size);
+        super::phase::Phase::NodeSplit.begin(rank);
         // Ranks sharing a node (shared memory) give the local rank, which picks the GPU.
-        let node = comm.split_shared(comm.rank());
-        Ok(World {
-            rank: comm.rank() as usize,
-            size: comm.size() as usize,
+        let node = {
+            let _waiting = InCollective::enter();
+            comm.split_shared(comm.rank())
+        };
+        let world = World {
+            rank,
+            size,
             local_rank: node.rank() as usize,
             local_size: node.size() as usize,
             serialized_threads,
             comm,
             _universe: universe,
-        })
+        };
+        Ok((world, armed))
     }
 
     pub fn rank(&self) -> usize {

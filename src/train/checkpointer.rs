@@ -4,6 +4,7 @@
 use super::run_checkpoints::RunCheckpoints;
 use crate::checkpoint::LoopState;
 use crate::config::{Config, OnSaveError};
+use crate::parallel::phase::Phase;
 use crate::parallel::World;
 use crate::report::progress::Progress;
 use crate::run_dir::RunDir;
@@ -49,13 +50,21 @@ impl<'a> Checkpointer<'a> {
         if !self.is_due(step, stopping) {
             return Ok(());
         }
-        // The save's time counts from its start, not from the step before it.
-        crate::parallel::phase::progress_made();
-        let saved = if world.is_main() { self.checkpoints.save(trainer, world, others) } else { Ok(PathBuf::new()) };
+        // Not timed while rank 0 writes (a slow fsync is no hang) and the others wait for
+        // it; rank 0 waits for the verdict timed again (src/parallel/phase.rs).
+        Phase::Saving.enter();
+        let saved = if world.is_main() {
+            let saved = self.checkpoints.save(trainer, world, others);
+            Phase::Training.enter();
+            saved
+        } else {
+            Ok(PathBuf::new())
+        };
         // Every rank learns whether rank 0's save worked, so that all stop together
         // (or all go on) instead of the others waiting on a rank that left.
         let mut failed = [saved.is_err() as u8 as f64];
         world.all_reduce_max(&mut failed);
+        Phase::Training.enter();
         match saved {
             Ok(dir) if failed[0] == 0.0 => {
                 if world.is_main() {

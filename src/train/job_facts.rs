@@ -23,9 +23,9 @@ use sha2::{Digest, Sha256};
 pub const PER_RANK_KEYS: [&str; 8] =
     ["out_dir", "run_name", "data.train", "data.valid", "data.test", "data.cache_dir", "tokenizer.path", "checkpoint.resume"];
 
-/// The resolved config (every key but [`PER_RANK_KEYS`]), what this rank resolved from it
-/// (device kind, precision), and the build: the binary and the libtorch it loaded.
-pub fn settings(cfg: &Config, device: tch::Device) -> Facts {
+/// The resolved config (every key but [`PER_RANK_KEYS`]), what rank `rank` resolved from
+/// it (device kind, precision), and the build: the binary and the libtorch it loaded.
+pub fn settings(cfg: &Config, device: tch::Device, rank: usize) -> Facts {
     let mut facts = Facts::default();
     let mut flat = Vec::new();
     flatten("", &serde_json::to_value(cfg).expect("the config serializes"), &mut flat);
@@ -35,11 +35,19 @@ pub fn settings(cfg: &Config, device: tch::Device) -> Facts {
     let kind = if device == tch::Device::Cpu { "cpu" } else { "cuda" };
     facts.add("device in use", kind);
     facts.add("train.precision in use", crate::model::precision::resolve(cfg.train.precision, device).name());
-    facts.add("algpt2-ddp build", format!("{} (commit {})", env!("CARGO_PKG_VERSION"), env!("ALGPT2_GIT_REVISION")));
+    let build = if crate::faults::other_build(rank) {
+        OTHER_BUILD.to_string()
+    } else {
+        format!("{} (commit {})", env!("CARGO_PKG_VERSION"), env!("ALGPT2_GIT_REVISION"))
+    };
+    facts.add("algpt2-ddp build", build);
     let libtorch = crate::versions::libtorch_dir().map_or_else(|| "unknown".to_string(), |d| algpt2_launch::read_version(&d));
     facts.add("libtorch", libtorch);
     facts
 }
+
+/// The build a rank reports under `ALGPT2_FAULT=other_build@0:R` (src/faults.rs).
+const OTHER_BUILD: &str = "0.0.0-other (commit 0000000)";
 
 /// The token cache's content (each split's tokens and chunk checksums), the tokenizer,
 /// and the checkpoint this rank resumes from (its step and trainer.json's hash), or none.
@@ -93,5 +101,21 @@ mod tests {
         assert_eq!(keys, ["model.n_layer", "model.share_layers", "run_name", "tags"]);
         assert_eq!(out[0].1, "2");
         assert_eq!(out[2].1, "r");
+    }
+
+    #[test]
+    fn the_settings_carry_the_build_and_the_libtorch_loaded() {
+        let cfg = crate::config::parse("model:\n  n_layer: 2\n", "t.yaml", &[]).unwrap();
+        let facts = settings(&cfg, tch::Device::Cpu, 0);
+        let build = facts.get("algpt2-ddp build").expect("the build is a fact");
+        assert_eq!(build, format!("{} (commit {})", env!("CARGO_PKG_VERSION"), env!("ALGPT2_GIT_REVISION")));
+        assert_ne!(build, OTHER_BUILD);
+        // The test process has libtorch loaded, as training has: its version is known.
+        let libtorch = facts.get("libtorch").expect("libtorch is a fact");
+        assert!(!libtorch.is_empty() && libtorch != "unknown", "libtorch: {libtorch}");
+        assert_eq!(facts.get("model.n_layer"), Some("2"));
+        for key in PER_RANK_KEYS {
+            assert_eq!(facts.get(key), None, "{key} is per rank");
+        }
     }
 }

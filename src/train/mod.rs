@@ -47,18 +47,18 @@ use tracing::info;
 use validation::Validator;
 
 pub fn run(cfg: Config) -> anyhow::Result<()> {
-    let rt = Runtime::start(&cfg)?;
-    let result = run_in_world(&cfg, &rt.world, rt.device);
+    // From MPI's init to the first step every phase is timed (but preparing the token
+    // cache), and a rank stuck in one is named (src/parallel/phase.rs); the step counter
+    // is set once the resume is settled.
+    let (rt, watchdog) = Runtime::start_watched(&cfg)?;
+    let result = run_in_world(&cfg, &rt.world, rt.device, &watchdog);
     rt.check(result)
 }
 
-fn run_in_world(cfg: &Config, world: &World, device: tch::Device) -> anyhow::Result<()> {
-    // From here to the first step every phase is timed, and a rank stuck in one is named
-    // (src/parallel/phase.rs); the step counter is set once the resume is settled.
-    let watchdog = Watchdog::start(world, Duration::from_secs(cfg.dist.timeout_s))?;
+fn run_in_world(cfg: &Config, world: &World, device: tch::Device, watchdog: &Watchdog) -> anyhow::Result<()> {
     // Before anything is written or any collective the settings shape.
     Phase::SettingsAgreement.begin(world.rank());
-    same_job::agree(world, "settings", &job_facts::settings(cfg, device))?;
+    same_job::agree(world, "settings", &job_facts::settings(cfg, device, world.rank()))?;
     let run = RunDir::for_config(cfg);
     // Held until the run ends: a second training on this directory is refused. The run's
     // config and tokenizer are written only once the resume is settled (below): a refused
@@ -144,7 +144,7 @@ fn run_in_world(cfg: &Config, world: &World, device: tch::Device) -> anyhow::Res
         replicas: &replicas,
         train,
         stop: &stop,
-        watchdog: &watchdog,
+        watchdog,
         wandb: &wandb,
         stats: &stats,
         wandb_run_id,
