@@ -372,7 +372,7 @@ mod tests {
     #[test]
     fn a_launch_that_fails_after_starting_keeps_its_buffers_until_the_join() {
         let (plan, n) = plan(false);
-        let step = plan.for_step(rows);
+        let step = plan.for_step(rows).unwrap();
         let log = Log::default();
         let grads = Tensor::ones([n as i64], (Kind::Float, Device::Cpu));
         let mut transport = LateTransport::new(&log);

@@ -121,7 +121,10 @@ impl Job {
     /// user's stop reaches it only through the supervisor and what it leaves behind can
     /// be found.
     pub fn start(&self, restart: u32, placement: Option<(&Path, &Placement)>) -> anyhow::Result<Attempt> {
-        let argv = self.command_line(placement);
+        let mut argv = self.command_line(placement);
+        if restart > 0 && self.program_at > 0 && launcher_is_open_mpi(&argv[0]) {
+            argv = forwarding(&argv, crate::restarts::ENV_RESTART);
+        }
         let mut command = std::process::Command::new(&argv[0]);
         command.args(&argv[1..]).process_group(0);
         if restart > 0 {
@@ -130,6 +133,53 @@ impl Job {
         let child = command.spawn().with_context(|| format!("supervise: cannot start {:?}", self.argv[0]))?;
         Ok(Attempt { pid: child.id() as i32, started_at: std::time::SystemTime::now() })
     }
+}
+
+/// Whether `launcher` is Open MPI's (its `--version` says so, within a few seconds).
+/// Open MPI hands a rank on another host only the variables named with `-x`; MPICH's and
+/// Intel's launchers pass the whole environment and do not know `-x`.
+fn launcher_is_open_mpi(launcher: &str) -> bool {
+    use std::process::Stdio;
+    let Ok(mut child) = std::process::Command::new(launcher)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+    else {
+        return false;
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return false;
+            }
+        }
+    }
+    let mut said = String::new();
+    if let Some(mut out) = child.stdout.take() {
+        let _ = std::io::Read::read_to_string(&mut out, &mut said);
+    }
+    said.contains("Open MPI")
+}
+
+/// `argv` (an Open MPI launch) with `-x variable` in each of its app contexts: the first
+/// and each after a `:`, as Open MPI reads `-x` per context.
+fn forwarding(argv: &[String], variable: &str) -> Vec<String> {
+    let mut with = Vec::with_capacity(argv.len() + 4);
+    for (i, arg) in argv.iter().enumerate() {
+        with.push(arg.clone());
+        if i == 0 || arg == ":" {
+            with.extend(["-x".to_string(), variable.to_string()]);
+        }
+    }
+    with
 }
 
 /// One run of the job.
@@ -250,6 +300,30 @@ mod tests {
 
     fn argv(s: &str) -> Vec<String> {
         s.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn open_mpi_is_told_to_pass_the_restart_number_to_every_app_context() {
+        let line = |s: &str| forwarding(&argv(s), "ALGPT2_RESTART").join(" ");
+        assert_eq!(line("mpirun -n 2 algpt2-ddp -c x.yaml"), "mpirun -x ALGPT2_RESTART -n 2 algpt2-ddp -c x.yaml");
+        assert_eq!(
+            line("mpirun -n 1 algpt2-ddp -c a.yaml : -n 1 algpt2-ddp -c b.yaml"),
+            "mpirun -x ALGPT2_RESTART -n 1 algpt2-ddp -c a.yaml : -x ALGPT2_RESTART -n 1 algpt2-ddp -c b.yaml"
+        );
+    }
+
+    #[test]
+    fn only_a_launcher_that_says_it_is_open_mpi_is_taken_for_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = |name: &str, says: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, format!("#!/bin/sh\necho '{says}'\n")).unwrap();
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+            path.display().to_string()
+        };
+        assert!(launcher_is_open_mpi(&fake("ompi", "mpirun (Open MPI) 4.1.4")));
+        assert!(!launcher_is_open_mpi(&fake("hydra", "HYDRA build details:")));
+        assert!(!launcher_is_open_mpi("/nonexistent/mpirun"));
     }
 
     #[test]
