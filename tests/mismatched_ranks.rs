@@ -130,6 +130,7 @@ fn a_rank_stuck_in_start_up_is_named_within_the_timeout() {
     // the heartbeat exchange the ranks cannot hear each other: rank 1 names itself.
     #[rustfmt::skip]
     let phases = [
+        ("start-up: MPI init (MPI_Init_thread)", "mpi_init", false),
         ("start-up: finding the ranks on this node (MPI_Comm_split_type)", "node_split", false),
         ("start-up: opening the device", "device", false),
         ("start-up: exchanging the watchdogs' addresses", "heartbeat_exchange", false),

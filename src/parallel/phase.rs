@@ -1,5 +1,5 @@
 //! Where a rank is outside the training steps, for the watchdog (src/parallel/watchdog.rs):
-//! start-up from the moment MPI's init returns to the first step, a checkpoint's save,
+//! start-up from MPI's init (where the launcher names the rank) to the first step, a checkpoint's save,
 //! and the finish after the last step. The watchdog counts entering a phase as progress
 //! and names the phase it stopped in, so a rank stuck before the first step (a node split
 //! or a communicator that never forms, a weight broadcast another rank never joins) ends
@@ -13,9 +13,13 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Phase {
+    /// MPI's init, which waits for every rank: armed before it where the launcher says
+    /// which rank this is (src/parallel/world.rs), so a rank stopped or hung before its
+    /// own init cannot hold the others there for good.
+    MpiInit = 0,
     /// MPI's init has returned; the ranks find the others on their node (MPI_Comm_split_type,
     /// a collective), which picks the GPU.
-    NodeSplit = 0,
+    NodeSplit,
     /// The rank opens its device and checks that the config fits its memory.
     Device,
     /// The watchdogs exchange their heartbeat addresses (an all-gather): until then a
@@ -50,7 +54,8 @@ pub enum Phase {
     Finishing,
 }
 
-const ALL: [Phase; 13] = [
+const ALL: [Phase; 14] = [
+    Phase::MpiInit,
     Phase::NodeSplit,
     Phase::Device,
     Phase::HeartbeatExchange,
@@ -66,7 +71,7 @@ const ALL: [Phase; 13] = [
     Phase::Finishing,
 ];
 
-static CURRENT: AtomicU8 = AtomicU8::new(Phase::NodeSplit as u8);
+static CURRENT: AtomicU8 = AtomicU8::new(Phase::MpiInit as u8);
 /// Bumped by work that takes long between two marks of its own: an evaluation batch,
 /// entering a phase. The watchdog counts any change as progress.
 static MARKS: AtomicU64 = AtomicU64::new(0);
@@ -100,6 +105,7 @@ impl Phase {
     /// The phase as the watchdog's message names it.
     pub fn describe(self) -> &'static str {
         match self {
+            Phase::MpiInit => "start-up: MPI init (MPI_Init_thread)",
             Phase::NodeSplit => "start-up: finding the ranks on this node (MPI_Comm_split_type)",
             Phase::Device => "start-up: opening the device",
             Phase::HeartbeatExchange => "start-up: exchanging the watchdogs' addresses",
@@ -119,6 +125,7 @@ impl Phase {
     /// The name `ALGPT2_FAULT=hang_in_<slug>@0` uses to hang a rank in this phase.
     pub fn slug(self) -> &'static str {
         match self {
+            Phase::MpiInit => "mpi_init",
             Phase::NodeSplit => "node_split",
             Phase::Device => "device",
             Phase::HeartbeatExchange => "heartbeat_exchange",
@@ -160,6 +167,6 @@ mod tests {
         let slugs: std::collections::BTreeSet<_> = ALL.iter().map(|p| p.slug()).collect();
         assert_eq!(slugs.len(), ALL.len());
         assert!(!Phase::DataPreparation.timed() && !Phase::Saving.timed() && Phase::CommunicatorDup.timed());
-        assert!(Phase::NodeSplit.timed() && Phase::Device.timed() && Phase::HeartbeatExchange.timed());
+        assert!(Phase::MpiInit.timed() && Phase::NodeSplit.timed() && Phase::Device.timed() && Phase::HeartbeatExchange.timed());
     }
 }

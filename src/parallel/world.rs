@@ -42,6 +42,15 @@ fn mpi_error_text(code: i32) -> String {
     format!("MPI code {code}: {}", String::from_utf8_lossy(&bytes))
 }
 
+/// This rank and the world's size as the launcher announces them in the environment
+/// before MPI's init: Open MPI's, then MPICH's and Intel's (PMI).
+fn rank_from_launcher(env: &dyn Fn(&str) -> Option<String>) -> Option<(usize, usize)> {
+    [("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"), ("PMI_RANK", "PMI_SIZE")].iter().find_map(|(rank, size)| {
+        let (rank, size) = (env(rank)?.parse().ok()?, env(size)?.parse::<usize>().ok()?);
+        (rank < size).then_some((rank, size))
+    })
+}
+
 #[cfg(test)]
 extern "C" {
     fn algpt2_bf16_sum(input: *const u16, inout: *mut u16, n: i32);
@@ -151,14 +160,33 @@ impl World {
     /// before the first collective (the node split): training arms its watchdog there, so
     /// that a rank stuck in any collective of start-up is named.
     pub fn init_then<T>(joined: impl FnOnce(usize, usize) -> T) -> anyhow::Result<(World, T)> {
+        // MPI's init waits for every rank: where the launcher says which rank this is,
+        // `joined` comes before it, so that init is timed too.
+        let announced = rank_from_launcher(&|name| std::env::var(name).ok());
+        let mut joined = Some(joined);
+        let armed_early = announced.map(|(rank, size)| {
+            let armed = joined.take().map(|join| join(rank, size));
+            super::phase::Phase::MpiInit.begin(rank);
+            armed
+        });
         // Serialized: the overlapped exchange's thread calls MPI while the main thread
         // computes (and never calls MPI) until it has waited for that thread.
-        let (universe, threading) = mpi::initialize_with_threading(mpi::Threading::Serialized)
-            .ok_or_else(|| anyhow::anyhow!("MPI was already initialized in this process"))?;
+        let (universe, threading) = {
+            let _waiting = InCollective::enter();
+            mpi::initialize_with_threading(mpi::Threading::Serialized)
+                .ok_or_else(|| anyhow::anyhow!("MPI was already initialized in this process"))?
+        };
         let serialized_threads = matches!(threading, mpi::Threading::Serialized | mpi::Threading::Multiple);
         let comm = universe.world();
         let (rank, size) = (comm.rank() as usize, comm.size() as usize);
-        let armed = joined(rank, size);
+        let armed = match (armed_early.flatten(), announced) {
+            (Some(armed), Some(said)) if said == (rank, size) => armed,
+            (Some(_), Some((said_rank, said_size))) => anyhow::bail!(
+                "the launcher's environment says rank {said_rank} of {said_size}, MPI says rank {rank} of {size}: \
+                 an environment variable of another launcher (OMPI_COMM_WORLD_RANK, PMI_RANK) was left set"
+            ),
+            _ => joined.take().expect("joined once, before MPI's init or after it")(rank, size),
+        };
         super::phase::Phase::NodeSplit.begin(rank);
         // Ranks sharing a node (shared memory) give the local rank, which picks the GPU.
         let node = {
@@ -407,6 +435,21 @@ impl World {
 #[cfg(test)]
 mod tests {
     use super::algpt2_bf16_sum;
+
+    #[test]
+    fn the_launchers_word_for_the_rank_is_read_where_it_is_whole() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string())
+        };
+        let read = |pairs: &'static [(&'static str, &'static str)]| super::rank_from_launcher(&env(pairs));
+        assert_eq!(read(&[("OMPI_COMM_WORLD_RANK", "1"), ("OMPI_COMM_WORLD_SIZE", "2")]), Some((1, 2)));
+        assert_eq!(read(&[("PMI_RANK", "3"), ("PMI_SIZE", "4")]), Some((3, 4)));
+        // Half a pair, a rank past the size or a word that is no number: MPI's init says.
+        assert_eq!(read(&[("OMPI_COMM_WORLD_RANK", "1")]), None);
+        assert_eq!(read(&[("OMPI_COMM_WORLD_RANK", "2"), ("OMPI_COMM_WORLD_SIZE", "2")]), None);
+        assert_eq!(read(&[("PMI_RANK", "x"), ("PMI_SIZE", "2")]), None);
+        assert_eq!(read(&[]), None);
+    }
     use tch::{Kind, Tensor};
 
     /// The MPI reduction's element step against libtorch's own bf16 rounding.
