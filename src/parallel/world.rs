@@ -163,12 +163,15 @@ impl World {
         // MPI's init waits for every rank: where the launcher says which rank this is,
         // `joined` comes before it, so that init is timed too.
         let announced = rank_from_launcher(&|name| std::env::var(name).ok());
-        let mut joined = Some(joined);
-        let armed_early = announced.map(|(rank, size)| {
-            let armed = joined.take().map(|join| join(rank, size));
-            super::phase::Phase::MpiInit.begin(rank);
-            armed
-        });
+        // Ok: `joined` was called before the init; Err: it waits for the init's answer.
+        let before_init = match announced {
+            Some((rank, size)) => {
+                let armed = joined(rank, size);
+                super::phase::Phase::MpiInit.begin(rank);
+                Ok(armed)
+            }
+            None => Err(joined),
+        };
         // Serialized: the overlapped exchange's thread calls MPI while the main thread
         // computes (and never calls MPI) until it has waited for that thread.
         let (universe, threading) = {
@@ -179,13 +182,17 @@ impl World {
         let serialized_threads = matches!(threading, mpi::Threading::Serialized | mpi::Threading::Multiple);
         let comm = universe.world();
         let (rank, size) = (comm.rank() as usize, comm.size() as usize);
-        let armed = match (armed_early.flatten(), announced) {
-            (Some(armed), Some(said)) if said == (rank, size) => armed,
-            (Some(_), Some((said_rank, said_size))) => anyhow::bail!(
-                "the launcher's environment says rank {said_rank} of {said_size}, MPI says rank {rank} of {size}: \
-                 an environment variable of another launcher (OMPI_COMM_WORLD_RANK, PMI_RANK) was left set"
-            ),
-            _ => joined.take().expect("joined once, before MPI's init or after it")(rank, size),
+        let armed = match before_init {
+            Ok(armed) => {
+                if let Some((said_rank, said_size)) = announced.filter(|&said| said != (rank, size)) {
+                    anyhow::bail!(
+                        "the launcher's environment says rank {said_rank} of {said_size}, MPI says rank {rank} of {size}: \
+                         an environment variable of another launcher (OMPI_COMM_WORLD_RANK, PMI_RANK) was left set"
+                    );
+                }
+                armed
+            }
+            Err(joined) => joined(rank, size),
         };
         super::phase::Phase::NodeSplit.begin(rank);
         // Ranks sharing a node (shared memory) give the local rank, which picks the GPU.
@@ -435,6 +442,7 @@ impl World {
 #[cfg(test)]
 mod tests {
     use super::algpt2_bf16_sum;
+    use tch::{Kind, Tensor};
 
     #[test]
     fn the_launchers_word_for_the_rank_is_read_where_it_is_whole() {
@@ -450,7 +458,6 @@ mod tests {
         assert_eq!(read(&[("PMI_RANK", "x"), ("PMI_SIZE", "2")]), None);
         assert_eq!(read(&[]), None);
     }
-    use tch::{Kind, Tensor};
 
     /// The MPI reduction's element step against libtorch's own bf16 rounding.
     #[test]
