@@ -3,12 +3,11 @@
 //! job's binary, through the same remote-shell agent Open MPI starts its daemons with.
 //! A host that fails is left out of that start; one that answers again is taken back.
 
+use super::short_command::{self, Answer};
 use anyhow::{bail, Context};
-use std::io::Read;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 /// One line of a hostfile: a host and the ranks it runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,46 +85,11 @@ pub fn check_all(hosts: &[Host], agent: &[String], binary: &str, timeout: Durati
 
 fn check(host: &str, agent: &[String], binary: &str, timeout: Duration) -> Result<(), String> {
     let (program, options) = agent.split_first().ok_or("no rsh agent")?;
-    let mut child = Command::new(program)
-        .args(options)
-        .args([host, binary, "--version"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        // Its own group, so that a timeout ends the agent and whatever it started.
-        .process_group(0)
-        .spawn()
-        .map_err(|e| format!("cannot run the rsh agent {program:?}: {e}"))?;
-    // Read on the side: an agent that leaves a helper holding its output open (an ssh
-    // control master) must not hold the check past its end.
-    let reader = |pipe: Option<Box<dyn Read + Send>>| {
-        let (send, receive) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut text = String::new();
-            if let Some(mut pipe) = pipe {
-                let _ = pipe.read_to_string(&mut text);
-            }
-            let _ = send.send(text);
-        });
-        receive
-    };
-    let out = reader(child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
-    let err = reader(child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-            _ => {
-                // SAFETY: SIGKILL to the check's own process group.
-                unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
-                let _ = child.wait();
-                return Err(format!("no answer within {:.0} s", timeout.as_secs_f64()));
-            }
-        }
-    };
-    let collected = |r: std::sync::mpsc::Receiver<String>| r.recv_timeout(Duration::from_secs(1)).unwrap_or_default();
-    let (out, err) = (collected(out), collected(err));
+    let mut ask = Command::new(program);
+    ask.args(options).args([host, binary, "--version"]);
+    let Answer { status, stdout: out, stderr: err } = short_command::ask(&mut ask, timeout)
+        .map_err(|e| format!("cannot run the rsh agent {program:?}: {e}"))?
+        .ok_or_else(|| format!("no answer within {:.0} s", timeout.as_secs_f64()))?;
     let said = err.lines().chain(out.lines()).rfind(|l| !l.trim().is_empty()).unwrap_or("").trim().to_string();
     if !status.success() {
         return Err(format!(
@@ -143,6 +107,7 @@ fn check(host: &str, agent: &[String], binary: &str, timeout: Duration) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
 
     fn words(s: &str) -> Vec<String> {
         s.split_whitespace().map(String::from).collect()

@@ -139,34 +139,9 @@ impl Job {
 /// Open MPI hands a rank on another host only the variables named with `-x`; MPICH's and
 /// Intel's launchers pass the whole environment and do not know `-x`.
 fn launcher_is_open_mpi(launcher: &str) -> bool {
-    use std::process::Stdio;
-    let Ok(mut child) = std::process::Command::new(launcher)
-        .arg("--version")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .process_group(0)
-        .spawn()
-    else {
-        return false;
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match child.try_wait() {
-            Ok(Some(_)) => break,
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return false;
-            }
-        }
-    }
-    let mut said = String::new();
-    if let Some(mut out) = child.stdout.take() {
-        let _ = std::io::Read::read_to_string(&mut out, &mut said);
-    }
-    said.contains("Open MPI")
+    let mut ask = std::process::Command::new(launcher);
+    ask.arg("--version");
+    matches!(super::short_command::ask(&mut ask, Duration::from_secs(10)), Ok(Some(answer)) if answer.stdout.contains("Open MPI"))
 }
 
 /// `argv` (an Open MPI launch) with `-x variable` in each of its app contexts: the first

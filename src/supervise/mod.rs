@@ -16,6 +16,7 @@
 mod hosts;
 mod job;
 mod placement;
+mod short_command;
 mod verdict;
 
 use crate::exit_code::ExitWith;
